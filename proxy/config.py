@@ -1,0 +1,346 @@
+"""YAML config -> frozen, validated objects. Parsed once at load; a bad file never reaches a request.
+
+`${VAR}` (or `${VAR:-default}`) in any string reads the environment; `$$` is a literal `$`.
+Relative paths are relative to the config file. Unknown keys are rejected. Every error names the
+file, the key path and what is wrong, on one line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+TENANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+TenantId = Annotated[str, StringConstraints(pattern=TENANT_ID_PATTERN)]
+HeaderName = Annotated[str, StringConstraints(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+Algorithm = Literal[
+    "HS256", "HS384", "HS512",
+    "RS256", "RS384", "RS512",
+    "PS256", "PS384", "PS512",
+    "ES256", "ES256K", "ES384", "ES512",
+    "EdDSA",
+]  # fmt: skip
+
+# Client-supplied headers that must never be configured as upstream headers: the proxy owns them.
+RESERVED_UPSTREAM_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "content-type",
+        "accept",
+        "transfer-encoding",
+        "connection",
+        "mcp-session-id",
+        "mcp-protocol-version",
+        "mcp-method",
+        "mcp-name",
+        "last-event-id",
+    }
+)
+
+
+class ConfigError(Exception):
+    """A config or policy file that cannot be used; the message is one line for the operator."""
+
+    def __init__(self, file: Path | str, key_path: str, problem: str) -> None:
+        self.file = str(file)
+        self.key_path = key_path
+        self.problem = problem
+        where = f"{self.file}: {key_path}: " if key_path else f"{self.file}: "
+        super().__init__(f"{where}{problem}")
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+
+def _resolve_path(value: Path | None, info: ValidationInfo) -> Path | None:
+    if value is None:
+        return None
+    base = (info.context or {}).get("base_dir")
+    if base is not None and not value.is_absolute():
+        return (Path(base) / value).resolve()
+    return value
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http(s) URL, got {value!r}")
+    return value
+
+
+class ListenConfig(StrictModel):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    path: Annotated[str, StringConstraints(pattern=r"^/[A-Za-z0-9._~/-]*$")] = "/mcp"
+    public_url: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+
+    _check_public_url = field_validator("public_url")(lambda v: None if v is None else _http_url(v))
+
+    @property
+    def resource_url(self) -> str:
+        """This resource's identifier: the audience tokens must name."""
+        return self.public_url or f"http://{self.host}:{self.port}{self.path}"
+
+
+class IssuerConfig(StrictModel):
+    issuer: Annotated[str, StringConstraints(min_length=1)]
+    audiences: tuple[str, ...] = Field(min_length=1)
+    algorithms: tuple[Algorithm, ...] = Field(min_length=1)
+    secret_env: str | None = None
+    public_key_file: Path | None = None
+    private_key_file: Path | None = None  # only for mint-token (development)
+    jwks_url: str | None = None
+    tenant_claim: Annotated[str, StringConstraints(pattern=r"^[^.]+(\.[^.]+)*$")] = "tenant"
+    subject_claim: str = "sub"
+    required_scopes: tuple[str, ...] = ()
+    leeway_seconds: float = Field(default=30.0, ge=0, le=300)
+    jwks_cache_seconds: float = Field(default=300.0, gt=0)
+    jwks_refetch_cooldown_seconds: float = Field(default=30.0, ge=0)
+    jwks_timeout_seconds: float = Field(default=5.0, gt=0)
+
+    _paths = field_validator("public_key_file", "private_key_file")(_resolve_path)
+    _check_jwks = field_validator("jwks_url")(lambda v: None if v is None else _http_url(v))
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> IssuerConfig:
+        sources = [s for s in ("secret_env", "public_key_file", "jwks_url") if getattr(self, s) is not None]
+        if len(sources) != 1:
+            raise ValueError("exactly one of secret_env, public_key_file, jwks_url must be set")
+        hmac = [a for a in self.algorithms if a in HMAC_ALGORITHMS]
+        if hmac and len(hmac) != len(self.algorithms):
+            raise ValueError("algorithms must not mix HS* with asymmetric algorithms")
+        if hmac and self.secret_env is None:
+            raise ValueError("HS* algorithms need secret_env")
+        if not hmac and self.secret_env is not None:
+            raise ValueError("secret_env is only for HS* algorithms")
+        return self
+
+    @property
+    def is_hmac(self) -> bool:
+        return self.algorithms[0] in HMAC_ALGORITHMS
+
+
+class AuthConfig(StrictModel):
+    authorization_servers: tuple[str, ...] = ()
+    issuers: tuple[IssuerConfig, ...] = Field(min_length=1)
+
+    @field_validator("issuers")
+    @classmethod
+    def _unique_issuers(cls, issuers: tuple[IssuerConfig, ...]) -> tuple[IssuerConfig, ...]:
+        seen: set[str] = set()
+        for issuer in issuers:
+            if issuer.issuer in seen:
+                raise ValueError(f"issuer {issuer.issuer!r} is configured twice")
+            seen.add(issuer.issuer)
+        return issuers
+
+
+class UpstreamConfig(StrictModel):
+    url: str | None = None
+    headers: dict[HeaderName, str] = Field(default_factory=dict)
+    tenant_header: HeaderName | None = None
+    connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    read_timeout_seconds: float = Field(default=300.0, gt=0)
+    max_connections: int = Field(default=100, ge=1)
+    command: tuple[str, ...] | None = Field(default=None, min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: Path | None = None
+    isolation: Literal["per_tenant", "per_session"] | None = None
+
+    _check_url = field_validator("url")(lambda v: None if v is None else _http_url(v))
+    _paths = field_validator("cwd")(_resolve_path)
+
+    @field_validator("headers")
+    @classmethod
+    def _no_reserved_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name in headers:
+            if name.lower() in RESERVED_UPSTREAM_HEADERS:
+                raise ValueError(f"header {name!r} is set by the proxy and cannot be configured")
+        return headers
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> UpstreamConfig:
+        if (self.url is None) == (self.command is None):
+            raise ValueError("exactly one of url (HTTP upstream) or command (stdio upstream) must be set")
+        if self.url is None and (self.headers or self.tenant_header):
+            raise ValueError("headers and tenant_header apply only to HTTP upstreams")
+        if self.command is None and (self.env or self.cwd or self.isolation):
+            raise ValueError("env, cwd and isolation apply only to stdio upstreams")
+        return self
+
+
+class TenantConfig(StrictModel):
+    upstream: UpstreamConfig
+    policy: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+$")] | None = None
+
+
+class CacheConfig(StrictModel):
+    enabled: bool = True
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    max_entry_bytes: int = Field(default=1024 * 1024, ge=0)
+
+
+class SessionsConfig(StrictModel):
+    idle_timeout_seconds: float = Field(default=900.0, gt=0)
+    max_per_tenant: int = Field(default=1000, ge=1)
+
+
+class AuditConfig(StrictModel):
+    dir: Path | None = Path("audit")
+    max_file_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    backups: int = Field(default=5, ge=0)
+
+    _paths = field_validator("dir")(_resolve_path)
+
+
+class ProxyConfig(StrictModel):
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    auth: AuthConfig
+    tenants: dict[TenantId, TenantConfig] = Field(min_length=1)
+    policies_dir: Path = Path("policies")
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    sessions: SessionsConfig = Field(default_factory=SessionsConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    _source: Path | None = PrivateAttr(default=None)
+
+    _paths = field_validator("policies_dir")(_resolve_path)
+
+    @property
+    def source(self) -> str:
+        """The file this config was loaded from, for error messages."""
+        return str(self._source) if self._source is not None else "<config>"
+
+    def policy_file(self, name: str) -> Path:
+        return self.policies_dir / f"{name}.yaml"
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(value: Any, env: Mapping[str, str], path: str = "") -> Any:
+    """Replace `${VAR}` in every string of a parsed YAML tree; a missing variable is an error."""
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            if match.group(0) == "$$":
+                return "$"
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError("", path, f"environment variable {name} is not set")
+
+        return _VAR.sub(substitute, value)
+    if isinstance(value, dict):
+        return {key: interpolate(item, env, _join(path, key)) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, env, _join(path, index)) for index, item in enumerate(value)]
+    return value
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate mapping keys instead of silently keeping the last one."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_unique_mapping,
+)
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse one YAML file; any problem becomes a ConfigError naming the file (and line)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "file is not valid UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(path, "", f"invalid YAML{where}: {problem}") from None
+
+
+def format_validation_error(file: Path, error: ValidationError) -> ConfigError:
+    """Turn pydantic's errors into one ConfigError line: the first key path, every problem."""
+    problems = []
+    first_path = ""
+    for item in error.errors(include_url=False):
+        key_path = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        if not first_path:
+            first_path = key_path
+        problems.append(f"{key_path}: {message}" if key_path != first_path else message)
+    return ConfigError(file, first_path, "; ".join(problems))
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> ProxyConfig:
+    """Read, interpolate and validate a config file, and check that every named policy exists."""
+    file = Path(path).resolve()
+    raw = read_yaml(file)
+    if not isinstance(raw, dict):
+        raise ConfigError(file, "", "the config must be a YAML mapping")
+    try:
+        data = interpolate(raw, os.environ if env is None else env)
+    except ConfigError as exc:
+        raise ConfigError(file, exc.key_path, exc.problem) from None
+    try:
+        config = ProxyConfig.model_validate(data, context={"base_dir": file.parent})
+    except ValidationError as exc:
+        raise format_validation_error(file, exc) from None
+    config._source = file
+    for tenant_id, tenant in config.tenants.items():
+        if tenant.policy is not None and not config.policy_file(tenant.policy).is_file():
+            raise ConfigError(
+                file,
+                f"tenants.{tenant_id}.policy",
+                f"policy file {config.policy_file(tenant.policy)} does not exist",
+            )
+    return config

@@ -1,0 +1,193 @@
+"""`mcp-tenant-proxy demo`: two tenants, two real SDK upstreams, the proxy, the real SDK client.
+
+Everything runs on free loopback ports in this process; nothing is read from disk or the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+DEMO_SECRET_ENV = "MCP_PROXY_DEMO_SECRET"  # noqa: S105 - a variable name, not a secret
+TENANTS = ("acme", "globex")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def serve_upstream(tenant: str, canary: str, port: int) -> AsyncIterator[str]:
+    """One tenant's SDK notes server on loopback, for as long as the context lasts."""
+    import uvicorn
+
+    from proxy.demo_upstream import build_notes_server
+
+    app = build_notes_server(tenant, canary).streamable_http_app(host="127.0.0.1")
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        server.should_exit = True
+        await task
+
+
+def demo_config(proxy_port: int, upstreams: dict[str, str], audit_dir: Path) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{proxy_port}/mcp"
+    return {
+        "listen": {"host": "127.0.0.1", "port": proxy_port, "path": "/mcp", "public_url": url},
+        "auth": {
+            "authorization_servers": ["http://127.0.0.1/demo-idp"],
+            "issuers": [
+                {
+                    "issuer": "demo",
+                    "audiences": [url],
+                    "algorithms": ["HS256"],
+                    "secret_env": DEMO_SECRET_ENV,
+                    "tenant_claim": "tenant",
+                }
+            ],
+        },
+        "tenants": {
+            tenant: {"upstream": {"url": upstream, "headers": {"Authorization": f"Bearer upstream-{tenant}"}}}
+            for tenant, upstream in upstreams.items()
+        },
+        "audit": {"dir": str(audit_dir)},
+    }
+
+
+def client_for(url: str, token: str, mode: str = "auto") -> Any:
+    """The real SDK client, sending the bearer token."""
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    return Client(streamable_http_client(url, http_client=http), mode=mode)
+
+
+def _text(result: Any) -> str:
+    return " ".join(getattr(block, "text", "") for block in getattr(result, "content", []))
+
+
+async def run_demo() -> int:
+    from proxy.auth import mint_token
+    from proxy.cli import start_server
+    from proxy.config import ProxyConfig
+    from proxy.log import configure_logging
+
+    configure_logging("warning")
+    logging.basicConfig(level=logging.WARNING)  # the SDK and uvicorn log through stdlib logging
+    for noisy in ("httpx2", "httpx", "mcp", "uvicorn"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault(DEMO_SECRET_ENV, secrets.token_urlsafe(32))
+    canaries = {tenant: f"CANARY-{tenant}-{secrets.token_hex(4)}" for tenant in TENANTS}
+    failures: list[str] = []
+
+    def check(ok: bool, what: str) -> None:
+        print(f"  [{'ok' if ok else 'FAIL'}] {what}")
+        if not ok:
+            failures.append(what)
+
+    async with contextlib.AsyncExitStack() as stack:
+        upstreams = {}
+        for tenant in TENANTS:
+            upstreams[tenant] = await stack.enter_async_context(
+                serve_upstream(tenant, canaries[tenant], free_port())
+            )
+        audit_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mcp-proxy-demo-")))
+        proxy_port = free_port()
+        config = ProxyConfig.model_validate(demo_config(proxy_port, upstreams, audit_dir))
+        runner, _ = await start_server(config)
+        stack.push_async_callback(runner.cleanup)
+        url = config.listen.resource_url
+        print(f"proxy on {url}; upstreams: " + ", ".join(f"{t} -> {u}" for t, u in upstreams.items()))
+
+        tokens = {tenant: mint_token(config, "demo", tenant, f"alice@{tenant}") for tenant in TENANTS}
+        for tenant in TENANTS:
+            other = canaries[next(t for t in TENANTS if t != tenant)]
+            for mode in ("auto", "legacy"):
+                era = "2026-07-28" if mode == "auto" else "handshake era"
+                print(f"\n{tenant} ({era}):")
+                async with client_for(url, tokens[tenant], mode) as client:
+                    tools = await client.list_tools()
+                    print(f"  tools: {', '.join(t.name for t in tools.tools)}")
+                    who = await client.call_tool("whoami", {})
+                    answer = _text(who)
+                    print(f"  whoami -> {answer}")
+                    check(canaries[tenant] in answer and other not in answer, "answered by its own upstream")
+                    await client.call_tool("add_note", {"tenant_id": tenant, "text": f"hello from {tenant}"})
+                    notes = _text(await client.call_tool("list_notes", {"tenant_id": tenant}))
+                    check(other not in notes, "sees none of the other tenant's data")
+                    headers = json.loads(_text(await client.call_tool("request_headers", {})))["headers"]
+                    check(tokens[tenant] not in json.dumps(headers), "its token never reached the upstream")
+                    check(
+                        headers.get("authorization") == f"Bearer upstream-{tenant}",
+                        "the upstream got the tenant's own credentials",
+                    )
+
+        print("\nsession isolation (handshake era):")
+        session_id = await _initialize(url, tokens["acme"])
+        check(
+            await _list_tools_status(url, tokens["acme"], session_id) == 200, "acme can use its own session"
+        )
+        status = await _list_tools_status(url, tokens["globex"], session_id)
+        check(status == 404, f"globex presenting acme's session id gets {status} (404, as for an unknown id)")
+        other_user = mint_token(config, "demo", "acme", "mallory@acme")
+        status = await _list_tools_status(url, other_user, session_id)
+        check(status == 404, f"another acme user presenting it gets {status} (404)")
+
+    print("\nall isolation checks passed" if not failures else f"\n{len(failures)} check(s) FAILED")
+    return 0 if not failures else 1
+
+
+_HANDSHAKE_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
+async def _initialize(url: str, token: str) -> str:
+    """A raw handshake-era initialize; returns the session id the proxy issued."""
+    import aiohttp
+
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "demo"}},
+    }
+    headers = {**_HANDSHAKE_HEADERS, "Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession() as http, http.post(url, json=body, headers=headers) as response:
+        await response.read()
+        return response.headers["Mcp-Session-Id"]
+
+
+async def _list_tools_status(url: str, token: str, session_id: str) -> int:
+    import aiohttp
+
+    body = {"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}}
+    headers = {
+        **_HANDSHAKE_HEADERS,
+        "Authorization": f"Bearer {token}",
+        "Mcp-Session-Id": session_id,
+        "MCP-Protocol-Version": "2025-11-25",
+    }
+    async with aiohttp.ClientSession() as http, http.post(url, json=body, headers=headers) as response:
+        await response.read()
+        return response.status

@@ -1,0 +1,174 @@
+"""Every error a client can see, each mapped once to a JSON-RPC code and an HTTP status.
+
+    ProxyError                          -32603  500  something of ours went wrong (never details)
+    ├── BadRequest                      -32600  400  not a request we can take
+    │   ├── ParseError                  -32700  400  malformed JSON, invalid UTF-8, duplicate keys
+    │   ├── InvalidParams               -32602  400  params of the wrong shape
+    │   ├── HeaderMismatch              -32020  400  Mcp-Method, Mcp-Name, Mcp-Param-*, version
+    │   ├── UnsupportedProtocolVersion  -32022  400  data.supported lists what we speak
+    │   ├── MissingSession              -32600  400  handshake-era request without Mcp-Session-Id
+    │   ├── RequestHeadersTooLarge      -32600  431
+    │   ├── BodyTooLarge                -32600  413
+    │   ├── UnsupportedMediaType        -32600  415
+    │   └── NotAcceptable               -32600  406
+    ├── MethodNotAllowed                -32600  405  (Allow header)
+    ├── MethodNotFound                  -32601  404  a method the proxy never forwards (200: handshake era)
+    ├── Unauthenticated                 -32001  401  (WWW-Authenticate: Bearer resource_metadata=...)
+    ├── Forbidden                       -32003  403  tenant not configured, Origin not allowed
+    │   ├── InsufficientScope           -32003  403  (WWW-Authenticate: Bearer error="insufficient_scope")
+    │   └── PolicyDenied                -32005  403  a policy rule refused the request (data.rule)
+    ├── SessionNotFound                 -32004  404  unknown, expired or foreign session: all look alike
+    ├── Conflict                        -32600  409  a second GET stream for one session
+    ├── TooManyRequests                 -32029  429  (Retry-After)
+    └── UpstreamError                   -32050  502  the tenant's upstream failed this request
+        └── UpstreamTimeout             -32051  504
+
+Messages are fixed strings or name only what the client itself sent (a header name, an argument
+name, a rule); they never carry upstream output, tokens, or another tenant's identifiers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from proxy.types import JsonObject, RequestId
+
+
+class ProxyError(Exception):
+    code: ClassVar[int] = -32603
+    status: int = 500
+    default_message: ClassVar[str] = "Internal proxy error"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        data: Any = None,
+        headers: dict[str, str] | None = None,
+        status: int | None = None,
+    ) -> None:
+        self.message = message or self.default_message
+        self.data = data
+        self.headers = headers or {}
+        if status is not None:
+            self.status = status
+        super().__init__(self.message)
+
+    def to_jsonrpc(self, request_id: RequestId | None) -> JsonObject:
+        error: JsonObject = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            error["data"] = self.data
+        return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
+class BadRequest(ProxyError):
+    code = -32600
+    status = 400
+    default_message = "Invalid request"
+
+
+class ParseError(BadRequest):
+    code = -32700
+    default_message = "Parse error: the body is not valid JSON"
+
+
+class InvalidParams(BadRequest):
+    code = -32602
+    default_message = "Invalid params"
+
+
+class HeaderMismatch(BadRequest):
+    code = -32020
+    default_message = "A request header does not match the request body"
+
+
+class UnsupportedProtocolVersion(BadRequest):
+    code = -32022
+    default_message = "Unsupported protocol version"
+
+
+class MissingSession(BadRequest):
+    default_message = "Bad Request: Mcp-Session-Id header is required for this request"
+
+
+class RequestHeadersTooLarge(BadRequest):
+    status = 431
+    default_message = "Request header fields too large"
+
+
+class BodyTooLarge(BadRequest):
+    status = 413
+    default_message = "Request body too large"
+
+
+class UnsupportedMediaType(BadRequest):
+    status = 415
+    default_message = "Content-Type must be application/json"
+
+
+class NotAcceptable(BadRequest):
+    status = 406
+    default_message = "Accept must list application/json and text/event-stream"
+
+
+class MethodNotAllowed(ProxyError):
+    code = -32600
+    status = 405
+    default_message = "Method not allowed"
+
+
+class MethodNotFound(ProxyError):
+    code = -32601
+    status = 404
+    default_message = "Method not found"
+
+
+class Unauthenticated(ProxyError):
+    code = -32001
+    status = 401
+    default_message = "Unauthorized: a valid bearer token is required"
+
+
+class Forbidden(ProxyError):
+    code = -32003
+    status = 403
+    default_message = "Forbidden"
+
+
+class InsufficientScope(Forbidden):
+    default_message = "Forbidden: the token lacks a required scope"
+
+
+class PolicyDenied(Forbidden):
+    code = -32005
+    default_message = "Denied by policy"
+
+
+class SessionNotFound(ProxyError):
+    code = -32004
+    status = 404
+    default_message = "Session not found"
+
+
+class Conflict(ProxyError):
+    code = -32600
+    status = 409
+    default_message = "Conflict"
+
+
+class TooManyRequests(ProxyError):
+    code = -32029
+    status = 429
+    default_message = "Too many requests"
+
+
+class UpstreamError(ProxyError):
+    code = -32050
+    status = 502
+    default_message = "The upstream MCP server failed to answer this request"
+
+
+class UpstreamTimeout(UpstreamError):
+    code = -32051
+    status = 504
+    default_message = "The upstream MCP server did not answer in time"

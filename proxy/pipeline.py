@@ -1,0 +1,224 @@
+"""The request stages, and the one place where each HTTP method's stage list is assembled.
+
+    POST:   check_origin -> authenticate -> read_message -> resolve_era -> bind_session
+            -> check_mirrored_headers -> [upstream]
+    GET:    check_origin -> authenticate -> require_event_stream -> bind_session -> [upstream stream]
+    DELETE: check_origin -> authenticate -> bind_session -> [upstream DELETE]
+
+A stage is `async (Exchange) -> None`; it refuses by raising a ProxyError (which becomes the
+client's answer, with no upstream call) or answers early by setting `exchange.reply`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+
+from aiohttp import hdrs
+
+from proxy.errors import (
+    BadRequest,
+    BodyTooLarge,
+    Forbidden,
+    MethodNotAllowed,
+    MethodNotFound,
+    MissingSession,
+    NotAcceptable,
+    UnsupportedMediaType,
+    UnsupportedProtocolVersion,
+)
+from proxy.headers import (
+    METHOD_HEADER,
+    NAME_HEADER,
+    PARAM_HEADER_PREFIX,
+    PROTOCOL_VERSION_HEADER,
+    arguments_of,
+    check_modern_envelope,
+    check_param_headers,
+    name_header_for,
+    render_param_headers,
+)
+from proxy.jsonrpc import KNOWN_METHODS, Kind, parse_message
+from proxy.types import DEFAULT_HANDSHAKE_VERSION, HANDSHAKE_VERSIONS, MODERN_VERSIONS, Era, Exchange
+
+Stage = Callable[[Exchange], Awaitable[None]]
+SESSION_HEADER = "Mcp-Session-Id"
+ALL_VERSIONS = sorted(MODERN_VERSIONS | HANDSHAKE_VERSIONS)
+_SINGLE_HEADERS = (PROTOCOL_VERSION_HEADER, METHOD_HEADER, NAME_HEADER, SESSION_HEADER, "Last-Event-ID")
+
+
+def single_header(exchange: Exchange, name: str) -> str | None:
+    """A header that must appear at most once (two copies would let two readers disagree)."""
+    values = exchange.request.headers.getall(name, [])
+    if len(values) > 1:
+        raise BadRequest(f"Bad request: the {name} header appears more than once")
+    return values[0] if values else None
+
+
+async def check_origin(exchange: Exchange) -> None:
+    origins = exchange.request.headers.getall(hdrs.ORIGIN, [])
+    if len(origins) > 1 or (origins and not exchange.runtime.origins.allows(origins[0])):
+        raise Forbidden("Forbidden: Origin not allowed")
+
+
+async def authenticate(exchange: Exchange) -> None:
+    ctx = await exchange.runtime.authenticator.authenticate(
+        exchange.request.headers.getall(hdrs.AUTHORIZATION, [])
+    )
+    exchange.ctx = ctx
+    exchange.tenant = exchange.runtime.tenants[ctx.tenant]
+
+
+def _accepts(accept: str, media_type: str) -> bool:
+    kinds = {part.split(";")[0].strip().lower() for part in accept.split(",")}
+    return media_type in kinds or "*/*" in kinds or f"{media_type.split('/')[0]}/*" in kinds
+
+
+async def read_message(exchange: Exchange) -> None:
+    request = exchange.request
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType("Unsupported media type: Content-Type must be application/json")
+    accept = ",".join(request.headers.getall(hdrs.ACCEPT, []))
+    if not (_accepts(accept, "application/json") and _accepts(accept, "text/event-stream")):
+        raise NotAcceptable("Not acceptable: Accept must list application/json and text/event-stream")
+    limit = exchange.runtime.config.listen.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"Request body too large: the limit is {limit} bytes")
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge(f"Request body too large: the limit is {limit} bytes")
+    exchange.message = parse_message(bytes(body))
+
+
+def _era_of(exchange: Exchange) -> tuple[Era, str | None]:
+    """The era a request belongs to, and the protocol version it speaks (None: initialize decides)."""
+    message = exchange.message
+    assert message is not None
+    headers = exchange.request.headers
+    version = headers.get(PROTOCOL_VERSION_HEADER)
+    has_session = SESSION_HEADER in headers
+    if message.method == "initialize" and not has_session and version not in MODERN_VERSIONS:
+        return Era.HANDSHAKE, None
+    if has_session or version in HANDSHAKE_VERSIONS:
+        if version is not None and version not in HANDSHAKE_VERSIONS:
+            raise UnsupportedProtocolVersion(
+                "Unsupported protocol version for a session",
+                data={"supported": ALL_VERSIONS, "requested": version},
+            )
+        if not has_session:
+            raise MissingSession()
+        return Era.HANDSHAKE, version or DEFAULT_HANDSHAKE_VERSION
+    if version is None or version in MODERN_VERSIONS:
+        checked = check_modern_envelope(
+            message, version, headers.get(METHOD_HEADER), headers.get(NAME_HEADER)
+        )
+        return Era.MODERN, checked
+    raise UnsupportedProtocolVersion(data={"supported": ALL_VERSIONS, "requested": version})
+
+
+async def resolve_era(exchange: Exchange) -> None:
+    """Decide the protocol era from headers and body, and check what that era requires."""
+    message = exchange.message
+    assert message is not None
+    for name in _SINGLE_HEADERS:
+        single_header(exchange, name)
+    era, version = _era_of(exchange)
+    exchange.era, exchange.protocol_version = era, version
+    if message.kind is Kind.RESPONSE:
+        if era is Era.MODERN:
+            raise BadRequest(
+                "Invalid request: the 2026-07-28 protocol has no server-to-client requests to answer"
+            )
+    elif message.method not in KNOWN_METHODS[era]:
+        raise MethodNotFound(
+            f"Method not found: {str(message.method)[:100]!r}", status=404 if era is Era.MODERN else 200
+        )
+    if version is not None:
+        exchange.upstream_headers[PROTOCOL_VERSION_HEADER] = version
+    if era is Era.MODERN:
+        exchange.upstream_headers[METHOD_HEADER] = str(message.method)
+        mirrored_name = name_header_for(message)
+        if mirrored_name is not None:
+            exchange.upstream_headers[NAME_HEADER] = mirrored_name
+
+
+async def bind_session(exchange: Exchange) -> None:
+    """Handshake era: the session must be the caller's own; initialize must fit under the cap."""
+    ctx = exchange.ctx
+    assert ctx is not None
+    if exchange.request.method != "POST":
+        session_id = single_header(exchange, SESSION_HEADER)
+        if session_id is None:
+            if PROTOCOL_VERSION_HEADER in exchange.request.headers and (
+                exchange.request.headers[PROTOCOL_VERSION_HEADER] in HANDSHAKE_VERSIONS
+            ):
+                raise MissingSession()
+            raise MethodNotAllowed(
+                "Method not allowed: without a session only POST is served", headers={"Allow": "POST"}
+            )
+        exchange.era = Era.HANDSHAKE
+    elif exchange.era is not Era.HANDSHAKE:
+        return
+    else:
+        session_id = exchange.request.headers.get(SESSION_HEADER)
+    registry = exchange.services.sessions
+    if session_id is None:  # initialize
+        registry.reserve(ctx)
+        return
+    session = registry.lookup(session_id, ctx)
+    exchange.session = session
+    if exchange.protocol_version is None:
+        exchange.protocol_version = session.protocol_version
+    message = exchange.message
+    if message is not None and message.kind is Kind.RESPONSE and not session.take_answer(message.id):  # type: ignore[arg-type]
+        raise BadRequest("Invalid request: this session has no pending server request with that id")
+
+
+async def check_mirrored_headers(exchange: Exchange) -> None:
+    """Modern tools/call: Mcp-Param-* headers must agree with the body; the forwarded ones are re-rendered."""
+    message = exchange.message
+    if exchange.era is not Era.MODERN or message is None or message.method != "tools/call":
+        return
+    prefix = PARAM_HEADER_PREFIX.lower()
+    sent: dict[str, list[str]] = {}
+    for header_name, value in exchange.request.headers.items():
+        lowered = header_name.lower()
+        if lowered.startswith(prefix):
+            sent.setdefault(lowered, []).append(value)
+    assert exchange.tenant is not None
+    catalog = exchange.tenant.catalog
+    tool_name = message.name
+    info = catalog.cached(tool_name) if tool_name is not None else None
+    if info is None and sent and tool_name is not None:
+        info = await catalog.tool(tool_name)
+    if info is None or info.param_headers is None:
+        return  # nothing declared: undeclared Mcp-Param-* headers are simply not forwarded
+    arguments = arguments_of(message)
+    check_param_headers(info.param_headers, arguments, sent)
+    exchange.upstream_headers.update(render_param_headers(info.param_headers, arguments))
+
+
+async def require_event_stream(exchange: Exchange) -> None:
+    accept = ",".join(exchange.request.headers.getall(hdrs.ACCEPT, []))
+    if not _accepts(accept, "text/event-stream"):
+        raise NotAcceptable("Not acceptable: a GET stream needs Accept: text/event-stream")
+
+
+POST_STAGES: Sequence[Stage] = (
+    check_origin,
+    authenticate,
+    read_message,
+    resolve_era,
+    bind_session,
+    check_mirrored_headers,
+)
+GET_STAGES: Sequence[Stage] = (check_origin, authenticate, require_event_stream, bind_session)
+DELETE_STAGES: Sequence[Stage] = (check_origin, authenticate, bind_session)
+
+
+async def run_stages(exchange: Exchange, stages: Sequence[Stage]) -> None:
+    for stage in stages:
+        await stage(exchange)
+        if exchange.reply is not None:
+            return

@@ -1,0 +1,114 @@
+"""What a client may see of the messages an upstream sends back, and the end of every exchange.
+
+Each message an upstream sends while answering one exchange (the answer itself, and on a stream
+also notifications and server-to-client requests) passes `ServerMessages.process`, which decides
+whether it reaches the client and in what form.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Final
+
+import structlog
+
+from proxy.jsonrpc import Kind
+from proxy.types import Era, Exchange, JsonObject, RequestId
+
+log = structlog.get_logger("proxy.requests")
+
+# Server-error codes the MCP spec gives a meaning (and whose `data` the client needs).
+_MCP_SERVER_CODES: Final = frozenset({-32002, -32020, -32021, -32022, -32042})
+_MAX_ERROR_MESSAGE = 500
+
+
+def _same_id(a: Any, b: RequestId | None) -> bool:
+    return b is not None and type(a) is type(b) and a == b
+
+
+def sanitize_error(error: Any) -> JsonObject:
+    """An upstream JSON-RPC error as the client may see it: internals (stack traces) never pass."""
+    if not isinstance(error, dict):
+        return {"code": -32603, "message": "Upstream server error"}
+    code = error.get("code")
+    if not isinstance(code, int) or isinstance(code, bool):
+        return {"code": -32603, "message": "Upstream server error"}
+    if code == -32603 or (-32099 <= code <= -32000 and code not in _MCP_SERVER_CODES):
+        return {"code": code, "message": "Upstream server error"}
+    message = error.get("message")
+    text = message if isinstance(message, str) else ""
+    text = "".join(ch if ch.isprintable() else " " for ch in text[:_MAX_ERROR_MESSAGE])
+    clean: JsonObject = {"code": code, "message": text or "Upstream error"}
+    if code in _MCP_SERVER_CODES and "data" in error:
+        clean["data"] = error["data"]
+    return clean
+
+
+def sanitize_reply(exchange: Exchange, reply: JsonObject) -> JsonObject:
+    return {"jsonrpc": "2.0", "id": exchange.request_id, "error": sanitize_error(reply.get("error"))}
+
+
+class ServerMessages:
+    """Filters and records the server messages of one exchange."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+
+    def is_answer(self, message: JsonObject) -> bool:
+        request = self.exchange.message
+        return (
+            request is not None
+            and request.kind is Kind.REQUEST
+            and "method" not in message
+            and _same_id(message.get("id"), request.id)
+        )
+
+    def process(self, message: JsonObject) -> JsonObject | None:
+        """The message to deliver, or None to drop it."""
+        exchange = self.exchange
+        if self.is_answer(message):
+            return self._answer(message)
+        method = message.get("method")
+        if not isinstance(method, str):
+            log.warning(
+                "upstream_message_dropped",
+                reason="response to an unknown request id",
+                tenant=exchange.ctx.tenant if exchange.ctx else None,
+            )
+            return None
+        if "id" in message:  # a server-to-client request
+            if exchange.era is not Era.HANDSHAKE or exchange.session is None:
+                return None  # the modern era has no back channel; never deliver one elsewhere
+            exchange.session.expect_answer(message["id"])
+            return message
+        if method == "notifications/tools/list_changed" and exchange.tenant is not None:
+            exchange.tenant.catalog.forget()
+        return message
+
+    def _answer(self, message: JsonObject) -> JsonObject:
+        exchange = self.exchange
+        if "error" in message or not isinstance(message.get("result"), dict):
+            exchange.outcome = "error"
+            error = sanitize_error(message.get("error"))
+            exchange.error_code = error["code"]
+            return {"jsonrpc": "2.0", "id": message.get("id"), "error": error}
+        result = message["result"]
+        request = exchange.message
+        if request is not None and request.method == "tools/list" and exchange.tenant is not None:
+            exchange.tenant.catalog.learn(result)
+        return message
+
+
+def finish(exchange: Exchange) -> None:
+    """Every exchange ends here, answered or refused: one structured line, never any content."""
+    message = exchange.message
+    log.info(
+        "mcp_request",
+        http_method=exchange.request.method,
+        tenant=exchange.ctx.tenant if exchange.ctx else None,
+        era=exchange.era.value if exchange.era else None,
+        method=message.method if message else None,
+        outcome=exchange.outcome,
+        error_code=exchange.error_code,
+        duration_ms=round((time.perf_counter() - exchange.started) * 1000, 3),
+    )

@@ -1,0 +1,99 @@
+"""What a loaded config turns into, and what outlives a config.
+
+`Runtime` is everything derived from one config (authenticator, per-tenant upstreams and tool
+catalogs, origin rules): built fully before use, swapped as a whole. `Services` hold state that
+spans configs (sessions). A request takes one Runtime reference when it starts and keeps it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from proxy.auth import Authenticator
+from proxy.catalog import ToolCatalog
+from proxy.config import ProxyConfig, TenantConfig
+from proxy.sessions import SessionRegistry
+from proxy.upstream import HttpUpstream, Upstream
+
+
+@dataclass(eq=False)
+class TenantRuntime:
+    id: str
+    config: TenantConfig
+    upstream: Upstream
+    catalog: ToolCatalog
+
+
+def _origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class OriginPolicy:
+    """Which browser Origins may call (DNS-rebinding defence); requests without Origin pass."""
+
+    allowed: frozenset[str]
+    any_loopback: bool
+
+    @classmethod
+    def from_config(cls, config: ProxyConfig) -> OriginPolicy:
+        allowed = {_origin_of(config.listen.resource_url)}
+        allowed.update(origin.rstrip("/").lower() for origin in config.listen.allowed_origins)
+        return cls(frozenset(allowed), _is_loopback(config.listen.host))
+
+    def allows(self, origin: str) -> bool:
+        normalized = origin.rstrip("/").lower()
+        if normalized in self.allowed:
+            return True
+        if not self.any_loopback:
+            return False
+        parts = urlsplit(normalized)
+        return parts.scheme in ("http", "https") and parts.hostname in ("localhost", "127.0.0.1", "::1")
+
+
+def build_upstream(tenant_id: str, config: TenantConfig) -> Upstream:
+    if config.upstream.url is not None:
+        return HttpUpstream(tenant_id, config.upstream)
+    raise NotImplementedError("stdio upstreams are not supported yet")
+
+
+@dataclass(eq=False)
+class Runtime:
+    config: ProxyConfig
+    authenticator: Authenticator
+    tenants: dict[str, TenantRuntime]
+    origins: OriginPolicy
+
+    @classmethod
+    def build(cls, config: ProxyConfig) -> Runtime:
+        authenticator = Authenticator(config)
+        tenants = {}
+        for tenant_id, tenant_config in config.tenants.items():
+            upstream = build_upstream(tenant_id, tenant_config)
+            tenants[tenant_id] = TenantRuntime(tenant_id, tenant_config, upstream, ToolCatalog(upstream))
+        return cls(config, authenticator, tenants, OriginPolicy.from_config(config))
+
+    async def close(self) -> None:
+        for tenant in self.tenants.values():
+            await tenant.upstream.close()
+
+
+@dataclass(eq=False)
+class Services:
+    sessions: SessionRegistry
+
+    @classmethod
+    def build(cls, config: ProxyConfig) -> Services:
+        return cls(SessionRegistry(config.sessions.idle_timeout_seconds, config.sessions.max_per_tenant))

@@ -1,0 +1,155 @@
+"""Handshake-era sessions: proxy-issued ids bound to (tenant, subject), per-session state only.
+
+The client only ever sees the proxy's id (>= 192 random bits); the upstream's session id stays in
+here. A lookup succeeds only for the same tenant and subject that created the session; any other
+caller gets exactly the answer an id that never existed gets (404).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from proxy.errors import SessionNotFound, TooManyRequests
+from proxy.types import RequestId, TenantContext
+
+MAX_EVENT_IDS = 1024
+MAX_PENDING_SERVER_REQUESTS = 256
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    tenant: str
+    subject: str
+    protocol_version: str
+    upstream_identity: str
+    upstream_session_id: str | None = None
+    created_at: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    closed: bool = False
+    # SSE event ids the proxy issued on this session -> the upstream's event id, for resumption.
+    event_ids: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    next_event: int = 0
+    # Ids of server-to-client requests relayed to this session and not answered yet.
+    pending_server_requests: OrderedDict[RequestId, None] = field(default_factory=OrderedDict)
+    get_stream_open: bool = False
+
+    @property
+    def audit_id(self) -> str:
+        """What logs may show of the session: a hash, never the id that grants access."""
+        return hashlib.sha256(self.id.encode()).hexdigest()[:16]
+
+    def issue_event_id(self, upstream_event_id: str) -> str | None:
+        """A proxy event id standing for an upstream one; None when the upstream gave none."""
+        if not upstream_event_id:
+            return None
+        self.next_event += 1
+        proxy_id = str(self.next_event)
+        self.event_ids[proxy_id] = upstream_event_id
+        if len(self.event_ids) > MAX_EVENT_IDS:
+            self.event_ids.popitem(last=False)
+        return proxy_id
+
+    def upstream_event_id(self, proxy_event_id: str) -> str | None:
+        return self.event_ids.get(proxy_event_id)
+
+    def expect_answer(self, request_id: RequestId) -> None:
+        self.pending_server_requests[request_id] = None
+        if len(self.pending_server_requests) > MAX_PENDING_SERVER_REQUESTS:
+            self.pending_server_requests.popitem(last=False)
+
+    def take_answer(self, request_id: RequestId) -> bool:
+        """True (and forgotten) when request_id is a server request this session still owes an answer."""
+        return self.pending_server_requests.pop(request_id, False) is None
+
+
+SessionCloser = Callable[[Session], Awaitable[None]]
+
+
+class SessionRegistry:
+    """All live handshake-era sessions, with idle expiry and a per-tenant cap."""
+
+    def __init__(self, idle_timeout_seconds: float, max_per_tenant: int) -> None:
+        self.idle_timeout_seconds = idle_timeout_seconds
+        self.max_per_tenant = max_per_tenant
+        self._sessions: dict[str, Session] = {}
+        self._per_tenant: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def count(self, tenant: str) -> int:
+        return self._per_tenant.get(tenant, 0)
+
+    def reserve(self, ctx: TenantContext) -> None:
+        """Refuse early (before any upstream call) when the tenant is at its session cap."""
+        if self.count(ctx.tenant) >= self.max_per_tenant:
+            raise TooManyRequests(
+                "Too many sessions: this tenant has reached its limit of open sessions; "
+                "end an unused session (DELETE) or retry later",
+                headers={"Retry-After": "30"},
+            )
+
+    def create(
+        self,
+        ctx: TenantContext,
+        protocol_version: str,
+        upstream_identity: str,
+        upstream_session_id: str | None,
+    ) -> Session:
+        self.reserve(ctx)
+        session = Session(
+            id=secrets.token_urlsafe(24),
+            tenant=ctx.tenant,
+            subject=ctx.subject,
+            protocol_version=protocol_version,
+            upstream_identity=upstream_identity,
+            upstream_session_id=upstream_session_id,
+        )
+        self._sessions[session.id] = session
+        self._per_tenant[ctx.tenant] = self.count(ctx.tenant) + 1
+        return session
+
+    def lookup(self, session_id: str, ctx: TenantContext) -> Session:
+        """The caller's own live session, or SessionNotFound exactly as for an unknown id."""
+        session = self._sessions.get(session_id)
+        if (
+            session is None
+            or session.closed
+            or not secrets.compare_digest(session.tenant, ctx.tenant)
+            or not secrets.compare_digest(session.subject.encode(), ctx.subject.encode())
+        ):
+            raise SessionNotFound()
+        now = time.monotonic()
+        if not session.get_stream_open and now - session.last_seen > self.idle_timeout_seconds:
+            raise SessionNotFound()
+        session.last_seen = now
+        return session
+
+    def remove(self, session: Session) -> None:
+        if self._sessions.pop(session.id, None) is not None:
+            session.closed = True
+            remaining = self.count(session.tenant) - 1
+            if remaining > 0:
+                self._per_tenant[session.tenant] = remaining
+            else:
+                self._per_tenant.pop(session.tenant, None)
+
+    def expired(self, now: float | None = None) -> list[Session]:
+        moment = time.monotonic() if now is None else now
+        return [
+            s
+            for s in self._sessions.values()
+            if not s.get_stream_open and moment - s.last_seen > self.idle_timeout_seconds
+        ]
+
+    def of_tenant(self, tenant: str) -> list[Session]:
+        return [s for s in self._sessions.values() if s.tenant == tenant]
+
+    def all(self) -> list[Session]:
+        return list(self._sessions.values())

@@ -1,0 +1,78 @@
+"""Server-sent events: decode an upstream byte stream into events, encode events for a client.
+
+Decoding uses httpx-sse's WHATWG line and event decoders (the maintained implementation of the
+"interpreting an event stream" algorithm); the package imports httpx at import time, which is why
+httpx is a dependency although the proxy's HTTP client is aiohttp.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import StreamReader
+from httpx_sse._decoders import SSEDecoder, SSELineDecoder
+
+from proxy.errors import UpstreamError
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    data: str
+    event: str = "message"
+    id: str = ""  # the stream's last event id when this event was dispatched ("" when none)
+    retry: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Comment:
+    """A comment line (keep-alive); relayed so intermediaries keep the connection open."""
+
+
+KEEPALIVE = Comment()
+
+
+async def read_events(stream: StreamReader, max_event_bytes: int) -> AsyncIterator[Event | Comment]:
+    """Events of an SSE body as they arrive; an event larger than max_event_bytes is an upstream error."""
+    text_decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    lines = SSELineDecoder()
+    events = SSEDecoder()
+    pending = 0
+    async for chunk in stream.iter_any():
+        for line in lines.decode(text_decoder.decode(chunk)):
+            if line.startswith(":"):
+                yield KEEPALIVE
+                continue
+            event = events.decode(line)
+            if event is None:
+                pending += len(line)
+                if pending > max_event_bytes:
+                    raise UpstreamError("The upstream MCP server sent an oversized event")
+                continue
+            pending = 0
+            yield Event(data=event.data, event=event.event, id=event.id, retry=event.retry)
+        if sum(len(part) for part in lines.buffer) > max_event_bytes:
+            raise UpstreamError("The upstream MCP server sent an oversized event")
+    for line in lines.decode(text_decoder.decode(b"", final=True)) + lines.flush():
+        event = events.decode(line)
+        if event is not None:
+            yield Event(data=event.data, event=event.event, id=event.id, retry=event.retry)
+
+
+def encode_event(data: bytes | str, event_id: str | None = None, retry: int | None = None) -> bytes:
+    """One `message` event; multi-line data becomes several data lines, as the format requires."""
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    parts = []
+    if event_id:
+        parts.append(f"id: {event_id}\n")
+    if retry is not None:
+        parts.append(f"retry: {retry}\n")
+    if text:  # an event without data only moves the client's last event id (a priming event)
+        parts.append("event: message\n")
+        parts.extend(f"data: {line}\n" for line in text.split("\n"))
+    parts.append("\n")
+    return "".join(parts).encode("utf-8")
+
+
+KEEPALIVE_BYTES = b": keep-alive\n\n"

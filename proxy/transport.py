@@ -1,0 +1,299 @@
+"""The MCP endpoint: POST, GET and DELETE, both protocol eras, JSON and SSE relayed as they arrive.
+
+Each handler runs its stage list (pipeline.py), then forwards to the tenant's upstream and relays
+the answer message by message through the response hooks. An SSE answer is streamed, never
+buffered; when the client goes away the handler is cancelled and the upstream stream is closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import structlog
+from aiohttp import web
+
+from proxy.errors import Conflict, MethodNotAllowed, ProxyError, SessionNotFound, UpstreamError
+from proxy.jsonrpc import Kind, dumps, loads_strict
+from proxy.pipeline import (
+    DELETE_STAGES,
+    GET_STAGES,
+    POST_STAGES,
+    SESSION_HEADER,
+    Stage,
+    run_stages,
+    single_header,
+)
+from proxy.responses import ServerMessages, finish, sanitize_reply
+from proxy.runtime import Runtime, Services
+from proxy.sessions import Session
+from proxy.sse import KEEPALIVE_BYTES, Comment, encode_event
+from proxy.types import Exchange, JsonObject
+from proxy.upstream import EVENT_STREAM, JSON, UpstreamRequest, UpstreamResponse
+
+log = structlog.get_logger("proxy.transport")
+
+RUNTIME = web.AppKey("runtime", Runtime)
+SERVICES = web.AppKey("services", Services)
+SSE_HEADERS = {
+    "Content-Type": EVENT_STREAM,
+    "Cache-Control": "no-cache, no-transform",
+    "X-Accel-Buffering": "no",
+}
+ACCEPT_BOTH = "application/json, text/event-stream"
+
+
+def error_reply(exchange: Exchange, error: ProxyError) -> web.Response:
+    exchange.outcome = "denied" if error.status in (401, 403) else "error"
+    exchange.error_code = error.code
+    return web.Response(
+        status=error.status,
+        body=dumps(error.to_jsonrpc(exchange.request_id)),
+        content_type=JSON,
+        headers=error.headers,
+    )
+
+
+async def _handle(request: web.Request, stages: Sequence[Stage]) -> web.StreamResponse:
+    exchange = Exchange(request, request.app[RUNTIME], request.app[SERVICES])
+    try:
+        await run_stages(exchange, stages)
+        if exchange.reply is None:
+            if request.method == "POST":
+                exchange.reply = await forward_post(exchange)
+            elif request.method == "GET":
+                exchange.reply = await relay_get(exchange)
+            else:
+                exchange.reply = await forward_delete(exchange)
+        return exchange.reply
+    except ProxyError as error:
+        if exchange.reply is not None and exchange.reply.prepared:
+            raise  # the status line is gone; the relay already told the client what it could
+        return error_reply(exchange, error)
+    finally:
+        finish(exchange)
+
+
+async def handle_mcp(request: web.Request) -> web.StreamResponse:
+    if request.method == "POST":
+        return await _handle(request, POST_STAGES)
+    if request.method == "GET":
+        return await _handle(request, GET_STAGES)
+    if request.method == "DELETE":
+        return await _handle(request, DELETE_STAGES)
+    exchange = Exchange(request, request.app[RUNTIME], request.app[SERVICES])
+    return error_reply(exchange, MethodNotAllowed(headers={"Allow": "GET, POST, DELETE"}))
+
+
+def _upstream_headers(exchange: Exchange, accept: str) -> dict[str, str]:
+    headers = {"Accept": accept, **exchange.upstream_headers}
+    session = exchange.session
+    if session is not None and session.upstream_session_id is not None:
+        headers[SESSION_HEADER] = session.upstream_session_id
+    return headers
+
+
+def _parse_upstream(raw: bytes | str) -> JsonObject:
+    try:
+        message = loads_strict(raw.encode("utf-8") if isinstance(raw, str) else raw)
+    except ProxyError:
+        raise UpstreamError("The upstream MCP server sent a malformed message") from None
+    if not isinstance(message, dict):
+        raise UpstreamError("The upstream MCP server sent a malformed message")
+    return message
+
+
+async def forward_post(exchange: Exchange) -> web.StreamResponse:
+    message, tenant = exchange.message, exchange.tenant
+    assert message is not None and tenant is not None
+    headers = _upstream_headers(exchange, ACCEPT_BOTH)
+    headers["Content-Type"] = JSON
+    response = await tenant.upstream.send(UpstreamRequest("POST", headers, dumps(message.body)))
+    try:
+        if message.method == "initialize" and response.status == 200:
+            _open_session(exchange, response)
+        if message.kind is not Kind.REQUEST:
+            if response.status < 300:
+                return web.Response(status=202)
+        elif response.status == 404 and exchange.session is not None:
+            exchange.services.sessions.remove(exchange.session)  # the upstream forgot it: so do we
+            raise SessionNotFound()
+        if response.content_type == EVENT_STREAM and response.status == 200:
+            return await relay_post_stream(exchange, response)
+        if response.content_type == JSON:
+            return await _relay_json(exchange, response)
+        raise UpstreamError(f"The upstream MCP server answered with HTTP {response.status}")
+    except BaseException:
+        if message.method == "initialize" and exchange.session is not None:
+            exchange.services.sessions.remove(exchange.session)
+        raise
+    finally:
+        response.close()
+
+
+def _open_session(exchange: Exchange, response: UpstreamResponse) -> None:
+    assert exchange.ctx is not None and exchange.tenant is not None and exchange.message is not None
+    requested = exchange.message.params.get("protocolVersion")
+    exchange.session = exchange.services.sessions.create(
+        exchange.ctx,
+        requested if isinstance(requested, str) else "2025-03-26",
+        exchange.tenant.upstream.identity,
+        response.session_id,
+    )
+
+
+def _session_headers(exchange: Exchange) -> dict[str, str]:
+    if (
+        exchange.session is not None
+        and exchange.message is not None
+        and exchange.message.method == "initialize"
+    ):
+        return {SESSION_HEADER: exchange.session.id}
+    return {}
+
+
+async def _relay_json(exchange: Exchange, response: UpstreamResponse) -> web.Response:
+    reply = _parse_upstream(await response.read_json())
+    messages = ServerMessages(exchange)
+    if response.status >= 400:
+        if not isinstance(reply.get("error"), dict):
+            raise UpstreamError(f"The upstream MCP server answered with HTTP {response.status}")
+        reply = sanitize_reply(exchange, reply)
+        exchange.outcome = "error"
+        return web.Response(status=response.status, body=dumps(reply), content_type=JSON)
+    if not messages.is_answer(reply):
+        raise UpstreamError("The upstream MCP server answered a different request id")
+    out = messages.process(reply)
+    if out is None:
+        raise UpstreamError("The upstream MCP server sent no usable answer")
+    if (
+        exchange.session is not None
+        and exchange.message is not None
+        and exchange.message.method == "initialize"
+    ):
+        _settle_version(exchange, out)
+    return web.Response(body=dumps(out), content_type=JSON, headers=_session_headers(exchange))
+
+
+def _settle_version(exchange: Exchange, initialize_reply: JsonObject) -> None:
+    """The session speaks the version the server chose in its InitializeResult."""
+    result = initialize_reply.get("result")
+    version = result.get("protocolVersion") if isinstance(result, dict) else None
+    if exchange.session is not None and isinstance(version, str):
+        exchange.session.protocol_version = version
+
+
+async def relay_post_stream(exchange: Exchange, response: UpstreamResponse) -> web.StreamResponse:
+    stream = web.StreamResponse(status=200, headers={**SSE_HEADERS, **_session_headers(exchange)})
+    await stream.prepare(exchange.request)
+    messages = ServerMessages(exchange)
+    answered = False
+    try:
+        async for item in response.events():
+            if isinstance(item, Comment):
+                await stream.write(KEEPALIVE_BYTES)
+                continue
+            event_id = exchange.session.issue_event_id(item.id) if exchange.session is not None else None
+            if not item.data:
+                if event_id is not None:
+                    await stream.write(encode_event("", event_id, item.retry))
+                continue
+            server_message = _parse_upstream(item.data)
+            final = messages.is_answer(server_message)
+            out = messages.process(server_message)
+            if out is None:
+                continue
+            if final and exchange.message is not None and exchange.message.method == "initialize":
+                _settle_version(exchange, out)
+            await stream.write(encode_event(dumps(out), event_id, item.retry))
+            if final:
+                answered = True
+                break
+    except ProxyError as error:
+        if not answered:
+            exchange.outcome, exchange.error_code = "error", error.code
+            await stream.write(encode_event(dumps(error.to_jsonrpc(exchange.request_id))))
+            answered = True
+    if not answered:
+        exchange.outcome, exchange.error_code = "error", UpstreamError.code
+        lost = UpstreamError("The upstream MCP server ended the stream without answering")
+        await stream.write(encode_event(dumps(lost.to_jsonrpc(exchange.request_id))))
+    await stream.write_eof()
+    return stream
+
+
+async def relay_get(exchange: Exchange) -> web.StreamResponse:
+    """Handshake era: the session's own server-to-client stream, resumable with proxy event ids."""
+    session, tenant = exchange.session, exchange.tenant
+    assert session is not None and tenant is not None
+    if session.get_stream_open:
+        raise Conflict("Conflict: this session already has an open GET stream")
+    headers = _upstream_headers(exchange, EVENT_STREAM)
+    headers["MCP-Protocol-Version"] = session.protocol_version
+    last_event_id = single_header(exchange, "Last-Event-ID")
+    if last_event_id is not None:
+        upstream_id = session.upstream_event_id(last_event_id)
+        if upstream_id is not None:  # an id this session never issued replays nothing
+            headers["Last-Event-ID"] = upstream_id
+    session.get_stream_open = True
+    try:
+        response = await tenant.upstream.send(UpstreamRequest("GET", headers))
+        try:
+            if response.status == 404:
+                exchange.services.sessions.remove(session)
+                raise SessionNotFound()
+            if response.status != 200 or response.content_type != EVENT_STREAM:
+                if response.status == 405:
+                    raise MethodNotAllowed("Method not allowed: the upstream MCP server offers no GET stream")
+                if response.status == 409:
+                    raise Conflict("Conflict: this session already has an open GET stream")
+                raise UpstreamError(
+                    f"The upstream MCP server answered the GET stream with HTTP {response.status}"
+                )
+            stream = web.StreamResponse(status=200, headers=SSE_HEADERS)
+            await stream.prepare(exchange.request)
+            messages = ServerMessages(exchange)
+            try:
+                async for item in response.events():
+                    if isinstance(item, Comment):
+                        await stream.write(KEEPALIVE_BYTES)
+                        continue
+                    event_id = session.issue_event_id(item.id)
+                    out = messages.process(_parse_upstream(item.data)) if item.data else None
+                    if out is not None or event_id is not None:
+                        await stream.write(
+                            encode_event(dumps(out) if out is not None else "", event_id, item.retry)
+                        )
+            except ProxyError as error:
+                log.info("upstream_stream_ended", tenant=tenant.id, reason=error.message)
+            await stream.write_eof()
+            return stream
+        finally:
+            response.close()
+    finally:
+        session.get_stream_open = False
+
+
+async def forward_delete(exchange: Exchange) -> web.StreamResponse:
+    session, tenant = exchange.session, exchange.tenant
+    assert session is not None and tenant is not None
+    status = await end_upstream_session(exchange.runtime, session, tenant.id)
+    if status == 405:
+        raise MethodNotAllowed(
+            "Method not allowed: the upstream MCP server does not let clients end sessions"
+        )
+    exchange.services.sessions.remove(session)
+    return web.Response(status=200)
+
+
+async def end_upstream_session(runtime: Runtime, session: Session, tenant_id: str) -> int:
+    """DELETE the upstream side of a session; returns the upstream's status (0 when unreachable)."""
+    tenant = runtime.tenants.get(tenant_id)
+    if tenant is None or session.upstream_session_id is None:
+        return 200
+    headers = {SESSION_HEADER: session.upstream_session_id, "MCP-Protocol-Version": session.protocol_version}
+    try:
+        response = await tenant.upstream.send(UpstreamRequest("DELETE", headers))
+    except UpstreamError:
+        return 0
+    response.close()
+    return response.status

@@ -1,0 +1,75 @@
+"""Type aliases and the small frozen values that travel through the pipeline."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from proxy.jsonrpc import Message
+    from proxy.runtime import Runtime, Services, TenantRuntime
+    from proxy.sessions import Session
+
+JsonObject: TypeAlias = dict[str, Any]
+RequestId: TypeAlias = str | int
+
+MODERN_VERSIONS: frozenset[str] = frozenset({"2026-07-28"})
+HANDSHAKE_VERSIONS: frozenset[str] = frozenset({"2025-03-26", "2025-06-18", "2025-11-25"})
+DEFAULT_HANDSHAKE_VERSION = "2025-03-26"
+LATEST_MODERN_VERSION = "2026-07-28"
+
+
+class Era(enum.Enum):
+    """Which MCP protocol era a request belongs to."""
+
+    MODERN = "modern"  # 2026-07-28: one stateless POST per request
+    HANDSHAKE = "handshake"  # 2025-03-26 .. 2025-11-25: initialize, Mcp-Session-Id, GET stream
+
+
+@dataclass(frozen=True, slots=True)
+class TenantContext:
+    """Who is calling, decided from the verified token alone."""
+
+    tenant: str
+    subject: str
+    issuer: str
+    scopes: frozenset[str]
+    expires_at: float
+
+
+@dataclass(eq=False)
+class Exchange:
+    """One client request on its way through the pipeline (mitmproxy's flow, for MCP).
+
+    Request stages fill it in order and may end the chain early by setting `reply` (a denial, a
+    cache hit) or raising a ProxyError; response hooks see each message coming back; finish hooks
+    (audit, metrics) see the outcome.
+    """
+
+    request: web.Request
+    runtime: Runtime
+    services: Services
+    started: float = field(default_factory=time.perf_counter)
+    ctx: TenantContext | None = None
+    tenant: TenantRuntime | None = None
+    message: Message | None = None
+    era: Era | None = None
+    protocol_version: str | None = None
+    session: Session | None = None
+    # MCP routing headers for the upstream request, rendered from the body the proxy forwards.
+    upstream_headers: dict[str, str] = field(default_factory=dict)
+    reply: web.StreamResponse | None = None
+    # What happened, for audit and metrics.
+    outcome: str = "ok"
+    cache_state: str = "bypass"
+    error_code: int | None = None
+    result_bytes: int = 0
+    result_sha256: str | None = None
+
+    @property
+    def request_id(self) -> RequestId | None:
+        return self.message.id if self.message is not None else None

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.factories import DEV_SECRET, DEV_SECRET_ENV, RsaKeys, config_dict, token
+
+os.environ[DEV_SECRET_ENV] = DEV_SECRET
+
+TENANTS = ("acme", "globex")
+MCP_ACCEPT = "application/json, text/event-stream"
+
+
+@pytest.fixture(scope="session")
+def rsa_keys() -> RsaKeys:
+    return RsaKeys.generate("key-1")
+
+
+@pytest.fixture(scope="session")
+def upstream_servers() -> Iterator[dict[str, Any]]:
+    from tests.upstreams import UpstreamThread, start_notes_upstream
+
+    runner = UpstreamThread()
+    try:
+        yield {
+            tenant: start_notes_upstream(runner, tenant, f"CANARY-{tenant}-{secrets.token_hex(6)}")
+            for tenant in TENANTS
+        }
+    finally:
+        runner.stop()
+
+
+@pytest.fixture
+def upstreams(upstream_servers: dict[str, Any]) -> dict[str, Any]:
+    """The tenants' upstreams, with their request records cleared for this test."""
+    for upstream in upstream_servers.values():
+        upstream.recorder.clear()
+    return upstream_servers
+
+
+@dataclass
+class RunningProxy:
+    url: str
+    config: Any
+    app: web.Application
+
+    def token(self, tenant: str = "acme", sub: str = "alice", **claims: Any) -> str:
+        return token(tenant=tenant, sub=sub, aud=self.url, **claims)
+
+    async def post(
+        self,
+        body: Any,
+        *,
+        token: str | None = None,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One raw POST to the proxy; returns status, headers and body."""
+        sent = {"Accept": MCP_ACCEPT, "Content-Type": "application/json"}
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        sent.update(headers or {})
+        data = raw if raw is not None else aiohttp.payload.JsonPayload(body)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(self.url, data=data, headers=sent) as response,
+        ):
+            return response.status, dict(response.headers), await response.read()
+
+
+def proxy_config(
+    url: str, upstreams: dict[str, Any], tmp: Path, rsa: RsaKeys, **overrides: Any
+) -> dict[str, Any]:
+    public_key = tmp / "rsa.pem"
+    public_key.write_bytes(rsa.public_pem)
+    private_key = tmp / "rsa.key"
+    private_key.write_bytes(rsa.private_pem)
+    data = config_dict(
+        {tenant: upstream.url for tenant, upstream in upstreams.items()},
+        resource=url,
+        issuers=[
+            {
+                "issuer": "dev",
+                "audiences": [url],
+                "algorithms": ["HS256"],
+                "secret_env": DEV_SECRET_ENV,
+                "tenant_claim": "tenant",
+            },
+            {
+                "issuer": "https://rsa.idp.test",
+                "audiences": [url],
+                "algorithms": ["RS256"],
+                "public_key_file": str(public_key),
+                "private_key_file": str(private_key),
+                "tenant_claim": "org.id",
+            },
+        ],
+    )
+    for tenant in upstreams:
+        data["tenants"][tenant]["upstream"]["headers"] = {"Authorization": f"Bearer upstream-secret-{tenant}"}
+    data.update(overrides)
+    return data
+
+
+@pytest.fixture
+async def proxy(upstreams: dict[str, Any], tmp_path: Path, rsa_keys: RsaKeys) -> AsyncIterator[RunningProxy]:
+    from proxy.cli import start_server
+    from proxy.config import ProxyConfig
+    from tests.upstreams import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/mcp"
+    config = ProxyConfig.model_validate(proxy_config(url, upstreams, tmp_path, rsa_keys), context={})
+    runner, _ = await start_server(config)
+    try:
+        yield RunningProxy(url, config, runner.app)
+    finally:
+        await runner.cleanup()

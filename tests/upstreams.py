@@ -1,0 +1,150 @@
+"""Real upstream MCP servers for end-to-end tests: SDK MCPServer apps on loopback, one per tenant.
+
+They run under uvicorn on their own event loop in a background thread, each behind a recorder
+that keeps every HTTP request it received (method, headers, body), so a test can assert what did,
+and what did not, reach an upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import uvicorn
+from mcp.server.mcpserver import Context, MCPServer
+
+from proxy.demo_upstream import build_notes_server
+
+ASGIApp = Callable[..., Any]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytearray = field(default_factory=bytearray)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+
+class Recorder:
+    """ASGI middleware that remembers every HTTP request an app received."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.requests: list[Recorded] = []
+        self.lock = threading.Lock()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        record = Recorded(
+            scope["method"],
+            scope["path"],
+            {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]},
+        )
+        with self.lock:
+            self.requests.append(record)
+
+        async def recording_receive() -> Any:
+            message = await receive()
+            if message["type"] == "http.request":
+                record.body += message.get("body", b"")
+            return message
+
+        await self.app(scope, recording_receive, send)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.requests.clear()
+
+    def snapshot(self) -> list[Recorded]:
+        with self.lock:
+            return list(self.requests)
+
+
+def add_test_tools(server: MCPServer, canary: str) -> None:
+    """Tools the tests need beyond the demo's notes service."""
+
+    @server.tool()
+    async def countdown(n: int, delay: float, ctx: Context) -> dict[str, Any]:
+        """Reports progress n times, `delay` seconds apart, then answers."""
+        for step in range(n):
+            await ctx.report_progress(step + 1, n, f"step {step + 1}")
+            await anyio.sleep(delay)
+        return {"done": n, "canary": canary}
+
+    @server.tool()
+    def fail(message: str) -> str:
+        """Always raises: the answer is an isError result."""
+        raise RuntimeError(message)
+
+
+@dataclass
+class Upstream:
+    tenant: str
+    canary: str
+    port: int
+    recorder: Recorder
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+
+class UpstreamThread:
+    """Runs uvicorn servers on one event loop in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.servers: list[uvicorn.Server] = []
+        self.tasks: list[Any] = []
+        self.thread.start()
+
+    def serve(self, app: ASGIApp, port: int) -> None:
+        server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", ws="none")
+        )
+        self.servers.append(server)
+        self.tasks.append(asyncio.run_coroutine_threadsafe(server.serve(), self.loop))
+        deadline = time.monotonic() + 20
+        while not server.started:
+            if self.tasks[-1].done():
+                self.tasks[-1].result()
+            if time.monotonic() > deadline:
+                raise RuntimeError("upstream did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.should_exit = True
+        for task in self.tasks:
+            task.result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+def start_notes_upstream(runner: UpstreamThread, tenant: str, canary: str) -> Upstream:
+    server = build_notes_server(tenant, canary)
+    add_test_tools(server, canary)
+    recorder = Recorder(server.streamable_http_app(host="127.0.0.1"))
+    port = free_port()
+    runner.serve(recorder, port)
+    return Upstream(tenant, canary, port, recorder)
