@@ -12,6 +12,7 @@ from aiohttp import web
 from proxy.config import ProxyConfig
 from proxy.errors import ProxyError
 from proxy.jsonrpc import dumps, error_body
+from proxy.metrics import CONTENT_TYPE_LATEST
 from proxy.runtime import Runtime, Services
 from proxy.transport import RUNTIME, SERVICES, end_upstream_session, handle_mcp
 
@@ -46,6 +47,12 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 async def protected_resource_metadata(request: web.Request) -> web.Response:
     return web.json_response(request.app[RUNTIME].authenticator.metadata)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[SERVICES].metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -95,5 +102,6 @@ def create_app(config: ProxyConfig, runtime: Runtime | None = None) -> web.Appli
             f"/.well-known/oauth-protected-resource{path.rstrip('/')}", protected_resource_metadata
         )
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     app.cleanup_ctx.append(_background)
     return app

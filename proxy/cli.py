@@ -75,9 +75,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    from proxy.auth import Authenticator
+    from proxy.runtime import Runtime
 
-    Authenticator(config)
+    Runtime.build(config)  # keys, secrets and every policy compile, as `run` needs them
     print(f"{args.config}: ok ({len(config.tenants)} tenants, {len(config.auth.issuers)} issuers)")
     return 0
 

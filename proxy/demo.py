@@ -50,8 +50,17 @@ async def serve_upstream(tenant: str, canary: str, port: int) -> AsyncIterator[s
         await task
 
 
-def demo_config(proxy_port: int, upstreams: dict[str, str], audit_dir: Path) -> dict[str, Any]:
+DEMO_POLICY = """\
+tenant_arguments: {names: [tenant_id], on_mismatch: reject, hide_from_schema: true}
+tools: {allow: ["*"], deny: []}
+resources: {tenant_uri_templates: ["notes://{tenant}/{path}"]}
+"""
+
+
+def demo_config(proxy_port: int, upstreams: dict[str, str], work_dir: Path) -> dict[str, Any]:
     url = f"http://127.0.0.1:{proxy_port}/mcp"
+    (work_dir / "policies").mkdir(exist_ok=True)
+    (work_dir / "policies" / "demo.yaml").write_text(DEMO_POLICY)
     return {
         "listen": {"host": "127.0.0.1", "port": proxy_port, "path": "/mcp", "public_url": url},
         "auth": {
@@ -67,10 +76,14 @@ def demo_config(proxy_port: int, upstreams: dict[str, str], audit_dir: Path) -> 
             ],
         },
         "tenants": {
-            tenant: {"upstream": {"url": upstream, "headers": {"Authorization": f"Bearer upstream-{tenant}"}}}
+            tenant: {
+                "upstream": {"url": upstream, "headers": {"Authorization": f"Bearer upstream-{tenant}"}},
+                "policy": "demo",
+            }
             for tenant, upstream in upstreams.items()
         },
-        "audit": {"dir": str(audit_dir)},
+        "policies_dir": str(work_dir / "policies"),
+        "audit": {"dir": str(work_dir / "audit")},
     }
 
 
@@ -94,7 +107,7 @@ async def run_demo() -> int:
     from proxy.config import ProxyConfig
     from proxy.log import configure_logging
 
-    configure_logging("warning")
+    configure_logging("error")
     logging.basicConfig(level=logging.WARNING)  # the SDK and uvicorn log through stdlib logging
     for noisy in ("httpx2", "httpx", "mcp", "uvicorn"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -113,9 +126,9 @@ async def run_demo() -> int:
             upstreams[tenant] = await stack.enter_async_context(
                 serve_upstream(tenant, canaries[tenant], free_port())
             )
-        audit_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mcp-proxy-demo-")))
+        work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mcp-proxy-demo-")))
         proxy_port = free_port()
-        config = ProxyConfig.model_validate(demo_config(proxy_port, upstreams, audit_dir))
+        config = ProxyConfig.model_validate(demo_config(proxy_port, upstreams, work_dir))
         runner, _ = await start_server(config)
         stack.push_async_callback(runner.cleanup)
         url = config.listen.resource_url
@@ -123,7 +136,8 @@ async def run_demo() -> int:
 
         tokens = {tenant: mint_token(config, "demo", tenant, f"alice@{tenant}") for tenant in TENANTS}
         for tenant in TENANTS:
-            other = canaries[next(t for t in TENANTS if t != tenant)]
+            other_tenant = next(t for t in TENANTS if t != tenant)
+            other = canaries[other_tenant]
             for mode in ("auto", "legacy"):
                 era = "2026-07-28" if mode == "auto" else "handshake era"
                 print(f"\n{tenant} ({era}):")
@@ -134,9 +148,20 @@ async def run_demo() -> int:
                     answer = _text(who)
                     print(f"  whoami -> {answer}")
                     check(canaries[tenant] in answer and other not in answer, "answered by its own upstream")
-                    await client.call_tool("add_note", {"tenant_id": tenant, "text": f"hello from {tenant}"})
-                    notes = _text(await client.call_tool("list_notes", {"tenant_id": tenant}))
-                    check(other not in notes, "sees none of the other tenant's data")
+                    schema = next(t for t in tools.tools if t.name == "add_note").input_schema
+                    check("tenant_id" not in schema["properties"], "tools/list hides the tenant_id argument")
+                    await client.call_tool("add_note", {"text": f"hello from {tenant}"})
+                    notes = json.loads(_text(await client.call_tool("list_notes", {})))
+                    print(f"  list_notes -> {notes['notes']} (tenant_id filled in: {notes['tenant_id']})")
+                    check(
+                        notes["tenant_id"] == tenant and other not in json.dumps(notes),
+                        "sees only its own notes",
+                    )
+                    refused = await _refusal(client.call_tool("list_notes", {"tenant_id": other_tenant}))
+                    print(f"  list_notes(tenant_id={other_tenant!r}) -> {refused}")
+                    check("-32005" in refused, "naming the other tenant is refused by policy")
+                    refused = await _refusal(client.read_resource(f"notes://{other_tenant}/plan"))
+                    check("Unknown resource" in refused, "the other tenant's resource looks like none at all")
                     headers = json.loads(_text(await client.call_tool("request_headers", {})))["headers"]
                     check(tokens[tenant] not in json.dumps(headers), "its token never reached the upstream")
                     check(
@@ -157,6 +182,17 @@ async def run_demo() -> int:
 
     print("\nall isolation checks passed" if not failures else f"\n{len(failures)} check(s) FAILED")
     return 0 if not failures else 1
+
+
+async def _refusal(call: Any) -> str:
+    """The error a call ends with, as 'code message' ('no error' when it succeeded)."""
+    from mcp import MCPError
+
+    try:
+        await call
+    except MCPError as error:
+        return f"{error.error.code} {error.error.message}"
+    return "no error"
 
 
 _HANDSHAKE_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}

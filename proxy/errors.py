@@ -19,12 +19,13 @@
     │   └── PolicyDenied                -32005  403  a policy rule refused the request (data.rule)
     ├── SessionNotFound                 -32004  404  unknown, expired or foreign session: all look alike
     ├── Conflict                        -32600  409  a second GET stream for one session
-    ├── TooManyRequests                 -32029  429  (Retry-After)
-    └── UpstreamError                   -32050  502  the tenant's upstream failed this request
-        └── UpstreamTimeout             -32051  504
+    ├── TooManyRequests                 -32009  429  (Retry-After)
+    └── UpstreamError                   -32010  502  the tenant's upstream failed this request
+        └── UpstreamTimeout             -32011  504
 
-Messages are fixed strings or name only what the client itself sent (a header name, an argument
-name, a rule); they never carry upstream output, tokens, or another tenant's identifiers.
+Codes of our own are in the implementation-defined range -32000..-32019 (-32020..-32099 belong
+to the MCP spec). Messages are fixed strings or name only what the client itself sent (a header
+name, an argument name, a rule); never upstream output, tokens, or another tenant's identifiers.
 """
 
 from __future__ import annotations
@@ -157,18 +158,18 @@ class Conflict(ProxyError):
 
 
 class TooManyRequests(ProxyError):
-    code = -32029
+    code = -32009
     status = 429
     default_message = "Too many requests"
 
 
 class UpstreamError(ProxyError):
-    code = -32050
+    code = -32010
     status = 502
     default_message = "The upstream MCP server failed to answer this request"
 
 
 class UpstreamTimeout(UpstreamError):
-    code = -32051
+    code = -32011
     status = 504
     default_message = "The upstream MCP server did not answer in time"

@@ -1,7 +1,7 @@
 """The request stages, and the one place where each HTTP method's stage list is assembled.
 
     POST:   check_origin -> authenticate -> read_message -> resolve_era -> bind_session
-            -> check_mirrored_headers -> [upstream]
+            -> check_mirrored_headers -> enforce_policy -> render_mirrored_headers -> [upstream]
     GET:    check_origin -> authenticate -> require_event_stream -> bind_session -> [upstream stream]
     DELETE: check_origin -> authenticate -> bind_session -> [upstream DELETE]
 
@@ -38,6 +38,7 @@ from proxy.headers import (
     render_param_headers,
 )
 from proxy.jsonrpc import KNOWN_METHODS, Kind, parse_message
+from proxy.policy.enforce import catalog_entry, enforce_policy
 from proxy.types import DEFAULT_HANDSHAKE_VERSION, HANDSHAKE_VERSIONS, MODERN_VERSIONS, Era, Exchange
 
 Stage = Callable[[Exchange], Awaitable[None]]
@@ -175,28 +176,45 @@ async def bind_session(exchange: Exchange) -> None:
         raise BadRequest("Invalid request: this session has no pending server request with that id")
 
 
-async def check_mirrored_headers(exchange: Exchange) -> None:
-    """Modern tools/call: Mcp-Param-* headers must agree with the body; the forwarded ones are re-rendered."""
-    message = exchange.message
-    if exchange.era is not Era.MODERN or message is None or message.method != "tools/call":
-        return
+def _sent_param_headers(exchange: Exchange) -> dict[str, list[str]]:
     prefix = PARAM_HEADER_PREFIX.lower()
     sent: dict[str, list[str]] = {}
     for header_name, value in exchange.request.headers.items():
         lowered = header_name.lower()
         if lowered.startswith(prefix):
             sent.setdefault(lowered, []).append(value)
-    assert exchange.tenant is not None
-    catalog = exchange.tenant.catalog
-    tool_name = message.name
-    info = catalog.cached(tool_name) if tool_name is not None else None
-    if info is None and sent and tool_name is not None:
-        info = await catalog.tool(tool_name)
-    if info is None or info.param_headers is None:
-        return  # nothing declared: undeclared Mcp-Param-* headers are simply not forwarded
-    arguments = arguments_of(message)
-    check_param_headers(info.param_headers, arguments, sent)
-    exchange.upstream_headers.update(render_param_headers(info.param_headers, arguments))
+    return sent
+
+
+async def check_mirrored_headers(exchange: Exchange) -> None:
+    """Modern tools/call: the Mcp-Param-* headers the client sent must agree with its body."""
+    message = exchange.message
+    if exchange.era is not Era.MODERN or message is None or message.method != "tools/call":
+        return
+    sent = _sent_param_headers(exchange)
+    entry = await catalog_entry(exchange, fetch=bool(sent))
+    if entry is None or entry.param_headers is None:
+        return  # headers no declaration covers are simply not forwarded
+    annotations = entry.param_headers
+    policy = exchange.tenant.policy if exchange.tenant is not None else None
+    if policy is not None and policy.hide_from_schema:
+        # A hidden tenant argument is one the client cannot know to mirror: the proxy owns it.
+        annotations = tuple(
+            a
+            for a in annotations
+            if a.path[-1] not in policy.tenant_argument_names or a.header.lower() in sent
+        )
+    check_param_headers(annotations, arguments_of(message), sent)
+
+
+async def render_mirrored_headers(exchange: Exchange) -> None:
+    """The Mcp-Param-* headers sent upstream, rendered from the body as the policy left it."""
+    message = exchange.message
+    if exchange.era is not Era.MODERN or message is None or message.method != "tools/call":
+        return
+    entry = await catalog_entry(exchange, fetch=False)
+    if entry is not None and entry.param_headers:
+        exchange.upstream_headers.update(render_param_headers(entry.param_headers, arguments_of(message)))
 
 
 async def require_event_stream(exchange: Exchange) -> None:
@@ -212,6 +230,8 @@ POST_STAGES: Sequence[Stage] = (
     resolve_era,
     bind_session,
     check_mirrored_headers,
+    enforce_policy,
+    render_mirrored_headers,
 )
 GET_STAGES: Sequence[Stage] = (check_origin, authenticate, require_event_stream, bind_session)
 DELETE_STAGES: Sequence[Stage] = (check_origin, authenticate, bind_session)

@@ -12,14 +12,23 @@ from typing import Any, Final
 
 import structlog
 
-from proxy.jsonrpc import Kind
+from proxy.catalog import Kind
+from proxy.jsonrpc import Kind as MessageKind
+from proxy.policy.enforce import filter_answer
 from proxy.types import Era, Exchange, JsonObject, RequestId
 
 log = structlog.get_logger("proxy.requests")
 
-# Server-error codes the MCP spec gives a meaning (and whose `data` the client needs).
+# Codes the MCP spec gives a meaning whose `data` a client needs (-32002/-32042: earlier versions).
 _MCP_SERVER_CODES: Final = frozenset({-32002, -32020, -32021, -32022, -32042})
+# -32000..-32019 are implementation-defined: an upstream's own, whose messages may carry internals.
+_IMPLEMENTATION_DEFINED = range(-32019, -31999)
 _MAX_ERROR_MESSAGE = 500
+_LISTS: Final[dict[str, Kind]] = {"tools/list": "tools", "prompts/list": "prompts"}
+_LIST_CHANGED: Final[dict[str, Kind]] = {
+    "notifications/tools/list_changed": "tools",
+    "notifications/prompts/list_changed": "prompts",
+}
 
 
 def _same_id(a: Any, b: RequestId | None) -> bool:
@@ -33,7 +42,7 @@ def sanitize_error(error: Any) -> JsonObject:
     code = error.get("code")
     if not isinstance(code, int) or isinstance(code, bool):
         return {"code": -32603, "message": "Upstream server error"}
-    if code == -32603 or (-32099 <= code <= -32000 and code not in _MCP_SERVER_CODES):
+    if code == -32603 or code in _IMPLEMENTATION_DEFINED:
         return {"code": code, "message": "Upstream server error"}
     message = error.get("message")
     text = message if isinstance(message, str) else ""
@@ -58,7 +67,7 @@ class ServerMessages:
         request = self.exchange.message
         return (
             request is not None
-            and request.kind is Kind.REQUEST
+            and request.kind is MessageKind.REQUEST
             and "method" not in message
             and _same_id(message.get("id"), request.id)
         )
@@ -81,8 +90,8 @@ class ServerMessages:
                 return None  # the modern era has no back channel; never deliver one elsewhere
             exchange.session.expect_answer(message["id"])
             return message
-        if method == "notifications/tools/list_changed" and exchange.tenant is not None:
-            exchange.tenant.catalog.forget()
+        if exchange.tenant is not None and method in _LIST_CHANGED:
+            exchange.tenant.catalog.forget(_LIST_CHANGED[method])
         return message
 
     def _answer(self, message: JsonObject) -> JsonObject:
@@ -94,8 +103,12 @@ class ServerMessages:
             return {"jsonrpc": "2.0", "id": message.get("id"), "error": error}
         result = message["result"]
         request = exchange.message
-        if request is not None and request.method == "tools/list" and exchange.tenant is not None:
-            exchange.tenant.catalog.learn(result)
+        method = request.method if request is not None else None
+        if exchange.tenant is not None and method in _LISTS:
+            exchange.tenant.catalog.learn(_LISTS[method], result)
+        filtered = filter_answer(exchange, result)
+        if filtered is not result:
+            return {**message, "result": filtered}
         return message
 
 

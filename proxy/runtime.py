@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from proxy.auth import Authenticator
-from proxy.catalog import ToolCatalog
+from proxy.catalog import Catalog
 from proxy.config import ProxyConfig, TenantConfig
+from proxy.metrics import Metrics
+from proxy.policy.model import Policy, load_policy
 from proxy.sessions import SessionRegistry
 from proxy.upstream import HttpUpstream, Upstream
 
@@ -23,7 +25,8 @@ class TenantRuntime:
     id: str
     config: TenantConfig
     upstream: Upstream
-    catalog: ToolCatalog
+    catalog: Catalog
+    policy: Policy | None
 
 
 def _origin_of(url: str) -> str:
@@ -79,10 +82,15 @@ class Runtime:
     @classmethod
     def build(cls, config: ProxyConfig) -> Runtime:
         authenticator = Authenticator(config)
+        policies = {
+            name: load_policy(config.policy_file(name))
+            for name in sorted({t.policy for t in config.tenants.values() if t.policy is not None})
+        }
         tenants = {}
         for tenant_id, tenant_config in config.tenants.items():
             upstream = build_upstream(tenant_id, tenant_config)
-            tenants[tenant_id] = TenantRuntime(tenant_id, tenant_config, upstream, ToolCatalog(upstream))
+            policy = policies[tenant_config.policy] if tenant_config.policy is not None else None
+            tenants[tenant_id] = TenantRuntime(tenant_id, tenant_config, upstream, Catalog(upstream), policy)
         return cls(config, authenticator, tenants, OriginPolicy.from_config(config))
 
     async def close(self) -> None:
@@ -93,7 +101,11 @@ class Runtime:
 @dataclass(eq=False)
 class Services:
     sessions: SessionRegistry
+    metrics: Metrics
 
     @classmethod
     def build(cls, config: ProxyConfig) -> Services:
-        return cls(SessionRegistry(config.sessions.idle_timeout_seconds, config.sessions.max_per_tenant))
+        return cls(
+            SessionRegistry(config.sessions.idle_timeout_seconds, config.sessions.max_per_tenant),
+            Metrics(),
+        )

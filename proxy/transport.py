@@ -43,7 +43,8 @@ ACCEPT_BOTH = "application/json, text/event-stream"
 
 
 def error_reply(exchange: Exchange, error: ProxyError) -> web.Response:
-    exchange.outcome = "denied" if error.status in (401, 403) else "error"
+    if exchange.outcome == "ok":
+        exchange.outcome = "denied" if error.status in (401, 403) else "error"
     exchange.error_code = error.code
     return web.Response(
         status=error.status,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from proxy.catalog import Entry
     from proxy.jsonrpc import Message
     from proxy.runtime import Runtime, Services, TenantRuntime
     from proxy.sessions import Session
@@ -62,6 +64,7 @@ class Exchange:
     session: Session | None = None
     # MCP routing headers for the upstream request, rendered from the body the proxy forwards.
     upstream_headers: dict[str, str] = field(default_factory=dict)
+    catalog_entry: Entry | None = None  # the tool or prompt the request names, once looked up
     reply: web.StreamResponse | None = None
     # What happened, for audit and metrics.
     outcome: str = "ok"
@@ -73,3 +76,10 @@ class Exchange:
     @property
     def request_id(self) -> RequestId | None:
         return self.message.id if self.message is not None else None
+
+    @property
+    def subject_hash(self) -> str | None:
+        """The caller as logs may name them: a hash, not the subject claim itself."""
+        if self.ctx is None:
+            return None
+        return hashlib.sha256(f"{self.ctx.tenant}\0{self.ctx.subject}".encode()).hexdigest()[:16]

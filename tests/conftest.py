@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 
 from tests.factories import DEV_SECRET, DEV_SECRET_ENV, RsaKeys, config_dict, token
@@ -25,17 +26,39 @@ def rsa_keys() -> RsaKeys:
 
 
 @pytest.fixture(scope="session")
-def upstream_servers() -> Iterator[dict[str, Any]]:
-    from tests.upstreams import UpstreamThread, start_notes_upstream
+def upstream_runner() -> Iterator[Any]:
+    from tests.upstreams import UpstreamThread
 
     runner = UpstreamThread()
     try:
-        yield {
-            tenant: start_notes_upstream(runner, tenant, f"CANARY-{tenant}-{secrets.token_hex(6)}")
-            for tenant in TENANTS
-        }
+        yield runner
     finally:
         runner.stop()
+
+
+@pytest.fixture(scope="session")
+def upstream_servers(upstream_runner: Any) -> dict[str, Any]:
+    """One SDK notes server per tenant, each with its own canary."""
+    from tests.upstreams import start_notes_upstream
+
+    return {
+        tenant: start_notes_upstream(upstream_runner, tenant, f"CANARY-{tenant}-{secrets.token_hex(6)}")
+        for tenant in TENANTS
+    }
+
+
+@pytest.fixture(scope="session")
+def shared_upstream_server(upstream_runner: Any) -> Any:
+    """One tenant-aware SDK notes server that several tenants share (it trusts `tenant_id`)."""
+    from tests.upstreams import start_notes_upstream
+
+    return start_notes_upstream(upstream_runner, "shared", f"CANARY-shared-{secrets.token_hex(6)}")
+
+
+@pytest.fixture
+def shared_upstream(shared_upstream_server: Any) -> Any:
+    shared_upstream_server.recorder.clear()
+    return shared_upstream_server
 
 
 @pytest.fixture
@@ -84,7 +107,7 @@ def proxy_config(
     private_key = tmp / "rsa.key"
     private_key.write_bytes(rsa.private_pem)
     data = config_dict(
-        {tenant: upstream.url for tenant, upstream in upstreams.items()},
+        {tenant: getattr(upstream, "url", upstream) for tenant, upstream in upstreams.items()},
         resource=url,
         issuers=[
             {
@@ -110,16 +133,43 @@ def proxy_config(
     return data
 
 
+StartProxy = Callable[..., Awaitable[RunningProxy]]
+
+
 @pytest.fixture
-async def proxy(upstreams: dict[str, Any], tmp_path: Path, rsa_keys: RsaKeys) -> AsyncIterator[RunningProxy]:
+async def make_proxy(tmp_path: Path, rsa_keys: RsaKeys) -> AsyncIterator[StartProxy]:
+    """Start proxies for this test: tenant -> upstream URL, optional tenant -> policy mapping."""
     from proxy.cli import start_server
     from proxy.config import ProxyConfig
     from tests.upstreams import free_port
 
-    url = f"http://127.0.0.1:{free_port()}/mcp"
-    config = ProxyConfig.model_validate(proxy_config(url, upstreams, tmp_path, rsa_keys), context={})
-    runner, _ = await start_server(config)
+    runners: list[web.AppRunner] = []
+
+    async def start(
+        upstreams: dict[str, Any], policies: dict[str, dict[str, Any]] | None = None, **overrides: Any
+    ) -> RunningProxy:
+        url = f"http://127.0.0.1:{free_port()}/mcp"
+        data = proxy_config(url, upstreams, tmp_path, rsa_keys, **overrides)
+        if policies:
+            policy_dir = tmp_path / f"policies-{len(runners)}"
+            policy_dir.mkdir()
+            data["policies_dir"] = str(policy_dir)
+            for tenant, policy in policies.items():
+                (policy_dir / f"{tenant}.yaml").write_text(yaml.safe_dump(policy))
+                data["tenants"][tenant]["policy"] = tenant
+        config = ProxyConfig.model_validate(data, context={})
+        runner, _ = await start_server(config)
+        runners.append(runner)
+        return RunningProxy(url, config, runner.app)
+
     try:
-        yield RunningProxy(url, config, runner.app)
+        yield start
     finally:
-        await runner.cleanup()
+        for runner in runners:
+            await runner.cleanup()
+
+
+@pytest.fixture
+async def proxy(upstreams: dict[str, Any], make_proxy: StartProxy) -> RunningProxy:
+    """A running proxy in front of the two tenants' own upstreams, no policy."""
+    return await make_proxy(upstreams)

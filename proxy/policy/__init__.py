@@ -1,0 +1,1 @@
+"""Policy: tenant arguments, tool allow/deny, tenant-scoped resource URIs (layer 1 of isolation)."""
