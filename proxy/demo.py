@@ -87,14 +87,14 @@ def demo_config(proxy_port: int, upstreams: dict[str, str], work_dir: Path) -> d
     }
 
 
-def client_for(url: str, token: str, mode: str = "auto") -> Any:
-    """The real SDK client, sending the bearer token."""
+def client_for(url: str, token: str, mode: str = "auto", **options: Any) -> Any:
+    """The real SDK client, sending the bearer token (options go to `mcp.Client`)."""
     import httpx2
     from mcp import Client
     from mcp.client.streamable_http import streamable_http_client
 
     http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30)
-    return Client(streamable_http_client(url, http_client=http), mode=mode)
+    return Client(streamable_http_client(url, http_client=http), mode=mode, **options)
 
 
 def _text(result: Any) -> str:

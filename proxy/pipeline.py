@@ -1,7 +1,8 @@
 """The request stages, and the one place where each HTTP method's stage list is assembled.
 
     POST:   check_origin -> authenticate -> read_message -> resolve_era -> bind_session
-            -> check_mirrored_headers -> enforce_policy -> render_mirrored_headers -> [upstream]
+            -> check_mirrored_headers -> enforce_policy -> render_mirrored_headers -> lookup_cache
+            -> [upstream]
     GET:    check_origin -> authenticate -> require_event_stream -> bind_session -> [upstream stream]
     DELETE: check_origin -> authenticate -> bind_session -> [upstream DELETE]
 
@@ -11,10 +12,12 @@ client's answer, with no upstream call) or answers early by setting `exchange.re
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
-from aiohttp import hdrs
+from aiohttp import hdrs, web
 
+from proxy.cache import plan_for
 from proxy.errors import (
     BadRequest,
     BodyTooLarge,
@@ -37,11 +40,12 @@ from proxy.headers import (
     name_header_for,
     render_param_headers,
 )
-from proxy.jsonrpc import KNOWN_METHODS, Kind, parse_message
+from proxy.jsonrpc import KNOWN_METHODS, Kind, dumps, parse_message
 from proxy.policy.enforce import catalog_entry, enforce_policy
 from proxy.types import DEFAULT_HANDSHAKE_VERSION, HANDSHAKE_VERSIONS, MODERN_VERSIONS, Era, Exchange
 
 Stage = Callable[[Exchange], Awaitable[None]]
+NO_STORE = {"Cache-Control": "no-store"}
 SESSION_HEADER = "Mcp-Session-Id"
 ALL_VERSIONS = sorted(MODERN_VERSIONS | HANDSHAKE_VERSIONS)
 _SINGLE_HEADERS = (PROTOCOL_VERSION_HEADER, METHOD_HEADER, NAME_HEADER, SESSION_HEADER, "Last-Event-ID")
@@ -217,6 +221,51 @@ async def render_mirrored_headers(exchange: Exchange) -> None:
         exchange.upstream_headers.update(render_param_headers(entry.param_headers, arguments_of(message)))
 
 
+async def lookup_cache(exchange: Exchange) -> None:
+    """Answer from the tenant's cache, or wait for an identical call already on its way upstream."""
+    cache, message, ctx, tenant = exchange.services.cache, exchange.message, exchange.ctx, exchange.tenant
+    if cache is None or message is None or ctx is None or tenant is None or message.kind is not Kind.REQUEST:
+        return
+    plan = plan_for(
+        ctx.tenant,
+        ctx.subject,
+        tenant.upstream.identity,
+        exchange.protocol_version or "",
+        exchange.era is Era.MODERN,
+        message.method or "",
+        message.params,
+        tenant.policy.cache_ttl_seconds if tenant.policy is not None else None,
+    )
+    if plan is None:
+        return
+    exchange.cache_plan = plan
+    for key in plan.lookup_keys:
+        result = cache.get(key)
+        if result is not None:
+            _answer_from_cache(exchange, result)
+            return
+    pending = cache.join(plan.flight_key)
+    if pending is None:
+        exchange.cache_flight = plan.flight_key
+    else:
+        timeout = tenant.config.upstream.read_timeout_seconds
+        try:
+            result = await asyncio.wait_for(asyncio.shield(pending), timeout)
+        except TimeoutError:
+            result = None
+        if result is not None:
+            _answer_from_cache(exchange, result)
+            return
+    exchange.cache_state = "miss"
+
+
+def _answer_from_cache(exchange: Exchange, result: bytes) -> None:
+    assert exchange.message is not None
+    exchange.cache_state = "hit"
+    body = b'{"jsonrpc":"2.0","id":' + dumps(exchange.message.id) + b',"result":' + result + b"}"
+    exchange.reply = web.Response(body=body, content_type="application/json", headers=NO_STORE)
+
+
 async def require_event_stream(exchange: Exchange) -> None:
     accept = ",".join(exchange.request.headers.getall(hdrs.ACCEPT, []))
     if not _accepts(accept, "text/event-stream"):
@@ -232,6 +281,7 @@ POST_STAGES: Sequence[Stage] = (
     check_mirrored_headers,
     enforce_policy,
     render_mirrored_headers,
+    lookup_cache,
 )
 GET_STAGES: Sequence[Stage] = (check_origin, authenticate, require_event_stream, bind_session)
 DELETE_STAGES: Sequence[Stage] = (check_origin, authenticate, bind_session)

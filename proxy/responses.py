@@ -12,8 +12,10 @@ from typing import Any, Final
 
 import structlog
 
+from proxy.cache import LIST_CHANGED
 from proxy.catalog import Kind
 from proxy.jsonrpc import Kind as MessageKind
+from proxy.jsonrpc import dumps
 from proxy.policy.enforce import filter_answer
 from proxy.types import Era, Exchange, JsonObject, RequestId
 
@@ -92,7 +94,20 @@ class ServerMessages:
             return message
         if exchange.tenant is not None and method in _LIST_CHANGED:
             exchange.tenant.catalog.forget(_LIST_CHANGED[method])
+        self._invalidate(method, message.get("params"))
         return message
+
+    def _invalidate(self, method: str, params: Any) -> None:
+        """A list changed or a resource was updated: the tenant's cached copies go."""
+        cache, ctx = self.exchange.services.cache, self.exchange.ctx
+        if cache is None or ctx is None:
+            return
+        if method in LIST_CHANGED:
+            cache.invalidate(ctx.tenant, LIST_CHANGED[method])
+        elif method == "notifications/resources/updated" and isinstance(params, dict):
+            uri = params.get("uri")
+            if isinstance(uri, str):
+                cache.invalidate(ctx.tenant, ("resources/read",), uri)
 
     def _answer(self, message: JsonObject) -> JsonObject:
         exchange = self.exchange
@@ -107,13 +122,30 @@ class ServerMessages:
         if exchange.tenant is not None and method in _LISTS:
             exchange.tenant.catalog.learn(_LISTS[method], result)
         filtered = filter_answer(exchange, result)
+        _store(exchange, filtered)
         if filtered is not result:
             return {**message, "result": filtered}
         return message
 
 
+def _store(exchange: Exchange, result: JsonObject) -> None:
+    cache, plan = exchange.services.cache, exchange.cache_plan
+    if cache is None or plan is None:
+        return
+    target = plan.store_key_and_ttl(result)
+    if target is None:
+        return
+    raw = dumps(result)
+    if cache.put(target[0], raw, target[1]) and exchange.cache_flight is not None:
+        cache.settle(exchange.cache_flight, raw)
+        exchange.cache_flight = None
+
+
 def finish(exchange: Exchange) -> None:
     """Every exchange ends here, answered or refused: one structured line, never any content."""
+    if exchange.cache_flight is not None and exchange.services.cache is not None:
+        exchange.services.cache.settle(exchange.cache_flight, None)  # followers go upstream themselves
+        exchange.cache_flight = None
     message = exchange.message
     log.info(
         "mcp_request",
@@ -122,6 +154,7 @@ def finish(exchange: Exchange) -> None:
         era=exchange.era.value if exchange.era else None,
         method=message.method if message else None,
         outcome=exchange.outcome,
+        cache=exchange.cache_state,
         error_code=exchange.error_code,
         duration_ms=round((time.perf_counter() - exchange.started) * 1000, 3),
     )

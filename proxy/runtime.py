@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from proxy.auth import Authenticator
+from proxy.cache import ResponseCache
 from proxy.catalog import Catalog
 from proxy.config import ProxyConfig, TenantConfig
 from proxy.metrics import Metrics
@@ -102,10 +103,17 @@ class Runtime:
 class Services:
     sessions: SessionRegistry
     metrics: Metrics
+    cache: ResponseCache | None
 
     @classmethod
     def build(cls, config: ProxyConfig) -> Services:
+        cache = (
+            ResponseCache(config.cache.max_bytes, config.cache.max_entry_bytes)
+            if config.cache.enabled
+            else None
+        )
         return cls(
             SessionRegistry(config.sessions.idle_timeout_seconds, config.sessions.max_per_tenant),
             Metrics(),
+            cache,
         )

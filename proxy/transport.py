@@ -17,6 +17,7 @@ from proxy.jsonrpc import Kind, dumps, loads_strict
 from proxy.pipeline import (
     DELETE_STAGES,
     GET_STAGES,
+    NO_STORE,
     POST_STAGES,
     SESSION_HEADER,
     Stage,
@@ -36,7 +37,7 @@ RUNTIME = web.AppKey("runtime", Runtime)
 SERVICES = web.AppKey("services", Services)
 SSE_HEADERS = {
     "Content-Type": EVENT_STREAM,
-    "Cache-Control": "no-cache, no-transform",
+    "Cache-Control": "no-store, no-transform",
     "X-Accel-Buffering": "no",
 }
 ACCEPT_BOTH = "application/json, text/event-stream"
@@ -50,7 +51,7 @@ def error_reply(exchange: Exchange, error: ProxyError) -> web.Response:
         status=error.status,
         body=dumps(error.to_jsonrpc(exchange.request_id)),
         content_type=JSON,
-        headers=error.headers,
+        headers={**NO_STORE, **error.headers},
     )
 
 
@@ -160,7 +161,7 @@ async def _relay_json(exchange: Exchange, response: UpstreamResponse) -> web.Res
             raise UpstreamError(f"The upstream MCP server answered with HTTP {response.status}")
         reply = sanitize_reply(exchange, reply)
         exchange.outcome = "error"
-        return web.Response(status=response.status, body=dumps(reply), content_type=JSON)
+        return web.Response(status=response.status, body=dumps(reply), content_type=JSON, headers=NO_STORE)
     if not messages.is_answer(reply):
         raise UpstreamError("The upstream MCP server answered a different request id")
     out = messages.process(reply)
@@ -172,7 +173,9 @@ async def _relay_json(exchange: Exchange, response: UpstreamResponse) -> web.Res
         and exchange.message.method == "initialize"
     ):
         _settle_version(exchange, out)
-    return web.Response(body=dumps(out), content_type=JSON, headers=_session_headers(exchange))
+    return web.Response(
+        body=dumps(out), content_type=JSON, headers={**NO_STORE, **_session_headers(exchange)}
+    )
 
 
 def _settle_version(exchange: Exchange, initialize_reply: JsonObject) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from proxy.cache import CacheKey, CachePlan
     from proxy.catalog import Entry
     from proxy.jsonrpc import Message
     from proxy.runtime import Runtime, Services, TenantRuntime
@@ -65,6 +66,8 @@ class Exchange:
     # MCP routing headers for the upstream request, rendered from the body the proxy forwards.
     upstream_headers: dict[str, str] = field(default_factory=dict)
     catalog_entry: Entry | None = None  # the tool or prompt the request names, once looked up
+    cache_plan: CachePlan | None = None
+    cache_flight: CacheKey | None = None  # set while this exchange leads a single flight
     reply: web.StreamResponse | None = None
     # What happened, for audit and metrics.
     outcome: str = "ok"

@@ -1,0 +1,193 @@
+"""Layer 2 end to end (THREATS.md section C): real SDK upstreams with per-tenant canaries and call counts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import anyio
+import pytest
+from mcp.server.caching import CacheHint
+from mcp.server.mcpserver import MCPServer
+
+from proxy.demo import client_for
+from proxy.transport import SERVICES
+from tests.conftest import TENANTS, RunningProxy, StartProxy
+from tests.upstreams import Recorder, free_port
+
+pytestmark = pytest.mark.e2e
+
+POLICY = {"tools": {"cache_ttl_seconds": {"lookup": 60, "slow_lookup": 60, "broken": 60}}}
+META = {
+    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+
+
+def counting_server(tenant: str, canary: str) -> MCPServer:
+    server = MCPServer(
+        f"count-{tenant}", cache_hints={"tools/list": CacheHint(ttl_ms=60_000, scope="private")}
+    )
+    calls = {"n": 0}
+
+    @server.tool()
+    def lookup(key: str, n: float = 0) -> dict[str, Any]:
+        """Answers with the server's canary and how many calls it has served."""
+        calls["n"] += 1
+        return {"canary": canary, "key": key, "n": n, "calls": calls["n"]}
+
+    @server.tool()
+    async def slow_lookup(key: str) -> dict[str, Any]:
+        """Like lookup, slowly, so concurrent calls overlap."""
+        calls["n"] += 1
+        await anyio.sleep(0.3)
+        return {"canary": canary, "key": key, "calls": calls["n"]}
+
+    @server.tool()
+    def broken(key: str) -> str:
+        """Always fails: an isError result."""
+        raise RuntimeError(f"broken {key} {canary}")
+
+    return server
+
+
+@pytest.fixture(scope="module")
+def counting_upstreams(upstream_runner: Any) -> dict[str, Any]:
+    servers = {}
+    for tenant in TENANTS:
+        recorder = Recorder(
+            counting_server(tenant, f"CACHE-CANARY-{tenant}").streamable_http_app(host="127.0.0.1")
+        )
+        port = free_port()
+        upstream_runner.serve(recorder, port)
+        servers[tenant] = (f"http://127.0.0.1:{port}/mcp", recorder)
+    return servers
+
+
+@pytest.fixture
+async def cached(counting_upstreams: dict[str, Any], make_proxy: StartProxy) -> RunningProxy:
+    for _, recorder in counting_upstreams.values():
+        recorder.clear()
+    return await make_proxy(
+        {tenant: url for tenant, (url, _) in counting_upstreams.items()},
+        policies=dict.fromkeys(TENANTS, POLICY),
+    )
+
+
+async def call(running: RunningProxy, tenant: str, name: str, arguments: Any, sub: str = "alice") -> Any:
+    body = {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "method": "tools/call",
+        "params": {"name": name, "arguments": arguments, "_meta": META},
+    }
+    headers = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": name}
+    status, response_headers, raw = await running.post(
+        body, token=running.token(tenant, sub), headers=headers
+    )
+    assert status == 200, raw
+    assert response_headers.get("Cache-Control", "").startswith("no-store")
+    answer = json.loads(raw)
+    assert answer["id"] == 7
+    return answer["result"]
+
+
+def payload(result: Any) -> dict[str, Any]:
+    return result["structuredContent"]
+
+
+def upstream_calls(upstreams: dict[str, Any], tenant: str) -> int:
+    return sum('"method":"tools/call"' in r.text for r in upstreams[tenant][1].snapshot())
+
+
+async def test_two_tenants_same_call_each_get_their_own_result_cold_and_warm(
+    cached: RunningProxy, counting_upstreams: dict[str, Any]
+) -> None:
+    for _ in range(3):
+        for tenant in TENANTS:
+            result = payload(await call(cached, tenant, "lookup", {"key": "same"}))
+            assert result["canary"] == f"CACHE-CANARY-{tenant}"
+            assert result["calls"] == 1  # warm answers are the first (cached) one
+    assert upstream_calls(counting_upstreams, "acme") == 1
+    assert upstream_calls(counting_upstreams, "globex") == 1
+    cache = cached.app[SERVICES].cache
+    assert cache is not None
+    assert {key[0] for key in cache._store} == {"acme", "globex"}
+
+
+async def test_argument_order_is_canonical_but_number_forms_stay_distinct(
+    cached: RunningProxy, counting_upstreams: dict[str, Any]
+) -> None:
+    await call(cached, "acme", "lookup", {"key": "k", "n": 1})
+    await call(cached, "acme", "lookup", {"n": 1, "key": "k"})
+    assert upstream_calls(counting_upstreams, "acme") == 1
+    await call(cached, "acme", "lookup", {"key": "k", "n": 1.0})
+    await call(cached, "acme", "lookup", {"key": "k", "n": 1.5})
+    assert upstream_calls(counting_upstreams, "acme") == 3
+
+
+async def test_error_results_are_never_cached(
+    cached: RunningProxy, counting_upstreams: dict[str, Any]
+) -> None:
+    for _ in range(3):
+        result = await call(cached, "acme", "broken", {"key": "x"})
+        assert result["isError"] is True
+    assert upstream_calls(counting_upstreams, "acme") == 3
+    cache = cached.app[SERVICES].cache
+    assert cache is not None
+    assert len(cache) == 0
+
+
+async def test_a_cold_stampede_makes_one_upstream_call_per_tenant(
+    cached: RunningProxy, counting_upstreams: dict[str, Any]
+) -> None:
+    calls = [call(cached, tenant, "slow_lookup", {"key": "rush"}) for tenant in TENANTS for _ in range(15)]
+    results = await asyncio.gather(*calls)
+    for index, result in enumerate(results):
+        tenant = TENANTS[index // 15]
+        assert payload(result)["canary"] == f"CACHE-CANARY-{tenant}"
+    assert upstream_calls(counting_upstreams, "acme") == 1
+    assert upstream_calls(counting_upstreams, "globex") == 1
+
+
+async def test_private_list_results_are_cached_per_subject(
+    cached: RunningProxy, counting_upstreams: dict[str, Any]
+) -> None:
+    def lists(tenant: str) -> int:
+        return sum('"method":"tools/list"' in r.text for r in counting_upstreams[tenant][1].snapshot())
+
+    for _ in range(2):
+        for subject in ("alice", "bob"):
+            async with client_for(cached.url, cached.token("acme", subject), cache=None) as client:
+                tools = await client.list_tools()
+                assert {t.name for t in tools.tools} == {"lookup", "slow_lookup", "broken"}
+    assert lists("acme") == 2  # one per subject; the second round came from the proxy's cache
+    cache = cached.app[SERVICES].cache
+    assert cache is not None
+    assert {key[1] for key in cache._store if key[4] == "tools/list"} == {"alice", "bob"}
+
+
+async def test_handshake_era_calls_share_the_tenant_entry_and_keep_their_ids(
+    cached: RunningProxy, counting_upstreams: dict[str, Any]
+) -> None:
+    async with client_for(cached.url, cached.token("acme"), "legacy", cache=None) as client:
+        for _ in range(3):
+            result = await client.call_tool("lookup", {"key": "legacy"})
+            assert result.structured_content["canary"] == "CACHE-CANARY-acme"
+    assert upstream_calls(counting_upstreams, "acme") == 1
+
+
+async def test_cache_disabled_means_every_call_goes_upstream(
+    counting_upstreams: dict[str, Any], make_proxy: StartProxy
+) -> None:
+    for _, recorder in counting_upstreams.values():
+        recorder.clear()
+    running = await make_proxy(
+        {tenant: url for tenant, (url, _) in counting_upstreams.items()},
+        policies=dict.fromkeys(TENANTS, POLICY),
+        cache={"enabled": False},
+    )
+    for _ in range(2):
+        await call(running, "acme", "lookup", {"key": "off"})
+    assert upstream_calls(counting_upstreams, "acme") == 2
