@@ -81,6 +81,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         services.sessions.remove(session)
         await end_upstream_session(runtime, session, session.tenant)
     await runtime.close()
+    services.audit.close()
 
 
 def create_app(config: ProxyConfig, runtime: Runtime | None = None) -> web.Application:

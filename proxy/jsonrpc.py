@@ -166,6 +166,11 @@ def parse_message(raw: bytes) -> Message:
     raise BadRequest("Invalid request: not a JSON-RPC request, notification or response")
 
 
+def answer_bytes(request_id: RequestId | None, result: bytes) -> bytes:
+    """A JSON-RPC response around an already serialised result (no second serialisation)."""
+    return b'{"jsonrpc":"2.0","id":' + dumps(request_id) + b',"result":' + result + b"}"
+
+
 def error_body(request_id: RequestId | None, code: int, message: str, data: Any = None) -> JsonObject:
     error: JsonObject = {"code": code, "message": message}
     if data is not None:

@@ -1,8 +1,8 @@
 """The request stages, and the one place where each HTTP method's stage list is assembled.
 
     POST:   check_origin -> authenticate -> read_message -> resolve_era -> bind_session
-            -> check_mirrored_headers -> enforce_policy -> render_mirrored_headers -> lookup_cache
-            -> [upstream]
+            -> open_request_state -> check_mirrored_headers -> enforce_policy
+            -> render_mirrored_headers -> lookup_cache -> [upstream]
     GET:    check_origin -> authenticate -> require_event_stream -> bind_session -> [upstream stream]
     DELETE: check_origin -> authenticate -> bind_session -> [upstream DELETE]
 
@@ -22,6 +22,7 @@ from proxy.errors import (
     BadRequest,
     BodyTooLarge,
     Forbidden,
+    InvalidParams,
     MethodNotAllowed,
     MethodNotFound,
     MissingSession,
@@ -40,7 +41,7 @@ from proxy.headers import (
     name_header_for,
     render_param_headers,
 )
-from proxy.jsonrpc import KNOWN_METHODS, Kind, dumps, parse_message
+from proxy.jsonrpc import KNOWN_METHODS, Kind, answer_bytes, parse_message
 from proxy.policy.enforce import catalog_entry, enforce_policy
 from proxy.types import DEFAULT_HANDSHAKE_VERSION, HANDSHAKE_VERSIONS, MODERN_VERSIONS, Era, Exchange
 
@@ -180,6 +181,21 @@ async def bind_session(exchange: Exchange) -> None:
         raise BadRequest("Invalid request: this session has no pending server request with that id")
 
 
+async def open_request_state(exchange: Exchange) -> None:
+    """A multi-round-trip retry is forwarded only with a requestState issued to this same caller."""
+    message, ctx = exchange.message, exchange.ctx
+    if message is None or ctx is None or "requestState" not in message.params:
+        return
+    sealed = message.params["requestState"]
+    seal = exchange.services.request_states
+    state = seal.open(ctx.tenant, ctx.subject, sealed) if isinstance(sealed, str) else None
+    if state is None:
+        raise InvalidParams(
+            "Invalid params: requestState was not issued to this caller; start the request again"
+        )
+    message.body["params"]["requestState"] = state
+
+
 def _sent_param_headers(exchange: Exchange) -> dict[str, list[str]]:
     prefix = PARAM_HEADER_PREFIX.lower()
     sent: dict[str, list[str]] = {}
@@ -262,7 +278,8 @@ async def lookup_cache(exchange: Exchange) -> None:
 def _answer_from_cache(exchange: Exchange, result: bytes) -> None:
     assert exchange.message is not None
     exchange.cache_state = "hit"
-    body = b'{"jsonrpc":"2.0","id":' + dumps(exchange.message.id) + b',"result":' + result + b"}"
+    exchange.record_result(result)
+    body = answer_bytes(exchange.message.id, result)
     exchange.reply = web.Response(body=body, content_type="application/json", headers=NO_STORE)
 
 
@@ -278,6 +295,7 @@ POST_STAGES: Sequence[Stage] = (
     read_message,
     resolve_era,
     bind_session,
+    open_request_state,
     check_mirrored_headers,
     enforce_policy,
     render_mirrored_headers,

@@ -15,7 +15,7 @@ import structlog
 from proxy.cache import LIST_CHANGED
 from proxy.catalog import Kind
 from proxy.jsonrpc import Kind as MessageKind
-from proxy.jsonrpc import dumps
+from proxy.jsonrpc import answer_bytes, dumps
 from proxy.policy.enforce import filter_answer
 from proxy.types import Era, Exchange, JsonObject, RequestId
 
@@ -74,8 +74,8 @@ class ServerMessages:
             and _same_id(message.get("id"), request.id)
         )
 
-    def process(self, message: JsonObject) -> JsonObject | None:
-        """The message to deliver, or None to drop it."""
+    def process(self, message: JsonObject) -> bytes | None:
+        """The message to deliver, serialised, or None to drop it."""
         exchange = self.exchange
         if self.is_answer(message):
             return self._answer(message)
@@ -91,11 +91,11 @@ class ServerMessages:
             if exchange.era is not Era.HANDSHAKE or exchange.session is None:
                 return None  # the modern era has no back channel; never deliver one elsewhere
             exchange.session.expect_answer(message["id"])
-            return message
+            return dumps(message)
         if exchange.tenant is not None and method in _LIST_CHANGED:
             exchange.tenant.catalog.forget(_LIST_CHANGED[method])
         self._invalidate(method, message.get("params"))
-        return message
+        return dumps(message)
 
     def _invalidate(self, method: str, params: Any) -> None:
         """A list changed or a resource was updated: the tenant's cached copies go."""
@@ -109,33 +109,43 @@ class ServerMessages:
             if isinstance(uri, str):
                 cache.invalidate(ctx.tenant, ("resources/read",), uri)
 
-    def _answer(self, message: JsonObject) -> JsonObject:
+    def _seal(self, state: str) -> str:
+        ctx = self.exchange.ctx
+        assert ctx is not None
+        return self.exchange.services.request_states.seal(ctx.tenant, ctx.subject, state)
+
+    def _answer(self, message: JsonObject) -> bytes:
         exchange = self.exchange
+        request = exchange.message
+        assert request is not None
         if "error" in message or not isinstance(message.get("result"), dict):
             exchange.outcome = "error"
             error = sanitize_error(message.get("error"))
             exchange.error_code = error["code"]
-            return {"jsonrpc": "2.0", "id": message.get("id"), "error": error}
+            return dumps({"jsonrpc": "2.0", "id": request.id, "error": error})
         result = message["result"]
-        request = exchange.message
-        method = request.method if request is not None else None
-        if exchange.tenant is not None and method in _LISTS:
-            exchange.tenant.catalog.learn(_LISTS[method], result)
+        if exchange.tenant is not None and request.method in _LISTS:
+            exchange.tenant.catalog.learn(_LISTS[request.method], result)
+        if request.method == "initialize" and exchange.session is not None:
+            version = result.get("protocolVersion")
+            if isinstance(version, str):  # the session speaks what the server chose
+                exchange.session.protocol_version = version
+        if result.get("resultType") == "input_required" and isinstance(result.get("requestState"), str):
+            result = {**result, "requestState": self._seal(result["requestState"])}
         filtered = filter_answer(exchange, result)
-        _store(exchange, filtered)
-        if filtered is not result:
-            return {**message, "result": filtered}
-        return message
+        raw = dumps(filtered)
+        exchange.record_result(raw)
+        _store(exchange, filtered, raw)
+        return answer_bytes(request.id, raw)
 
 
-def _store(exchange: Exchange, result: JsonObject) -> None:
+def _store(exchange: Exchange, result: JsonObject, raw: bytes) -> None:
     cache, plan = exchange.services.cache, exchange.cache_plan
     if cache is None or plan is None:
         return
     target = plan.store_key_and_ttl(result)
     if target is None:
         return
-    raw = dumps(result)
     if cache.put(target[0], raw, target[1]) and exchange.cache_flight is not None:
         cache.settle(exchange.cache_flight, raw)
         exchange.cache_flight = None
@@ -146,6 +156,7 @@ def finish(exchange: Exchange) -> None:
     if exchange.cache_flight is not None and exchange.services.cache is not None:
         exchange.services.cache.settle(exchange.cache_flight, None)  # followers go upstream themselves
         exchange.cache_flight = None
+    exchange.services.audit.record(exchange)
     message = exchange.message
     log.info(
         "mcp_request",

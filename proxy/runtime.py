@@ -11,12 +11,14 @@ import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from proxy.audit import AuditLog
 from proxy.auth import Authenticator
 from proxy.cache import ResponseCache
 from proxy.catalog import Catalog
 from proxy.config import ProxyConfig, TenantConfig
 from proxy.metrics import Metrics
 from proxy.policy.model import Policy, load_policy
+from proxy.request_state import RequestStateSeal
 from proxy.sessions import SessionRegistry
 from proxy.upstream import HttpUpstream, Upstream
 
@@ -104,6 +106,8 @@ class Services:
     sessions: SessionRegistry
     metrics: Metrics
     cache: ResponseCache | None
+    audit: AuditLog
+    request_states: RequestStateSeal
 
     @classmethod
     def build(cls, config: ProxyConfig) -> Services:
@@ -116,4 +120,6 @@ class Services:
             SessionRegistry(config.sessions.idle_timeout_seconds, config.sessions.max_per_tenant),
             Metrics(),
             cache,
+            AuditLog(config.audit.dir, config.audit.max_file_bytes, config.audit.backups),
+            RequestStateSeal(),
         )

@@ -165,25 +165,9 @@ async def _relay_json(exchange: Exchange, response: UpstreamResponse) -> web.Res
     if not messages.is_answer(reply):
         raise UpstreamError("The upstream MCP server answered a different request id")
     out = messages.process(reply)
-    if out is None:
-        raise UpstreamError("The upstream MCP server sent no usable answer")
-    if (
-        exchange.session is not None
-        and exchange.message is not None
-        and exchange.message.method == "initialize"
-    ):
-        _settle_version(exchange, out)
-    return web.Response(
-        body=dumps(out), content_type=JSON, headers={**NO_STORE, **_session_headers(exchange)}
-    )
-
-
-def _settle_version(exchange: Exchange, initialize_reply: JsonObject) -> None:
-    """The session speaks the version the server chose in its InitializeResult."""
-    result = initialize_reply.get("result")
-    version = result.get("protocolVersion") if isinstance(result, dict) else None
-    if exchange.session is not None and isinstance(version, str):
-        exchange.session.protocol_version = version
+    assert out is not None  # an answer is always delivered
+    headers = {**NO_STORE, **_session_headers(exchange)}
+    return web.Response(body=out, content_type=JSON, headers=headers)
 
 
 async def relay_post_stream(exchange: Exchange, response: UpstreamResponse) -> web.StreamResponse:
@@ -206,9 +190,7 @@ async def relay_post_stream(exchange: Exchange, response: UpstreamResponse) -> w
             out = messages.process(server_message)
             if out is None:
                 continue
-            if final and exchange.message is not None and exchange.message.method == "initialize":
-                _settle_version(exchange, out)
-            await stream.write(encode_event(dumps(out), event_id, item.retry))
+            await stream.write(encode_event(out, event_id, item.retry))
             if final:
                 answered = True
                 break
@@ -264,9 +246,7 @@ async def relay_get(exchange: Exchange) -> web.StreamResponse:
                     event_id = session.issue_event_id(item.id)
                     out = messages.process(_parse_upstream(item.data)) if item.data else None
                     if out is not None or event_id is not None:
-                        await stream.write(
-                            encode_event(dumps(out) if out is not None else "", event_id, item.retry)
-                        )
+                        await stream.write(encode_event(out or b"", event_id, item.retry))
             except ProxyError as error:
                 log.info("upstream_stream_ended", tenant=tenant.id, reason=error.message)
             await stream.write_eof()

@@ -80,6 +80,11 @@ class Exchange:
     def request_id(self) -> RequestId | None:
         return self.message.id if self.message is not None else None
 
+    def record_result(self, result: bytes) -> None:
+        """What the audit keeps of a result: its size and hash, never its content."""
+        self.result_bytes = len(result)
+        self.result_sha256 = hashlib.sha256(result).hexdigest()
+
     @property
     def subject_hash(self) -> str | None:
         """The caller as logs may name them: a hash, not the subject claim itself."""

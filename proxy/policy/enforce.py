@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import structlog
@@ -10,7 +11,7 @@ from aiohttp import web
 from proxy.catalog import Entry, Kind, SessionRoute
 from proxy.errors import InvalidParams, PolicyDenied
 from proxy.jsonrpc import Kind as MessageKind
-from proxy.jsonrpc import dumps
+from proxy.jsonrpc import answer_bytes, dumps
 from proxy.policy.engine import Action, Decision, Path, declared_tenant_paths, evaluate, filter_result
 from proxy.types import Era, Exchange, JsonObject
 
@@ -83,6 +84,9 @@ async def enforce_policy(exchange: Exchange) -> None:
     policy = tenant.policy
     declared: tuple[Path, ...] = ()
     name = message.name
+    if message.method == "tools/call" and name == RECENT_ACTIVITY_TOOL and policy.recent_activity_records:
+        _answer_recent_activity(exchange, policy.recent_activity_records)
+        return
     if message.method in _CATALOG_KIND and name is not None and policy.denying_rule(name) is None:
         entry = await catalog_entry(exchange, fetch=True)
         if entry is not None:
@@ -118,4 +122,59 @@ def filter_answer(exchange: Exchange, result: JsonObject) -> JsonObject:
     tenant, message, ctx = exchange.tenant, exchange.message, exchange.ctx
     if tenant is None or tenant.policy is None or message is None or ctx is None:
         return result
-    return filter_result(tenant.policy, ctx.tenant, message.method, result)
+    filtered = filter_result(tenant.policy, ctx.tenant, message.method, result)
+    if (
+        message.method == "tools/list"
+        and tenant.policy.recent_activity_records
+        and "cursor" not in message.params
+        and isinstance(filtered.get("tools"), list)
+    ):
+        offered = recent_activity_tool(tenant.policy.recent_activity_records)
+        filtered = {
+            **filtered,
+            "tools": [*filtered["tools"], offered],
+        }
+    return filtered
+
+
+RECENT_ACTIVITY_TOOL = "proxy_recent_activity"
+_ACTIVITY_FIELDS = ("ts", "method", "name", "outcome", "cache", "duration_ms", "result_bytes")
+
+
+def recent_activity_tool(max_records: int) -> JsonObject:
+    return {
+        "name": RECENT_ACTIVITY_TOOL,
+        "description": (
+            "Recent MCP activity of your organisation through this proxy: summaries only "
+            "(method, tool or resource name, outcome, cache use, timing), newest first."
+        ),
+        "inputSchema": {
+            "type": "object",
+            "properties": {"limit": {"type": "integer", "minimum": 1, "maximum": max_records}},
+        },
+    }
+
+
+def _answer_recent_activity(exchange: Exchange, max_records: int) -> None:
+    """Answer locally from the caller's own tenant's audit summaries, and nothing else."""
+    assert exchange.ctx is not None and exchange.message is not None
+    arguments = exchange.message.params.get("arguments")
+    limit = arguments.get("limit") if isinstance(arguments, dict) else None
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= max_records:
+        limit = max_records
+    records = [
+        {field: record.get(field) for field in _ACTIVITY_FIELDS}
+        for record in exchange.services.audit.recent(exchange.ctx.tenant, limit)
+    ]
+    result: JsonObject = {
+        "content": [{"type": "text", "text": json.dumps(records, indent=1)}],
+        "structuredContent": {"records": records},
+        "isError": False,
+    }
+    if exchange.era is Era.MODERN:
+        result["resultType"] = "complete"
+    raw = dumps(result)
+    exchange.record_result(raw)
+    exchange.reply = web.Response(
+        body=answer_bytes(exchange.message.id, raw), content_type="application/json"
+    )

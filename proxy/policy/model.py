@@ -44,10 +44,16 @@ class ResourcesSpec(StrictModel):
     tenant_uri_templates: tuple[str, ...] = ()
 
 
+class RecentActivitySpec(StrictModel):
+    enabled: bool = False
+    max_records: int = Field(default=20, ge=1, le=200)
+
+
 class PolicyFile(StrictModel):
     tenant_arguments: TenantArgumentsSpec = Field(default_factory=TenantArgumentsSpec)
     tools: ToolsSpec = Field(default_factory=ToolsSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    recent_activity: RecentActivitySpec = Field(default_factory=RecentActivitySpec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +114,7 @@ class Policy:
     tool_deny: re.Pattern[str]
     cache_ttl_seconds: Mapping[str, float]
     uri_templates: tuple[UriTemplate, ...]
+    recent_activity_records: int  # 0: the proxy_recent_activity tool is off
 
     @property
     def scoped_schemes(self) -> frozenset[str]:
@@ -134,6 +141,7 @@ def compile_policy(name: str, spec: PolicyFile) -> Policy:
         tool_deny=_globs(spec.tools.deny),
         cache_ttl_seconds=dict(spec.tools.cache_ttl_seconds),
         uri_templates=tuple(compile_uri_template(t) for t in spec.resources.tenant_uri_templates),
+        recent_activity_records=spec.recent_activity.max_records if spec.recent_activity.enabled else 0,
     )
 
 

@@ -1,0 +1,138 @@
+"""The audit trail without sockets: per-tenant files, summaries only, unforgeable lines, rotation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.audit import AuditLog, summarize
+from proxy.jsonrpc import parse_message
+from proxy.request_state import RequestStateSeal
+from proxy.types import Era, TenantContext
+from tests.factories import make_config, make_exchange
+
+
+def exchange(tenant: str, body: dict[str, Any], **fields: Any) -> Any:
+    ex = make_exchange(make_config())
+    ex.ctx = TenantContext(tenant, "alice", "dev", frozenset(), 0.0)
+    ex.message = parse_message(json.dumps(body).encode())
+    ex.era = Era.MODERN
+    for name, value in fields.items():
+        setattr(ex, name, value)
+    return ex
+
+
+def call(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": name, "arguments": arguments},
+    }
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_records_are_summaries_in_the_tenants_own_file(tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path, 1 << 20, 2)
+    ex = exchange("acme", call("add_note", {"text": "SECRET-VALUE", "tenant_id": "acme"}))
+    ex.record_result(b'{"content":[{"type":"text","text":"CANARY-acme"}]}')
+    audit.record(ex)
+    audit.record(exchange("globex", call("list_notes", {})))
+    audit.record(
+        exchange(
+            "acme",
+            {"jsonrpc": "2.0", "id": 2, "method": "resources/read", "params": {"uri": "notes://acme/x"}},
+        )
+    )
+    audit.flush()
+    acme = lines(tmp_path / "acme.jsonl")
+    assert [r["method"] for r in acme] == ["tools/call", "resources/read"]
+    first = acme[0]
+    assert set(first) >= {
+        "ts", "tenant", "subject", "session", "method", "name", "argument_keys", "outcome", "cache",
+        "result_bytes", "result_sha256", "duration_ms",
+    }  # fmt: skip
+    assert (first["tenant"], first["subject"], first["name"]) == ("acme", "alice", "add_note")
+    assert first["argument_keys"] == ["text", "tenant_id"]
+    assert first["result_bytes"] == len(b'{"content":[{"type":"text","text":"CANARY-acme"}]}')
+    assert len(first["result_sha256"]) == 64
+    text = (tmp_path / "acme.jsonl").read_text()
+    assert "SECRET-VALUE" not in text
+    assert "CANARY" not in text
+    assert "globex" not in text
+    assert [r["tenant"] for r in lines(tmp_path / "globex.jsonl")] == ["globex"]
+    audit.close()
+
+
+@pytest.mark.parametrize(
+    "evil",
+    ['x\n{"tenant":"globex","outcome":"ok"}', 'x"}\n{"forged":true', "x\r\u2028\x00\x1b[31m", "\ud800"],
+)
+def test_names_and_keys_cannot_forge_lines(tmp_path: Path, evil: str) -> None:
+    audit = AuditLog(tmp_path, 1 << 20, 2)
+    audit.record(exchange("acme", call(evil, {evil: 1})))
+    audit.flush()
+    records = lines(tmp_path / "acme.jsonl")
+    assert len(records) == 1
+    assert records[0]["tenant"] == "acme"
+    assert records[0]["name"] == evil
+    assert records[0]["argument_keys"] == [evil]
+    audit.close()
+
+
+def test_files_rotate_by_size_and_keep_a_bounded_number(tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path, max_file_bytes=2048, backups=2)
+    for index in range(100):
+        audit.record(exchange("acme", call(f"tool-{index}", {})))
+    audit.flush()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["acme.jsonl", "acme.jsonl.1", "acme.jsonl.2"]
+    for path in tmp_path.iterdir():
+        assert path.stat().st_size <= 2048 + 512
+    assert lines(tmp_path / "acme.jsonl")[-1]["name"] == "tool-99"
+    audit.close()
+
+
+def test_existing_files_are_appended_to(tmp_path: Path) -> None:
+    (tmp_path / "acme.jsonl").write_text('{"earlier":true}\n')
+    audit = AuditLog(tmp_path, 1 << 20, 2)
+    audit.record(exchange("acme", call("t", {})))
+    audit.flush()
+    records = lines(tmp_path / "acme.jsonl")
+    assert records[0] == {"earlier": True}
+    assert records[1]["name"] == "t"
+    audit.close()
+
+
+def test_recent_is_per_tenant_and_newest_first() -> None:
+    audit = AuditLog(None, 1 << 20, 2)
+    for index in range(5):
+        audit.record(exchange("acme", call(f"a{index}", {})))
+        audit.record(exchange("globex", call(f"g{index}", {})))
+    assert [r["name"] for r in audit.recent("acme", 3)] == ["a4", "a3", "a2"]
+    assert all(r["tenant"] == "acme" for r in audit.recent("acme", 50))
+    assert audit.recent("initech", 5) == []
+
+
+def test_no_tenant_no_record() -> None:
+    ex = make_exchange(make_config())
+    assert summarize(ex) is None
+
+
+def test_request_state_is_bound_to_its_caller() -> None:
+    seal = RequestStateSeal()
+    sealed = seal.seal("acme", "alice", "upstream-state-1")
+    assert "upstream-state-1" not in sealed or sealed.startswith("mtp1.")
+    assert seal.open("acme", "alice", sealed) == "upstream-state-1"
+    assert seal.open("globex", "alice", sealed) is None
+    assert seal.open("acme", "bob", sealed) is None
+    assert seal.open("acme", "alice", sealed[:-2] + "AA") is None
+    assert seal.open("acme", "alice", "upstream-state-1") is None
+    assert seal.open("acme", "alice", "mtp1.a.b.c") is None
+    assert RequestStateSeal().open("acme", "alice", sealed) is None  # another proxy's key
