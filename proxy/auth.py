@@ -27,7 +27,6 @@ from urllib.parse import urlsplit
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt import PyJWK, PyJWKClient
-from jwt.exceptions import PyJWKClientConnectionError, PyJWKClientError
 
 from proxy.config import ConfigError, IssuerConfig, ProxyConfig
 from proxy.errors import BadRequest, Forbidden, InsufficientScope, Unauthenticated
@@ -59,7 +58,7 @@ class _ResilientJWKClient(PyJWKClient):
     def fetch_data(self) -> Any:
         try:
             data = super().fetch_data()
-        except PyJWKClientConnectionError:
+        except (jwt.PyJWTError, ValueError):  # unreachable, not JSON, or no usable keys
             self._last_successful_fetch = time.monotonic()
             if self._last_good is None:
                 raise
@@ -90,6 +89,7 @@ class JwksKeys:
         return next((key for key in jwk_set.keys if key.key_id == kid), None)
 
     async def key_for(self, kid: str) -> Any:
+        """The key with this kid, or None when the JWKS has none (or cannot be had at all)."""
         key = self._cached(kid)
         if key is None:
             async with self._lock:  # one fetch at a time, however many requests wait for it
@@ -97,11 +97,8 @@ class JwksKeys:
                 if key is None:
                     try:
                         key = await asyncio.to_thread(self._client.get_signing_key, kid)
-                    except PyJWKClientError:
-                        raise Unauthenticated(
-                            "Unauthorized: no signing key matches the token's kid",
-                            data={"reason": "unknown_key"},
-                        ) from None
+                    except (jwt.PyJWTError, ValueError):
+                        return None
         return key.key
 
 
@@ -217,6 +214,8 @@ class Authenticator:
             if not isinstance(kid, str) or not _KID_SHAPE.fullmatch(kid):
                 raise self._unauthenticated("the token has no usable kid", True)
             key = await self._jwks[issuer.issuer].key_for(kid)
+            if key is None:
+                raise self._unauthenticated("no signing key matches the token's kid", True)
         try:
             claims = jwt.decode(
                 token,
@@ -235,6 +234,12 @@ class Authenticator:
             raise self._unauthenticated("the token was not issued for this resource", True) from None
         except jwt.PyJWTError as exc:
             raise self._unauthenticated(f"the token is invalid ({type(exc).__name__})", True) from None
+        except (TypeError, ValueError):  # e.g. an EC token against an RSA key: pyjwt raises these
+            raise self._unauthenticated("the token's algorithm does not fit the issuer's key", True) from None
+        for name in ("exp", "nbf", "iat"):
+            value = claims.get(name)
+            if name in claims and (not isinstance(value, int | float) or isinstance(value, bool)):
+                raise self._unauthenticated(f"the token's {name} claim is not a number", True)
         return self._context(issuer, claims)
 
     def _context(self, issuer: IssuerConfig, claims: Mapping[str, Any]) -> TenantContext:

@@ -20,9 +20,10 @@ EXIT_CONFIG = 2
 async def start_server(config: ProxyConfig) -> tuple[web.AppRunner, int]:
     """Start serving `config`; returns the runner and the bound port."""
     from proxy.app import create_app
+    from proxy.server import ProxyRunner
 
     app = create_app(config)
-    runner = web.AppRunner(
+    runner = ProxyRunner(
         app,
         handler_cancellation=True,
         shutdown_timeout=config.listen.shutdown_grace_seconds,

@@ -146,11 +146,13 @@ class IssuerConfig(StrictModel):
 
 class AuthConfig(StrictModel):
     authorization_servers: tuple[str, ...] = ()
-    issuers: tuple[IssuerConfig, ...] = Field(min_length=1)
+    issuers: tuple[IssuerConfig, ...]
 
     @field_validator("issuers")
     @classmethod
     def _unique_issuers(cls, issuers: tuple[IssuerConfig, ...]) -> tuple[IssuerConfig, ...]:
+        if not issuers:
+            raise ValueError("at least one issuer is required")
         seen: set[str] = set()
         for issuer in issuers:
             if issuer.issuer in seen:
@@ -210,7 +212,7 @@ class SessionsConfig(StrictModel):
 
 
 class AuditConfig(StrictModel):
-    dir: Path | None = Path("audit")
+    dir: Path | None = Field(default=Path("audit"), validate_default=True)
     max_file_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     backups: int = Field(default=5, ge=0)
 
@@ -220,14 +222,29 @@ class AuditConfig(StrictModel):
 class ProxyConfig(StrictModel):
     listen: ListenConfig = Field(default_factory=ListenConfig)
     auth: AuthConfig
-    tenants: dict[TenantId, TenantConfig] = Field(min_length=1)
-    policies_dir: Path = Path("policies")
+    tenants: dict[TenantId, TenantConfig]
+    policies_dir: Path = Field(default=Path("policies"), validate_default=True)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     sessions: SessionsConfig = Field(default_factory=SessionsConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     _source: Path | None = PrivateAttr(default=None)
 
     _paths = field_validator("policies_dir")(_resolve_path)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _validate_default_sections(cls, data: Any) -> Any:
+        """Absent sections are validated too, so their default paths resolve against the file."""
+        if isinstance(data, dict) and "audit" not in data:
+            data = {**data, "audit": {}}
+        return data
+
+    @field_validator("tenants")
+    @classmethod
+    def _some_tenants(cls, tenants: dict[str, TenantConfig]) -> dict[str, TenantConfig]:
+        if not tenants:
+            raise ValueError("at least one tenant is required")
+        return tenants
 
     @property
     def source(self) -> str:
@@ -251,10 +268,10 @@ def interpolate(value: Any, env: Mapping[str, str], path: str = "") -> Any:
             if match.group(0) == "$$":
                 return "$"
             name, default = match.group(1), match.group(2)
+            if default is not None:  # as in a shell: the default also stands in for an empty value
+                return env.get(name) or default
             if name in env:
                 return env[name]
-            if default is not None:
-                return default
             raise ConfigError("", path, f"environment variable {name} is not set")
 
         return _VAR.sub(substitute, value)
@@ -276,10 +293,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
     seen: set[Any] = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *anchor` merges; keys written here may override merged ones
         key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
+        try:
+            duplicate = key in seen
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, "mapping keys must be plain scalars", key_node.start_mark
+            ) from None
+        if duplicate:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         seen.add(key)
+    loader.flatten_mapping(node)
     return loader.construct_mapping(node, deep=deep)
 
 

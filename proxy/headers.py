@@ -91,6 +91,7 @@ def param_headers_of(input_schema: Any) -> tuple[ParamHeader, ...] | None:
                 not path
                 or not isinstance(token, str)
                 or not _TOKEN.fullmatch(token)
+                or not isinstance(kind, str)
                 or kind not in _HEADER_TYPES
                 or token.lower() in seen
             ):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -109,7 +110,16 @@ def _reject_constant(name: str) -> Any:
     raise ParseError(f"Parse error: {name} is not valid JSON")
 
 
-_decoder = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: valid JSON, but no double can carry it
+        raise ParseError(f"Parse error: the number {text[:40]} is out of range")
+    return value
+
+
+_decoder = json.JSONDecoder(
+    object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant, parse_float=_finite_float
+)
 
 
 def loads_strict(raw: bytes) -> Any:
@@ -124,6 +134,8 @@ def loads_strict(raw: bytes) -> Any:
         raise ParseError(f"Parse error: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise ParseError("Parse error: the JSON is nested too deeply") from None
+    except ValueError:  # an integer beyond the interpreter's digit limit
+        raise ParseError("Parse error: a number in the JSON is too long") from None
 
 
 def dumps(value: Any) -> bytes:

@@ -8,6 +8,7 @@ httpx is a dependency although the proxy's HTTP client is aiohttp.
 from __future__ import annotations
 
 import codecs
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -31,14 +32,16 @@ class Comment:
 
 
 KEEPALIVE = Comment()
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 async def read_events(stream: StreamReader, max_event_bytes: int) -> AsyncIterator[Event | Comment]:
     """Events of an SSE body as they arrive; an event larger than max_event_bytes is an upstream error."""
-    text_decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text_decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")  # a leading BOM is not data
     lines = SSELineDecoder()
     events = SSEDecoder()
     pending = 0
+    last_id = ""
     async for chunk in stream.iter_any():
         for line in lines.decode(text_decoder.decode(chunk)):
             if line.startswith(":"):
@@ -51,12 +54,15 @@ async def read_events(stream: StreamReader, max_event_bytes: int) -> AsyncIterat
                     raise UpstreamError("The upstream MCP server sent an oversized event")
                 continue
             pending = 0
-            yield Event(data=event.data, event=event.event, id=event.id, retry=event.retry)
+            if event.data or event.id != last_id or event.retry is not None:
+                # An event without data only counts when it moves the last event id (priming).
+                last_id = event.id
+                yield Event(data=event.data, event=event.event, id=event.id, retry=event.retry)
         if sum(len(part) for part in lines.buffer) > max_event_bytes:
             raise UpstreamError("The upstream MCP server sent an oversized event")
     for line in lines.decode(text_decoder.decode(b"", final=True)) + lines.flush():
         event = events.decode(line)
-        if event is not None:
+        if event is not None and (event.data or event.id != last_id):
             yield Event(data=event.data, event=event.event, id=event.id, retry=event.retry)
 
 
@@ -70,7 +76,7 @@ def encode_event(data: bytes | str, event_id: str | None = None, retry: int | No
         parts.append(f"retry: {retry}\n")
     if text:  # an event without data only moves the client's last event id (a priming event)
         parts.append("event: message\n")
-        parts.extend(f"data: {line}\n" for line in text.split("\n"))
+        parts.extend(f"data: {line}\n" for line in _LINE_BREAK.split(text))
     parts.append("\n")
     return "".join(parts).encode("utf-8")
 
