@@ -115,7 +115,8 @@ def _era_of(exchange: Exchange) -> tuple[Era, str | None]:
         if not has_session:
             raise MissingSession()
         return Era.HANDSHAKE, version or DEFAULT_HANDSHAKE_VERSION
-    if version is None or version in MODERN_VERSIONS:
+    if version is None or version in MODERN_VERSIONS or "_meta" in message.params:
+        # The modern ladder: headers must agree with the body before the version is judged.
         checked = check_modern_envelope(
             message, version, headers.get(METHOD_HEADER), headers.get(NAME_HEADER)
         )

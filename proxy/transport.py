@@ -7,6 +7,7 @@ buffered; when the client goes away the handler is cancelled and the upstream st
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import structlog
@@ -27,8 +28,8 @@ from proxy.pipeline import (
 from proxy.responses import ServerMessages, finish, sanitize_reply
 from proxy.runtime import Runtime, Services
 from proxy.sessions import Session
-from proxy.sse import KEEPALIVE_BYTES, Comment, encode_event
-from proxy.types import Exchange, JsonObject
+from proxy.sse import KEEPALIVE_BYTES, Comment, Event, encode_event
+from proxy.types import DEFAULT_HANDSHAKE_VERSION, Exchange, JsonObject
 from proxy.upstream import EVENT_STREAM, JSON, UpstreamRequest, UpstreamResponse
 
 log = structlog.get_logger("proxy.transport")
@@ -111,46 +112,74 @@ async def forward_post(exchange: Exchange) -> web.StreamResponse:
     headers["Content-Type"] = JSON
     response = await tenant.upstream.send(UpstreamRequest("POST", headers, dumps(message.body)))
     try:
-        if message.method == "initialize" and response.status == 200:
-            _open_session(exchange, response)
         if message.kind is not Kind.REQUEST:
             if response.status < 300:
                 return web.Response(status=202)
         elif response.status == 404 and exchange.session is not None:
             exchange.services.sessions.remove(exchange.session)  # the upstream forgot it: so do we
             raise SessionNotFound()
+        elif message.method == "initialize" and response.status == 200:
+            return await _relay_initialize(exchange, response)
         if response.content_type == EVENT_STREAM and response.status == 200:
             return await relay_post_stream(exchange, response)
         if response.content_type == JSON:
             return await _relay_json(exchange, response)
         raise UpstreamError(f"The upstream MCP server answered with HTTP {response.status}")
-    except BaseException:
-        if message.method == "initialize" and exchange.session is not None:
-            exchange.services.sessions.remove(exchange.session)
-        raise
     finally:
         response.close()
 
 
-def _open_session(exchange: Exchange, response: UpstreamResponse) -> None:
+async def _relay_initialize(exchange: Exchange, response: UpstreamResponse) -> web.Response:
+    """A session exists only once the upstream has answered initialize successfully.
+
+    The answer is read in full first (it comes at once) so that the Mcp-Session-Id header is only
+    ever sent with a result; a failed handshake leaves no session on either side.
+    """
+    answer: JsonObject | None = None
+    messages = ServerMessages(exchange)
+    try:
+        if response.content_type == EVENT_STREAM:
+            async for item in response.events():
+                if isinstance(item, Event) and item.data:
+                    candidate = _parse_upstream(item.data)
+                    if messages.is_answer(candidate):
+                        answer = candidate
+                        break
+        elif response.content_type == JSON:
+            answer = _parse_upstream(await response.read_json())
+    except ProxyError:
+        await _abandon_upstream_session(exchange, response)
+        raise
+    if answer is None or not messages.is_answer(answer):
+        await _abandon_upstream_session(exchange, response)
+        raise UpstreamError("The upstream MCP server did not answer initialize")
+    if not isinstance(answer.get("result"), dict):
+        await _abandon_upstream_session(exchange, response)
+        out = messages.process(answer)
+        assert out is not None
+        return web.Response(body=out, content_type=JSON, headers=NO_STORE)
     assert exchange.ctx is not None and exchange.tenant is not None and exchange.message is not None
     requested = exchange.message.params.get("protocolVersion")
     exchange.session = exchange.services.sessions.create(
         exchange.ctx,
-        requested if isinstance(requested, str) else "2025-03-26",
+        requested if isinstance(requested, str) else DEFAULT_HANDSHAKE_VERSION,
         exchange.tenant.upstream.identity,
         response.session_id,
     )
+    out = messages.process(answer)  # settles the version the server chose
+    assert out is not None
+    return web.Response(
+        body=out, content_type=JSON, headers={**NO_STORE, SESSION_HEADER: exchange.session.id}
+    )
 
 
-def _session_headers(exchange: Exchange) -> dict[str, str]:
-    if (
-        exchange.session is not None
-        and exchange.message is not None
-        and exchange.message.method == "initialize"
-    ):
-        return {SESSION_HEADER: exchange.session.id}
-    return {}
+async def _abandon_upstream_session(exchange: Exchange, response: UpstreamResponse) -> None:
+    tenant = exchange.tenant
+    if tenant is None or response.session_id is None:
+        return
+    headers = {SESSION_HEADER: response.session_id}
+    with contextlib.suppress(ProxyError):
+        (await tenant.upstream.send(UpstreamRequest("DELETE", headers))).close()
 
 
 async def _relay_json(exchange: Exchange, response: UpstreamResponse) -> web.Response:
@@ -166,12 +195,11 @@ async def _relay_json(exchange: Exchange, response: UpstreamResponse) -> web.Res
         raise UpstreamError("The upstream MCP server answered a different request id")
     out = messages.process(reply)
     assert out is not None  # an answer is always delivered
-    headers = {**NO_STORE, **_session_headers(exchange)}
-    return web.Response(body=out, content_type=JSON, headers=headers)
+    return web.Response(body=out, content_type=JSON, headers=NO_STORE)
 
 
 async def relay_post_stream(exchange: Exchange, response: UpstreamResponse) -> web.StreamResponse:
-    stream = web.StreamResponse(status=200, headers={**SSE_HEADERS, **_session_headers(exchange)})
+    stream = web.StreamResponse(status=200, headers=SSE_HEADERS)
     await stream.prepare(exchange.request)
     messages = ServerMessages(exchange)
     answered = False

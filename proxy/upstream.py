@@ -49,6 +49,7 @@ class Upstream(Protocol):
     identity: str  # what the cache keys and metrics call this upstream (no credentials)
 
     async def send(self, request: UpstreamRequest) -> UpstreamResponse: ...
+    async def sweep(self) -> None: ...  # periodic housekeeping (idle processes, ...)
     async def close(self) -> None: ...
 
 
@@ -73,20 +74,20 @@ class HttpUpstreamResponse:
                 if size > self._max_bytes:
                     raise UpstreamError("The upstream MCP server sent an oversized response")
                 chunks.append(chunk)
+        except TimeoutError as exc:  # aiohttp's read timeout is also a ClientError: check it first
+            raise UpstreamTimeout() from exc
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise UpstreamError("The upstream MCP server closed the connection mid-response") from exc
-        except TimeoutError as exc:
-            raise UpstreamTimeout() from exc
         return b"".join(chunks)
 
     async def events(self) -> AsyncIterator[Event | Comment]:
         try:
             async for item in read_events(self._response.content, self._max_bytes):
                 yield item
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            raise UpstreamError("The upstream MCP server closed the stream") from exc
         except TimeoutError as exc:
             raise UpstreamTimeout() from exc
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise UpstreamError("The upstream MCP server closed the stream") from exc
 
     def close(self) -> None:
         self._response.close()
@@ -141,6 +142,9 @@ class HttpUpstream:
             response.close()
             raise UpstreamError("The upstream MCP server answered with a redirect, which is never followed")
         return HttpUpstreamResponse(response, MAX_JSON_RESPONSE_BYTES)
+
+    async def sweep(self) -> None:
+        """Nothing to do: aiohttp's connector expires idle connections itself."""
 
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:

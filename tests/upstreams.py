@@ -13,11 +13,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import uvicorn
-from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver import Context, Elicit, MCPServer, Resolve, Sample
+from mcp_types import CreateMessageResult, SamplingMessage, TextContent
+from pydantic import BaseModel
 
 from proxy.demo_upstream import build_notes_server
 
@@ -95,6 +97,54 @@ def add_test_tools(server: MCPServer, canary: str) -> None:
         """Always raises: the answer is an isError result."""
         raise RuntimeError(message)
 
+    @server.tool()
+    async def watched_countdown(tag: str, n: int, delay: float, ctx: Context) -> dict[str, Any]:
+        """countdown that records in TOOL_EVENTS[tag] each step, and whether it finished or was cancelled."""
+        events = TOOL_EVENTS.setdefault(tag, [])
+        events.append("started")
+        try:
+            for step in range(n):
+                await ctx.report_progress(step + 1, n, f"step {step + 1}")
+                events.append(f"step {step + 1}")
+                await anyio.sleep(delay)
+        except anyio.get_cancelled_exc_class():
+            events.append("cancelled")
+            raise
+        events.append("finished")
+        return {"done": n, "canary": canary}
+
+    @server.tool()
+    async def ask_model(
+        topic: str, answer: Annotated[CreateMessageResult, Resolve(_sample_about)]
+    ) -> dict[str, Any]:
+        """Asks the client's model (sampling) about `topic` and returns what it answered."""
+        text = answer.content.text if isinstance(answer.content, TextContent) else None
+        return {"model": answer.model, "text": text, "canary": canary}
+
+    @server.tool()
+    async def ask_user(
+        topic: str, choice: Annotated[ColourChoice, Resolve(_elicit_colour)]
+    ) -> dict[str, Any]:
+        """Asks the user (elicitation) to pick a colour for `topic` and returns the choice."""
+        return {"topic": topic, "colour": choice.colour, "canary": canary}
+
+
+# What watched_countdown saw, by the tag the test gave it (the upstream runs in another thread).
+TOOL_EVENTS: dict[str, list[str]] = {}
+
+
+class ColourChoice(BaseModel):
+    colour: str
+
+
+def _sample_about(topic: str) -> Sample:
+    prompt = TextContent(type="text", text=f"Say something about {topic}")
+    return Sample([SamplingMessage(role="user", content=prompt)], max_tokens=50)
+
+
+def _elicit_colour(topic: str) -> Elicit[ColourChoice]:
+    return Elicit(f"Pick a colour for {topic}", ColourChoice)
+
 
 @dataclass
 class Upstream:
@@ -137,8 +187,19 @@ class UpstreamThread:
             server.should_exit = True
         for task in self.tasks:
             task.result(timeout=10)
+        # Whatever the servers left behind (SSE shutdown watchers) is cancelled and awaited, so
+        # nothing is destroyed while pending when the loop stops.
+        asyncio.run_coroutine_threadsafe(_cancel_leftovers(), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+
+
+async def _cancel_leftovers() -> None:
+    current = asyncio.current_task()
+    leftovers = [task for task in asyncio.all_tasks() if task is not current]
+    for task in leftovers:
+        task.cancel()
+    await asyncio.gather(*leftovers, return_exceptions=True)
 
 
 def start_notes_upstream(runner: UpstreamThread, tenant: str, canary: str) -> Upstream:

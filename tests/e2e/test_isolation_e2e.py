@@ -87,7 +87,11 @@ async def _initialize(proxy: RunningProxy, token: str) -> str:
             "jsonrpc": "2.0",
             "id": 1,
             "method": "initialize",
-            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t"}},
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            },
         },
         token=token,
     )
@@ -158,7 +162,11 @@ async def test_a_client_chosen_session_id_is_never_adopted(
         "jsonrpc": "2.0",
         "id": 1,
         "method": "initialize",
-        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t"}},
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"},
+        },
     }
     status, _, _ = await proxy.post(
         body, token=proxy.token("acme"), headers={"Mcp-Session-Id": "chosen-by-client"}

@@ -287,7 +287,11 @@ async def _handshake(running: RunningProxy) -> str:
         "jsonrpc": "2.0",
         "id": 0,
         "method": "initialize",
-        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t"}},
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"},
+        },
     }
     status, headers, _ = await running.post(body, token=running.token("acme"))
     assert status == 200

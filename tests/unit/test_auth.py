@@ -240,12 +240,21 @@ def case(id: str, make: Callable[[Keys], list[str]], expect: Any, fetches: int =
     return pytest.param(Case(make, expect, fetches), id=id, **marks)
 
 
+def now(offset: int, render: Callable[[int], Any] = int) -> Callable[[], Any]:
+    """A time claim computed when the token is made, not when the table is imported."""
+    return lambda: render(int(time.time()) + offset)
+
+
+def _resolve(claims: dict[str, Any]) -> dict[str, Any]:
+    return {name: value() if callable(value) else value for name, value in claims.items()}
+
+
 def claims_token(**claims: Any) -> Callable[[Keys], list[str]]:
-    return lambda k: bearer(k.dev(**claims))
+    return lambda k: bearer(k.dev(**_resolve(claims)))
 
 
 def rsa_claims_token(**claims: Any) -> Callable[[Keys], list[str]]:
-    return lambda k: bearer(k.rsa_token(**claims))
+    return lambda k: bearer(k.rsa_token(**_resolve(claims)))
 
 
 def alg_token(alg: str) -> Callable[[Keys], list[str]]:
@@ -283,7 +292,7 @@ TABLE = [
     case("valid-jwks", lambda k: bearer(k.jwks_token()), OK, fetches=1),
     case("scheme-lowercase", lambda k: [f"bearer {k.dev()}"], OK),
     case("extra-spaces", lambda k: [f"  Bearer   {k.dev()}  "], OK),
-    case("exp-within-leeway", claims_token(exp=int(time.time()) - 5), OK),
+    case("exp-within-leeway", claims_token(exp=now(-5)), OK),
     case("aud-list-containing-ours", claims_token(aud=["https://other.example", RESOURCE]), OK),
     # --- alg none -------------------------------------------------------------------------------------
     *[
@@ -427,19 +436,19 @@ TABLE = [
         Unauthenticated,
     ),
     # --- time claims ---------------------------------------------------------------------------------
-    case("expired", claims_token(exp=int(time.time()) - 3600), Unauthenticated),
-    case("expired-rsa", rsa_claims_token(exp=int(time.time()) - 3600), Unauthenticated),
-    case("nbf-in-future", claims_token(nbf=int(time.time()) + 3600), Unauthenticated),
-    case("iat-in-future", claims_token(iat=int(time.time()) + 3600), Unauthenticated),
+    case("expired", claims_token(exp=now(-3600)), Unauthenticated),
+    case("expired-rsa", rsa_claims_token(exp=now(-3600)), Unauthenticated),
+    case("nbf-in-future", claims_token(nbf=now(3600)), Unauthenticated),
+    case("iat-in-future", claims_token(iat=now(3600)), Unauthenticated),
     case("exp-missing", claims_token(exp=DROP), Unauthenticated),
     case("exp-null", claims_token(exp=None), Unauthenticated),
     case("exp-non-numeric-string", claims_token(exp="tomorrow"), Unauthenticated),
     case(
         "exp-numeric-string",
-        claims_token(exp=str(int(time.time()) + 600)),
+        claims_token(exp=now(600, str)),
         Unauthenticated,
     ),
-    case("exp-list", claims_token(exp=[int(time.time()) + 600]), Unauthenticated),
+    case("exp-list", claims_token(exp=now(600, lambda t: [t])), Unauthenticated),
     case("nbf-string", claims_token(nbf="soon"), Unauthenticated),
     # --- aud / iss --------------------------------------------------------------------------------
     case("aud-wrong", claims_token(aud="https://other.example/mcp"), Unauthenticated),
