@@ -68,6 +68,8 @@ async def _expire_sessions(app: web.Application) -> None:
             services.sessions.remove(session)
             await end_upstream_session(app[RUNTIME], session, session.tenant)
             log.info("session_expired", tenant=session.tenant, session=session.audit_id)
+        for tenant in app[RUNTIME].tenants.values():
+            await tenant.upstream.sweep()
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:

@@ -172,6 +172,7 @@ class UpstreamConfig(StrictModel):
     env: dict[str, str] = Field(default_factory=dict)
     cwd: Path | None = None
     isolation: Literal["per_tenant", "per_session"] | None = None
+    idle_stop_seconds: float = Field(default=300.0, gt=0)  # stdio: stop a shared child unused this long
 
     _check_url = field_validator("url")(lambda v: None if v is None else _http_url(v))
     _paths = field_validator("cwd")(_resolve_path)

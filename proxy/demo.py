@@ -1,6 +1,8 @@
-"""`mcp-tenant-proxy demo`: two tenants, two real SDK upstreams, the proxy, the real SDK client.
+"""`mcp-tenant-proxy demo`: three tenants, real SDK upstreams, the proxy, the real SDK client.
 
-Everything runs on free loopback ports in this process; nothing is read from disk or the network.
+acme and globex each have an SDK notes server over streamable HTTP (in this process, on free
+loopback ports); initech has the same server over stdio, run by the proxy as its own process.
+Nothing is read from disk or the network.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ import logging
 import os
 import secrets
 import socket
+import sys
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 DEMO_SECRET_ENV = "MCP_PROXY_DEMO_SECRET"  # noqa: S105 - a variable name, not a secret
-TENANTS = ("acme", "globex")
+HTTP_TENANTS = ("acme", "globex")
+STDIO_TENANT = "initech"
+TENANTS = (*HTTP_TENANTS, STDIO_TENANT)
 
 
 def free_port() -> int:
@@ -57,7 +62,9 @@ resources: {tenant_uri_templates: ["notes://{tenant}/{path}"]}
 """
 
 
-def demo_config(proxy_port: int, upstreams: dict[str, str], work_dir: Path) -> dict[str, Any]:
+def demo_config(
+    proxy_port: int, upstreams: dict[str, str], canaries: dict[str, str], work_dir: Path
+) -> dict[str, Any]:
     url = f"http://127.0.0.1:{proxy_port}/mcp"
     (work_dir / "policies").mkdir(exist_ok=True)
     (work_dir / "policies" / "demo.yaml").write_text(DEMO_POLICY)
@@ -76,11 +83,26 @@ def demo_config(proxy_port: int, upstreams: dict[str, str], work_dir: Path) -> d
             ],
         },
         "tenants": {
-            tenant: {
-                "upstream": {"url": upstream, "headers": {"Authorization": f"Bearer upstream-{tenant}"}},
+            **{
+                tenant: {
+                    "upstream": {"url": upstream, "headers": {"Authorization": f"Bearer upstream-{tenant}"}},
+                    "policy": "demo",
+                }
+                for tenant, upstream in upstreams.items()
+            },
+            STDIO_TENANT: {
+                "upstream": {
+                    "command": [
+                        sys.executable,
+                        "-m",
+                        "proxy.demo_upstream",
+                        STDIO_TENANT,
+                        canaries[STDIO_TENANT],
+                        "stdio",
+                    ],
+                },
                 "policy": "demo",
-            }
-            for tenant, upstream in upstreams.items()
+            },
         },
         "policies_dir": str(work_dir / "policies"),
         "audit": {"dir": str(work_dir / "audit")},
@@ -106,6 +128,7 @@ async def run_demo() -> int:
     from proxy.cli import start_server
     from proxy.config import ProxyConfig
     from proxy.log import configure_logging
+    from proxy.transport import SERVICES
 
     configure_logging("error")
     logging.basicConfig(level=logging.WARNING)  # the SDK and uvicorn log through stdlib logging
@@ -122,21 +145,22 @@ async def run_demo() -> int:
 
     async with contextlib.AsyncExitStack() as stack:
         upstreams = {}
-        for tenant in TENANTS:
+        for tenant in HTTP_TENANTS:
             upstreams[tenant] = await stack.enter_async_context(
                 serve_upstream(tenant, canaries[tenant], free_port())
             )
         work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mcp-proxy-demo-")))
         proxy_port = free_port()
-        config = ProxyConfig.model_validate(demo_config(proxy_port, upstreams, work_dir))
+        config = ProxyConfig.model_validate(demo_config(proxy_port, upstreams, canaries, work_dir))
         runner, _ = await start_server(config)
         stack.push_async_callback(runner.cleanup)
         url = config.listen.resource_url
         print(f"proxy on {url}; upstreams: " + ", ".join(f"{t} -> {u}" for t, u in upstreams.items()))
+        print(f"{STDIO_TENANT} -> a stdio process the proxy runs for it alone")
 
         tokens = {tenant: mint_token(config, "demo", tenant, f"alice@{tenant}") for tenant in TENANTS}
-        for tenant in TENANTS:
-            other_tenant = next(t for t in TENANTS if t != tenant)
+        for index, tenant in enumerate(TENANTS):
+            other_tenant = TENANTS[(index + 1) % len(TENANTS)]
             other = canaries[other_tenant]
             for mode in ("auto", "legacy"):
                 era = "2026-07-28" if mode == "auto" else "handshake era"
@@ -144,10 +168,11 @@ async def run_demo() -> int:
                 async with client_for(url, tokens[tenant], mode) as client:
                     tools = await client.list_tools()
                     print(f"  tools: {', '.join(t.name for t in tools.tools)}")
-                    who = await client.call_tool("whoami", {})
-                    answer = _text(who)
-                    print(f"  whoami -> {answer}")
-                    check(canaries[tenant] in answer and other not in answer, "answered by its own upstream")
+                    who = (await client.call_tool("whoami", {})).structured_content
+                    print(
+                        f"  whoami -> tenant {who['server_tenant']}, canary {who['canary']}, pid {who['pid']}"
+                    )
+                    check(who["canary"] == canaries[tenant], "answered by its own upstream")
                     schema = next(t for t in tools.tools if t.name == "add_note").input_schema
                     check("tenant_id" not in schema["properties"], "tools/list hides the tenant_id argument")
                     await client.call_tool("add_note", {"text": f"hello from {tenant}"})
@@ -162,6 +187,9 @@ async def run_demo() -> int:
                     check("-32005" in refused, "naming the other tenant is refused by policy")
                     refused = await _refusal(client.read_resource(f"notes://{other_tenant}/plan"))
                     check("Unknown resource" in refused, "the other tenant's resource looks like none at all")
+                    if tenant == STDIO_TENANT:
+                        check(who["pid"] != os.getpid(), "served by its own stdio process")
+                        continue
                     headers = json.loads(_text(await client.call_tool("request_headers", {})))["headers"]
                     check(tokens[tenant] not in json.dumps(headers), "its token never reached the upstream")
                     check(
@@ -179,6 +207,14 @@ async def run_demo() -> int:
         other_user = mint_token(config, "demo", "acme", "mallory@acme")
         status = await _list_tools_status(url, other_user, session_id)
         check(status == 404, f"another acme user presenting it gets {status} (404)")
+
+        print("\naudit (summaries only, one file per tenant):")
+        runner.app[SERVICES].audit.flush()
+        for tenant in TENANTS:
+            text = (work_dir / "audit" / f"{tenant}.jsonl").read_text()
+            records = text.count("\n")
+            clean = not any(canary in text for canary in canaries.values()) and "hello from" not in text
+            check(clean, f"audit/{tenant}.jsonl: {records} records, no canary and no argument value in it")
 
     print("\nall isolation checks passed" if not failures else f"\n{len(failures)} check(s) FAILED")
     return 0 if not failures else 1
@@ -206,7 +242,11 @@ async def _initialize(url: str, token: str) -> str:
         "jsonrpc": "2.0",
         "id": 1,
         "method": "initialize",
-        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "demo"}},
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "demo", "version": "1"},
+        },
     }
     headers = {**_HANDSHAKE_HEADERS, "Authorization": f"Bearer {token}"}
     async with aiohttp.ClientSession() as http, http.post(url, json=body, headers=headers) as response:

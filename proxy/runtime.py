@@ -20,6 +20,7 @@ from proxy.metrics import Metrics
 from proxy.policy.model import Policy, load_policy
 from proxy.request_state import RequestStateSeal
 from proxy.sessions import SessionRegistry
+from proxy.stdio.upstream import StdioUpstream
 from proxy.upstream import HttpUpstream, Upstream
 
 
@@ -72,7 +73,7 @@ class OriginPolicy:
 def build_upstream(tenant_id: str, config: TenantConfig) -> Upstream:
     if config.upstream.url is not None:
         return HttpUpstream(tenant_id, config.upstream)
-    raise NotImplementedError("stdio upstreams are not supported yet")
+    return StdioUpstream(tenant_id, config.upstream)
 
 
 @dataclass(eq=False)

@@ -1,0 +1,227 @@
+"""stdio upstreams end to end: real SDK stdio servers, one process per tenant (and per session)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import MCPError
+from mcp.client.context import ClientRequestContext
+from mcp_types import ElicitRequestParams, ElicitResult
+
+from proxy.demo import client_for
+from tests.conftest import TENANTS, RunningProxy, StartProxy
+from tests.factories import DEV_SECRET, DEV_SECRET_ENV
+
+pytestmark = pytest.mark.e2e
+
+SERVER = str(Path(__file__).resolve().parent.parent / "stdio_server.py")
+
+
+def stdio_tenants(isolation: str = "per_session") -> dict[str, Any]:
+    return {
+        tenant: {
+            "upstream": {
+                "command": [sys.executable, SERVER, tenant, f"STDIO-CANARY-{tenant}"],
+                "env": {"NOTES_TENANT": tenant},
+                "isolation": isolation,
+            }
+        }
+        for tenant in TENANTS
+    }
+
+
+@pytest.fixture
+async def stdio_proxy(make_proxy: StartProxy) -> RunningProxy:
+    return await make_proxy(dict.fromkeys(TENANTS, "http://unused.invalid/mcp"), tenants=stdio_tenants())
+
+
+def structured(result: Any) -> Any:
+    return result.structured_content
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "State:\tZ" in status.read_text())
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_each_tenant_reaches_its_own_process(stdio_proxy: RunningProxy, mode: str) -> None:
+    pids = {}
+    for tenant in TENANTS:
+        async with client_for(stdio_proxy.url, stdio_proxy.token(tenant), mode) as client:
+            who = structured(await client.call_tool("whoami", {}))
+            assert who["server_tenant"] == tenant
+            assert who["canary"] == f"STDIO-CANARY-{tenant}"
+            pids[tenant] = who["pid"]
+            await client.call_tool("add_note", {"tenant_id": tenant, "text": f"{tenant}-{mode}-secret"})
+            notes = structured(await client.call_tool("list_notes", {"tenant_id": tenant}))
+            assert f"{tenant}-{mode}-secret" in notes["notes"]
+    assert pids["acme"] != pids["globex"]
+    assert os.getpid() not in pids.values()
+
+
+async def test_state_of_one_tenant_is_invisible_to_the_other(stdio_proxy: RunningProxy) -> None:
+    async with client_for(stdio_proxy.url, stdio_proxy.token("acme")) as acme:
+        await acme.call_tool("add_note", {"tenant_id": "shared-name", "text": "acme wrote this"})
+    async with client_for(stdio_proxy.url, stdio_proxy.token("globex")) as globex:
+        notes = structured(await globex.call_tool("list_notes", {"tenant_id": "shared-name"}))
+    assert notes["notes"] == []
+    assert notes["canary"] == "STDIO-CANARY-globex"
+
+
+async def test_children_get_only_the_configured_environment(stdio_proxy: RunningProxy) -> None:
+    assert os.environ[DEV_SECRET_ENV] == DEV_SECRET
+    async with client_for(stdio_proxy.url, stdio_proxy.token("acme")) as client:
+        names = structured(await client.call_tool("environment_names", {}))["result"]
+    assert DEV_SECRET_ENV not in names
+    assert "NOTES_TENANT" in names
+    assert set(names) <= {"NOTES_TENANT", "LC_CTYPE", "PWD"}  # what the interpreter may add itself
+
+
+async def test_per_session_isolation_gives_each_session_its_own_process(stdio_proxy: RunningProxy) -> None:
+    async with (
+        client_for(stdio_proxy.url, stdio_proxy.token("acme", "alice"), "legacy") as first,
+        client_for(stdio_proxy.url, stdio_proxy.token("acme", "bob"), "legacy") as second,
+    ):
+        pid_one = structured(await first.call_tool("whoami", {}))["pid"]
+        pid_two = structured(await second.call_tool("whoami", {}))["pid"]
+        await first.call_tool("add_note", {"tenant_id": "acme", "text": "alice only"})
+        assert structured(await second.call_tool("list_notes", {"tenant_id": "acme"}))["notes"] == []
+    assert pid_one != pid_two
+    await asyncio.sleep(0.5)
+    assert not alive(pid_one)  # the session ended (DELETE): its process went with it
+    assert not alive(pid_two)
+
+
+async def test_per_tenant_isolation_shares_one_process_between_sessions(make_proxy: StartProxy) -> None:
+    running = await make_proxy(
+        dict.fromkeys(TENANTS, "http://unused.invalid/mcp"), tenants=stdio_tenants("per_tenant")
+    )
+    async with (
+        client_for(running.url, running.token("acme", "alice"), "legacy") as first,
+        client_for(running.url, running.token("acme", "bob"), "legacy") as second,
+    ):
+        pid_one = structured(await first.call_tool("whoami", {}))["pid"]
+        pid_two = structured(await second.call_tool("whoami", {}))["pid"]
+        other = structured(await first.call_tool("list_notes", {"tenant_id": "acme"}))
+    assert pid_one == pid_two
+    assert other["canary"] == "STDIO-CANARY-acme"
+
+
+async def test_server_to_client_requests_reach_their_own_session(stdio_proxy: RunningProxy) -> None:
+    asked: list[str] = []
+
+    async def answer(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult:
+        asked.append(params.message)
+        return ElicitResult(action="accept", content={"answer": "forty-two"})
+
+    async with client_for(
+        stdio_proxy.url, stdio_proxy.token("acme"), "legacy", elicitation_callback=answer
+    ) as client:
+        result = structured(await client.call_tool("ask", {"question": "what is the answer?"}))
+    assert result == {"action": "accept", "answer": "forty-two", "canary": "STDIO-CANARY-acme"}
+    assert asked == ["what is the answer?"]
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_a_killed_child_is_restarted_and_the_other_tenant_notices_nothing(
+    stdio_proxy: RunningProxy, mode: str
+) -> None:
+    async with client_for(stdio_proxy.url, stdio_proxy.token("globex"), mode) as globex:
+        globex_pid = structured(await globex.call_tool("whoami", {}))["pid"]
+        async with client_for(stdio_proxy.url, stdio_proxy.token("acme"), mode) as acme:
+            acme_pid = structured(await acme.call_tool("whoami", {}))["pid"]
+            os.kill(acme_pid, signal.SIGKILL)
+            with pytest.raises(MCPError):
+                await acme.call_tool("whoami", {})
+            assert structured(await globex.call_tool("whoami", {}))["pid"] == globex_pid
+        if mode == "auto":  # stateless: the next request starts a fresh child
+            async with client_for(stdio_proxy.url, stdio_proxy.token("acme"), mode) as acme:
+                fresh = structured(await acme.call_tool("whoami", {}))["pid"]
+            assert fresh != acme_pid
+        else:  # the session died with its process; a new session gets a new one
+            async with client_for(stdio_proxy.url, stdio_proxy.token("acme"), mode) as acme:
+                fresh = structured(await acme.call_tool("whoami", {}))["pid"]
+            assert fresh != acme_pid
+        assert structured(await globex.call_tool("whoami", {}))["pid"] == globex_pid
+
+
+async def test_a_crashing_tool_fails_only_its_own_call(stdio_proxy: RunningProxy) -> None:
+    async with client_for(stdio_proxy.url, stdio_proxy.token("acme")) as client:
+        with pytest.raises(MCPError) as failure:
+            await client.call_tool("crash", {})
+        assert failure.value.error.code == -32010
+        assert "exited" in failure.value.error.message
+        await asyncio.sleep(0.6)  # the restart backoff
+        assert structured(await client.call_tool("whoami", {}))["server_tenant"] == "acme"
+
+
+async def _raw_whoami(url: str, token: str, modern: bool) -> int:
+    """whoami over raw HTTP (no client left to unwind after the proxy is gone)."""
+    import aiohttp
+
+    base = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"}
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+    }
+    async with aiohttp.ClientSession() as http:
+        if modern:
+            headers = {
+                **base,
+                "MCP-Protocol-Version": "2026-07-28",
+                "Mcp-Method": "tools/call",
+                "Mcp-Name": "whoami",
+            }
+            params: dict[str, Any] = {"name": "whoami", "arguments": {}, "_meta": meta}
+        else:
+            init = {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            }
+            body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init}
+            async with http.post(url, json=body, headers=base) as response:
+                await response.read()
+                session = response.headers["Mcp-Session-Id"]
+            headers = {**base, "Mcp-Session-Id": session, "MCP-Protocol-Version": "2025-11-25"}
+            params = {"name": "whoami", "arguments": {}}
+        body = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": params}
+        async with http.post(url, json=body, headers=headers) as response:
+            text = await response.text()
+    data = text.split("data: ", 1)[1] if text.startswith(("event:", "id:", "data:")) else text
+    return int(json.loads(data)["result"]["structuredContent"]["pid"])
+
+
+async def test_shutdown_leaves_no_child(tmp_path: Path, rsa_keys: Any) -> None:
+    from proxy.cli import start_server
+    from proxy.config import ProxyConfig
+    from tests.conftest import proxy_config
+    from tests.upstreams import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/mcp"
+    data = proxy_config(url, dict.fromkeys(TENANTS, "http://unused.invalid/mcp"), tmp_path, rsa_keys)
+    data["tenants"] = stdio_tenants()
+    runner, _ = await start_server(ProxyConfig.model_validate(data))
+    running = RunningProxy(url, None, runner.app)
+    pids = [await _raw_whoami(url, running.token(t), modern) for t in TENANTS for modern in (True, False)]
+    assert len(set(pids)) == 4
+    assert all(alive(pid) for pid in pids)
+    await runner.cleanup()
+    assert not any(alive(pid) for pid in pids)
+
+
+def test_demo_style_config_has_a_stdio_tenant() -> None:
+    data = json.dumps(stdio_tenants())
+    assert "stdio_server.py" in data
