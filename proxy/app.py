@@ -4,20 +4,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import structlog
 from aiohttp import web
+from prometheus_client.core import GaugeMetricFamily
 
 from proxy.config import ProxyConfig
 from proxy.errors import ProxyError
+from proxy.health import READINESS, Readiness, healthz, keep_checking, readyz
 from proxy.jsonrpc import dumps, error_body
 from proxy.metrics import CONTENT_TYPE_LATEST
-from proxy.runtime import Runtime, Services
-from proxy.transport import RUNTIME, SERVICES, end_upstream_session, handle_mcp
+from proxy.reload import RETIRED, watch_files
+from proxy.runtime import Runtime, RuntimeRef, Services
+from proxy.transport import REQUEST_ID, RUNTIME, SERVICES, end_upstream_session, handle_mcp
 
 log = structlog.get_logger("proxy.app")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request id on every log line (the client's X-Request-Id when well-formed) and on the answer."""
+    offered = request.headers.get("X-Request-Id", "")
+    request_id = offered if _REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex[:16]
+    request[REQUEST_ID] = request_id
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    return await handler(request)
+
+
+async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    if REQUEST_ID in request:
+        response.headers["X-Request-Id"] = request[REQUEST_ID]
 
 
 @web.middleware
@@ -46,57 +68,95 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 
 async def protected_resource_metadata(request: web.Request) -> web.Response:
-    return web.json_response(request.app[RUNTIME].authenticator.metadata)
+    return web.json_response(request.app[RUNTIME].current.authenticator.metadata)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(
-        body=request.app[SERVICES].metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+    body = request.app[SERVICES].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+def _gauges(app: web.Application) -> Callable[[], Iterable[GaugeMetricFamily]]:
+    def collect() -> Iterable[GaugeMetricFamily]:
+        services, runtime = app[SERVICES], app[RUNTIME].current
+        sessions = GaugeMetricFamily("mcp_proxy_sessions", "Open handshake-era sessions", labels=["tenant"])
+        circuit = GaugeMetricFamily("mcp_proxy_circuit_open", "1 while a tenant's upstream circuit is open",
+                                    labels=["tenant"])  # fmt: skip
+        for tenant in runtime.tenants:
+            sessions.add_metric([tenant], services.sessions.count(tenant))
+            circuit.add_metric([tenant], 1.0 if services.limiter.circuit_open(tenant) else 0.0)
+        yield sessions
+        yield circuit
+        yield GaugeMetricFamily("mcp_proxy_tenants", "Configured tenants", value=len(runtime.tenants))
+        cache = services.cache
+        yield GaugeMetricFamily("mcp_proxy_cache_bytes", "Bytes held by the response cache",
+                                value=cache.size_bytes if cache is not None else 0)  # fmt: skip
+        yield GaugeMetricFamily("mcp_proxy_cache_entries", "Entries in the response cache",
+                                value=len(cache) if cache is not None else 0)  # fmt: skip
+
+    return collect
 
 
-async def _expire_sessions(app: web.Application) -> None:
+async def _sweep(app: web.Application) -> None:
+    """Expire idle sessions (ending them upstream too) and let upstreams tidy up (idle processes)."""
     services = app[SERVICES]
-    interval = max(0.5, min(30.0, services.sessions.idle_timeout_seconds / 4))
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(max(0.5, min(30.0, services.sessions.idle_timeout_seconds / 4)))
+        runtime = app[RUNTIME].current
         for session in services.sessions.expired():
             services.sessions.remove(session)
-            await end_upstream_session(app[RUNTIME], session, session.tenant)
+            tenant = runtime.tenants.get(session.tenant)
+            if tenant is not None:
+                await end_upstream_session(tenant.upstream, session)
             log.info("session_expired", tenant=session.tenant, session=session.audit_id)
-        for tenant in app[RUNTIME].tenants.values():
+        for tenant in runtime.tenants.values():
             await tenant.upstream.sweep()
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
-    sweeper = asyncio.create_task(_expire_sessions(app))
+    config = app[RUNTIME].current.config
+    tasks = [
+        asyncio.create_task(_sweep(app), name="session-sweeper"),
+        asyncio.create_task(keep_checking(app), name="readiness"),
+    ]
+    if config.reload.watch_files:
+        tasks.append(asyncio.create_task(watch_files(app, config.reload.poll_seconds), name="reload-watch"))
     yield
-    sweeper.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await sweeper
-    services, runtime = app[SERVICES], app[RUNTIME]
+    for task in [*tasks, *app[RETIRED]]:
+        task.cancel()
+    for task in [*tasks, *app[RETIRED]]:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    services, runtime = app[SERVICES], app[RUNTIME].current
     for session in services.sessions.all():
         services.sessions.remove(session)
-        await end_upstream_session(runtime, session, session.tenant)
+        tenant = runtime.tenants.get(session.tenant)
+        if tenant is not None:
+            await end_upstream_session(tenant.upstream, session)
     await runtime.close()
     services.audit.close()
 
 
+async def _begin_shutdown(app: web.Application) -> None:
+    """Stop accepting is done by the runner; here open GET streams are told to end cleanly."""
+    app[SERVICES].shutting_down.set()
+
+
 def create_app(config: ProxyConfig, runtime: Runtime | None = None) -> web.Application:
     app = web.Application(
-        middlewares=[json_errors],
+        middlewares=[request_context, json_errors],
         client_max_size=config.listen.max_body_bytes,
         handler_args={
             "max_field_size": config.listen.max_header_bytes,
             "max_line_size": config.listen.max_header_bytes,
         },
     )
-    app[RUNTIME] = runtime or Runtime.build(config)
-    app[SERVICES] = Services.build(config)
+    app[RUNTIME] = RuntimeRef(runtime or Runtime.build(config))
+    services = Services.build(config)
+    app[SERVICES] = services
+    app[READINESS] = Readiness()
+    app[RETIRED] = set()
+    services.metrics.add_gauges(_gauges(app))
     path = config.listen.path
     app.router.add_route("*", path, handle_mcp)
     app.router.add_get("/.well-known/oauth-protected-resource", protected_resource_metadata)
@@ -105,6 +165,9 @@ def create_app(config: ProxyConfig, runtime: Runtime | None = None) -> web.Appli
             f"/.well-known/oauth-protected-resource{path.rstrip('/')}", protected_resource_metadata
         )
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.on_response_prepare.append(_stamp_request_id)
+    app.on_shutdown.append(_begin_shutdown)
     app.cleanup_ctx.append(_background)
     return app

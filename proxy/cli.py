@@ -102,6 +102,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo())
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from proxy.schema import schema_text
+
+    print(schema_text(args.kind), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcp-tenant-proxy", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -124,8 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--scope", default=None)
     mint.set_defaults(handler=cmd_mint_token)
 
+    schema = commands.add_parser("schema", help="print the JSON Schema of the config or policy files")
+    schema.add_argument("kind", choices=["config", "policy"])
+    schema.set_defaults(handler=cmd_schema)
+
     demo = commands.add_parser(
-        "demo", help="run two tenants' demo upstreams and the proxy, and show isolation"
+        "demo", help="run demo upstreams for three tenants and the proxy, and show isolation"
     )
     demo.set_defaults(handler=cmd_demo)
     return parser

@@ -196,9 +196,29 @@ class UpstreamConfig(StrictModel):
         return self
 
 
+class LimitsConfig(StrictModel):
+    """Per-tenant limits; 0 turns a limit off. `limits` sets every tenant's, `tenants.<id>.limits`
+    overrides single keys for one tenant."""
+
+    requests_per_second: float = Field(default=0.0, ge=0)
+    burst: int = Field(default=0, ge=0)  # 0: one second's worth of requests_per_second
+    max_concurrent: int = Field(default=0, ge=0)
+    circuit_failures: int = Field(default=5, ge=0)  # consecutive upstream failures that open the circuit
+    circuit_open_seconds: float = Field(default=30.0, gt=0)
+
+
+class TenantLimitsConfig(StrictModel):
+    requests_per_second: float | None = Field(default=None, ge=0)
+    burst: int | None = Field(default=None, ge=0)
+    max_concurrent: int | None = Field(default=None, ge=0)
+    circuit_failures: int | None = Field(default=None, ge=0)
+    circuit_open_seconds: float | None = Field(default=None, gt=0)
+
+
 class TenantConfig(StrictModel):
     upstream: UpstreamConfig
     policy: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+$")] | None = None
+    limits: TenantLimitsConfig = Field(default_factory=TenantLimitsConfig)
 
 
 class CacheConfig(StrictModel):
@@ -220,6 +240,20 @@ class AuditConfig(StrictModel):
     _paths = field_validator("dir")(_resolve_path)
 
 
+class ReadinessConfig(StrictModel):
+    """When /readyz says ready: `any` reachable upstream (default), `all` of them, or `ignore` them."""
+
+    upstreams: Literal["any", "all", "ignore"] = "any"
+    check_interval_seconds: float = Field(default=10.0, gt=0)
+
+
+class ReloadConfig(StrictModel):
+    """SIGHUP always reloads; with `watch_files`, so does a change of the config or a policy file."""
+
+    watch_files: bool = True
+    poll_seconds: float = Field(default=2.0, gt=0)
+
+
 class ProxyConfig(StrictModel):
     listen: ListenConfig = Field(default_factory=ListenConfig)
     auth: AuthConfig
@@ -228,6 +262,9 @@ class ProxyConfig(StrictModel):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     sessions: SessionsConfig = Field(default_factory=SessionsConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    readiness: ReadinessConfig = Field(default_factory=ReadinessConfig)
+    reload: ReloadConfig = Field(default_factory=ReloadConfig)
     _source: Path | None = PrivateAttr(default=None)
 
     _paths = field_validator("policies_dir")(_resolve_path)
@@ -254,6 +291,17 @@ class ProxyConfig(StrictModel):
 
     def policy_file(self, name: str) -> Path:
         return self.policies_dir / f"{name}.yaml"
+
+    def limits_for(self, tenant: str) -> LimitsConfig:
+        """The tenant's limits: the defaults with the tenant's own keys on top."""
+        override = self.tenants[tenant].limits.model_dump(exclude_none=True)
+        return self.limits.model_copy(update=override) if override else self.limits
+
+    @property
+    def watched_files(self) -> list[Path]:
+        """The files whose change triggers a reload: the config and every policy it names."""
+        files = [self.policy_file(t.policy) for t in self.tenants.values() if t.policy is not None]
+        return ([self._source] if self._source is not None else []) + sorted(set(files))
 
 
 # --- loading -----------------------------------------------------------------------------------

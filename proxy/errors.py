@@ -21,7 +21,8 @@
     ├── Conflict                        -32600  409  a second GET stream for one session
     ├── TooManyRequests                 -32009  429  (Retry-After)
     └── UpstreamError                   -32010  502  the tenant's upstream failed this request
-        └── UpstreamTimeout             -32011  504
+        ├── UpstreamTimeout             -32011  504
+        └── UpstreamUnavailable         -32012  503  circuit open: failing fast (Retry-After)
 
 Codes of our own are in the implementation-defined range -32000..-32019 (-32020..-32099 belong
 to the MCP spec). Messages are fixed strings or name only what the client itself sent (a header
@@ -173,3 +174,9 @@ class UpstreamTimeout(UpstreamError):
     code = -32011
     status = 504
     default_message = "The upstream MCP server did not answer in time"
+
+
+class UpstreamUnavailable(UpstreamError):
+    code = -32012
+    status = 503
+    default_message = "The upstream MCP server is unavailable"

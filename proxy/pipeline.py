@@ -1,6 +1,6 @@
 """The request stages, and the one place where each HTTP method's stage list is assembled.
 
-    POST:   check_origin -> authenticate -> read_message -> resolve_era -> bind_session
+    POST:   check_origin -> authenticate -> apply_limits -> read_message -> resolve_era -> bind_session
             -> open_request_state -> check_mirrored_headers -> enforce_policy
             -> render_mirrored_headers -> lookup_cache -> [upstream]
     GET:    check_origin -> authenticate -> require_event_stream -> bind_session -> [upstream stream]
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
+import structlog
 from aiohttp import hdrs, web
 
 from proxy.cache import plan_for
@@ -27,6 +28,7 @@ from proxy.errors import (
     MethodNotFound,
     MissingSession,
     NotAcceptable,
+    ProxyError,
     UnsupportedMediaType,
     UnsupportedProtocolVersion,
 )
@@ -72,6 +74,22 @@ async def authenticate(exchange: Exchange) -> None:
     )
     exchange.ctx = ctx
     exchange.tenant = exchange.runtime.tenants[ctx.tenant]
+    structlog.contextvars.bind_contextvars(tenant=ctx.tenant)
+
+
+async def apply_limits(exchange: Exchange) -> None:
+    """The tenant's rate, concurrency and circuit limits; a refusal makes no upstream call."""
+    ctx, tenant = exchange.ctx, exchange.tenant
+    assert ctx is not None and tenant is not None
+    limits = exchange.services.limiter.of(ctx.tenant, tenant.limits)
+    try:
+        limits.admit()
+    except ProxyError as refusal:
+        kind = refusal.data.get("limit", "other") if isinstance(refusal.data, dict) else "other"
+        exchange.services.metrics.limited.labels(ctx.tenant, kind).inc()
+        exchange.outcome = "limited"
+        raise
+    exchange.limits = limits
 
 
 def _accepts(accept: str, media_type: str) -> bool:
@@ -293,6 +311,7 @@ async def require_event_stream(exchange: Exchange) -> None:
 POST_STAGES: Sequence[Stage] = (
     check_origin,
     authenticate,
+    apply_limits,
     read_message,
     resolve_era,
     bind_session,

@@ -16,6 +16,7 @@ from proxy.cache import LIST_CHANGED
 from proxy.catalog import Kind
 from proxy.jsonrpc import Kind as MessageKind
 from proxy.jsonrpc import answer_bytes, dumps
+from proxy.metrics import method_label
 from proxy.policy.enforce import filter_answer
 from proxy.types import Era, Exchange, JsonObject, RequestId
 
@@ -151,12 +152,33 @@ def _store(exchange: Exchange, result: JsonObject, raw: bytes) -> None:
         exchange.cache_flight = None
 
 
+def _measure(exchange: Exchange) -> None:
+    metrics, ctx, message = exchange.services.metrics, exchange.ctx, exchange.message
+    if ctx is None:
+        metrics.rejected.labels(str(exchange.status)).inc()
+        return
+    tenant = ctx.tenant
+    total = time.perf_counter() - exchange.started
+    metrics.requests.labels(tenant, method_label(message.method if message else None), exchange.outcome).inc()
+    metrics.request_seconds.labels(tenant).observe(total)
+    if exchange.upstream_contacted:
+        metrics.upstream_seconds.labels(tenant).observe(exchange.upstream_seconds)
+    metrics.overhead_seconds.labels(tenant).observe(max(0.0, total - exchange.upstream_seconds))
+    if message is not None and message.kind is MessageKind.REQUEST:
+        metrics.cache_requests.labels(tenant, exchange.cache_state).inc()
+
+
 def finish(exchange: Exchange) -> None:
     """Every exchange ends here, answered or refused: one structured line, never any content."""
-    if exchange.cache_flight is not None and exchange.services.cache is not None:
-        exchange.services.cache.settle(exchange.cache_flight, None)  # followers go upstream themselves
+    services = exchange.services
+    if exchange.cache_flight is not None and services.cache is not None:
+        services.cache.settle(exchange.cache_flight, None)  # followers go upstream themselves
         exchange.cache_flight = None
-    exchange.services.audit.record(exchange)
+    if exchange.limits is not None:
+        exchange.limits.release()
+        exchange.limits = None
+    services.audit.record(exchange)
+    _measure(exchange)
     message = exchange.message
     log.info(
         "mcp_request",

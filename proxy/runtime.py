@@ -7,6 +7,7 @@ spans configs (sessions). A request takes one Runtime reference when it starts a
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -15,7 +16,8 @@ from proxy.audit import AuditLog
 from proxy.auth import Authenticator
 from proxy.cache import ResponseCache
 from proxy.catalog import Catalog
-from proxy.config import ProxyConfig, TenantConfig
+from proxy.config import LimitsConfig, ProxyConfig, TenantConfig
+from proxy.limits import Limiter
 from proxy.metrics import Metrics
 from proxy.policy.model import Policy, load_policy
 from proxy.request_state import RequestStateSeal
@@ -31,6 +33,7 @@ class TenantRuntime:
     upstream: Upstream
     catalog: Catalog
     policy: Policy | None
+    limits: LimitsConfig
 
 
 def _origin_of(url: str) -> str:
@@ -84,7 +87,9 @@ class Runtime:
     origins: OriginPolicy
 
     @classmethod
-    def build(cls, config: ProxyConfig) -> Runtime:
+    def build(cls, config: ProxyConfig, previous: Runtime | None = None) -> Runtime:
+        """Everything a config needs, built before use. A tenant whose upstream did not change
+        keeps the previous runtime's upstream (its connections and processes) and catalog."""
         authenticator = Authenticator(config)
         policies = {
             name: load_policy(config.policy_file(name))
@@ -92,14 +97,33 @@ class Runtime:
         }
         tenants = {}
         for tenant_id, tenant_config in config.tenants.items():
-            upstream = build_upstream(tenant_id, tenant_config)
             policy = policies[tenant_config.policy] if tenant_config.policy is not None else None
-            tenants[tenant_id] = TenantRuntime(tenant_id, tenant_config, upstream, Catalog(upstream), policy)
+            before = previous.tenants.get(tenant_id) if previous is not None else None
+            if before is not None and before.config.upstream == tenant_config.upstream:
+                upstream, catalog = before.upstream, before.catalog
+            else:
+                upstream = build_upstream(tenant_id, tenant_config)
+                catalog = Catalog(upstream)
+            tenants[tenant_id] = TenantRuntime(
+                tenant_id, tenant_config, upstream, catalog, policy, config.limits_for(tenant_id)
+            )
         return cls(config, authenticator, tenants, OriginPolicy.from_config(config))
+
+    def upstreams_not_in(self, other: Runtime) -> list[Upstream]:
+        """Upstreams of this runtime that `other` does not reuse (to close once they are idle)."""
+        kept = {id(t.upstream) for t in other.tenants.values()}
+        return [t.upstream for t in self.tenants.values() if id(t.upstream) not in kept]
 
     async def close(self) -> None:
         for tenant in self.tenants.values():
             await tenant.upstream.close()
+
+
+class RuntimeRef:
+    """The current runtime. A reload replaces it whole; a request keeps the one it started with."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.current = runtime
 
 
 @dataclass(eq=False)
@@ -109,6 +133,8 @@ class Services:
     cache: ResponseCache | None
     audit: AuditLog
     request_states: RequestStateSeal
+    limiter: Limiter
+    shutting_down: asyncio.Event
 
     @classmethod
     def build(cls, config: ProxyConfig) -> Services:
@@ -123,4 +149,6 @@ class Services:
             cache,
             AuditLog(config.audit.dir, config.audit.max_file_bytes, config.audit.backups),
             RequestStateSeal(),
+            Limiter(),
+            asyncio.Event(),
         )

@@ -7,13 +7,23 @@ buffered; when the client goes away the handler is cancelled and the upstream st
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import TypeVar
 
 import structlog
 from aiohttp import web
 
-from proxy.errors import Conflict, MethodNotAllowed, ProxyError, SessionNotFound, UpstreamError
+from proxy.errors import (
+    Conflict,
+    MethodNotAllowed,
+    ProxyError,
+    SessionNotFound,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from proxy.jsonrpc import Kind, dumps, loads_strict
 from proxy.pipeline import (
     DELETE_STAGES,
@@ -26,15 +36,17 @@ from proxy.pipeline import (
     single_header,
 )
 from proxy.responses import ServerMessages, finish, sanitize_reply
-from proxy.runtime import Runtime, Services
+from proxy.runtime import RuntimeRef, Services
 from proxy.sessions import Session
 from proxy.sse import KEEPALIVE_BYTES, Comment, Event, encode_event
 from proxy.types import DEFAULT_HANDSHAKE_VERSION, Exchange, JsonObject
-from proxy.upstream import EVENT_STREAM, JSON, UpstreamRequest, UpstreamResponse
+from proxy.upstream import EVENT_STREAM, JSON, Upstream, UpstreamRequest, UpstreamResponse
 
 log = structlog.get_logger("proxy.transport")
+T = TypeVar("T")
 
-RUNTIME = web.AppKey("runtime", Runtime)
+RUNTIME = web.AppKey("runtime", RuntimeRef)
+REQUEST_ID = web.RequestKey("request_id", str)
 SERVICES = web.AppKey("services", Services)
 SSE_HEADERS = {
     "Content-Type": EVENT_STREAM,
@@ -48,6 +60,7 @@ def error_reply(exchange: Exchange, error: ProxyError) -> web.Response:
     if exchange.outcome == "ok":
         exchange.outcome = "denied" if error.status in (401, 403) else "error"
     exchange.error_code = error.code
+    exchange.status = error.status
     return web.Response(
         status=error.status,
         body=dumps(error.to_jsonrpc(exchange.request_id)),
@@ -57,7 +70,7 @@ def error_reply(exchange: Exchange, error: ProxyError) -> web.Response:
 
 
 async def _handle(request: web.Request, stages: Sequence[Stage]) -> web.StreamResponse:
-    exchange = Exchange(request, request.app[RUNTIME], request.app[SERVICES])
+    exchange = Exchange(request, request.app[RUNTIME].current, request.app[SERVICES])
     try:
         await run_stages(exchange, stages)
         if exchange.reply is None:
@@ -83,7 +96,7 @@ async def handle_mcp(request: web.Request) -> web.StreamResponse:
         return await _handle(request, GET_STAGES)
     if request.method == "DELETE":
         return await _handle(request, DELETE_STAGES)
-    exchange = Exchange(request, request.app[RUNTIME], request.app[SERVICES])
+    exchange = Exchange(request, request.app[RUNTIME].current, request.app[SERVICES])
     return error_reply(exchange, MethodNotAllowed(headers={"Allow": "GET, POST, DELETE"}))
 
 
@@ -110,23 +123,78 @@ async def forward_post(exchange: Exchange) -> web.StreamResponse:
     assert message is not None and tenant is not None
     headers = _upstream_headers(exchange, ACCEPT_BOTH)
     headers["Content-Type"] = JSON
-    response = await tenant.upstream.send(UpstreamRequest("POST", headers, dumps(message.body)))
+    exchange.upstream_contacted = True
+    started = time.perf_counter()
     try:
-        if message.kind is not Kind.REQUEST:
-            if response.status < 300:
-                return web.Response(status=202)
-        elif response.status == 404 and exchange.session is not None:
-            exchange.services.sessions.remove(exchange.session)  # the upstream forgot it: so do we
-            raise SessionNotFound()
-        elif message.method == "initialize" and response.status == 200:
-            return await _relay_initialize(exchange, response)
-        if response.content_type == EVENT_STREAM and response.status == 200:
-            return await relay_post_stream(exchange, response)
-        if response.content_type == JSON:
-            return await _relay_json(exchange, response)
-        raise UpstreamError(f"The upstream MCP server answered with HTTP {response.status}")
+        response = await tenant.upstream.send(UpstreamRequest("POST", headers, dumps(message.body)))
+    except UpstreamError:
+        _record_upstream(exchange, success=False)
+        raise
+    finally:
+        exchange.upstream_seconds += time.perf_counter() - started
+    try:
+        reply = await _relay_post(exchange, response)
+    except UpstreamError:
+        _record_upstream(exchange, success=False)
+        raise
     finally:
         response.close()
+    _record_upstream(
+        exchange, success=exchange.error_code not in _UPSTREAM_FAILURES and response.status < 500
+    )
+    return reply
+
+
+_UPSTREAM_FAILURES = frozenset({UpstreamError.code, UpstreamTimeout.code})
+
+
+def _record_upstream(exchange: Exchange, success: bool) -> None:
+    """What the tenant's circuit breaker and metrics learn from one upstream exchange."""
+    if exchange.limits is not None and exchange.limits.settings.circuit_failures:
+        exchange.limits.breaker.record(success, time.monotonic())
+    if not success and exchange.ctx is not None:
+        kind = "timeout" if exchange.error_code == UpstreamTimeout.code else "error"
+        exchange.services.metrics.upstream_errors.labels(exchange.ctx.tenant, kind).inc()
+
+
+async def _relay_post(exchange: Exchange, response: UpstreamResponse) -> web.StreamResponse:
+    message = exchange.message
+    assert message is not None
+    if message.kind is not Kind.REQUEST:
+        if response.status < 300:
+            return web.Response(status=202)
+    elif response.status == 404 and exchange.session is not None:
+        exchange.services.sessions.remove(exchange.session)  # the upstream forgot it: so do we
+        raise SessionNotFound()
+    elif message.method == "initialize" and response.status == 200:
+        return await _relay_initialize(exchange, response)
+    if response.content_type == EVENT_STREAM and response.status == 200:
+        return await relay_post_stream(exchange, response)
+    if response.content_type == JSON:
+        return await _relay_json(exchange, response)
+    raise UpstreamError(f"The upstream MCP server answered with HTTP {response.status}")
+
+
+async def _timed(exchange: Exchange, events: AsyncIterator[T]) -> AsyncIterator[T]:
+    """The upstream's events, with the time spent waiting for them counted as upstream time."""
+    iterator = events.__aiter__()
+    while True:
+        started = time.perf_counter()
+        try:
+            item = await iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        finally:
+            exchange.upstream_seconds += time.perf_counter() - started
+        yield item
+
+
+async def _read_json(exchange: Exchange, response: UpstreamResponse) -> bytes:
+    started = time.perf_counter()
+    try:
+        return await response.read_json()
+    finally:
+        exchange.upstream_seconds += time.perf_counter() - started
 
 
 async def _relay_initialize(exchange: Exchange, response: UpstreamResponse) -> web.Response:
@@ -139,14 +207,14 @@ async def _relay_initialize(exchange: Exchange, response: UpstreamResponse) -> w
     messages = ServerMessages(exchange)
     try:
         if response.content_type == EVENT_STREAM:
-            async for item in response.events():
+            async for item in _timed(exchange, response.events()):
                 if isinstance(item, Event) and item.data:
                     candidate = _parse_upstream(item.data)
                     if messages.is_answer(candidate):
                         answer = candidate
                         break
         elif response.content_type == JSON:
-            answer = _parse_upstream(await response.read_json())
+            answer = _parse_upstream(await _read_json(exchange, response))
     except ProxyError:
         await _abandon_upstream_session(exchange, response)
         raise
@@ -183,7 +251,7 @@ async def _abandon_upstream_session(exchange: Exchange, response: UpstreamRespon
 
 
 async def _relay_json(exchange: Exchange, response: UpstreamResponse) -> web.Response:
-    reply = _parse_upstream(await response.read_json())
+    reply = _parse_upstream(await _read_json(exchange, response))
     messages = ServerMessages(exchange)
     if response.status >= 400:
         if not isinstance(reply.get("error"), dict):
@@ -204,7 +272,7 @@ async def relay_post_stream(exchange: Exchange, response: UpstreamResponse) -> w
     messages = ServerMessages(exchange)
     answered = False
     try:
-        async for item in response.events():
+        async for item in _timed(exchange, response.events()):
             if isinstance(item, Comment):
                 await stream.write(KEEPALIVE_BYTES)
                 continue
@@ -267,7 +335,7 @@ async def relay_get(exchange: Exchange) -> web.StreamResponse:
             await stream.prepare(exchange.request)
             messages = ServerMessages(exchange)
             try:
-                async for item in response.events():
+                async for item in _until(response.events(), exchange.services.shutting_down):
                     if isinstance(item, Comment):
                         await stream.write(KEEPALIVE_BYTES)
                         continue
@@ -285,10 +353,35 @@ async def relay_get(exchange: Exchange) -> web.StreamResponse:
         session.get_stream_open = False
 
 
+async def _until(events: AsyncIterator[T], stop: asyncio.Event) -> AsyncIterator[T]:
+    """The items of `events` until `stop` is set (shutdown): then the stream ends cleanly."""
+    iterator = events.__aiter__()
+    stopped = asyncio.ensure_future(stop.wait())
+    step: asyncio.Future[T] | None = None
+    try:
+        while True:
+            step = asyncio.ensure_future(iterator.__anext__())
+            await asyncio.wait({step, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                return  # shutting down: the finally below cancels the pending read
+            try:
+                item = step.result()
+            except StopAsyncIteration:
+                return
+            step = None
+            yield item
+    finally:
+        stopped.cancel()
+        if step is not None and not step.done():
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, ProxyError):
+                await step
+
+
 async def forward_delete(exchange: Exchange) -> web.StreamResponse:
     session, tenant = exchange.session, exchange.tenant
     assert session is not None and tenant is not None
-    status = await end_upstream_session(exchange.runtime, session, tenant.id)
+    status = await end_upstream_session(tenant.upstream, session)
     if status == 405:
         raise MethodNotAllowed(
             "Method not allowed: the upstream MCP server does not let clients end sessions"
@@ -297,14 +390,13 @@ async def forward_delete(exchange: Exchange) -> web.StreamResponse:
     return web.Response(status=200)
 
 
-async def end_upstream_session(runtime: Runtime, session: Session, tenant_id: str) -> int:
+async def end_upstream_session(upstream: Upstream, session: Session) -> int:
     """DELETE the upstream side of a session; returns the upstream's status (0 when unreachable)."""
-    tenant = runtime.tenants.get(tenant_id)
-    if tenant is None or session.upstream_session_id is None:
+    if session.upstream_session_id is None:
         return 200
     headers = {SESSION_HEADER: session.upstream_session_id, "MCP-Protocol-Version": session.protocol_version}
     try:
-        response = await tenant.upstream.send(UpstreamRequest("DELETE", headers))
+        response = await upstream.send(UpstreamRequest("DELETE", headers))
     except UpstreamError:
         return 0
     response.close()

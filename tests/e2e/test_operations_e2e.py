@@ -1,0 +1,326 @@
+"""Operations: health and readiness, metrics, per-tenant limits, hot reload, SIGTERM drain, logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.cli import start_server
+from proxy.config import load_config
+from proxy.reload import reload_config
+from tests.conftest import MCP_ACCEPT, TENANTS, RunningProxy, StartProxy, proxy_config
+from tests.factories import DEV_SECRET, DEV_SECRET_ENV
+from tests.upstreams import free_port, start_notes_upstream
+
+pytestmark = pytest.mark.e2e
+META = {
+    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+
+
+async def call(
+    running: RunningProxy, tenant: str, name: str = "whoami", arguments: Any = None
+) -> tuple[int, Any]:
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": name, "arguments": arguments or {}, "_meta": META}}  # fmt: skip
+    headers = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": name}
+    status, response_headers, raw = await running.post(body, token=running.token(tenant), headers=headers)
+    answer = json.loads(raw) if raw else None
+    if answer is not None:
+        answer["headers"] = response_headers
+    return status, answer
+
+
+async def get(url: str) -> tuple[int, Any, str]:
+    async with aiohttp.ClientSession() as http, http.get(url) as response:
+        text = await response.text()
+        return response.status, dict(response.headers), text
+
+
+def base_url(running: RunningProxy) -> str:
+    return running.url.rsplit("/", 1)[0]
+
+
+def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                found[tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+async def test_health_readiness_and_metrics_need_no_token_and_name_no_tenant(proxy: RunningProxy) -> None:
+    status, _, text = await get(base_url(proxy) + "/healthz")
+    assert (status, json.loads(text)) == (200, {"status": "ok"})
+    for _ in range(50):
+        status, _, text = await get(base_url(proxy) + "/readyz")
+        if status == 200:
+            break
+        await asyncio.sleep(0.05)
+    body = json.loads(text)
+    assert status == 200
+    assert body["upstreams"] == {"reachable": 2, "total": 2, "required": "any"}
+    assert not any(tenant in text for tenant in TENANTS)
+
+
+async def test_readiness_follows_the_upstreams(make_proxy: StartProxy, upstreams: dict[str, Any]) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/mcp"
+    running = await make_proxy(
+        {"acme": upstreams["acme"], "globex": dead},
+        readiness={"upstreams": "all", "check_interval_seconds": 0.1},
+    )
+    await asyncio.sleep(0.4)
+    status, _, text = await get(base_url(running) + "/readyz")
+    assert status == 503
+    assert json.loads(text)["upstreams"] == {"reachable": 1, "total": 2, "required": "all"}
+
+
+async def test_metrics_parse_and_count_what_happened(proxy: RunningProxy) -> None:
+    for _ in range(3):
+        assert (await call(proxy, "acme"))[0] == 200
+    assert (await call(proxy, "globex", "no_such_tool"))[0] == 200  # the upstream's own error result
+    status, _ = await call(proxy, "acme", "whoami", {"x": 1})
+    assert status == 200
+    await proxy.post({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, token="not-a-token")
+    status, headers, text = await get(base_url(proxy) + "/metrics")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain")
+    requests = samples(text, "mcp_proxy_requests_total")
+    key = (("method", "tools/call"), ("outcome", "ok"), ("tenant", "acme"))
+    assert requests[key] == 4.0
+    assert samples(text, "mcp_proxy_rejected_total")[(("status", "401"),)] == 1.0
+    overhead = samples(text, "mcp_proxy_overhead_seconds_count")
+    assert overhead[(("tenant", "acme"),)] == 4.0
+    assert samples(text, "mcp_proxy_tenants")[()] == 2.0
+    tenants_in_labels = {dict(k).get("tenant") for k in requests} - {None}
+    assert tenants_in_labels <= set(TENANTS)
+
+
+async def test_a_tenant_over_its_rate_gets_429_while_another_keeps_full_service(
+    make_proxy: StartProxy, upstreams: dict[str, Any]
+) -> None:
+    limited = {"requests_per_second": 1, "burst": 2}
+    running = await make_proxy(
+        upstreams,
+        tenants={
+            "acme": {"upstream": {"url": upstreams["acme"].url}, "limits": limited},
+            "globex": {"upstream": {"url": upstreams["globex"].url}},
+        },
+    )
+    acme = await asyncio.gather(*(call(running, "acme") for _ in range(6)))
+    globex = await asyncio.gather(*(call(running, "globex") for _ in range(6)))
+    statuses = sorted(status for status, _ in acme)
+    assert statuses.count(200) == 2
+    assert statuses.count(429) == 4
+    refused = next(answer for status, answer in acme if status == 429)
+    assert refused["error"]["code"] == -32009
+    assert "rate" in refused["error"]["message"]
+    assert int(refused["headers"]["Retry-After"]) >= 1
+    assert [status for status, _ in globex] == [200] * 6
+    calls = [r for r in upstreams["acme"].recorder.snapshot() if '"method":"tools/call"' in r.text]
+    assert len(calls) == 2  # refused requests never reached the upstream
+
+
+async def test_concurrency_limit(make_proxy: StartProxy, upstreams: dict[str, Any]) -> None:
+    running = await make_proxy(upstreams, limits={"max_concurrent": 1})
+    slow = asyncio.create_task(call(running, "acme", "countdown", {"n": 2, "delay": 0.3}))
+    await asyncio.sleep(0.15)
+    status, answer = await call(running, "acme")
+    assert status == 429
+    assert "in flight" in answer["error"]["message"]
+    assert (await call(running, "globex"))[0] == 200  # another tenant has its own slot
+    assert (await slow)[0] == 200
+    assert (await call(running, "acme"))[0] == 200  # the slot came back
+
+
+async def test_a_failing_upstream_opens_its_tenants_circuit_only(
+    make_proxy: StartProxy, upstreams: dict[str, Any]
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/mcp"
+    running = await make_proxy(
+        {"acme": dead, "globex": upstreams["globex"]},
+        limits={"circuit_failures": 2, "circuit_open_seconds": 30},
+    )
+    assert [(await call(running, "acme"))[0] for _ in range(2)] == [502, 502]
+    started = time.perf_counter()
+    status, answer = await call(running, "acme")
+    assert status == 503
+    assert answer["error"]["code"] == -32012
+    assert int(answer["headers"]["Retry-After"]) > 0
+    assert time.perf_counter() - started < 0.2  # failing fast, no connect attempt
+    assert (await call(running, "globex"))[0] == 200
+    _, _, text = await get(base_url(running) + "/metrics")
+    assert samples(text, "mcp_proxy_circuit_open")[(("tenant", "acme"),)] == 1.0
+    assert samples(text, "mcp_proxy_upstream_errors_total")[(("kind", "error"), ("tenant", "acme"))] == 2.0
+
+
+# --- hot reload ------------------------------------------------------------------------------------
+
+
+def write_config(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(data))
+
+
+async def test_reload_under_load_misroutes_nothing_and_drops_nothing(
+    upstream_runner: Any, upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any
+) -> None:
+    extra = {
+        name: start_notes_upstream(upstream_runner, name, f"CANARY-{name}")
+        for name in ("umbrella", "initech", "globex-v2")
+    }
+    url = f"http://127.0.0.1:{free_port()}/mcp"
+    before = proxy_config(
+        url, {**upstreams, "umbrella": extra["umbrella"]}, tmp_path, rsa_keys, reload={"watch_files": False}
+    )
+    path = tmp_path / "proxy.yaml"
+    write_config(path, before)
+    runner, _ = await start_server(load_config(path, env={**os.environ, DEV_SECRET_ENV: DEV_SECRET}))
+    running = RunningProxy(url, None, runner.app)
+    canaries = {
+        "acme": {upstreams["acme"].canary},
+        "globex": {upstreams["globex"].canary, extra["globex-v2"].canary},
+        "umbrella": {extra["umbrella"].canary},
+        "initech": {extra["initech"].canary},
+    }
+    results: dict[str, list[tuple[int, str]]] = {t: [] for t in canaries}
+    stop = asyncio.Event()
+
+    async def hammer(tenant: str) -> None:
+        while not stop.is_set():
+            status, answer = await call(running, tenant)
+            canary = answer["result"]["structuredContent"]["canary"] if status == 200 else ""
+            results[tenant].append((status, canary))
+
+    try:
+        workers = [asyncio.create_task(hammer(t)) for t in canaries for _ in range(3)]
+        await asyncio.sleep(0.4)
+        after = json.loads(json.dumps(before))
+        after["tenants"].pop("umbrella")
+        after["tenants"]["initech"] = {"upstream": {"url": extra["initech"].url}}
+        after["tenants"]["globex"]["upstream"]["url"] = extra["globex-v2"].url
+        write_config(path, after)
+        assert await reload_config(runner.app)
+        await asyncio.sleep(0.4)
+        stop.set()
+        await asyncio.gather(*workers)
+    finally:
+        await runner.cleanup()
+    for tenant, seen in results.items():
+        for status, canary in seen:
+            assert status in (200, 403), (tenant, status)
+            if status == 200:
+                assert canary in canaries[tenant], (tenant, canary)  # nothing misrouted
+    assert results["acme"] and all(
+        status == 200 for status, _ in results["acme"]
+    )  # unchanged: nothing dropped
+    assert results["globex"][-1] == (200, extra["globex-v2"].canary)  # the new upstream took over
+    assert all(status == 200 for status, _ in results["globex"])
+    assert results["umbrella"][-1][0] == 403  # removed: refused at once
+    assert any(status == 200 for status, _ in results["initech"])  # added while running
+    assert results["initech"][0][0] == 403  # unknown before the reload
+
+
+async def test_an_invalid_reload_keeps_the_old_config_serving(
+    upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}/mcp"
+    path = tmp_path / "proxy.yaml"
+    write_config(
+        path,
+        proxy_config(url, upstreams, tmp_path, rsa_keys, reload={"watch_files": True, "poll_seconds": 0.1}),
+    )
+    runner, _ = await start_server(load_config(path, env={**os.environ, DEV_SECRET_ENV: DEV_SECRET}))
+    running = RunningProxy(url, None, runner.app)
+    try:
+        path.write_text("listen: [this is not a mapping\n")
+        await asyncio.sleep(0.5)  # the file watch notices, validates, refuses
+        assert (await call(running, "acme"))[0] == 200
+        _, _, text = await get(base_url(running) + "/metrics")
+        assert samples(text, "mcp_proxy_config_reloads_total")[(("result", "invalid"),)] >= 1.0
+        assert not await reload_config(runner.app)
+        assert (await call(running, "globex"))[0] == 200
+    finally:
+        await runner.cleanup()
+
+
+# --- SIGTERM -----------------------------------------------------------------------------------
+
+
+async def test_sigterm_while_streaming_drains_closes_streams_and_exits_0(
+    upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/mcp"
+    path = tmp_path / "proxy.yaml"
+    write_config(path, proxy_config(url, upstreams, tmp_path, rsa_keys))
+    env = {**os.environ, DEV_SECRET_ENV: DEV_SECRET}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "run", "--config", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    running = RunningProxy(url, None, None)  # type: ignore[arg-type]
+    try:
+        for _ in range(100):
+            try:
+                if (await get(f"http://127.0.0.1:{port}/healthz"))[0] == 200:
+                    break
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.05)
+        init = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            },
+        }
+        status, headers, _ = await running.post(init, token=running.token("acme"))  # fmt: skip
+        assert status == 200
+        session = headers["Mcp-Session-Id"]
+        auth = {"Authorization": f"Bearer {running.token('acme')}", "Mcp-Session-Id": session,
+                "MCP-Protocol-Version": "2025-11-25"}  # fmt: skip
+        async with aiohttp.ClientSession() as http:
+            stream = await http.get(url, headers={**auth, "Accept": "text/event-stream"})
+            assert stream.status == 200
+            slow_body = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                         "params": {"name": "countdown", "arguments": {"n": 3, "delay": 0.2}}}  # fmt: skip
+            slow = asyncio.create_task(http.post(url, json=slow_body, headers={**auth, "Accept": MCP_ACCEPT}))
+            await asyncio.sleep(0.2)
+            process.send_signal(signal.SIGTERM)
+            rest = await asyncio.wait_for(stream.content.read(), 5)  # the GET stream ends cleanly
+            assert stream.status == 200
+            del rest
+            answer = await asyncio.wait_for(slow, 5)
+            text = await answer.text()
+            assert answer.status == 200
+            assert '"done":3' in text  # the request in flight finished before the exit
+        code = await asyncio.to_thread(process.wait, 15)
+        assert code == 0
+        assert any(
+            r.method == "DELETE" for r in upstreams["acme"].recorder.snapshot()
+        )  # sessions ended upstream
+        log_lines = [
+            json.loads(line) for line in process.stderr.read().decode().splitlines() if line.startswith("{")
+        ]  # type: ignore[union-attr]
+        requests = [line for line in log_lines if line.get("event") == "mcp_request"]
+        assert requests
+        assert all(line.get("request_id") and line.get("tenant") == "acme" for line in requests)
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -1,0 +1,75 @@
+"""Per-tenant limits without sockets: bucket refill, concurrency slots, the breaker's three states."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from proxy.config import LimitsConfig
+from proxy.errors import TooManyRequests, UpstreamUnavailable
+from proxy.limits import CircuitBreaker, Limiter, TenantLimits, TokenBucket
+
+
+def test_bucket_allows_a_burst_then_refills_at_the_rate() -> None:
+    bucket = TokenBucket(rate=2.0, capacity=3.0)
+    now = bucket.updated
+    assert [bucket.take(now) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.take(now) == pytest.approx(0.5)
+    assert bucket.take(now + 0.5) == 0.0
+    assert bucket.take(now + 0.5) > 0
+    assert bucket.take(now + 100) == 0.0  # refill is capped at the capacity
+    assert bucket.tokens == pytest.approx(2.0)
+
+
+def test_breaker_opens_fails_fast_half_opens_and_closes() -> None:
+    breaker = CircuitBreaker(threshold=2, open_seconds=10)
+    breaker.record(False, 0)
+    assert breaker.admit(1) == 0.0
+    breaker.record(False, 1)
+    assert breaker.is_open
+    assert breaker.admit(5) == pytest.approx(6)
+    assert breaker.admit(11.5) == 0.0  # the one trial request
+    assert breaker.admit(11.6) > 0  # nobody else while it runs
+    breaker.record(False, 12)  # the trial failed: open again
+    assert breaker.admit(13) == pytest.approx(9)
+    assert breaker.admit(22.5) == 0.0
+    breaker.record(True, 23)
+    assert not breaker.is_open
+    assert breaker.admit(23) == 0.0
+
+
+def test_tenant_limits_refuse_with_the_right_error_and_release_slots() -> None:
+    limits = TenantLimits(LimitsConfig(max_concurrent=1, circuit_failures=1))
+    limits.admit()
+    with pytest.raises(TooManyRequests) as refused:
+        limits.admit()
+    assert refused.value.data == {"limit": "concurrency"}
+    limits.release()
+    limits.breaker.record(False, time.monotonic())
+    with pytest.raises(UpstreamUnavailable) as failing:
+        limits.admit()
+    assert failing.value.status == 503
+    assert int(failing.value.headers["Retry-After"]) > 0
+
+
+def test_rate_refusal_names_the_limit() -> None:
+    limits = TenantLimits(LimitsConfig(requests_per_second=1, burst=1))
+    limits.admit()
+    with pytest.raises(TooManyRequests) as refused:
+        limits.admit()
+    assert refused.value.data == {"limit": "rate"}
+    assert refused.value.headers["Retry-After"] == "1"
+
+
+def test_limiter_keeps_state_per_tenant_until_settings_change() -> None:
+    limiter = Limiter()
+    settings = LimitsConfig(max_concurrent=1)
+    acme = limiter.of("acme", settings)
+    acme.admit()
+    assert limiter.of("acme", settings) is acme
+    assert limiter.of("globex", settings) is not acme
+    limiter.of("globex", settings).admit()  # another tenant's slot is its own
+    assert limiter.of("acme", LimitsConfig(max_concurrent=2)) is not acme
+    limiter.forget("acme")
+    assert not limiter.circuit_open("acme")
