@@ -46,10 +46,20 @@ async def serve(config: ProxyConfig) -> None:
     log.info(
         "listening", host=config.listen.host, port=port, path=config.listen.path, tenants=len(config.tenants)
     )
+    from proxy.reload import reload_config
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload_soon() -> None:
+        task = asyncio.create_task(reload_config(runner.app))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_soon)
     await stop.wait()
     log.info("draining")
     await runner.cleanup()

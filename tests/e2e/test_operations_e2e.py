@@ -324,3 +324,39 @@ async def test_sigterm_while_streaming_drains_closes_streams_and_exits_0(
     finally:
         if process.poll() is None:
             process.kill()
+
+
+async def test_sighup_reloads_a_running_process(
+    upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/mcp"
+    path = tmp_path / "proxy.yaml"
+    config = proxy_config(url, upstreams, tmp_path, rsa_keys, reload={"watch_files": False})
+    write_config(path, config)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "run", "--config", str(path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, DEV_SECRET_ENV: DEV_SECRET},
+    )  # fmt: skip
+    running = RunningProxy(url, None, None)  # type: ignore[arg-type]
+    try:
+        for _ in range(100):
+            try:
+                if (await get(f"http://127.0.0.1:{port}/healthz"))[0] == 200:
+                    break
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.05)
+        assert (await call(running, "globex"))[0] == 200
+        del config["tenants"]["globex"]
+        write_config(path, config)
+        process.send_signal(signal.SIGHUP)
+        for _ in range(50):
+            status, _ = await call(running, "globex")
+            if status == 403:
+                break
+            await asyncio.sleep(0.05)
+        assert status == 403
+        assert (await call(running, "acme"))[0] == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 15) == 0
