@@ -149,6 +149,10 @@ def create_app(config: ProxyConfig, runtime: Runtime | None = None) -> web.Appli
         handler_args={
             "max_field_size": config.listen.max_header_bytes,
             "max_line_size": config.listen.max_header_bytes,
+            "keepalive_timeout": config.listen.idle_timeout_seconds,
+            # After refusing a body (413, 408), read what is in flight for at most this long so
+            # the client sees the answer, then close: a slow client cannot hold the connection.
+            "lingering_time": 2.0,
         },
     )
     app[RUNTIME] = RuntimeRef(runtime or Runtime.build(config))

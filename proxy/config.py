@@ -97,6 +97,10 @@ class ListenConfig(StrictModel):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    # A connection with no complete request for this long is closed (slow or idle headers).
+    idle_timeout_seconds: float = Field(default=30.0, gt=0)
+    # A request body not fully received in this long gets 408.
+    body_timeout_seconds: float = Field(default=30.0, gt=0)
 
     _check_public_url = field_validator("public_url")(lambda v: None if v is None else _http_url(v))
 

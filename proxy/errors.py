@@ -9,6 +9,7 @@
     │   ├── MissingSession              -32600  400  handshake-era request without Mcp-Session-Id
     │   ├── RequestHeadersTooLarge      -32600  431
     │   ├── BodyTooLarge                -32600  413
+    │   ├── RequestTimeout              -32600  408  the body did not arrive in time
     │   ├── UnsupportedMediaType        -32600  415
     │   └── NotAcceptable               -32600  406
     ├── MethodNotAllowed                -32600  405  (Allow header)
@@ -101,6 +102,11 @@ class RequestHeadersTooLarge(BadRequest):
 class BodyTooLarge(BadRequest):
     status = 413
     default_message = "Request body too large"
+
+
+class RequestTimeout(BadRequest):
+    status = 408
+    default_message = "Request timeout: the request body did not arrive in time"
 
 
 class UnsupportedMediaType(BadRequest):

@@ -29,6 +29,7 @@ from proxy.errors import (
     MissingSession,
     NotAcceptable,
     ProxyError,
+    RequestTimeout,
     UnsupportedMediaType,
     UnsupportedProtocolVersion,
 )
@@ -108,10 +109,14 @@ async def read_message(exchange: Exchange) -> None:
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"Request body too large: the limit is {limit} bytes")
     body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise BodyTooLarge(f"Request body too large: the limit is {limit} bytes")
+    try:
+        async with asyncio.timeout(exchange.runtime.config.listen.body_timeout_seconds):
+            async for chunk in request.content.iter_any():
+                body += chunk
+                if len(body) > limit:
+                    raise BodyTooLarge(f"Request body too large: the limit is {limit} bytes")
+    except TimeoutError:
+        raise RequestTimeout() from None
     exchange.message = parse_message(bytes(body))
 
 

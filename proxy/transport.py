@@ -61,12 +61,15 @@ def error_reply(exchange: Exchange, error: ProxyError) -> web.Response:
         exchange.outcome = "denied" if error.status in (401, 403) else "error"
     exchange.error_code = error.code
     exchange.status = error.status
-    return web.Response(
+    response = web.Response(
         status=error.status,
         body=dumps(error.to_jsonrpc(exchange.request_id)),
         content_type=JSON,
         headers={**NO_STORE, **error.headers},
     )
+    if error.status in (408, 413):  # the rest of the body is unread: close rather than drain it
+        response.force_close()
+    return response
 
 
 async def _handle(request: web.Request, stages: Sequence[Stage]) -> web.StreamResponse:

@@ -129,7 +129,11 @@ def proxy_config(
     )
     for tenant in upstreams:
         data["tenants"][tenant]["upstream"]["headers"] = {"Authorization": f"Bearer upstream-secret-{tenant}"}
-    data.update(overrides)
+    for key, value in overrides.items():
+        if key == "listen":  # listen keeps its address: only the given keys change
+            data["listen"].update(value)
+        else:
+            data[key] = value
     return data
 
 
