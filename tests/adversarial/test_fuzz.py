@@ -293,7 +293,6 @@ def test_no_request_crosses_tenants_or_breaks_the_proxy(
         forwarded = json.loads(sent)
         for value in tenant_arguments(forwarded.get("params", {}).get("arguments")):
             assert value == "acme", forwarded
-        assert "globex" not in json.dumps(forwarded.get("params", {}).get("arguments"))
 
 
 def test_the_fuzzer_reached_the_upstream(world: World) -> None:
