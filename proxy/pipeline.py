@@ -195,9 +195,13 @@ async def bind_session(exchange: Exchange) -> None:
     registry = exchange.services.sessions
     if session_id is None:  # initialize
         registry.reserve(ctx)
+        exchange.session_reserved = True
         return
     session = registry.lookup(session_id, ctx)
     exchange.session = session
+    if exchange.request.method == "POST":
+        session.busy += 1
+        exchange.holds_session = True
     if exchange.protocol_version is None:
         exchange.protocol_version = session.protocol_version
     message = exchange.message

@@ -119,6 +119,8 @@ class ServerMessages:
         exchange = self.exchange
         request = exchange.message
         assert request is not None
+        if exchange.session is not None:
+            exchange.session.answered(request.id)
         if "error" in message or not isinstance(message.get("result"), dict):
             exchange.outcome = "error"
             error = sanitize_error(message.get("error"))
@@ -177,6 +179,13 @@ def finish(exchange: Exchange) -> None:
     if exchange.limits is not None:
         exchange.limits.release()
         exchange.limits = None
+    if exchange.session_reserved and exchange.ctx is not None:
+        services.sessions.release(exchange.ctx.tenant)  # the initialize made no session
+        exchange.session_reserved = False
+    if exchange.holds_session and exchange.session is not None:
+        exchange.session.busy -= 1
+        exchange.session.last_seen = time.monotonic()
+        exchange.holds_session = False
     services.audit.record(exchange)
     _measure(exchange)
     message = exchange.message

@@ -11,10 +11,10 @@ import hashlib
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from proxy.errors import SessionNotFound, TooManyRequests
+from proxy.jsonrpc import Message
 from proxy.types import RequestId, TenantContext
 
 MAX_EVENT_IDS = 1024
@@ -37,7 +37,17 @@ class Session:
     next_event: int = 0
     # Ids of server-to-client requests relayed to this session and not answered yet.
     pending_server_requests: OrderedDict[RequestId, None] = field(default_factory=OrderedDict)
+    # Client requests forwarded upstream and not answered yet: an answer replayed on a resumed GET
+    # stream (the POST stream was lost) is delivered as the answer to that request.
+    forwarded: OrderedDict[RequestId, Message] = field(default_factory=OrderedDict)
     get_stream_open: bool = False
+    busy: int = 0  # requests in flight: a session answering one is never idle
+
+    def idle_for(self, now: float) -> float:
+        """Seconds since the session last did anything; 0 while it is busy or streaming."""
+        if self.busy or self.get_stream_open:
+            return 0.0
+        return now - self.last_seen
 
     @property
     def audit_id(self) -> str:
@@ -67,8 +77,15 @@ class Session:
         """True (and forgotten) when request_id is a server request this session still owes an answer."""
         return self.pending_server_requests.pop(request_id, False) is None
 
+    def forward(self, request: Message) -> None:
+        if request.id is not None:
+            self.forwarded[request.id] = request
+            if len(self.forwarded) > MAX_PENDING_SERVER_REQUESTS:
+                self.forwarded.popitem(last=False)
 
-SessionCloser = Callable[[Session], Awaitable[None]]
+    def answered(self, request_id: RequestId | None) -> None:
+        if request_id is not None:
+            self.forwarded.pop(request_id, None)
 
 
 class SessionRegistry:
@@ -79,6 +96,7 @@ class SessionRegistry:
         self.max_per_tenant = max_per_tenant
         self._sessions: dict[str, Session] = {}
         self._per_tenant: dict[str, int] = {}
+        self._reserved: dict[str, int] = {}  # initializes on their way upstream, per tenant
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -87,13 +105,23 @@ class SessionRegistry:
         return self._per_tenant.get(tenant, 0)
 
     def reserve(self, ctx: TenantContext) -> None:
-        """Refuse early (before any upstream call) when the tenant is at its session cap."""
-        if self.count(ctx.tenant) >= self.max_per_tenant:
+        """Hold a place under the tenant's cap for an initialize, before any upstream call; the
+        place becomes the session (`create`) or is given back (`release`)."""
+        reserved = self._reserved.get(ctx.tenant, 0)
+        if self.count(ctx.tenant) + reserved >= self.max_per_tenant:
             raise TooManyRequests(
                 "Too many sessions: this tenant has reached its limit of open sessions; "
                 "end an unused session (DELETE) or retry later",
                 headers={"Retry-After": "30"},
             )
+        self._reserved[ctx.tenant] = reserved + 1
+
+    def release(self, tenant: str) -> None:
+        reserved = self._reserved.get(tenant, 0) - 1
+        if reserved > 0:
+            self._reserved[tenant] = reserved
+        else:
+            self._reserved.pop(tenant, None)
 
     def create(
         self,
@@ -102,7 +130,8 @@ class SessionRegistry:
         upstream_identity: str,
         upstream_session_id: str | None,
     ) -> Session:
-        self.reserve(ctx)
+        """The session for an initialize that reserved its place."""
+        self.release(ctx.tenant)
         session = Session(
             id=secrets.token_urlsafe(24),
             tenant=ctx.tenant,
@@ -126,7 +155,7 @@ class SessionRegistry:
         ):
             raise SessionNotFound()
         now = time.monotonic()
-        if not session.get_stream_open and now - session.last_seen > self.idle_timeout_seconds:
+        if session.idle_for(now) > self.idle_timeout_seconds:
             raise SessionNotFound()
         session.last_seen = now
         return session
@@ -142,11 +171,7 @@ class SessionRegistry:
 
     def expired(self, now: float | None = None) -> list[Session]:
         moment = time.monotonic() if now is None else now
-        return [
-            s
-            for s in self._sessions.values()
-            if not s.get_stream_open and moment - s.last_seen > self.idle_timeout_seconds
-        ]
+        return [s for s in self._sessions.values() if s.idle_for(moment) > self.idle_timeout_seconds]
 
     def of_tenant(self, tenant: str) -> list[Session]:
         return [s for s in self._sessions.values() if s.tenant == tenant]

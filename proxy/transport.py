@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import TypeVar
@@ -127,6 +128,8 @@ async def forward_post(exchange: Exchange) -> web.StreamResponse:
     headers = _upstream_headers(exchange, ACCEPT_BOTH)
     headers["Content-Type"] = JSON
     exchange.upstream_contacted = True
+    if exchange.session is not None and message.kind is Kind.REQUEST:
+        exchange.session.forward(message)
     started = time.perf_counter()
     try:
         response = await tenant.upstream.send(UpstreamRequest("POST", headers, dumps(message.body)))
@@ -237,6 +240,7 @@ async def _relay_initialize(exchange: Exchange, response: UpstreamResponse) -> w
         exchange.tenant.upstream.identity,
         response.session_id,
     )
+    exchange.session_reserved = False
     out = messages.process(answer)  # settles the version the server chose
     assert out is not None
     return web.Response(
@@ -343,7 +347,7 @@ async def relay_get(exchange: Exchange) -> web.StreamResponse:
                         await stream.write(KEEPALIVE_BYTES)
                         continue
                     event_id = session.issue_event_id(item.id)
-                    out = messages.process(_parse_upstream(item.data)) if item.data else None
+                    out = _resumable(exchange, messages, _parse_upstream(item.data)) if item.data else None
                     if out is not None or event_id is not None:
                         await stream.write(encode_event(out or b"", event_id, item.retry))
             except ProxyError as error:
@@ -354,6 +358,20 @@ async def relay_get(exchange: Exchange) -> web.StreamResponse:
             response.close()
     finally:
         session.get_stream_open = False
+
+
+def _resumable(exchange: Exchange, messages: ServerMessages, message: JsonObject) -> bytes | None:
+    """A message on the GET stream; an answer to a request of this session whose own stream was
+    lost (replayed on resumption) is delivered as that request's answer."""
+    session = exchange.session
+    request = (
+        session.forwarded.get(message["id"])
+        if session and "method" not in message and "id" in message
+        else None
+    )
+    if request is not None:
+        return ServerMessages(dataclasses.replace(exchange, message=request)).process(message)
+    return messages.process(message)
 
 
 async def _until(events: AsyncIterator[T], stop: asyncio.Event) -> AsyncIterator[T]:

@@ -72,6 +72,8 @@ class Exchange:
     limits: TenantLimits | None = None  # holds a concurrency slot until the exchange ends
     upstream_seconds: float = 0.0  # time spent waiting for the upstream
     upstream_contacted: bool = False
+    session_reserved: bool = False  # an initialize holds a place under the session cap
+    holds_session: bool = False  # a request in flight on `session` (it is not idle meanwhile)
     status: int = 200
     reply: web.StreamResponse | None = None
     # What happened, for audit and metrics.

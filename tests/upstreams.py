@@ -209,3 +209,89 @@ def start_notes_upstream(runner: UpstreamThread, tenant: str, canary: str) -> Up
     port = free_port()
     runner.serve(recorder, port)
     return Upstream(tenant, canary, port, recorder)
+
+
+# --- helpers for the concurrency and ownership suites ---------------------------------------------
+
+
+class MemoryEventStore:
+    """An SDK EventStore in memory, so an upstream's SSE streams are resumable with Last-Event-ID.
+
+    Its ids ("up-N") differ from the proxy's own. It lives on the upstream thread's loop only.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, Any]] = []
+
+    async def store_event(self, stream_id: str, message: Any) -> str:
+        event_id = f"up-{len(self.events) + 1}"
+        self.events.append((event_id, stream_id, message))
+        return event_id
+
+    async def replay_events_after(self, last_event_id: str, send_callback: Any) -> str | None:
+        from mcp.server.streamable_http import EventMessage
+
+        ids = [event[0] for event in self.events]
+        if last_event_id not in ids:
+            return None
+        position = ids.index(last_event_id)
+        stream = self.events[position][1]
+        for event_id, stream_id, message in self.events[position + 1 :]:
+            if stream_id == stream and message is not None:
+                await send_callback(EventMessage(message, event_id))
+        return stream
+
+
+class Delayed:
+    """ASGI middleware that holds every POST for `delay` seconds before the app sees it."""
+
+    def __init__(self, app: ASGIApp, delay: float) -> None:
+        self.app = app
+        self.delay = delay
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            await anyio.sleep(self.delay)
+        await self.app(scope, receive, send)
+
+
+def add_notification_tools(server: MCPServer) -> None:
+    """A tool whose notifications carry a caller-chosen marker, on both of a session's channels."""
+    from mcp_types import LoggingMessageNotification, LoggingMessageNotificationParams
+
+    def log_message(text: str) -> LoggingMessageNotification:
+        return LoggingMessageNotification(params=LoggingMessageNotificationParams(level="info", data=text))
+
+    @server.tool()
+    async def announce(marker: str, ctx: Context) -> dict[str, Any]:
+        """Progress and a log message on this request's stream, and a log message on the session's
+        standalone (GET) stream, each naming `marker`."""
+        session = ctx.request_context.session
+        await ctx.report_progress(1, 1, f"progress {marker}")
+        request_log = log_message(f"request-log {marker}")
+        await session.send_notification(request_log, related_request_id=ctx.request_id)
+        await session.send_notification(log_message(f"session-log {marker}"))
+        return {"marker": marker}
+
+
+def start_test_upstream(
+    runner: UpstreamThread,
+    tenant: str,
+    canary: str,
+    *,
+    resumable: bool = False,
+    post_delay: float = 0.0,
+) -> Upstream:
+    """A notes upstream with every test tool; optionally resumable (event store) or slow to answer POSTs."""
+    server = build_notes_server(tenant, canary)
+    add_test_tools(server, canary)
+    add_notification_tools(server)
+    app: ASGIApp = server.streamable_http_app(
+        host="127.0.0.1", event_store=MemoryEventStore() if resumable else None
+    )
+    if post_delay:
+        app = Delayed(app, post_delay)
+    recorder = Recorder(app)
+    port = free_port()
+    runner.serve(recorder, port)
+    return Upstream(tenant, canary, port, recorder)

@@ -20,7 +20,10 @@ def registry(idle: float = 60.0, cap: int = 10) -> SessionRegistry:
 
 
 def new(reg: SessionRegistry, who: TenantContext | None = None) -> Session:
-    return reg.create(who or ctx(), "2025-11-25", "http://upstream/mcp", "upstream-sid")
+    """An initialize as the proxy runs it: a place under the cap first, then the session."""
+    caller = who or ctx()
+    reg.reserve(caller)
+    return reg.create(caller, "2025-11-25", "http://upstream/mcp", "upstream-sid")
 
 
 # --- creation and binding ---------------------------------------------------------------------------
@@ -258,3 +261,29 @@ def test_pending_answers_are_bounded() -> None:
     assert session.take_answer(4) is False
     assert session.take_answer(5) is True
     assert session.take_answer(MAX_PENDING_SERVER_REQUESTS + 4) is True
+
+
+def test_reservations_count_against_the_cap_until_created_or_released() -> None:
+    reg = registry(cap=2)
+    reg.reserve(ctx("acme", "a"))
+    reg.reserve(ctx("acme", "b"))
+    with pytest.raises(TooManyRequests):
+        reg.reserve(ctx("acme", "c"))  # two initializes on their way upstream fill the cap
+    reg.release("acme")  # one failed upstream: its place is free again
+    reg.reserve(ctx("acme", "c"))
+    reg.create(ctx("acme", "a"), "2025-11-25", "u", None)
+    assert reg.count("acme") == 1
+    with pytest.raises(TooManyRequests):
+        reg.reserve(ctx("acme", "d"))
+
+
+def test_a_busy_session_is_never_idle() -> None:
+    reg = registry(idle=0.05)
+    session = new(reg)
+    session.busy = 1
+    time.sleep(0.08)
+    assert reg.expired() == []
+    assert reg.lookup(session.id, ctx()) is session
+    session.busy = 0
+    time.sleep(0.08)
+    assert reg.expired() == [session]
