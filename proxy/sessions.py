@@ -27,9 +27,7 @@ class Session:
     tenant: str
     subject: str
     protocol_version: str
-    upstream_identity: str
     upstream_session_id: str | None = None
-    created_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     closed: bool = False
     # SSE event ids the proxy issued on this session -> the upstream's event id, for resumption.
@@ -127,7 +125,6 @@ class SessionRegistry:
         self,
         ctx: TenantContext,
         protocol_version: str,
-        upstream_identity: str,
         upstream_session_id: str | None,
     ) -> Session:
         """The session for an initialize that reserved its place."""
@@ -137,7 +134,6 @@ class SessionRegistry:
             tenant=ctx.tenant,
             subject=ctx.subject,
             protocol_version=protocol_version,
-            upstream_identity=upstream_identity,
             upstream_session_id=upstream_session_id,
         )
         self._sessions[session.id] = session

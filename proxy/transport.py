@@ -237,7 +237,6 @@ async def _relay_initialize(exchange: Exchange, response: UpstreamResponse) -> w
     exchange.session = exchange.services.sessions.create(
         exchange.ctx,
         requested if isinstance(requested, str) else DEFAULT_HANDSHAKE_VERSION,
-        exchange.tenant.upstream.identity,
         response.session_id,
     )
     exchange.session_reserved = False

@@ -23,7 +23,7 @@ def new(reg: SessionRegistry, who: TenantContext | None = None) -> Session:
     """An initialize as the proxy runs it: a place under the cap first, then the session."""
     caller = who or ctx()
     reg.reserve(caller)
-    return reg.create(caller, "2025-11-25", "http://upstream/mcp", "upstream-sid")
+    return reg.create(caller, "2025-11-25", "upstream-sid")
 
 
 # --- creation and binding ---------------------------------------------------------------------------
@@ -271,7 +271,7 @@ def test_reservations_count_against_the_cap_until_created_or_released() -> None:
         reg.reserve(ctx("acme", "c"))  # two initializes on their way upstream fill the cap
     reg.release("acme")  # one failed upstream: its place is free again
     reg.reserve(ctx("acme", "c"))
-    reg.create(ctx("acme", "a"), "2025-11-25", "u", None)
+    reg.create(ctx("acme", "a"), "2025-11-25", None)
     assert reg.count("acme") == 1
     with pytest.raises(TooManyRequests):
         reg.reserve(ctx("acme", "d"))
