@@ -172,6 +172,9 @@ class UpstreamConfig(StrictModel):
     connect_timeout_seconds: float = Field(default=5.0, gt=0)
     read_timeout_seconds: float = Field(default=300.0, gt=0)
     max_connections: int = Field(default=100, ge=1)
+    # Idle upstream connections are dropped after this long: below the upstream's own keep-alive
+    # (uvicorn's is 5 s), so a request never goes out on a connection the server is closing.
+    keepalive_seconds: float = Field(default=4.0, gt=0)
     command: tuple[str, ...] | None = Field(default=None, min_length=1)
     env: dict[str, str] = Field(default_factory=dict)
     cwd: Path | None = None

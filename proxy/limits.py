@@ -59,6 +59,10 @@ class CircuitBreaker:
         self.trial_running = True
         return 0.0
 
+    def abandon(self) -> None:
+        """A trial request ended without an upstream verdict (client gone): let another try."""
+        self.trial_running = False
+
     def record(self, success: bool, now: float) -> None:
         if success:
             self.failures, self.opened_at, self.trial_running = 0, None, False
@@ -77,16 +81,24 @@ class TenantLimits:
         self.in_flight = 0
         self.breaker = CircuitBreaker(settings.circuit_failures, settings.circuit_open_seconds)
 
-    def admit(self) -> None:
-        """Take a slot for one request, or refuse it (no upstream call)."""
-        now = time.monotonic()
-        wait = self.breaker.admit(now) if self.settings.circuit_failures else 0.0
+    def admit_upstream(self) -> bool:
+        """Checked where the upstream call is made (after policy and cache, which answer locally):
+        refuse it while the tenant's circuit is open. True when this call is the half-open trial."""
+        if not self.settings.circuit_failures:
+            return False
+        trial = self.breaker.is_open
+        wait = self.breaker.admit(time.monotonic())
         if wait:
             raise UpstreamUnavailable(
                 "The upstream MCP server is failing; requests are refused for a while (circuit open)",
                 data={"limit": "circuit"},
                 headers={"Retry-After": str(math.ceil(wait))},
             )
+        return trial
+
+    def admit(self) -> None:
+        """Take a slot for one request, or refuse it (no upstream call)."""
+        now = time.monotonic()
         if self.bucket is not None:
             wait = self.bucket.take(now)
             if wait:

@@ -125,40 +125,51 @@ def _parse_upstream(raw: bytes | str) -> JsonObject:
 async def forward_post(exchange: Exchange) -> web.StreamResponse:
     message, tenant = exchange.message, exchange.tenant
     assert message is not None and tenant is not None
+    limits = exchange.limits
+    trial = False
+    if limits is not None:
+        try:
+            trial = limits.admit_upstream()
+        except ProxyError:
+            exchange.services.metrics.limited.labels(tenant.id, "circuit").inc()
+            raise
     headers = _upstream_headers(exchange, ACCEPT_BOTH)
     headers["Content-Type"] = JSON
     exchange.upstream_contacted = True
     if exchange.session is not None and message.kind is Kind.REQUEST:
         exchange.session.forward(message)
     started = time.perf_counter()
+    verdict: bool | None = None  # what the circuit breaker learns; None: nothing (client gone)
     try:
-        response = await tenant.upstream.send(UpstreamRequest("POST", headers, dumps(message.body)))
+        try:
+            response = await tenant.upstream.send(UpstreamRequest("POST", headers, dumps(message.body)))
+        finally:
+            exchange.upstream_seconds += time.perf_counter() - started
+        try:
+            reply = await _relay_post(exchange, response)
+        finally:
+            response.close()
+        verdict = exchange.error_code not in _UPSTREAM_FAILURES and response.status < 500
+        return reply
     except UpstreamError:
-        _record_upstream(exchange, success=False)
+        verdict = False
         raise
     finally:
-        exchange.upstream_seconds += time.perf_counter() - started
-    try:
-        reply = await _relay_post(exchange, response)
-    except UpstreamError:
-        _record_upstream(exchange, success=False)
-        raise
-    finally:
-        response.close()
-    _record_upstream(
-        exchange, success=exchange.error_code not in _UPSTREAM_FAILURES and response.status < 500
-    )
-    return reply
+        _record_upstream(exchange, verdict, trial)
 
 
 _UPSTREAM_FAILURES = frozenset({UpstreamError.code, UpstreamTimeout.code})
 
 
-def _record_upstream(exchange: Exchange, success: bool) -> None:
+def _record_upstream(exchange: Exchange, success: bool | None, trial: bool) -> None:
     """What the tenant's circuit breaker and metrics learn from one upstream exchange."""
-    if exchange.limits is not None and exchange.limits.settings.circuit_failures:
-        exchange.limits.breaker.record(success, time.monotonic())
-    if not success and exchange.ctx is not None:
+    limits = exchange.limits
+    if limits is not None and limits.settings.circuit_failures:
+        if success is not None:
+            limits.breaker.record(success, time.monotonic())
+        elif trial:  # the trial ended without a verdict (client gone): let another request try
+            limits.breaker.abandon()
+    if success is False and exchange.ctx is not None:
         kind = "timeout" if exchange.error_code == UpstreamTimeout.code else "error"
         exchange.services.metrics.upstream_errors.labels(exchange.ctx.tenant, kind).inc()
 

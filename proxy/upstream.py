@@ -116,7 +116,11 @@ class HttpUpstream:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=60),
+                connector=aiohttp.TCPConnector(
+                    limit=self.config.max_connections,
+                    keepalive_timeout=self.config.keepalive_seconds,
+                    ttl_dns_cache=60,
+                ),
                 cookie_jar=aiohttp.DummyCookieJar(),
                 timeout=self._timeout,
                 auto_decompress=True,

@@ -177,3 +177,12 @@ async def make_proxy(tmp_path: Path, rsa_keys: RsaKeys) -> AsyncIterator[StartPr
 async def proxy(upstreams: dict[str, Any], make_proxy: StartProxy) -> RunningProxy:
     """A running proxy in front of the two tenants' own upstreams, no policy."""
     return await make_proxy(upstreams)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak-seconds",
+        type=float,
+        default=25.0,
+        help="how long the soak test (pytest -m soak) keeps its clients busy (default: 25)",
+    )

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
@@ -295,3 +298,70 @@ def start_test_upstream(
     port = free_port()
     runner.serve(recorder, port)
     return Upstream(tenant, canary, port, recorder)
+
+
+# --- an upstream in a process of its own, so that a test can kill it for real ---------------------
+
+
+def serve_test_upstream(tenant: str, canary: str, port: int) -> None:
+    """start_test_upstream(resumable=True)'s server, in the foreground of this process."""
+    server = build_notes_server(tenant, canary)
+    add_test_tools(server, canary)
+    add_notification_tools(server)
+    app = server.streamable_http_app(host="127.0.0.1", event_store=MemoryEventStore())
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", ws="none")
+
+
+@dataclass
+class UpstreamProcess:
+    """A resumable notes upstream with every test tool, run by `python -m tests.upstreams` in a child
+    process: `kill()` is a SIGKILL (the kernel drops its connections, nothing shuts down cleanly)
+    and `start()` brings a fresh process (no notes, no sessions) up on the same port."""
+
+    tenant: str
+    canary: str
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it to listen (see `wait_until_listening`)."""
+        assert self.process is None or self.process.poll() is not None, "already running"
+        root = Path(__file__).resolve().parent.parent
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.upstreams", self.tenant, self.canary, str(self.port)],
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def wait_until_listening(self, timeout: float = 30.0) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"upstream process exited with {self.process.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("upstream process did not start listening") from None
+                time.sleep(0.05)
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.spawn()
+        self.wait_until_listening(timeout)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+if __name__ == "__main__":  # python -m tests.upstreams TENANT CANARY PORT
+    serve_test_upstream(sys.argv[1], sys.argv[2], int(sys.argv[3]))

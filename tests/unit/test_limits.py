@@ -46,11 +46,24 @@ def test_tenant_limits_refuse_with_the_right_error_and_release_slots() -> None:
         limits.admit()
     assert refused.value.data == {"limit": "concurrency"}
     limits.release()
+    limits.admit()  # the circuit is not the gate here: it is checked where the upstream call is made
+    assert limits.admit_upstream() is False
     limits.breaker.record(False, time.monotonic())
     with pytest.raises(UpstreamUnavailable) as failing:
-        limits.admit()
+        limits.admit_upstream()
     assert failing.value.status == 503
     assert int(failing.value.headers["Retry-After"]) > 0
+
+
+def test_an_unused_trial_gives_its_place_back() -> None:
+    limits = TenantLimits(LimitsConfig(circuit_failures=1, circuit_open_seconds=0.01))
+    limits.breaker.record(False, time.monotonic())
+    time.sleep(0.02)
+    assert limits.admit_upstream() is True  # the half-open trial
+    with pytest.raises(UpstreamUnavailable):
+        limits.admit_upstream()  # nobody else while it runs
+    limits.breaker.abandon()  # its client went away before any verdict
+    assert limits.admit_upstream() is True
 
 
 def test_rate_refusal_names_the_limit() -> None:
