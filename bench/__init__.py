@@ -1,0 +1,1 @@
+"""Benchmark harness for mcp-tenant-proxy: `python -m bench.run` (see bench/README.md)."""
