@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import re
-import uuid
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import structlog
@@ -24,27 +25,20 @@ from proxy.transport import REQUEST_ID, RUNTIME, SERVICES, end_upstream_session,
 log = structlog.get_logger("proxy.app")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Request ids: a random prefix per process and a counter (unique, and no syscall per request).
+_ID_PREFIX = secrets.token_hex(4)
+_ids = itertools.count(1)
 
 
 @web.middleware
-async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A request id on every log line (the client's X-Request-Id when well-formed) and on the answer."""
+async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request: a request id on each log line (the client's X-Request-Id when well-formed,
+    echoed in the answer), and whatever goes wrong a JSON-RPC error body, never a traceback."""
     offered = request.headers.get("X-Request-Id", "")
-    request_id = offered if _REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex[:16]
+    request_id = offered if _REQUEST_ID.fullmatch(offered) else f"{_ID_PREFIX}{next(_ids):x}"
     request[REQUEST_ID] = request_id
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
-    return await handler(request)
-
-
-async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    if REQUEST_ID in request:
-        response.headers["X-Request-Id"] = request[REQUEST_ID]
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Whatever goes wrong, the client gets a JSON-RPC error body, never a traceback."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -65,6 +59,11 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         log.exception("unhandled_error", path=request.path)
         body = error_body(None, -32603, "Internal proxy error")
         return web.Response(status=500, body=dumps(body), content_type="application/json")
+
+
+async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    if REQUEST_ID in request:
+        response.headers["X-Request-Id"] = request[REQUEST_ID]
 
 
 async def protected_resource_metadata(request: web.Request) -> web.Response:
@@ -144,7 +143,7 @@ async def _begin_shutdown(app: web.Application) -> None:
 
 def create_app(config: ProxyConfig, runtime: Runtime | None = None) -> web.Application:
     app = web.Application(
-        middlewares=[request_context, json_errors],
+        middlewares=[edge],
         client_max_size=config.listen.max_body_bytes,
         handler_args={
             "max_field_size": config.listen.max_header_bytes,

@@ -13,6 +13,8 @@ of backups. The last records of each tenant are also kept in memory for `proxy_r
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import logging.handlers
 import os
@@ -23,7 +25,7 @@ from collections import deque
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import structlog
 
@@ -32,41 +34,75 @@ from proxy.types import Exchange, JsonObject
 MAX_ARGUMENT_KEYS: Final = 50
 MAX_KEY_CHARS: Final = 64
 RECENT_PER_TENANT: Final = 200
+BATCH_SECONDS: Final = 0.05
 _render = structlog.processors.JSONRenderer(sort_keys=False)
 
 
-def argument_keys(arguments: Any) -> list[str]:
-    """The top-level argument names (never their values), bounded in number and length."""
+def _argument_names(arguments: Any) -> tuple[str, ...]:
+    """The top-level argument names (never their values), bounded in number."""
     if not isinstance(arguments, dict):
-        return []
-    return [str(key)[:MAX_KEY_CHARS] for key in list(arguments)[:MAX_ARGUMENT_KEYS]]
+        return ()
+    return tuple(itertools.islice(arguments, MAX_ARGUMENT_KEYS))
 
 
-def summarize(exchange: Exchange) -> JsonObject | None:
+class AuditRecord(NamedTuple):
+    """One request's summary. Built on the event loop as a tuple; turned into the JSON line (or the
+    dict proxy_recent_activity shows) only when needed, off the request's path."""
+
+    ts: float
+    tenant: str
+    subject: str
+    session: str | None
+    era: str | None
+    http_method: str
+    method: str | None
+    name: str | None
+    argument_names: tuple[str, ...]  # never the values: they are not even kept in memory
+    outcome: str
+    cache: str
+    error_code: int | None
+    result_bytes: int
+    result_sha256: str | None
+    duration_ms: float
+
+    def as_dict(self) -> JsonObject:
+        record = self._asdict()
+        record["ts"] = datetime.fromtimestamp(self.ts, UTC).isoformat(timespec="milliseconds")
+        del record["argument_names"]
+        record["argument_keys"] = [name[:MAX_KEY_CHARS] for name in self.argument_names]
+        return {key: record[key] for key in _FIELD_ORDER}
+
+
+_FIELD_ORDER = (
+    "ts", "tenant", "subject", "session", "era", "http_method", "method", "name", "argument_keys",
+    "outcome", "cache", "error_code", "result_bytes", "result_sha256", "duration_ms",
+)  # fmt: skip
+
+
+def summarize(exchange: Exchange) -> AuditRecord | None:
     """The audit record of one exchange, or None when no tenant was established."""
     ctx = exchange.ctx
     if ctx is None:
         return None
     message = exchange.message
-    params = message.params if message is not None else {}
     name = message.name if message is not None else None
-    return {
-        "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        "tenant": ctx.tenant,
-        "subject": ctx.subject,
-        "session": exchange.session.audit_id if exchange.session is not None else None,
-        "era": exchange.era.value if exchange.era is not None else None,
-        "http_method": exchange.request.method,
-        "method": message.method if message is not None else None,
-        "name": name[:256] if name is not None else None,
-        "argument_keys": argument_keys(params.get("arguments")),
-        "outcome": exchange.outcome,
-        "cache": exchange.cache_state,
-        "error_code": exchange.error_code,
-        "result_bytes": exchange.result_bytes,
-        "result_sha256": exchange.result_sha256,
-        "duration_ms": round((time.perf_counter() - exchange.started) * 1000, 3),
-    }
+    return AuditRecord(
+        time.time(),
+        ctx.tenant,
+        ctx.subject,
+        exchange.session.audit_id if exchange.session is not None else None,
+        exchange.era.value if exchange.era is not None else None,
+        exchange.request.method,
+        message.method if message is not None else None,
+        name[:256] if name is not None else None,
+        _argument_names(message.params.get("arguments") if message is not None else None),
+        exchange.outcome,
+        exchange.cache_state,
+        exchange.error_code,
+        exchange.result_bytes,
+        exchange.result_sha256,
+        round((time.perf_counter() - exchange.started) * 1000, 3),
+    )
 
 
 class AuditLog:
@@ -74,9 +110,10 @@ class AuditLog:
         self.directory = directory
         self.max_file_bytes = max_file_bytes
         self.backups = backups
-        self._recent: dict[str, deque[JsonObject]] = {}
-        # A line for a tenant's file; an Event to set once all before it is written; None: stop.
-        self._queue: queue.SimpleQueue[tuple[str, str] | threading.Event | None] = queue.SimpleQueue()
+        self._recent: dict[str, deque[AuditRecord]] = {}
+        # A batch of records; an Event to set once all before it is written; None: stop.
+        self._queue: queue.SimpleQueue[list[AuditRecord] | threading.Event | None] = queue.SimpleQueue()
+        self._pending: list[AuditRecord] = []  # records of the last moments, handed over in one batch
         self._handlers: dict[str, logging.handlers.RotatingFileHandler] = {}
         self._thread: threading.Thread | None = None
         if directory is not None:
@@ -88,16 +125,26 @@ class AuditLog:
         summary = summarize(exchange)
         if summary is None:
             return
-        tenant = summary["tenant"]
-        self._recent.setdefault(tenant, deque(maxlen=RECENT_PER_TENANT)).append(summary)
-        if self._thread is not None:
-            line = _render(None, "", dict(summary))
-            self._queue.put((tenant, line if isinstance(line, str) else line.decode()))
+        self._recent.setdefault(summary.tenant, deque(maxlen=RECENT_PER_TENANT)).append(summary)
+        if self._thread is None:
+            return
+        self._pending.append(summary)
+        if len(self._pending) == 1:  # the first of a batch: hand the batch over shortly
+            try:
+                asyncio.get_running_loop().call_later(BATCH_SECONDS, self._hand_over)
+            except RuntimeError:  # no event loop (a script, a test): hand over at once
+                self._hand_over()
+
+    def _hand_over(self) -> None:
+        """One wake-up of the writer per batch, not per request (rendering happens over there)."""
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._queue.put(batch)
 
     def recent(self, tenant: str, limit: int) -> list[JsonObject]:
         """The tenant's own latest records, newest first."""
         records = self._recent.get(tenant, ())
-        return list(reversed(list(records)[-limit:]))
+        return [record.as_dict() for record in reversed(list(records)[-limit:])]
 
     def forget(self, tenants: Iterable[str]) -> None:
         for tenant in tenants:
@@ -107,11 +154,13 @@ class AuditLog:
         """Wait until every record queued so far is on disk."""
         if self._thread is None:
             return
+        self._hand_over()
         written = threading.Event()
         self._queue.put(written)
         written.wait(timeout)
 
     def close(self) -> None:
+        self._hand_over()
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout=10)
@@ -125,11 +174,14 @@ class AuditLog:
             if isinstance(item, threading.Event):
                 item.set()
                 continue
-            tenant, line = item
-            try:
-                self._handler(tenant).emit(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
-            except Exception:  # a full disk must not take the proxy down; the operator log says so
-                structlog.get_logger("proxy.audit").exception("audit_write_failed", tenant=tenant)
+            for summary in item:
+                tenant = summary.tenant
+                line = _render(None, "", summary.as_dict())
+                text = line if isinstance(line, str) else line.decode()
+                try:
+                    self._handler(tenant).emit(logging.makeLogRecord({"msg": text, "levelno": logging.INFO}))
+                except Exception:  # a full disk must not take the proxy down; the operator log says so
+                    structlog.get_logger("proxy.audit").exception("audit_write_failed", tenant=tenant)
         for handler in self._handlers.values():
             handler.close()
 

@@ -19,6 +19,7 @@ import asyncio
 import os
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from proxy.types import JsonObject, TenantContext
 
 MIN_HMAC_SECRET_BYTES = 32
 MAX_TOKEN_CHARS = 8192
+VERIFIED_TOKENS_KEPT = 10_000
 # Header parameters that point at keys chosen by the token's author: never honoured, always refused.
 _KEY_POINTING_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c"})
 _TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
@@ -88,6 +90,11 @@ class JwksKeys:
             return None
         return next((key for key in jwk_set.keys if key.key_id == kid), None)
 
+    def holds(self, kid: str, key: Any) -> bool:
+        """Whether `key` is still the issuer's key `kid` in its current (unexpired) key set."""
+        current = self._cached(kid)
+        return current is not None and current.key is key
+
     async def key_for(self, kid: str) -> Any:
         """The key with this kid, or None when the JWKS has none (or cannot be had at all)."""
         key = self._cached(kid)
@@ -130,6 +137,8 @@ class Authenticator:
         self._tenants = frozenset(config.tenants)
         self._static_keys: dict[str, Any] = {}
         self._jwks: dict[str, JwksKeys] = {}
+        # token -> (caller, valid until, (kid, key) for a JWKS issuer): verified tokens, newest last
+        self._verified: OrderedDict[str, tuple[TenantContext, float, tuple[str, Any] | None]] = OrderedDict()
         self.resource_url = config.listen.resource_url
         self.metadata_url = metadata_url(self.resource_url)
         self.metadata: JsonObject = {
@@ -194,7 +203,24 @@ class Authenticator:
         return token
 
     async def authenticate(self, authorization: Iterable[str]) -> TenantContext:
+        """The caller of a request. A token verified before (by this config) is not verified again
+        until it expires: the cache maps the exact token string to what its verification gave."""
         token = self.bearer_token(authorization)
+        known = self._verified.get(token)
+        if known is not None:
+            ctx, good_until, jwks_key = known
+            # A JWKS key must still be in the issuer's current key set: dropping it revokes tokens.
+            if time.time() < good_until and (jwks_key is None or self._jwks[ctx.issuer].holds(*jwks_key)):
+                self._verified.move_to_end(token)
+                return ctx
+            del self._verified[token]
+        ctx, leeway, jwks_key = await self._verify(token)
+        self._verified[token] = (ctx, ctx.expires_at + leeway, jwks_key)
+        if len(self._verified) > VERIFIED_TOKENS_KEPT:
+            self._verified.popitem(last=False)
+        return ctx
+
+    async def _verify(self, token: str) -> tuple[TenantContext, float, tuple[str, Any] | None]:
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
@@ -209,6 +235,7 @@ class Authenticator:
         if header.get("alg") not in issuer.algorithms:
             raise self._unauthenticated("the token's algorithm is not allowed for its issuer", True)
         key = self._static_keys.get(issuer.issuer)
+        jwks_key: tuple[str, Any] | None = None
         if key is None:
             kid = header.get("kid")
             if not isinstance(kid, str) or not _KID_SHAPE.fullmatch(kid):
@@ -216,6 +243,7 @@ class Authenticator:
             key = await self._jwks[issuer.issuer].key_for(kid)
             if key is None:
                 raise self._unauthenticated("no signing key matches the token's kid", True)
+            jwks_key = (kid, key)
         try:
             claims = jwt.decode(
                 token,
@@ -240,7 +268,7 @@ class Authenticator:
             value = claims.get(name)
             if name in claims and (not isinstance(value, int | float) or isinstance(value, bool)):
                 raise self._unauthenticated(f"the token's {name} claim is not a number", True)
-        return self._context(issuer, claims)
+        return self._context(issuer, claims), issuer.leeway_seconds, jwks_key
 
     def _context(self, issuer: IssuerConfig, claims: Mapping[str, Any]) -> TenantContext:
         subject = _claim_at(claims, issuer.subject_claim)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from proxy import __version__
 from proxy.errors import ProxyError, UpstreamError
 from proxy.headers import ParamHeader, param_headers_of
-from proxy.jsonrpc import dumps, loads_strict
+from proxy.jsonrpc import dumps, loads_upstream
 from proxy.types import LATEST_MODERN_VERSION, JsonObject
 from proxy.upstream import EVENT_STREAM, Upstream, UpstreamRequest
 
@@ -33,6 +33,10 @@ class Entry:
     name: str
     input_schema: JsonObject
     param_headers: tuple[ParamHeader, ...] | None  # tools only; None: invalid annotations
+    # Declared tenant-argument paths per set of names, worked out once per entry, not per request.
+    tenant_paths: dict[frozenset[str], tuple[tuple[str | int, ...], ...]] = field(
+        default_factory=dict, compare=False
+    )
 
 
 def entry_of(kind: Kind, item: Any) -> Entry | None:
@@ -131,12 +135,14 @@ class Catalog:
             if response.content_type == EVENT_STREAM:
                 async for event in response.events():
                     data = getattr(event, "data", "")
-                    candidate = loads_strict(data.encode()) if data else None
+                    candidate = loads_upstream(data) if data else None
                     if isinstance(candidate, dict) and candidate.get("id") == request_id:
                         message = candidate
                         break
             else:
-                message = loads_strict(await response.read_json())
+                message = loads_upstream(await response.read_json())
+                if not isinstance(message, dict) or message.get("id") != request_id:
+                    message = None  # an answer to some other request is no answer
         except ProxyError as exc:
             if isinstance(exc, UpstreamError):
                 raise

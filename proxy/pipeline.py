@@ -13,10 +13,11 @@ client's answer, with no upstream call) or answers early by setting `exchange.re
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
-from aiohttp import hdrs, web
+from aiohttp import StreamReader, hdrs, web
 
 from proxy.cache import plan_for
 from proxy.errors import (
@@ -93,8 +94,14 @@ async def apply_limits(exchange: Exchange) -> None:
     exchange.limits = limits
 
 
+@functools.lru_cache(maxsize=256)
+def _media_types(accept: str) -> frozenset[str]:
+    """The media types an Accept header lists (clients send the same few headers over and over)."""
+    return frozenset(part.split(";")[0].strip().lower() for part in accept.split(","))
+
+
 def _accepts(accept: str, media_type: str) -> bool:
-    kinds = {part.split(";")[0].strip().lower() for part in accept.split(",")}
+    kinds = _media_types(accept)
     return media_type in kinds or "*/*" in kinds or f"{media_type.split('/')[0]}/*" in kinds
 
 
@@ -108,16 +115,27 @@ async def read_message(exchange: Exchange) -> None:
     limit = exchange.runtime.config.listen.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"Request body too large: the limit is {limit} bytes")
+    content = request.content
+    if content.is_eof():  # the whole body came with the headers (the usual case): no waiting
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise BodyTooLarge(f"Request body too large: the limit is {limit} bytes")
+    else:
+        body = await _read_body(content, limit, exchange.runtime.config.listen.body_timeout_seconds)
+    exchange.message = parse_message(body)
+
+
+async def _read_body(content: StreamReader, limit: int, seconds: float) -> bytes:
     body = bytearray()
     try:
-        async with asyncio.timeout(exchange.runtime.config.listen.body_timeout_seconds):
-            async for chunk in request.content.iter_any():
+        async with asyncio.timeout(seconds):
+            async for chunk in content.iter_any():
                 body += chunk
                 if len(body) > limit:
                     raise BodyTooLarge(f"Request body too large: the limit is {limit} bytes")
     except TimeoutError:
         raise RequestTimeout() from None
-    exchange.message = parse_message(bytes(body))
+    return bytes(body)
 
 
 def _era_of(exchange: Exchange) -> tuple[Era, str | None]:

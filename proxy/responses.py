@@ -16,7 +16,6 @@ from proxy.cache import LIST_CHANGED
 from proxy.catalog import Kind
 from proxy.jsonrpc import Kind as MessageKind
 from proxy.jsonrpc import answer_bytes, dumps
-from proxy.metrics import method_label
 from proxy.policy.enforce import filter_answer
 from proxy.types import Era, Exchange, JsonObject, RequestId
 
@@ -159,15 +158,14 @@ def _measure(exchange: Exchange) -> None:
     if ctx is None:
         metrics.rejected.labels(str(exchange.status)).inc()
         return
-    tenant = ctx.tenant
-    total = time.perf_counter() - exchange.started
-    metrics.requests.labels(tenant, method_label(message.method if message else None), exchange.outcome).inc()
-    metrics.request_seconds.labels(tenant).observe(total)
-    if exchange.upstream_contacted:
-        metrics.upstream_seconds.labels(tenant).observe(exchange.upstream_seconds)
-    metrics.overhead_seconds.labels(tenant).observe(max(0.0, total - exchange.upstream_seconds))
-    if message is not None and message.kind is MessageKind.REQUEST:
-        metrics.cache_requests.labels(tenant, exchange.cache_state).inc()
+    metrics.observe_request(
+        ctx.tenant,
+        message.method if message is not None else None,
+        exchange.outcome,
+        time.perf_counter() - exchange.started,
+        exchange.upstream_seconds if exchange.upstream_contacted else None,
+        exchange.cache_state if message is not None and message.kind is MessageKind.REQUEST else None,
+    )
 
 
 def finish(exchange: Exchange) -> None:

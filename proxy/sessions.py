@@ -7,6 +7,7 @@ caller gets exactly the answer an id that never existed gets (404).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 import time
@@ -47,7 +48,7 @@ class Session:
             return 0.0
         return now - self.last_seen
 
-    @property
+    @functools.cached_property
     def audit_id(self) -> str:
         """What logs may show of the session: a hash, never the id that grants access."""
         return hashlib.sha256(self.id.encode()).hexdigest()[:16]

@@ -25,7 +25,7 @@ from proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from proxy.jsonrpc import Kind, dumps, loads_strict
+from proxy.jsonrpc import Kind, dumps, loads_upstream
 from proxy.pipeline import (
     DELETE_STAGES,
     GET_STAGES,
@@ -55,6 +55,7 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 ACCEPT_BOTH = "application/json, text/event-stream"
+DRAIN_SECONDS = 0.25
 
 
 def error_reply(exchange: Exchange, error: ProxyError) -> web.Response:
@@ -114,7 +115,7 @@ def _upstream_headers(exchange: Exchange, accept: str) -> dict[str, str]:
 
 def _parse_upstream(raw: bytes | str) -> JsonObject:
     try:
-        message = loads_strict(raw.encode("utf-8") if isinstance(raw, str) else raw)
+        message = loads_upstream(raw)
     except ProxyError:
         raise UpstreamError("The upstream MCP server sent a malformed message") from None
     if not isinstance(message, dict):
@@ -288,8 +289,9 @@ async def relay_post_stream(exchange: Exchange, response: UpstreamResponse) -> w
     await stream.prepare(exchange.request)
     messages = ServerMessages(exchange)
     answered = False
+    events = _timed(exchange, response.events())
     try:
-        async for item in _timed(exchange, response.events()):
+        async for item in events:
             if isinstance(item, Comment):
                 await stream.write(KEEPALIVE_BYTES)
                 continue
@@ -317,7 +319,17 @@ async def relay_post_stream(exchange: Exchange, response: UpstreamResponse) -> w
         lost = UpstreamError("The upstream MCP server ended the stream without answering")
         await stream.write(encode_event(dumps(lost.to_jsonrpc(exchange.request_id))))
     await stream.write_eof()
+    await _drain(events)
     return stream
+
+
+async def _drain(events: AsyncIterator[object]) -> None:
+    """Read an answered stream to its end (it ends right after the answer), so its connection goes
+    back to the pool instead of being closed; a stream that lingers is simply dropped."""
+    with contextlib.suppress(TimeoutError, ProxyError):
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for _ in events:
+                pass
 
 
 async def relay_get(exchange: Exchange) -> web.StreamResponse:

@@ -90,7 +90,8 @@ class HttpUpstreamResponse:
             raise UpstreamError("The upstream MCP server closed the stream") from exc
 
     def close(self) -> None:
-        self._response.close()
+        """Done with the answer: a fully read one gives its connection back to the pool."""
+        self._response.release()
 
 
 class HttpUpstream:

@@ -90,7 +90,11 @@ async def enforce_policy(exchange: Exchange) -> None:
     if message.method in _CATALOG_KIND and name is not None and policy.denying_rule(name) is None:
         entry = await catalog_entry(exchange, fetch=True)
         if entry is not None:
-            declared = declared_tenant_paths(entry.input_schema, policy.tenant_argument_names)
+            names = policy.tenant_argument_names
+            known = entry.tenant_paths.get(names)
+            if known is None:
+                known = entry.tenant_paths[names] = declared_tenant_paths(entry.input_schema, names)
+            declared = known
     decision = evaluate(policy, ctx.tenant, message.method, message.params, declared)
     if decision.action is Action.FORWARD:
         return
