@@ -133,11 +133,14 @@ class Catalog:
                 raise UpstreamError(f"The upstream MCP server could not list its {kind}")
             message: Any = None
             if response.content_type == EVENT_STREAM:
-                async for event in response.events():
-                    data = getattr(event, "data", "")
-                    candidate = loads_upstream(data) if data else None
-                    if isinstance(candidate, dict) and candidate.get("id") == request_id:
-                        message = candidate
+                async for batch in response.events():
+                    for event in batch:
+                        data = getattr(event, "data", "")
+                        candidate = loads_upstream(data) if data else None
+                        if isinstance(candidate, dict) and candidate.get("id") == request_id:
+                            message = candidate
+                            break
+                    if message is not None:
                         break
             else:
                 message = loads_upstream(await response.read_json())

@@ -35,17 +35,21 @@ KEEPALIVE = Comment()
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
-async def read_events(stream: StreamReader, max_event_bytes: int) -> AsyncIterator[Event | Comment]:
-    """Events of an SSE body as they arrive; an event larger than max_event_bytes is an upstream error."""
+async def read_event_batches(
+    stream: StreamReader, max_event_bytes: int
+) -> AsyncIterator[list[Event | Comment]]:
+    """The events of an SSE body, as they arrive: one list per network read, so a relay can pass on
+    everything that came together in one write. An oversized event is an upstream error."""
     text_decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")  # a leading BOM is not data
     lines = SSELineDecoder()
     events = SSEDecoder()
     pending = 0
     last_id = ""
     async for chunk in stream.iter_any():
+        batch: list[Event | Comment] = []
         for line in lines.decode(text_decoder.decode(chunk)):
             if line.startswith(":"):
-                yield KEEPALIVE
+                batch.append(KEEPALIVE)
                 continue
             event = events.decode(line)
             if event is None:
@@ -57,13 +61,25 @@ async def read_events(stream: StreamReader, max_event_bytes: int) -> AsyncIterat
             if event.data or event.id != last_id or event.retry is not None:
                 # An event without data only counts when it moves the last event id (priming).
                 last_id = event.id
-                yield Event(data=event.data, event=event.event, id=event.id, retry=event.retry)
+                batch.append(Event(data=event.data, event=event.event, id=event.id, retry=event.retry))
         if sum(len(part) for part in lines.buffer) > max_event_bytes:
             raise UpstreamError("The upstream MCP server sent an oversized event")
+        if batch:
+            yield batch
+    final: list[Event | Comment] = []
     for line in lines.decode(text_decoder.decode(b"", final=True)) + lines.flush():
         event = events.decode(line)
         if event is not None and (event.data or event.id != last_id):
-            yield Event(data=event.data, event=event.event, id=event.id, retry=event.retry)
+            final.append(Event(data=event.data, event=event.event, id=event.id, retry=event.retry))
+    if final:
+        yield final
+
+
+async def read_events(stream: StreamReader, max_event_bytes: int) -> AsyncIterator[Event | Comment]:
+    """The events of an SSE body one by one, as they arrive."""
+    async for batch in read_event_batches(stream, max_event_bytes):
+        for item in batch:
+            yield item
 
 
 def encode_event(data: bytes | str, event_id: str | None = None, retry: int | None = None) -> bytes:

@@ -225,12 +225,15 @@ async def _relay_initialize(exchange: Exchange, response: UpstreamResponse) -> w
     messages = ServerMessages(exchange)
     try:
         if response.content_type == EVENT_STREAM:
-            async for item in _timed(exchange, response.events()):
-                if isinstance(item, Event) and item.data:
-                    candidate = _parse_upstream(item.data)
-                    if messages.is_answer(candidate):
-                        answer = candidate
-                        break
+            async for batch in _timed(exchange, response.events()):
+                for item in batch:
+                    if isinstance(item, Event) and item.data:
+                        candidate = _parse_upstream(item.data)
+                        if messages.is_answer(candidate):
+                            answer = candidate
+                            break
+                if answer is not None:
+                    break
         elif response.content_type == JSON:
             answer = _parse_upstream(await _read_json(exchange, response))
     except ProxyError:
@@ -291,23 +294,34 @@ async def relay_post_stream(exchange: Exchange, response: UpstreamResponse) -> w
     answered = False
     events = _timed(exchange, response.events())
     try:
-        async for item in events:
-            if isinstance(item, Comment):
-                await stream.write(KEEPALIVE_BYTES)
-                continue
-            event_id = exchange.session.issue_event_id(item.id) if exchange.session is not None else None
-            if not item.data:
-                if event_id is not None:
-                    await stream.write(encode_event("", event_id, item.retry))
-                continue
-            server_message = _parse_upstream(item.data)
-            final = messages.is_answer(server_message)
-            out = messages.process(server_message)
-            if out is None:
-                continue
-            await stream.write(encode_event(out, event_id, item.retry))
-            if final:
-                answered = True
+        async for batch in events:
+            out: list[bytes] = []  # what arrived together goes out in one write
+            try:
+                for item in batch:
+                    if isinstance(item, Comment):
+                        out.append(KEEPALIVE_BYTES)
+                        continue
+                    session = exchange.session
+                    event_id = session.issue_event_id(item.id) if session is not None else None
+                    if not item.data:
+                        if event_id is not None:
+                            out.append(encode_event("", event_id, item.retry))
+                        continue
+                    server_message = _parse_upstream(item.data)
+                    final = messages.is_answer(server_message)
+                    delivered = messages.process(server_message)
+                    if delivered is not None:
+                        out.append(encode_event(delivered, event_id, item.retry))
+                        answered = answered or final
+                    if answered:
+                        break
+            except ProxyError:  # what was good before a bad event still goes out, and first
+                if out:
+                    await stream.write(b"".join(out))
+                raise
+            if out:
+                await stream.write(b"".join(out))
+            if answered:
                 break
     except ProxyError as error:
         if not answered:
@@ -364,14 +378,19 @@ async def relay_get(exchange: Exchange) -> web.StreamResponse:
             await stream.prepare(exchange.request)
             messages = ServerMessages(exchange)
             try:
-                async for item in _until(response.events(), exchange.services.shutting_down):
-                    if isinstance(item, Comment):
-                        await stream.write(KEEPALIVE_BYTES)
-                        continue
-                    event_id = session.issue_event_id(item.id)
-                    out = _resumable(exchange, messages, _parse_upstream(item.data)) if item.data else None
-                    if out is not None or event_id is not None:
-                        await stream.write(encode_event(out or b"", event_id, item.retry))
+                async for batch in _until(response.events(), exchange.services.shutting_down):
+                    out: list[bytes] = []
+                    for item in batch:
+                        if isinstance(item, Comment):
+                            out.append(KEEPALIVE_BYTES)
+                            continue
+                        event_id = session.issue_event_id(item.id)
+                        message = _parse_upstream(item.data) if item.data else None
+                        delivered = _resumable(exchange, messages, message) if message is not None else None
+                        if delivered is not None or event_id is not None:
+                            out.append(encode_event(delivered or b"", event_id, item.retry))
+                    if out:
+                        await stream.write(b"".join(out))
             except ProxyError as error:
                 log.info("upstream_stream_ended", tenant=tenant.id, reason=error.message)
             await stream.write_eof()

@@ -19,7 +19,7 @@ import aiohttp
 from proxy import __version__
 from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamError, UpstreamTimeout
-from proxy.sse import Comment, Event, read_events
+from proxy.sse import Comment, Event, read_event_batches
 
 JSON = "application/json"
 EVENT_STREAM = "text/event-stream"
@@ -40,7 +40,7 @@ class UpstreamResponse(Protocol):
     session_id: str | None
 
     async def read_json(self) -> bytes: ...
-    def events(self) -> AsyncIterator[Event | Comment]: ...
+    def events(self) -> AsyncIterator[list[Event | Comment]]: ...  # what arrived together
     def close(self) -> None: ...
 
 
@@ -80,10 +80,10 @@ class HttpUpstreamResponse:
             raise UpstreamError("The upstream MCP server closed the connection mid-response") from exc
         return b"".join(chunks)
 
-    async def events(self) -> AsyncIterator[Event | Comment]:
+    async def events(self) -> AsyncIterator[list[Event | Comment]]:
         try:
-            async for item in read_events(self._response.content, self._max_bytes):
-                yield item
+            async for batch in read_event_batches(self._response.content, self._max_bytes):
+                yield batch
         except TimeoutError as exc:
             raise UpstreamTimeout() from exc
         except (aiohttp.ClientError, ConnectionError) as exc:

@@ -253,19 +253,28 @@ class StdioResponse:
     async def read_json(self) -> bytes:
         return b""
 
-    async def events(self) -> AsyncIterator[Event | Comment]:
+    async def events(self) -> AsyncIterator[list[Event | Comment]]:
         if self._queue is None:
             return
         while True:
             try:
-                item = await asyncio.wait_for(self._queue.get(), self._read_timeout)
+                items = [await asyncio.wait_for(self._queue.get(), self._read_timeout)]
             except TimeoutError:
                 raise UpstreamTimeout() from None
-            if item is _END:
-                return
-            if isinstance(item, ProxyError):
-                raise item
-            yield Event(data=json.dumps(item, ensure_ascii=False, separators=(",", ":")))
+            while not self._queue.empty():  # everything already there goes out together
+                items.append(self._queue.get_nowait())
+            batch: list[Event | Comment] = []
+            for item in items:
+                if item is _END:
+                    if batch:
+                        yield batch
+                    return
+                if isinstance(item, ProxyError):
+                    if batch:
+                        yield batch
+                    raise item
+                batch.append(Event(data=json.dumps(item, ensure_ascii=False, separators=(",", ":"))))
+            yield batch
 
     def close(self) -> None:
         if self._on_close is not None:
