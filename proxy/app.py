@@ -87,6 +87,9 @@ def _gauges(app: web.Application) -> Callable[[], Iterable[GaugeMetricFamily]]:
         yield sessions
         yield circuit
         yield GaugeMetricFamily("mcp_proxy_tenants", "Configured tenants", value=len(runtime.tenants))
+        if services.shared is not None:
+            yield GaugeMetricFamily("mcp_proxy_state_up", "1 while the shared state store (Redis) answers",
+                                    value=1.0 if services.shared.up else 0.0)  # fmt: skip
         cache = services.cache
         yield GaugeMetricFamily("mcp_proxy_cache_bytes", "Bytes held by the response cache",
                                 value=cache.size_bytes if cache is not None else 0)  # fmt: skip
@@ -102,8 +105,8 @@ async def _sweep(app: web.Application) -> None:
     while True:
         await asyncio.sleep(max(0.5, min(30.0, services.sessions.idle_timeout_seconds / 4)))
         runtime = app[RUNTIME].current
-        for session in services.sessions.expired():
-            services.sessions.remove(session)
+        for session in await services.sessions.expired():
+            await services.sessions.remove(session)
             tenant = runtime.tenants.get(session.tenant)
             if tenant is not None:
                 await end_upstream_session(tenant.upstream, session)
@@ -114,6 +117,7 @@ async def _sweep(app: web.Application) -> None:
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
     config = app[RUNTIME].current.config
+    await app[SERVICES].connect()
     tasks = [
         asyncio.create_task(_sweep(app), name="session-sweeper"),
         asyncio.create_task(keep_checking(app), name="readiness"),
@@ -127,13 +131,13 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     services, runtime = app[SERVICES], app[RUNTIME].current
-    for session in services.sessions.all():
-        services.sessions.remove(session)
+    for session in services.sessions.all() if not services.sessions.shared else ():
+        await services.sessions.remove(session)
         tenant = runtime.tenants.get(session.tenant)
         if tenant is not None:
             await end_upstream_session(tenant.upstream, session)
     await runtime.close()
-    services.audit.close()
+    await services.close()
 
 
 async def _begin_shutdown(app: web.Application) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import logging.handlers
 import os
@@ -29,6 +30,7 @@ from typing import Any, Final, NamedTuple
 
 import structlog
 
+from proxy.state.client import RedisState, StateUnavailable
 from proxy.types import Exchange, JsonObject
 
 MAX_ARGUMENT_KEYS: Final = 50
@@ -106,8 +108,11 @@ def summarize(exchange: Exchange) -> AuditRecord | None:
 
 
 class AuditLog:
-    def __init__(self, directory: Path | None, max_file_bytes: int, backups: int) -> None:
+    def __init__(
+        self, directory: Path | None, max_file_bytes: int, backups: int, shared: RedisState | None = None
+    ) -> None:
         self.directory = directory
+        self.shared = shared  # with Redis: every record also goes to the tenant's stream there
         self.max_file_bytes = max_file_bytes
         self.backups = backups
         self._recent: dict[str, deque[AuditRecord]] = {}
@@ -126,7 +131,7 @@ class AuditLog:
         if summary is None:
             return
         self._recent.setdefault(summary.tenant, deque(maxlen=RECENT_PER_TENANT)).append(summary)
-        if self._thread is None:
+        if self._thread is None and self.shared is None:
             return
         self._pending.append(summary)
         if len(self._pending) == 1:  # the first of a batch: hand the batch over shortly
@@ -139,10 +144,32 @@ class AuditLog:
         """One wake-up of the writer per batch, not per request (rendering happens over there)."""
         if self._pending:
             batch, self._pending = self._pending, []
-            self._queue.put(batch)
+            if self._thread is not None:
+                self._queue.put(batch)
+            if self.shared is not None:
+                self._to_streams(self.shared, batch)
 
-    def recent(self, tenant: str, limit: int) -> list[JsonObject]:
-        """The tenant's own latest records, newest first."""
+    @staticmethod
+    def _to_streams(shared: RedisState, batch: list[AuditRecord]) -> None:
+        """{prefix}:{tenant}:audit streams, each trimmed to about state.audit_max_records."""
+        pipeline = shared.client.pipeline(transaction=False)
+        for record in batch:
+            line = json.dumps(record.as_dict(), separators=(",", ":"))
+            key = shared.key(record.tenant, "audit")
+            pipeline.xadd(key, {"record": line}, maxlen=shared.audit_max_records, approximate=True)
+        shared.spawn("audit_append", pipeline.execute())
+
+    async def recent(self, tenant: str, limit: int) -> list[JsonObject]:
+        """The tenant's own latest records, newest first (across replicas when they share Redis)."""
+        if self.shared is not None:
+            self._hand_over()
+            try:
+                stream = self.shared.key(tenant, "audit")
+                read = self.shared.client.xrevrange(stream, count=limit)
+                entries = await self.shared.call("audit_recent", read)
+                return [json.loads(fields[b"record"]) for _, fields in entries]
+            except StateUnavailable:
+                pass  # this replica's own records meanwhile
         records = self._recent.get(tenant, ())
         return [record.as_dict() for record in reversed(list(records)[-limit:])]
 

@@ -17,7 +17,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from cachetools import TLRUCache
 
@@ -61,15 +61,42 @@ class Entry:
     ttl_seconds: float
 
 
-class ResponseCache:
+class SingleFlight:
+    """Concurrent identical misses share one upstream call (per process: a flight never spans
+    replicas, and a key always holds its tenant, so tenants never share one)."""
+
+    def __init__(self) -> None:
+        self._in_flight: dict[CacheKey, asyncio.Future[bytes | None]] = {}
+
+    def join(self, key: CacheKey) -> asyncio.Future[bytes | None] | None:
+        """A leader's pending result to wait for, or None: then the caller leads and must `settle`."""
+        pending = self._in_flight.get(key)
+        if pending is not None:
+            return pending
+        self._in_flight[key] = asyncio.get_running_loop().create_future()
+        return None
+
+    def settle(self, key: CacheKey, result: bytes | None) -> None:
+        """The leader's outcome: the stored result for its followers, or None (they go upstream)."""
+        pending = self._in_flight.pop(key, None)
+        if pending is not None and not pending.done():
+            pending.set_result(result)
+
+
+class ResponseCache(SingleFlight):
+    """The in-process cache (the default backend).
+
+    `fetch`, `put` and `invalidate` are what the proxy calls; the shared (Redis) cache has the same
+    three, with `put` and `invalidate` finishing in the background."""
+
     def __init__(self, max_bytes: int, max_entry_bytes: int) -> None:
+        super().__init__()
         self.max_entry_bytes = max_entry_bytes
         self._store: TLRUCache[CacheKey, Entry] = TLRUCache(
             maxsize=max(max_bytes, 1),
             ttu=lambda _key, entry, now: now + entry.ttl_seconds,
             getsizeof=lambda entry: len(entry.result) + ENTRY_OVERHEAD_BYTES,
         )
-        self._in_flight: dict[CacheKey, asyncio.Future[bytes | None]] = {}
 
     @property
     def size_bytes(self) -> int:
@@ -81,6 +108,9 @@ class ResponseCache:
     def get(self, key: CacheKey) -> bytes | None:
         entry = self._store.get(key)
         return entry.result if entry is not None else None
+
+    async def fetch(self, key: CacheKey) -> bytes | None:
+        return self.get(key)
 
     def put(self, key: CacheKey, result: bytes, ttl_seconds: float) -> bool:
         """Store a result; too large, too short-lived or too big for the cache: not stored."""
@@ -102,21 +132,22 @@ class ResponseCache:
             self._store.pop(key, None)
         return len(doomed)
 
-    # --- single flight ----------------------------------------------------------------------
 
-    def join(self, key: CacheKey) -> asyncio.Future[bytes | None] | None:
-        """A leader's pending result to wait for, or None: then the caller leads and must `settle`."""
-        pending = self._in_flight.get(key)
-        if pending is not None:
-            return pending
-        self._in_flight[key] = asyncio.get_running_loop().create_future()
-        return None
+class Cache(Protocol):
+    """What the proxy needs of a response cache, in process or shared (Redis)."""
 
-    def settle(self, key: CacheKey, result: bytes | None) -> None:
-        """The leader's outcome: the stored result for its followers, or None (they go upstream)."""
-        pending = self._in_flight.pop(key, None)
-        if pending is not None and not pending.done():
-            pending.set_result(result)
+    max_entry_bytes: int
+
+    @property
+    def size_bytes(self) -> int: ...
+    def __len__(self) -> int: ...
+    async def fetch(self, key: CacheKey) -> bytes | None: ...
+    def put(self, key: CacheKey, result: bytes, ttl_seconds: float) -> bool: ...
+    def invalidate(
+        self, tenant: str, methods: Iterable[str] | None = None, name: str | None = None
+    ) -> int: ...
+    def join(self, key: CacheKey) -> asyncio.Future[bytes | None] | None: ...
+    def settle(self, key: CacheKey, result: bytes | None) -> None: ...
 
 
 def hinted_ttl(result: Any) -> tuple[float, bool] | None:

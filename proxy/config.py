@@ -254,6 +254,24 @@ class ReadinessConfig(StrictModel):
     check_interval_seconds: float = Field(default=10.0, gt=0)
 
 
+class StateConfig(StrictModel):
+    """Where state shared between replicas lives: in this process (default) or in Redis."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    url: str | None = None  # redis://host:port/db (rediss:// for TLS); `${VAR}` for a password
+    key_prefix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,64}$")] = "mcp-tenant-proxy"
+    timeout_seconds: float = Field(default=0.5, gt=0)
+    audit_max_records: int = Field(default=10_000, ge=1)  # per tenant, in its Redis stream
+
+    @model_validator(mode="after")
+    def _url_for_redis(self) -> StateConfig:
+        if self.backend == "redis" and not self.url:
+            raise ValueError("state.url is required when state.backend is redis")
+        if self.url is not None and not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("state.url must be a redis://, rediss:// or unix:// URL")
+        return self
+
+
 class ReloadConfig(StrictModel):
     """SIGHUP always reloads; with `watch_files`, so does a change of the config or a policy file."""
 
@@ -272,6 +290,7 @@ class ProxyConfig(StrictModel):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     readiness: ReadinessConfig = Field(default_factory=ReadinessConfig)
     reload: ReloadConfig = Field(default_factory=ReloadConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
     _source: Path | None = PrivateAttr(default=None)
 
     _paths = field_validator("policies_dir")(_resolve_path)

@@ -21,6 +21,7 @@
     ├── SessionNotFound                 -32004  404  unknown, expired or foreign session: all look alike
     ├── Conflict                        -32600  409  a second GET stream for one session
     ├── TooManyRequests                 -32009  429  (Retry-After)
+    ├── SessionStoreUnavailable         -32013  503  the shared session store cannot be reached
     └── UpstreamError                   -32010  502  the tenant's upstream failed this request
         ├── UpstreamTimeout             -32011  504
         └── UpstreamUnavailable         -32012  503  circuit open: failing fast (Retry-After)
@@ -168,6 +169,15 @@ class TooManyRequests(ProxyError):
     code = -32009
     status = 429
     default_message = "Too many requests"
+
+
+class SessionStoreUnavailable(ProxyError):
+    code = -32013
+    status = 503
+    default_message = "Sessions cannot be created right now: the shared session store is unreachable"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"Retry-After": "5"})
 
 
 class UpstreamError(ProxyError):

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from proxy.runtime import Runtime
-from proxy.transport import RUNTIME
+from proxy.transport import RUNTIME, SERVICES
 
 CONNECT_TIMEOUT_SECONDS = 2.0
 
@@ -80,11 +80,14 @@ async def readyz(request: web.Request) -> web.Response:
     readiness = request.app[READINESS]
     mode = runtime.config.readiness.upstreams
     ready = readiness.ready(mode)
-    body = {
+    body: dict[str, object] = {
         "status": "ready" if ready else "not_ready",
         "upstreams": {"reachable": readiness.reachable, "total": readiness.total, "required": mode},
         "checked": readiness.checked_at is not None,
     }
+    shared = request.app[SERVICES].shared
+    if shared is not None:  # reported, not required: what needs no shared state is still served
+        body["state"] = {"backend": "redis", "up": shared.up}
     return web.json_response(body, status=200 if ready else 503)
 
 
@@ -92,5 +95,5 @@ async def keep_checking(app: web.Application) -> None:
     readiness = app[READINESS]
     while True:
         runtime = app[RUNTIME].current
-        await readiness.check(runtime)
+        await asyncio.gather(readiness.check(runtime), app[SERVICES].connect())
         await asyncio.sleep(runtime.config.readiness.check_interval_seconds)

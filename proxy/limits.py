@@ -119,11 +119,31 @@ class TenantLimits:
         self.in_flight = max(0, self.in_flight - 1)
 
 
+@dataclass
+class Admission:
+    """One request's place under its tenant's limits, given back when the request ends."""
+
+    limits: TenantLimits  # this process's view: its circuit breaker decides upstream calls
+    local_slot: bool = False  # holds a place in this process's concurrency counter
+    shared_slot: str | None = None  # holds a place in the shared (Redis) concurrency set
+
+
 class Limiter:
     """Every tenant's limits; a tenant's state survives a reload unless its settings changed."""
 
     def __init__(self) -> None:
         self._tenants: dict[str, TenantLimits] = {}
+
+    async def admit(self, tenant: str, settings: LimitsConfig) -> Admission:
+        """A place for one request of `tenant`, or TooManyRequests (no upstream call)."""
+        limits = self.of(tenant, settings)
+        limits.admit()
+        return Admission(limits, local_slot=True)
+
+    def release(self, tenant: str, admission: Admission) -> None:
+        if admission.local_slot:
+            admission.limits.release()
+            admission.local_slot = False
 
     def of(self, tenant: str, settings: LimitsConfig) -> TenantLimits:
         limits = self._tenants.get(tenant)

@@ -102,6 +102,10 @@ class Metrics:
             "mcp_proxy_rejected_total", "Requests refused before a tenant was known, by HTTP status",
             ["status"], registry=registry,
         )  # fmt: skip
+        self.state_errors = Counter(
+            "mcp_proxy_state_errors_total", "Failed calls to the shared state backend (Redis), by operation",
+            ["operation"], registry=registry,
+        )  # fmt: skip
         self.reloads = Counter(
             "mcp_proxy_config_reloads_total", "Config reloads, by result (ok or invalid)",
             ["result"], registry=registry,

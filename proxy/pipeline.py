@@ -80,18 +80,16 @@ async def authenticate(exchange: Exchange) -> None:
 
 
 async def apply_limits(exchange: Exchange) -> None:
-    """The tenant's rate, concurrency and circuit limits; a refusal makes no upstream call."""
+    """The tenant's rate and concurrency limits; a refusal makes no upstream call."""
     ctx, tenant = exchange.ctx, exchange.tenant
     assert ctx is not None and tenant is not None
-    limits = exchange.services.limiter.of(ctx.tenant, tenant.limits)
     try:
-        limits.admit()
+        exchange.admission = await exchange.services.limiter.admit(ctx.tenant, tenant.limits)
     except ProxyError as refusal:
         kind = refusal.data.get("limit", "other") if isinstance(refusal.data, dict) else "other"
         exchange.services.metrics.limited.labels(ctx.tenant, kind).inc()
         exchange.outcome = "limited"
         raise
-    exchange.limits = limits
 
 
 @functools.lru_cache(maxsize=256)
@@ -212,10 +210,9 @@ async def bind_session(exchange: Exchange) -> None:
         session_id = exchange.request.headers.get(SESSION_HEADER)
     registry = exchange.services.sessions
     if session_id is None:  # initialize
-        registry.reserve(ctx)
-        exchange.session_reserved = True
+        exchange.session_reservation = await registry.reserve(ctx)
         return
-    session = registry.lookup(session_id, ctx)
+    session = await registry.lookup(session_id, ctx)
     exchange.session = session
     if exchange.request.method == "POST":
         session.busy += 1
@@ -223,8 +220,10 @@ async def bind_session(exchange: Exchange) -> None:
     if exchange.protocol_version is None:
         exchange.protocol_version = session.protocol_version
     message = exchange.message
-    if message is not None and message.kind is Kind.RESPONSE and not session.take_answer(message.id):  # type: ignore[arg-type]
-        raise BadRequest("Invalid request: this session has no pending server request with that id")
+    if message is not None and message.kind is Kind.RESPONSE:
+        assert message.id is not None
+        if not await registry.take_answer(session, message.id):
+            raise BadRequest("Invalid request: this session has no pending server request with that id")
 
 
 async def open_request_state(exchange: Exchange) -> None:
@@ -302,7 +301,7 @@ async def lookup_cache(exchange: Exchange) -> None:
         return
     exchange.cache_plan = plan
     for key in plan.lookup_keys:
-        result = cache.get(key)
+        result = await cache.fetch(key)
         if result is not None:
             _answer_from_cache(exchange, result)
             return

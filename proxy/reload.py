@@ -56,8 +56,8 @@ async def reload_config(app: web.Application) -> bool:
         if (upstream_changed or policy_changed) and services.cache is not None:
             services.cache.invalidate(tenant_id)
         if upstream_changed:
-            for session in services.sessions.of_tenant(tenant_id):
-                services.sessions.remove(session)
+            for session in await services.sessions.of_tenant(tenant_id):
+                await services.sessions.remove(session)
                 await end_upstream_session(before.upstream, session)
         if after is None:
             services.limiter.forget(tenant_id)

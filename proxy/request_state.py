@@ -29,6 +29,12 @@ def _unb64(text: str) -> bytes:
 class RequestStateSeal:
     def __init__(self, key: bytes | None = None) -> None:
         self._key = key or secrets.token_bytes(32)
+        self.shared = False  # whether the key is the one every replica uses (state.backend: redis)
+
+    def rekey(self, key: bytes) -> None:
+        """Use the replicas' common key from now on; states sealed with the old one stop opening."""
+        self._key = key
+        self.shared = True
 
     def _tag(self, body: str) -> str:
         return _b64(hmac.new(self._key, body.encode("ascii"), hashlib.sha256).digest())

@@ -90,7 +90,7 @@ class ServerMessages:
         if "id" in message:  # a server-to-client request
             if exchange.era is not Era.HANDSHAKE or exchange.session is None:
                 return None  # the modern era has no back channel; never deliver one elsewhere
-            exchange.session.expect_answer(message["id"])
+            exchange.services.sessions.expect_answer(exchange.session, message["id"])
             return dumps(message)
         if exchange.tenant is not None and method in _LIST_CHANGED:
             exchange.tenant.catalog.forget(_LIST_CHANGED[method])
@@ -174,12 +174,12 @@ def finish(exchange: Exchange) -> None:
     if exchange.cache_flight is not None and services.cache is not None:
         services.cache.settle(exchange.cache_flight, None)  # followers go upstream themselves
         exchange.cache_flight = None
-    if exchange.limits is not None:
-        exchange.limits.release()
-        exchange.limits = None
-    if exchange.session_reserved and exchange.ctx is not None:
-        services.sessions.release(exchange.ctx.tenant)  # the initialize made no session
-        exchange.session_reserved = False
+    if exchange.admission is not None and exchange.ctx is not None:
+        services.limiter.release(exchange.ctx.tenant, exchange.admission)
+        exchange.admission = None
+    if exchange.session_reservation is not None and exchange.ctx is not None:
+        services.sessions.release(exchange.ctx.tenant, exchange.session_reservation)  # no session came of it
+        exchange.session_reservation = None
     if exchange.holds_session and exchange.session is not None:
         exchange.session.busy -= 1
         exchange.session.last_seen = time.monotonic()

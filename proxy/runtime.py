@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from proxy.audit import AuditLog
 from proxy.auth import Authenticator
-from proxy.cache import ResponseCache
+from proxy.cache import Cache, ResponseCache
 from proxy.catalog import Catalog
 from proxy.config import LimitsConfig, ProxyConfig, TenantConfig
 from proxy.limits import Limiter
@@ -22,6 +22,7 @@ from proxy.metrics import Metrics
 from proxy.policy.model import Policy, load_policy
 from proxy.request_state import RequestStateSeal
 from proxy.sessions import SessionRegistry
+from proxy.state.client import RedisState
 from proxy.stdio.upstream import StdioUpstream
 from proxy.upstream import HttpUpstream, Upstream
 
@@ -128,27 +129,60 @@ class RuntimeRef:
 
 @dataclass(eq=False)
 class Services:
+    """State that outlives a config: in this process, or (state.backend: redis) shared by replicas."""
+
     sessions: SessionRegistry
     metrics: Metrics
-    cache: ResponseCache | None
+    cache: Cache | None
     audit: AuditLog
     request_states: RequestStateSeal
     limiter: Limiter
     shutting_down: asyncio.Event
+    shared: RedisState | None = None
 
     @classmethod
     def build(cls, config: ProxyConfig) -> Services:
-        cache = (
-            ResponseCache(config.cache.max_bytes, config.cache.max_entry_bytes)
-            if config.cache.enabled
-            else None
-        )
+        metrics = Metrics()
+        sessions, caching, audit = config.sessions, config.cache, config.audit
+        if config.state.backend == "redis":
+            from proxy.state.cache import RedisResponseCache
+            from proxy.state.limits import RedisLimiter
+            from proxy.state.sessions import RedisSessionRegistry
+
+            shared = RedisState(config.state, metrics, config.source)
+            return cls(
+                RedisSessionRegistry(shared, sessions.idle_timeout_seconds, sessions.max_per_tenant),
+                metrics,
+                RedisResponseCache(shared, caching.max_entry_bytes) if caching.enabled else None,
+                AuditLog(audit.dir, audit.max_file_bytes, audit.backups, shared),
+                RequestStateSeal(),  # until the replicas' common key is fetched: see `connect`
+                RedisLimiter(shared),
+                asyncio.Event(),
+                shared,
+            )
         return cls(
-            SessionRegistry(config.sessions.idle_timeout_seconds, config.sessions.max_per_tenant),
-            Metrics(),
-            cache,
-            AuditLog(config.audit.dir, config.audit.max_file_bytes, config.audit.backups),
+            SessionRegistry(sessions.idle_timeout_seconds, sessions.max_per_tenant),
+            metrics,
+            ResponseCache(caching.max_bytes, caching.max_entry_bytes) if caching.enabled else None,
+            AuditLog(audit.dir, audit.max_file_bytes, audit.backups),
             RequestStateSeal(),
             Limiter(),
             asyncio.Event(),
         )
+
+    async def connect(self) -> None:
+        """With shared state: fetch what replicas must agree on (the request-state key), once Redis
+        answers; called at start-up and by the readiness loop until it has succeeded."""
+        if self.shared is None:
+            return
+        if not await self.shared.ping():
+            return
+        if not self.request_states.shared:
+            key = await self.shared.seal_key()
+            if key is not None:
+                self.request_states.rekey(key)
+
+    async def close(self) -> None:
+        self.audit.close()
+        if self.shared is not None:
+            await self.shared.close()

@@ -88,7 +88,11 @@ class Session:
 
 
 class SessionRegistry:
-    """All live handshake-era sessions, with idle expiry and a per-tenant cap."""
+    """All live handshake-era sessions of this process, with idle expiry and a per-tenant cap.
+
+    The methods a request waits on are coroutines because the shared (Redis) registry, which keeps
+    the same local Session objects for what belongs to one replica, does I/O in them.
+    """
 
     def __init__(self, idle_timeout_seconds: float, max_per_tenant: int) -> None:
         self.idle_timeout_seconds = idle_timeout_seconds
@@ -103,33 +107,30 @@ class SessionRegistry:
     def count(self, tenant: str) -> int:
         return self._per_tenant.get(tenant, 0)
 
-    def reserve(self, ctx: TenantContext) -> None:
+    def _too_many(self) -> TooManyRequests:
+        return TooManyRequests(
+            "Too many sessions: this tenant has reached its limit of open sessions; "
+            "end an unused session (DELETE) or retry later",
+            headers={"Retry-After": "30"},
+        )
+
+    async def reserve(self, ctx: TenantContext) -> str:
         """Hold a place under the tenant's cap for an initialize, before any upstream call; the
         place becomes the session (`create`) or is given back (`release`)."""
         reserved = self._reserved.get(ctx.tenant, 0)
         if self.count(ctx.tenant) + reserved >= self.max_per_tenant:
-            raise TooManyRequests(
-                "Too many sessions: this tenant has reached its limit of open sessions; "
-                "end an unused session (DELETE) or retry later",
-                headers={"Retry-After": "30"},
-            )
+            raise self._too_many()
         self._reserved[ctx.tenant] = reserved + 1
+        return secrets.token_hex(8)
 
-    def release(self, tenant: str) -> None:
+    def release(self, tenant: str, reservation: str) -> None:
         reserved = self._reserved.get(tenant, 0) - 1
         if reserved > 0:
             self._reserved[tenant] = reserved
         else:
             self._reserved.pop(tenant, None)
 
-    def create(
-        self,
-        ctx: TenantContext,
-        protocol_version: str,
-        upstream_session_id: str | None,
-    ) -> Session:
-        """The session for an initialize that reserved its place."""
-        self.release(ctx.tenant)
+    def _new(self, ctx: TenantContext, protocol_version: str, upstream_session_id: str | None) -> Session:
         session = Session(
             id=secrets.token_urlsafe(24),
             tenant=ctx.tenant,
@@ -137,12 +138,21 @@ class SessionRegistry:
             protocol_version=protocol_version,
             upstream_session_id=upstream_session_id,
         )
-        self._sessions[session.id] = session
-        self._per_tenant[ctx.tenant] = self.count(ctx.tenant) + 1
+        self._keep(session)
         return session
 
-    def lookup(self, session_id: str, ctx: TenantContext) -> Session:
-        """The caller's own live session, or SessionNotFound exactly as for an unknown id."""
+    def _keep(self, session: Session) -> None:
+        self._sessions[session.id] = session
+        self._per_tenant[session.tenant] = self.count(session.tenant) + 1
+
+    async def create(
+        self, ctx: TenantContext, protocol_version: str, upstream_session_id: str | None, reservation: str
+    ) -> Session:
+        """The session for an initialize that reserved its place."""
+        self.release(ctx.tenant, reservation)
+        return self._new(ctx, protocol_version, upstream_session_id)
+
+    def _local(self, session_id: str, ctx: TenantContext) -> Session | None:
         session = self._sessions.get(session_id)
         if (
             session is None
@@ -150,14 +160,19 @@ class SessionRegistry:
             or not secrets.compare_digest(session.tenant, ctx.tenant)
             or not secrets.compare_digest(session.subject.encode(), ctx.subject.encode())
         ):
-            raise SessionNotFound()
+            return None
+        return session
+
+    async def lookup(self, session_id: str, ctx: TenantContext) -> Session:
+        """The caller's own live session, or SessionNotFound exactly as for an unknown id."""
+        session = self._local(session_id, ctx)
         now = time.monotonic()
-        if session.idle_for(now) > self.idle_timeout_seconds:
+        if session is None or session.idle_for(now) > self.idle_timeout_seconds:
             raise SessionNotFound()
         session.last_seen = now
         return session
 
-    def remove(self, session: Session) -> None:
+    def _forget(self, session: Session) -> None:
         if self._sessions.pop(session.id, None) is not None:
             session.closed = True
             remaining = self.count(session.tenant) - 1
@@ -166,12 +181,29 @@ class SessionRegistry:
             else:
                 self._per_tenant.pop(session.tenant, None)
 
-    def expired(self, now: float | None = None) -> list[Session]:
+    async def remove(self, session: Session) -> None:
+        self._forget(session)
+
+    async def expired(self, now: float | None = None) -> list[Session]:
         moment = time.monotonic() if now is None else now
         return [s for s in self._sessions.values() if s.idle_for(moment) > self.idle_timeout_seconds]
 
-    def of_tenant(self, tenant: str) -> list[Session]:
+    async def of_tenant(self, tenant: str) -> list[Session]:
         return [s for s in self._sessions.values() if s.tenant == tenant]
 
     def all(self) -> list[Session]:
+        """The sessions this process holds (ended with it, unless they are shared)."""
         return list(self._sessions.values())
+
+    @property
+    def shared(self) -> bool:
+        """Whether sessions outlive this process (other replicas serve them)."""
+        return False
+
+    def expect_answer(self, session: Session, request_id: RequestId) -> None:
+        """A server-to-client request was relayed to this session: its answer may come back."""
+        session.expect_answer(request_id)
+
+    async def take_answer(self, session: Session, request_id: RequestId) -> bool:
+        """True (and forgotten) when request_id is a server request this session still owes an answer."""
+        return session.take_answer(request_id)

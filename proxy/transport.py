@@ -126,7 +126,7 @@ def _parse_upstream(raw: bytes | str) -> JsonObject:
 async def forward_post(exchange: Exchange) -> web.StreamResponse:
     message, tenant = exchange.message, exchange.tenant
     assert message is not None and tenant is not None
-    limits = exchange.limits
+    limits = exchange.admission.limits if exchange.admission is not None else None
     trial = False
     if limits is not None:
         try:
@@ -164,7 +164,7 @@ _UPSTREAM_FAILURES = frozenset({UpstreamError.code, UpstreamTimeout.code})
 
 def _record_upstream(exchange: Exchange, success: bool | None, trial: bool) -> None:
     """What the tenant's circuit breaker and metrics learn from one upstream exchange."""
-    limits = exchange.limits
+    limits = exchange.admission.limits if exchange.admission is not None else None
     if limits is not None and limits.settings.circuit_failures:
         if success is not None:
             limits.breaker.record(success, time.monotonic())
@@ -182,7 +182,7 @@ async def _relay_post(exchange: Exchange, response: UpstreamResponse) -> web.Str
         if response.status < 300:
             return web.Response(status=202)
     elif response.status == 404 and exchange.session is not None:
-        exchange.services.sessions.remove(exchange.session)  # the upstream forgot it: so do we
+        await exchange.services.sessions.remove(exchange.session)  # the upstream forgot it: so do we
         raise SessionNotFound()
     elif message.method == "initialize" and response.status == 200:
         return await _relay_initialize(exchange, response)
@@ -249,12 +249,18 @@ async def _relay_initialize(exchange: Exchange, response: UpstreamResponse) -> w
         return web.Response(body=out, content_type=JSON, headers=NO_STORE)
     assert exchange.ctx is not None and exchange.tenant is not None and exchange.message is not None
     requested = exchange.message.params.get("protocolVersion")
-    exchange.session = exchange.services.sessions.create(
-        exchange.ctx,
-        requested if isinstance(requested, str) else DEFAULT_HANDSHAKE_VERSION,
-        response.session_id,
-    )
-    exchange.session_reserved = False
+    assert exchange.session_reservation is not None
+    try:
+        exchange.session = await exchange.services.sessions.create(
+            exchange.ctx,
+            requested if isinstance(requested, str) else DEFAULT_HANDSHAKE_VERSION,
+            response.session_id,
+            exchange.session_reservation,
+        )
+    except ProxyError:  # the shared session store failed: no session, so no upstream one either
+        await _abandon_upstream_session(exchange, response)
+        raise
+    exchange.session_reservation = None
     out = messages.process(answer)  # settles the version the server chose
     assert out is not None
     return web.Response(
@@ -364,7 +370,7 @@ async def relay_get(exchange: Exchange) -> web.StreamResponse:
         response = await tenant.upstream.send(UpstreamRequest("GET", headers))
         try:
             if response.status == 404:
-                exchange.services.sessions.remove(session)
+                await exchange.services.sessions.remove(session)
                 raise SessionNotFound()
             if response.status != 200 or response.content_type != EVENT_STREAM:
                 if response.status == 405:
@@ -448,7 +454,7 @@ async def forward_delete(exchange: Exchange) -> web.StreamResponse:
         raise MethodNotAllowed(
             "Method not allowed: the upstream MCP server does not let clients end sessions"
         )
-    exchange.services.sessions.remove(session)
+    await exchange.services.sessions.remove(session)
     return web.Response(status=200)
 
 

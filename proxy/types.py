@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from proxy.cache import CacheKey, CachePlan
     from proxy.catalog import Entry
     from proxy.jsonrpc import Message
-    from proxy.limits import TenantLimits
+    from proxy.limits import Admission
     from proxy.runtime import Runtime, Services, TenantRuntime
     from proxy.sessions import Session
 
@@ -69,10 +69,10 @@ class Exchange:
     catalog_entry: Entry | None = None  # the tool or prompt the request names, once looked up
     cache_plan: CachePlan | None = None
     cache_flight: CacheKey | None = None  # set while this exchange leads a single flight
-    limits: TenantLimits | None = None  # holds a concurrency slot until the exchange ends
+    admission: Admission | None = None  # a place under the tenant's limits until the exchange ends
     upstream_seconds: float = 0.0  # time spent waiting for the upstream
     upstream_contacted: bool = False
-    session_reserved: bool = False  # an initialize holds a place under the session cap
+    session_reservation: str | None = None  # an initialize's place under the session cap
     holds_session: bool = False  # a request in flight on `session` (it is not idle meanwhile)
     status: int = 200
     reply: web.StreamResponse | None = None

@@ -51,3 +51,42 @@ def test_the_sidecar_is_probed_and_mounted_where_its_command_looks() -> None:
     assert proxy["ports"][0]["containerPort"] == config["listen"]["port"]
     assert pod["terminationGracePeriodSeconds"] > 10  # longer than the proxy's drain
     assert docs["Service"]["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]
+
+
+def test_the_replicas_example_shares_state_in_redis_and_routes_sessions_sticky(tmp_path: Path) -> None:
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes-replicas.yaml").read_text()))
+    by_name = {(doc["kind"], doc["metadata"]["name"]): doc for doc in docs}
+    config_map = by_name["ConfigMap", "mcp-tenant-proxy"]
+    proxy_deployment = by_name["Deployment", "mcp-tenant-proxy"]
+    pod = proxy_deployment["spec"]["template"]["spec"]
+    for item in pod["volumes"][0]["configMap"]["items"]:
+        target = tmp_path / item["path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(config_map["data"][item["key"]])
+    env = {**os.environ, **by_name["Secret", "mcp-tenant-proxy"]["stringData"]}
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", "--config", str(tmp_path / "config.yaml")],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(config_map["data"]["config.yaml"])
+    assert proxy_deployment["spec"]["replicas"] > 1
+    assert config["state"]["backend"] == "redis"
+    redis_service = by_name["Service", "mcp-tenant-proxy-redis"]
+    assert (
+        f"@{redis_service['metadata']['name']}:{redis_service['spec']['ports'][0]['port']}/"
+        in config["state"]["url"]
+    )
+    redis_pod = by_name["Deployment", "mcp-tenant-proxy-redis"]["spec"]["template"]
+    assert redis_service["spec"]["selector"] == redis_pod["metadata"]["labels"]
+    ingress = by_name["Ingress", "mcp-tenant-proxy"]
+    assert (
+        ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/upstream-hash-by"]
+        == "$http_mcp_session_id"
+    )
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend["name"] == "mcp-tenant-proxy"
+    assert (
+        by_name["Service", "mcp-tenant-proxy"]["spec"]["selector"]
+        == proxy_deployment["spec"]["selector"]["matchLabels"]
+    )

@@ -85,7 +85,7 @@ async def enforce_policy(exchange: Exchange) -> None:
     declared: tuple[Path, ...] = ()
     name = message.name
     if message.method == "tools/call" and name == RECENT_ACTIVITY_TOOL and policy.recent_activity_records:
-        _answer_recent_activity(exchange, policy.recent_activity_records)
+        await _answer_recent_activity(exchange, policy.recent_activity_records)
         return
     if message.method in _CATALOG_KIND and name is not None and policy.denying_rule(name) is None:
         entry = await catalog_entry(exchange, fetch=True)
@@ -159,7 +159,7 @@ def recent_activity_tool(max_records: int) -> JsonObject:
     }
 
 
-def _answer_recent_activity(exchange: Exchange, max_records: int) -> None:
+async def _answer_recent_activity(exchange: Exchange, max_records: int) -> None:
     """Answer locally from the caller's own tenant's audit summaries, and nothing else."""
     assert exchange.ctx is not None and exchange.message is not None
     arguments = exchange.message.params.get("arguments")
@@ -168,7 +168,7 @@ def _answer_recent_activity(exchange: Exchange, max_records: int) -> None:
         limit = max_records
     records = [
         {field: record.get(field) for field in _ACTIVITY_FIELDS}
-        for record in exchange.services.audit.recent(exchange.ctx.tenant, limit)
+        for record in await exchange.services.audit.recent(exchange.ctx.tenant, limit)
     ]
     result: JsonObject = {
         "content": [{"type": "text", "text": json.dumps(records, indent=1)}],

@@ -110,14 +110,14 @@ def test_existing_files_are_appended_to(tmp_path: Path) -> None:
     audit.close()
 
 
-def test_recent_is_per_tenant_and_newest_first() -> None:
+async def test_recent_is_per_tenant_and_newest_first() -> None:
     audit = AuditLog(None, 1 << 20, 2)
     for index in range(5):
         audit.record(exchange("acme", call(f"a{index}", {})))
         audit.record(exchange("globex", call(f"g{index}", {})))
-    assert [r["name"] for r in audit.recent("acme", 3)] == ["a4", "a3", "a2"]
-    assert all(r["tenant"] == "acme" for r in audit.recent("acme", 50))
-    assert audit.recent("initech", 5) == []
+    assert [r["name"] for r in await audit.recent("acme", 3)] == ["a4", "a3", "a2"]
+    assert all(r["tenant"] == "acme" for r in await audit.recent("acme", 50))
+    assert await audit.recent("initech", 5) == []
 
 
 def test_no_tenant_no_record() -> None:

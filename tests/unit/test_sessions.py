@@ -19,36 +19,36 @@ def registry(idle: float = 60.0, cap: int = 10) -> SessionRegistry:
     return SessionRegistry(idle_timeout_seconds=idle, max_per_tenant=cap)
 
 
-def new(reg: SessionRegistry, who: TenantContext | None = None) -> Session:
+async def new(reg: SessionRegistry, who: TenantContext | None = None) -> Session:
     """An initialize as the proxy runs it: a place under the cap first, then the session."""
     caller = who or ctx()
-    reg.reserve(caller)
-    return reg.create(caller, "2025-11-25", "upstream-sid")
+    reservation = await reg.reserve(caller)
+    return await reg.create(caller, "2025-11-25", "upstream-sid", reservation)
 
 
 # --- creation and binding ---------------------------------------------------------------------------
 
 
-def test_create_binds_the_session_to_the_caller() -> None:
+async def test_create_binds_the_session_to_the_caller() -> None:
     reg = registry()
-    session = new(reg)
+    session = await new(reg)
     assert (session.tenant, session.subject) == ("acme", "alice")
     assert session.upstream_session_id == "upstream-sid"
     assert session.id != "upstream-sid"
     assert len(session.id) >= 32  # 24 random bytes, url-safe
-    assert reg.lookup(session.id, ctx()) is session
+    assert await reg.lookup(session.id, ctx()) is session
     assert len(reg) == 1
     assert reg.count("acme") == 1
 
 
-def test_ids_are_unique_and_unguessable() -> None:
+async def test_ids_are_unique_and_unguessable() -> None:
     reg = registry(cap=500)
-    ids = {new(reg).id for _ in range(300)}
+    ids = {(await new(reg)).id for _ in range(300)}
     assert len(ids) == 300
 
 
-def test_audit_id_is_a_hash_not_the_id() -> None:
-    session = new(registry())
+async def test_audit_id_is_a_hash_not_the_id() -> None:
+    session = await new(registry())
     assert session.audit_id != session.id
     assert session.id not in session.audit_id
     assert len(session.audit_id) == 16
@@ -65,137 +65,137 @@ def test_audit_id_is_a_hash_not_the_id() -> None:
         ctx("acme", "alice "),
     ],
 )
-def test_other_callers_get_not_found_exactly_as_for_an_unknown_id(thief: TenantContext) -> None:
+async def test_other_callers_get_not_found_exactly_as_for_an_unknown_id(thief: TenantContext) -> None:
     reg = registry()
-    session = new(reg)
+    session = await new(reg)
     with pytest.raises(SessionNotFound) as foreign:
-        reg.lookup(session.id, thief)
+        await reg.lookup(session.id, thief)
     with pytest.raises(SessionNotFound) as unknown:
-        reg.lookup("never-issued-" + "x" * 20, thief)
+        await reg.lookup("never-issued-" + "x" * 20, thief)
     assert foreign.value.to_jsonrpc(1) == unknown.value.to_jsonrpc(1)
     assert (foreign.value.status, foreign.value.headers) == (unknown.value.status, unknown.value.headers)
     assert foreign.value.status == 404
     # The owner is unaffected by the attempt.
-    assert reg.lookup(session.id, ctx()) is session
+    assert await reg.lookup(session.id, ctx()) is session
 
 
-def test_unicode_subjects_compare_exactly() -> None:
+async def test_unicode_subjects_compare_exactly() -> None:
     reg = registry()
-    session = new(reg, ctx("acme", "\u00e9ve"))
-    assert reg.lookup(session.id, ctx("acme", "\u00e9ve")) is session
+    session = await new(reg, ctx("acme", "\u00e9ve"))
+    assert await reg.lookup(session.id, ctx("acme", "\u00e9ve")) is session
     with pytest.raises(SessionNotFound):
-        reg.lookup(session.id, ctx("acme", "e\u0301ve"))  # decomposed form: a different subject
+        await reg.lookup(session.id, ctx("acme", "e\u0301ve"))  # decomposed form: a different subject
 
 
-def test_prefix_of_a_real_id_is_not_found() -> None:
+async def test_prefix_of_a_real_id_is_not_found() -> None:
     reg = registry()
-    session = new(reg)
+    session = await new(reg)
     for guess in (session.id[:-1], session.id + "x", session.id.upper(), ""):
         with pytest.raises(SessionNotFound):
-            reg.lookup(guess, ctx())
+            await reg.lookup(guess, ctx())
 
 
 # --- expiry -------------------------------------------------------------------------------------------
 
 
-def test_idle_session_is_not_found_and_listed_as_expired() -> None:
+async def test_idle_session_is_not_found_and_listed_as_expired() -> None:
     reg = registry(idle=30)
-    session = new(reg)
-    fresh = new(reg)
+    session = await new(reg)
+    fresh = await new(reg)
     session.last_seen = time.monotonic() - 31
     with pytest.raises(SessionNotFound):
-        reg.lookup(session.id, ctx())
-    assert reg.expired() == [session]
-    assert reg.lookup(fresh.id, ctx()) is fresh
+        await reg.lookup(session.id, ctx())
+    assert await reg.expired() == [session]
+    assert await reg.lookup(fresh.id, ctx()) is fresh
 
 
-def test_lookup_refreshes_last_seen() -> None:
+async def test_lookup_refreshes_last_seen() -> None:
     reg = registry(idle=30)
-    session = new(reg)
+    session = await new(reg)
     session.last_seen = time.monotonic() - 29
-    reg.lookup(session.id, ctx())
+    await reg.lookup(session.id, ctx())
     assert time.monotonic() - session.last_seen < 1
-    assert reg.expired() == []
+    assert await reg.expired() == []
 
 
-def test_expired_with_an_explicit_clock() -> None:
+async def test_expired_with_an_explicit_clock() -> None:
     reg = registry(idle=10)
-    session = new(reg)
-    assert reg.expired(now=session.last_seen + 9) == []
-    assert reg.expired(now=session.last_seen + 11) == [session]
+    session = await new(reg)
+    assert await reg.expired(now=session.last_seen + 9) == []
+    assert await reg.expired(now=session.last_seen + 11) == [session]
 
 
-def test_a_session_with_an_open_get_stream_does_not_expire() -> None:
+async def test_a_session_with_an_open_get_stream_does_not_expire() -> None:
     reg = registry(idle=10)
-    session = new(reg)
+    session = await new(reg)
     session.get_stream_open = True
     session.last_seen = time.monotonic() - 100
-    assert reg.expired() == []
-    assert reg.lookup(session.id, ctx()) is session
+    assert await reg.expired() == []
+    assert await reg.lookup(session.id, ctx()) is session
 
 
 # --- per-tenant cap ---------------------------------------------------------------------------------
 
 
-def test_cap_is_per_tenant() -> None:
+async def test_cap_is_per_tenant() -> None:
     reg = registry(cap=3)
-    acme = [new(reg, ctx("acme", f"user{i}")) for i in range(3)]
+    acme = [await new(reg, ctx("acme", f"user{i}")) for i in range(3)]
     with pytest.raises(TooManyRequests) as info:
-        new(reg, ctx("acme", "late"))
+        await new(reg, ctx("acme", "late"))
     assert info.value.status == 429
     assert info.value.headers.get("Retry-After") == "30"
     with pytest.raises(TooManyRequests):
-        reg.reserve(ctx("acme"))
+        await reg.reserve(ctx("acme"))
     assert reg.count("acme") == 3
     # Other tenants are unaffected.
-    globex = [new(reg, ctx("globex")) for _ in range(3)]
+    globex = [await new(reg, ctx("globex")) for _ in range(3)]
     assert reg.count("globex") == 3
     assert len(reg) == 6
-    assert {s.tenant for s in reg.of_tenant("acme")} == {"acme"}
-    assert reg.of_tenant("acme") == acme
-    assert reg.of_tenant("globex") == globex
+    assert {s.tenant for s in await reg.of_tenant("acme")} == {"acme"}
+    assert await reg.of_tenant("acme") == acme
+    assert await reg.of_tenant("globex") == globex
 
 
-def test_remove_frees_a_slot_and_forgets_the_session() -> None:
+async def test_remove_frees_a_slot_and_forgets_the_session() -> None:
     reg = registry(cap=2)
-    first, second = new(reg), new(reg)
-    reg.remove(first)
+    first, second = await new(reg), await new(reg)
+    await reg.remove(first)
     assert first.closed
     assert reg.count("acme") == 1
     assert len(reg) == 1
     with pytest.raises(SessionNotFound):
-        reg.lookup(first.id, ctx())
-    third = new(reg)
+        await reg.lookup(first.id, ctx())
+    third = await new(reg)
     assert reg.all() == [second, third]
 
 
-def test_remove_is_idempotent_and_counts_never_go_negative() -> None:
+async def test_remove_is_idempotent_and_counts_never_go_negative() -> None:
     reg = registry(cap=2)
-    session = new(reg)
-    other = new(reg, ctx("globex"))
-    reg.remove(session)
-    reg.remove(session)
+    session = await new(reg)
+    other = await new(reg, ctx("globex"))
+    await reg.remove(session)
+    await reg.remove(session)
     assert reg.count("acme") == 0
     assert reg.count("globex") == 1
-    reg.remove(other)
+    await reg.remove(other)
     assert reg.count("globex") == 0
     assert len(reg) == 0
     assert reg.all() == []
 
 
-def test_a_closed_session_is_not_found_even_if_still_registered() -> None:
+async def test_a_closed_session_is_not_found_even_if_still_registered() -> None:
     reg = registry()
-    session = new(reg)
+    session = await new(reg)
     session.closed = True
     with pytest.raises(SessionNotFound):
-        reg.lookup(session.id, ctx())
+        await reg.lookup(session.id, ctx())
 
 
 # --- event ids ---------------------------------------------------------------------------------------
 
 
-def test_event_ids_map_proxy_ids_to_upstream_ids() -> None:
-    session = new(registry())
+async def test_event_ids_map_proxy_ids_to_upstream_ids() -> None:
+    session = await new(registry())
     first = session.issue_event_id("upstream-abc")
     second = session.issue_event_id("upstream-def")
     assert (first, second) == ("1", "2")
@@ -205,22 +205,22 @@ def test_event_ids_map_proxy_ids_to_upstream_ids() -> None:
     assert session.upstream_event_id("upstream-abc") is None
 
 
-def test_no_upstream_event_id_gives_no_proxy_id() -> None:
-    session = new(registry())
+async def test_no_upstream_event_id_gives_no_proxy_id() -> None:
+    session = await new(registry())
     assert session.issue_event_id("") is None
     assert session.event_ids == {}
     assert session.issue_event_id("u") == "1"
 
 
-def test_event_ids_are_per_session() -> None:
+async def test_event_ids_are_per_session() -> None:
     reg = registry()
-    one, two = new(reg), new(reg)
+    one, two = await new(reg), await new(reg)
     one.issue_event_id("one-secret")
     assert two.upstream_event_id("1") is None
 
 
-def test_event_id_map_is_bounded() -> None:
-    session = new(registry())
+async def test_event_id_map_is_bounded() -> None:
+    session = await new(registry())
     for index in range(MAX_EVENT_IDS + 10):
         session.issue_event_id(f"u{index}")
     assert len(session.event_ids) == MAX_EVENT_IDS
@@ -233,8 +233,8 @@ def test_event_id_map_is_bounded() -> None:
 # --- server-to-client requests ------------------------------------------------------------------------
 
 
-def test_expect_and_take_answer() -> None:
-    session = new(registry())
+async def test_expect_and_take_answer() -> None:
+    session = await new(registry())
     session.expect_answer(5)
     session.expect_answer("s-1")
     assert session.take_answer("5") is False  # a string is not the integer id
@@ -244,16 +244,16 @@ def test_expect_and_take_answer() -> None:
     assert session.take_answer(99) is False
 
 
-def test_answers_are_per_session() -> None:
+async def test_answers_are_per_session() -> None:
     reg = registry()
-    one, two = new(reg), new(reg)
+    one, two = await new(reg), await new(reg)
     one.expect_answer(1)
     assert two.take_answer(1) is False
     assert one.take_answer(1) is True
 
 
-def test_pending_answers_are_bounded() -> None:
-    session = new(registry())
+async def test_pending_answers_are_bounded() -> None:
+    session = await new(registry())
     for index in range(MAX_PENDING_SERVER_REQUESTS + 5):
         session.expect_answer(index)
     assert len(session.pending_server_requests) == MAX_PENDING_SERVER_REQUESTS
@@ -263,27 +263,27 @@ def test_pending_answers_are_bounded() -> None:
     assert session.take_answer(MAX_PENDING_SERVER_REQUESTS + 4) is True
 
 
-def test_reservations_count_against_the_cap_until_created_or_released() -> None:
+async def test_reservations_count_against_the_cap_until_created_or_released() -> None:
     reg = registry(cap=2)
-    reg.reserve(ctx("acme", "a"))
-    reg.reserve(ctx("acme", "b"))
+    first = await reg.reserve(ctx("acme", "a"))
+    second = await reg.reserve(ctx("acme", "b"))
     with pytest.raises(TooManyRequests):
-        reg.reserve(ctx("acme", "c"))  # two initializes on their way upstream fill the cap
-    reg.release("acme")  # one failed upstream: its place is free again
-    reg.reserve(ctx("acme", "c"))
-    reg.create(ctx("acme", "a"), "2025-11-25", None)
+        await reg.reserve(ctx("acme", "c"))  # two initializes on their way upstream fill the cap
+    reg.release("acme", second)  # one failed upstream: its place is free again
+    await reg.reserve(ctx("acme", "c"))
+    await reg.create(ctx("acme", "a"), "2025-11-25", None, first)
     assert reg.count("acme") == 1
     with pytest.raises(TooManyRequests):
-        reg.reserve(ctx("acme", "d"))
+        await reg.reserve(ctx("acme", "d"))
 
 
-def test_a_busy_session_is_never_idle() -> None:
+async def test_a_busy_session_is_never_idle() -> None:
     reg = registry(idle=0.05)
-    session = new(reg)
+    session = await new(reg)
     session.busy = 1
     time.sleep(0.08)
-    assert reg.expired() == []
-    assert reg.lookup(session.id, ctx()) is session
+    assert await reg.expired() == []
+    assert await reg.lookup(session.id, ctx()) is session
     session.busy = 0
     time.sleep(0.08)
-    assert reg.expired() == [session]
+    assert await reg.expired() == [session]

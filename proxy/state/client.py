@@ -1,0 +1,131 @@
+"""The Redis connection every shared store uses, and how its failures are seen.
+
+Keys always carry the tenant in a fixed position: `{prefix}:{tenant}:{kind}:...` (tenant ids match
+`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`, so no tenant id can contain the `:` separator). A failed call
+raises StateUnavailable after marking the backend down (for /readyz and metrics); each store
+decides what that means for its concern: serve without it, or refuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import secrets
+import time
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
+
+import structlog
+
+from proxy.config import ConfigError, StateConfig
+from proxy.metrics import Metrics
+
+log = structlog.get_logger("proxy.state")
+T = TypeVar("T")
+RETRY_SECONDS = 1.0
+
+
+class StateUnavailable(Exception):
+    """The shared state store could not be reached or did not answer in time."""
+
+
+class RedisState:
+    def __init__(self, config: StateConfig, metrics: Metrics, source: str) -> None:
+        try:
+            import redis.asyncio as redis_asyncio
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+        except ImportError:
+            raise ConfigError(
+                source,
+                "state.backend",
+                "the redis backend needs the redis package: pip install 'mcp-tenant-proxy[redis]'",
+            ) from None
+        assert config.url is not None
+        self.prefix = config.key_prefix
+        self.audit_max_records = config.audit_max_records
+        self.client: Any = redis_asyncio.Redis.from_url(
+            config.url,
+            socket_timeout=config.timeout_seconds,
+            socket_connect_timeout=config.timeout_seconds,
+            # One immediate retry (a pooled connection that died with a Redis restart), no backoff:
+            # a request never waits on Redis for more than about twice timeout_seconds.
+            retry=Retry(NoBackoff(), 1),
+            health_check_interval=30,
+        )
+        self._redis_errors: tuple[type[BaseException], ...] = (
+            redis_asyncio.RedisError,
+            OSError,
+            TimeoutError,
+        )
+        self._metrics = metrics
+        self.up = True
+        self._retry_at = 0.0
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def key(self, tenant: str, *parts: str) -> str:
+        return ":".join((self.prefix, tenant, *parts))
+
+    async def call(self, operation: str, awaitable: Awaitable[T]) -> T:
+        """Await one Redis call; any failure marks the backend down and raises StateUnavailable.
+
+        While it is down, calls fail at once for RETRY_SECONDS after each failure, so an unreachable
+        Redis costs a request nothing but the fallback; then one call tries again."""
+        if not self.up and time.monotonic() < self._retry_at:
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()
+            self._metrics.state_errors.labels(operation).inc()
+            raise StateUnavailable(operation)
+        try:
+            result = await awaitable
+        except self._redis_errors as exc:
+            self._failed(operation, exc)
+            raise StateUnavailable(operation) from None
+        if not self.up:
+            log.info("state_backend_back")
+            self.up = True
+        return result
+
+    def _failed(self, operation: str, exc: BaseException) -> None:
+        if self.up:
+            log.warning("state_backend_down", operation=operation, error=type(exc).__name__)
+        self.up = False
+        self._retry_at = time.monotonic() + RETRY_SECONDS
+        self._metrics.state_errors.labels(operation).inc()
+
+    def spawn(self, operation: str, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """Run a write the request need not wait for (a cache store, an audit batch)."""
+
+        async def run() -> None:
+            with contextlib.suppress(StateUnavailable):  # counted and logged by call()
+                await self.call(operation, coroutine)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def seal_key(self) -> bytes | None:
+        """The key every replica seals MRTR request state with: the first replica to ask creates it
+        (`{prefix}:seal-key`, two parts, so no tenant's key can be it); None while Redis is away."""
+        key = self.prefix + ":seal-key"
+        try:
+            await self.call("seal_key", self.client.set(key, secrets.token_bytes(32), nx=True))
+            value: bytes | None = await self.call("seal_key", self.client.get(key))
+        except StateUnavailable:
+            return None
+        return value if value is not None and len(value) >= 32 else None
+
+    async def ping(self) -> bool:
+        """Whether Redis answers now (always tries: this is how the readiness loop sees recovery)."""
+        self._retry_at = 0.0
+        try:
+            await self.call("ping", self.client.ping())
+        except StateUnavailable:
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=2)
+        await self.client.aclose()
