@@ -295,6 +295,7 @@ class Harness:
         cache: bool = False,
         max_sessions: int = 1000,
         core: int = SUT_CORE,
+        extra: dict[str, Any] | None = None,
     ) -> Proxy:
         work = self._path("proxy")
         (work / "policies").mkdir(parents=True)
@@ -328,6 +329,7 @@ class Harness:
             "cache": {"enabled": cache},
             "sessions": {"idle_timeout_seconds": 3600, "max_per_tenant": max_sessions},
             "audit": {"dir": str(work / "audit")},
+            **(extra or {}),
         }
         config_path = work / "config.yaml"
         import yaml
@@ -360,6 +362,19 @@ class Harness:
             time.sleep(0.005)
         startup = time.perf_counter() - began
         return Proxy(proc, url, config_path, work / "audit", startup)
+
+    def start_redis(self) -> str:
+        """A redis-server on a free loopback port (no persistence), for state.backend: redis."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (tests/install-redis-server installs it)")
+        port = free_port()
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        proc = Proc("redis", argv, self._path("redis", ".log"), self.env)
+        self.procs.append(proc)
+        pin(proc.pid, GEN_CORE if self.settings.pin else None)
+        wait_for_port(port, proc)
+        return f"redis://127.0.0.1:{port}/0"
 
     # --- measuring ----------------------------------------------------------------------------
 
@@ -1282,6 +1297,73 @@ def s6_sse(h: Harness) -> tuple[list[Row], dict[str, Any]]:
     return rows, m
 
 
+def s7_redis(h: Harness) -> tuple[list[Row], dict[str, Any]]:
+    """Shared state in Redis (state.backend: redis) vs in process, each vs direct, in one run:
+    cached tools/call (a Redis GET per answer), handshake tools/call (a session lookup script per
+    request), modern tools/call under a rate limit (a limiter script per request)."""
+    up = h.start_upstream("sdk")
+    redis_url = h.start_redis()
+    limits = {"limits": {"requests_per_second": 1_000_000, "max_concurrent": 10_000}}
+    memory = h.start_proxy({"acme": up.url}, policy=CACHED_POLICY, cache=True, extra=limits)
+    shared = h.start_proxy(
+        {"acme": up.url}, policy=CACHED_POLICY, cache=True,
+        extra={**limits, "state": {"backend": "redis", "url": redis_url, "key_prefix": "bench"}},
+    )  # fmt: skip
+    direct_sessions = sessions_for(up.url, 16)
+    targets: dict[str, dict[str, Target]] = {"direct": {}, "memory": {}, "redis": {}}
+    targets["direct"]["cached"] = modern_call(
+        "direct-call", up.url, "lookup", {"tenant_id": "acme", "key": "k1"}
+    )
+    targets["direct"]["forwarded"] = modern_call("direct-whoami", up.url, "whoami", {})
+    targets["direct"]["handshake"] = handshake_call(
+        "direct-hs", up.url, "lookup", {"tenant_id": "acme", "key": "k1"}, direct_sessions
+    )
+    for name, px in (("memory", memory), ("redis", shared)):
+        token = px.token("acme")
+        targets[name]["cached"] = modern_call(f"{name}-cached", px.url, "lookup", {"key": "k1"}, token)
+        targets[name]["forwarded"] = modern_call(f"{name}-whoami", px.url, "whoami", {}, token)
+        targets[name]["handshake"] = handshake_call(
+            f"{name}-hs", px.url, "lookup", {"key": "k1"}, sessions_for(px.url, 16, token), token
+        )
+    for group in targets.values():
+        for target in group.values():
+            target.probe()
+    m: dict[str, Any] = {}
+    layout_direct = h.pin({up.proc: SUT_CORE, memory.proc: GEN_CORE, shared.proc: GEN_CORE})
+    for kind, target in targets["direct"].items():
+        m[f"direct_{kind}_c16"] = h.load(target, 16, {"upstream": up.proc})
+        m[f"direct_{kind}_c1"] = h.load(
+            _single(target) if target.sessions else target, 1, {"upstream": up.proc}
+        )
+    layout_proxy: dict[str, Any] = {}
+    for name, px in (("memory", memory), ("redis", shared)):
+        other = shared if px is memory else memory
+        layout_proxy[name] = h.pin({up.proc: GEN_CORE, other.proc: GEN_CORE, px.proc: SUT_CORE})
+        for kind, target in targets[name].items():
+            watch = {"upstream": up.proc, "proxy": px.proc}
+            m[f"{name}_{kind}_c16"] = h.load(target, 16, watch)
+            m[f"{name}_{kind}_c1"] = h.load(_single(target) if target.sessions else target, 1, watch)
+    m["layout"] = {"direct": layout_direct, "proxy": layout_proxy}
+    rows: list[Row] = []
+    labels = {
+        "cached": "cached tools/call",
+        "forwarded": "rate-limited tools/call",
+        "handshake": "handshake tools/call",
+    }
+    for kind, label in labels.items():
+        for name in ("memory", "redis"):
+            direct, proxied = m[f"direct_{kind}_c16"], m[f"{name}_{kind}_c16"]
+            rows.append(
+                _throughput_row("7 redis", f"{label} throughput c=16, {name} state", direct, proxied, None)
+            )
+            one = (m[f"direct_{kind}_c1"], m[f"{name}_{kind}_c1"])
+            rows.append(
+                Row("7 redis", f"{label} p50 latency c=1, {name} state", one[0]["p50_ms"], one[1]["p50_ms"],
+                    "ms", "added", valid=_valid(*one), noisy=_noisy(*one))
+            )  # fmt: skip
+    return rows, m
+
+
 SCENARIOS: dict[str, Scenario] = {
     "s1_modern": s1_modern,
     "s2_handshake": s2_handshake,
@@ -1290,6 +1372,7 @@ SCENARIOS: dict[str, Scenario] = {
     "s5_sessions": s5_sessions,
     "s5_tenants": s5_tenants,
     "s6_sse": s6_sse,
+    "s7_redis": s7_redis,
 }
 
 

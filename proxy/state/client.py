@@ -54,11 +54,15 @@ class RedisState:
             retry=Retry(NoBackoff(), 1),
             health_check_interval=30,
         )
-        self._redis_errors: tuple[type[BaseException], ...] = (
-            redis_asyncio.RedisError,
+        # Redis cannot be reached (down: fail fast for a while) vs it answered with an error (a
+        # refused command, e.g. out of memory: this call fails, the next ones still try).
+        self._unreachable: tuple[type[BaseException], ...] = (
+            redis_asyncio.ConnectionError,
+            redis_asyncio.TimeoutError,
             OSError,
             TimeoutError,
         )
+        self._refused: tuple[type[BaseException], ...] = (redis_asyncio.RedisError,)
         self._metrics = metrics
         self.up = True
         self._retry_at = 0.0
@@ -68,7 +72,7 @@ class RedisState:
         return ":".join((self.prefix, tenant, *parts))
 
     async def call(self, operation: str, awaitable: Awaitable[T]) -> T:
-        """Await one Redis call; any failure marks the backend down and raises StateUnavailable.
+        """Await one Redis call; a failure raises StateUnavailable (unreachable: marks it down).
 
         While it is down, calls fail at once for RETRY_SECONDS after each failure, so an unreachable
         Redis costs a request nothing but the fallback; then one call tries again."""
@@ -79,8 +83,12 @@ class RedisState:
             raise StateUnavailable(operation)
         try:
             result = await awaitable
-        except self._redis_errors as exc:
+        except self._unreachable as exc:
             self._failed(operation, exc)
+            raise StateUnavailable(operation) from None
+        except self._refused as exc:
+            log.error("state_backend_refused", operation=operation, error=type(exc).__name__)
+            self._metrics.state_errors.labels(operation).inc()
             raise StateUnavailable(operation) from None
         if not self.up:
             log.info("state_backend_back")

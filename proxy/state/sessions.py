@@ -1,12 +1,12 @@
 """Handshake-era sessions in Redis, so a POST for a session can be served by any replica.
 
-    {prefix}:{tenant}:session:{id}          hash: subject, protocol version, upstream session id;
+    {prefix}:{tenant}:session:{id}          hash: tenant, subject, protocol version, upstream session id;
                                             expires after sessions.idle_timeout_seconds unused
     {prefix}:{tenant}:session:{id}:pending  server-to-client request ids the session owes answers to
     {prefix}:{tenant}:sessions              sorted set of live ids (and reservations) by last use:
                                             the per-tenant cap, kept atomically by a Lua script
 
-A lookup names the caller's tenant in the key and checks the subject inside Redis, so another
+A lookup names the caller's tenant in the key and checks tenant and subject inside Redis, so another
 tenant's or user's id finds nothing, exactly like an unknown one. What belongs to one replica (an
 open GET stream, its event ids for resumption, requests in flight) stays in that replica's local
 Session object: a session's GET stream is served by the replica that holds it (sticky routing).
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import secrets
 import time
 from typing import Any
@@ -25,6 +26,8 @@ from proxy.errors import SessionNotFound, SessionStoreUnavailable
 from proxy.sessions import Session, SessionRegistry
 from proxy.state.client import RedisState, StateUnavailable
 from proxy.types import RequestId, TenantContext
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{16,128}")  # what secrets.token_urlsafe gives, and nothing else
 
 _RESERVE = """
 local live = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
@@ -39,7 +42,7 @@ local fields = redis.call('HGETALL', KEYS[1])
 if #fields == 0 then return nil end
 local record = {}
 for i = 1, #fields, 2 do record[fields[i]] = fields[i + 1] end
-if record['subject'] ~= ARGV[1] then return nil end
+if record['tenant'] ~= ARGV[5] or record['subject'] ~= ARGV[1] then return nil end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
 redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[4])
@@ -99,6 +102,7 @@ class RedisSessionRegistry(SessionRegistry):
         pipeline.hset(
             record,
             mapping={
+                "tenant": ctx.tenant,
                 "subject": ctx.subject,
                 "protocol_version": protocol_version,
                 "upstream_session_id": upstream_session_id or "",
@@ -115,12 +119,15 @@ class RedisSessionRegistry(SessionRegistry):
         return session
 
     async def lookup(self, session_id: str, ctx: TenantContext) -> Session:
+        if _SESSION_ID.fullmatch(session_id) is None:  # never a key this proxy did not make
+            raise SessionNotFound()
         record, live, pending = self._keys(ctx.tenant, session_id)
         try:
             found = await self.state.call(
                 "session_lookup",
                 self._lookup(
-                    keys=[record, live, pending], args=[ctx.subject, self._idle_ms, time.time(), session_id]
+                    keys=[record, live, pending],
+                    args=[ctx.subject, self._idle_ms, time.time(), session_id, ctx.tenant],
                 ),
             )
         except StateUnavailable:

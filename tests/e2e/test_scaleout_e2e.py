@@ -356,6 +356,18 @@ async def test_a_session_created_on_one_replica_continues_on_the_other_for_its_o
             assert stolen.message["error"] == unknown.message["error"]
     assert tool_calls(upstreams["globex"]) == 0
     assert tool_calls(upstreams["acme"]) == 1
+    # Ids naming other keys of the owner's own records (here its set of pending server requests)
+    # find nothing either, and do not make Redis look broken to the replica (which would then fail
+    # fast for everyone).
+    client = redis_asyncio.Redis.from_url(replicas.redis.url)
+    try:
+        await client.sadd(f"{replicas.prefix}:acme:session:{session}:pending", "1")
+    finally:
+        await client.aclose()
+    for crafted in (f"{session}:pending", "../sessions", "x" * 20 + ":pending", session + "\u00e9"):
+        assert (await post(b, call("whoami"), alice, crafted, HANDSHAKE)).status in (400, 404)
+    assert replicas.b.services.shared is not None and replicas.b.services.shared.up
+    assert (await post(b, call("whoami", request_id=3), alice, session, HANDSHAKE)).status == 200
 
     # Ended through B, the session is gone on A as well.
     async with aiohttp.ClientSession() as http:
