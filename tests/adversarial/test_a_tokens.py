@@ -4,12 +4,15 @@ and neither tenant's upstream ever sees a request."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
 import re
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +21,7 @@ import jwt
 import pytest
 
 from proxy.errors import BadRequest, Forbidden, ProxyError, Unauthenticated
+from tests.adversarial.test_a_jwks import JWKS_ISS, JwksServer
 from tests.conftest import MCP_ACCEPT, TENANTS, RunningProxy
 from tests.factories import DEV_SECRET, RsaKeys, unsigned_token
 
@@ -355,3 +359,169 @@ async def test_the_challenge_points_at_a_working_metadata_document(proxy: Runnin
     async with aiohttp.ClientSession() as http, http.get(match.group(1)) as response:
         assert response.status == 200
         assert (await response.json())["resource"] == proxy.url
+
+
+# --- A5-A9: a kid never opens a file or a connection ----------------------------------------------------
+
+# Audit events (PEP 578) that reading a file or reaching the network cannot avoid.
+WATCHED_EVENTS = frozenset(
+    {
+        "open",
+        "os.listdir",
+        "os.scandir",
+        "socket.connect",
+        "socket.getaddrinfo",
+        "socket.gethostbyname",
+        "urllib.Request",
+        "http.client.connect",
+        "subprocess.Popen",
+        "os.system",
+        "sqlite3.connect",
+    }
+)
+_recording: list[list[tuple[str, str, str]]] = []  # the events of the `watching()` block running now
+
+
+def _audit_hook(event: str, args: tuple[Any, ...]) -> None:
+    if _recording and event in WATCHED_EVENTS:
+        _recording[-1].append((event, repr(args)[:200], threading.current_thread().name))
+
+
+_hook_installed: list[bool] = []
+
+
+@contextlib.contextmanager
+def watching() -> Iterator[list[tuple[str, str, str]]]:
+    """Every file open and network access of the process (any thread) while the block runs.
+
+    sys.addaudithook cannot be undone: the hook is installed once and does nothing outside a block.
+    """
+    if not _hook_installed:
+        sys.addaudithook(_audit_hook)
+        _hook_installed.append(True)
+    events: list[tuple[str, str, str]] = []
+    _recording.append(events)
+    try:
+        yield events
+    finally:
+        _recording.remove(events)
+
+
+WEIRD_KIDS = {
+    "traversal": "../../../../etc/passwd",
+    "absolute-path": "/etc/passwd",
+    "encoded-traversal": "..%2f..%2f..%2fetc%2fpasswd",
+    "proc-self": "/proc/self/environ",
+    "nul": "key\x00../../etc/passwd",
+    "sql": "' OR '1'='1' --",
+    "sql-no-spaces": "1;DROP/**/TABLE/**/keys--",
+    "url": "http://127.0.0.1:9/k.pem",
+    "file-url": "file:///etc/passwd",
+    "10kb": "k" * 10_240,
+    "newline": "kid\n../etc/passwd",
+    "non-ascii": "ключ",
+}
+# What the JWKS issuer refuses before any lookup (kid shape: 1-256 printable ASCII, no space).
+MALFORMED_FOR_JWKS = {"nul", "sql", "10kb", "newline", "non-ascii"}
+
+
+@pytest.fixture
+async def auth_issuers(
+    tmp_path: Any, rsa_keys: RsaKeys, stranger_key: RsaKeys
+) -> AsyncIterator[tuple[Any, Any, JwksServer]]:
+    """A config with the three issuer kinds (HS256 secret, RS256 PEM file, RS256 JWKS URL) and the
+    JWKS endpoint it names."""
+    from proxy.config import ProxyConfig
+    from tests.conftest import proxy_config
+
+    jwks = JwksServer([rsa_keys.jwk()])
+    await jwks.start()
+    url = "http://127.0.0.1:8080/mcp"
+    data = proxy_config(url, dict.fromkeys(TENANTS, "http://127.0.0.1:9/mcp"), tmp_path, rsa_keys)
+    data["auth"]["issuers"].append(
+        {
+            "issuer": JWKS_ISS,
+            "audiences": [url],
+            "algorithms": ["RS256"],
+            "jwks_url": jwks.url,
+            "tenant_claim": "tenant",
+            "jwks_refetch_cooldown_seconds": 300,
+            "jwks_cache_seconds": 300,
+        }
+    )
+    try:
+        yield ProxyConfig.model_validate(data, context={}), Forge(url, rsa_keys, stranger_key), jwks
+    finally:
+        await jwks.stop()
+
+
+async def outcome(authenticator: Any, token: str) -> str:
+    try:
+        ctx = await authenticator.authenticate([f"Bearer {token}"])
+    except Unauthenticated:
+        return "401"
+    return f"ok:{ctx.tenant}"
+
+
+def jwks_token(forge: Forge, kid: Any) -> str:
+    claims = forge.claims(iss=JWKS_ISS, tenant="acme")
+    return jwt.encode(claims, forge.rsa.private_pem, algorithm="RS256", headers={"kid": kid})
+
+
+async def test_control_the_watch_sees_key_files_and_jwks_fetches(
+    auth_issuers: tuple[Any, Any, JwksServer], rsa_keys: RsaKeys
+) -> None:
+    """Without this the other kid tests could pass by seeing nothing at all: loading the PEM file,
+    and fetching the key set for a well-formed kid (from a worker thread), are both recorded."""
+    from proxy.auth import Authenticator
+
+    config, forge, jwks = auth_issuers
+    with watching() as events:
+        authenticator = Authenticator(config)
+    assert any(e == "open" and "rsa.pem" in args for e, args, _ in events), events
+    with watching() as events:
+        assert await outcome(authenticator, jwks_token(forge, rsa_keys.kid)) == "ok:acme"
+    assert any(e == "socket.connect" and str(jwks.port) in args for e, args, _ in events), events
+    assert jwks.fetches() == 1
+
+
+@pytest.mark.parametrize("kid", list(WEIRD_KIDS), ids=list(WEIRD_KIDS))
+async def test_a_weird_kid_opens_no_file_and_no_connection(
+    auth_issuers: tuple[Any, Any, JwksServer], rsa_keys: RsaKeys, kid: str
+) -> None:
+    from proxy.auth import Authenticator
+
+    config, forge, jwks = auth_issuers
+    value = WEIRD_KIDS[kid]
+    warm = Authenticator(config)  # built (its PEM file read) and its key set fetched beforehand
+    assert await outcome(warm, jwks_token(forge, rsa_keys.kid)) == "ok:acme"
+    cold = Authenticator(config)  # a JWKS issuer that has fetched nothing yet
+    hits_before = list(jwks.hits)
+    headers = {"kid": value}
+    # Static-key issuers never look the kid up: signed with their key, the token is accepted (unless
+    # the kid makes it longer than the 8192 characters any token may have); with another, refused.
+    accepted = "401" if kid == "10kb" else "ok:acme"
+    cases = [
+        (warm, forge.dev(headers), accepted),
+        (warm, forge.dev(headers, secret="another-secret-0123456789-abcdefghij"), "401"),
+        (warm, forge.rsa_token(headers), accepted),
+        (warm, forge.rsa_token(headers, key=forge.stranger), "401"),
+        # The JWKS issuer has no such key: refused, from its cached set.
+        (warm, jwks_token(forge, value), "401"),
+    ]
+    if kid in MALFORMED_FOR_JWKS:  # refused for its shape, before any lookup, even with a cold cache
+        cases.append((cold, jwks_token(forge, value), "401"))
+    with watching() as events:
+        outcomes = [await outcome(authenticator, token) for authenticator, token, _ in cases]
+    assert outcomes == [expected for _, _, expected in cases]
+    assert events == [], f"kid {value[:40]!r} caused {events}"
+    assert jwks.hits == hits_before
+    if kid not in MALFORMED_FOR_JWKS:
+        # A well-formed kid the cold JWKS issuer does not know makes it fetch its configured key set
+        # (once): that URL and nothing else, whatever the kid names; still no file.
+        with watching() as events:
+            assert await outcome(cold, jwks_token(forge, value)) == "401"
+        assert jwks.hits == [*hits_before, "/jwks.json"]
+        assert {e for e, _, _ in events} <= {"urllib.Request", "http.client.connect", "socket.getaddrinfo",
+                                             "socket.connect"}  # fmt: skip
+        assert all(jwks.url in args or str(jwks.port) in args for _, args, _ in events), events

@@ -1,13 +1,17 @@
-"""Layer 2 end to end (THREATS.md section C): real SDK upstreams with per-tenant canaries and call counts."""
+"""THREATS C end to end: real SDK upstreams with per-tenant canaries and call counts, and a scripted
+upstream shared by tenants whose ids would collide in a joined key, or that answers with errors."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import pytest
+from aiohttp import web
 from mcp.server.caching import CacheHint
 from mcp.server.mcpserver import MCPServer
 
@@ -193,3 +197,153 @@ async def test_cache_disabled_means_every_call_goes_upstream(
     for _ in range(2):
         await call(running, "acme", "lookup", {"key": "off"})
     assert upstream_calls(counting_upstreams, "acme") == 2
+
+
+# --- a scripted upstream that several tenants share ---------------------------------------------
+
+
+@dataclass
+class SharedUpstream:
+    """An aiohttp upstream behind every tenant of a proxy. The proxy's tenant header tells it whose
+    request it serves; each tools/call answer names that tenant and the tool, with a per-tenant
+    canary, or (for the rpc_error_* tools) is a JSON-RPC error in one of three forms."""
+
+    port: int = field(default_factory=free_port)
+    calls: list[tuple[str, str]] = field(default_factory=list)  # (tenant header, tool name)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    def count(self, tenant: str, name: str) -> int:
+        return self.calls.count((tenant, name))
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        message = json.loads(await request.read())
+        if "id" not in message:
+            return web.Response(status=202)
+        tenant = request.headers.get("X-MCP-Tenant", "")
+        reply: dict[str, Any] = {"jsonrpc": "2.0", "id": message["id"]}
+        if message["method"] == "tools/list":
+            schema = {"type": "object", "properties": {"key": {"type": "string"}}}
+            reply["result"] = {"tools": [{"name": name, "inputSchema": schema} for name in SHARED_TOOLS]}
+            return web.json_response(reply)
+        name = message["params"]["name"]
+        self.calls.append((tenant, name))
+        if name.startswith("rpc_error"):
+            reply["error"] = {"code": -32602, "message": f"no such key for {tenant}"}
+            if name == "rpc_error_sse":
+                body = f"event: message\ndata: {json.dumps(reply)}\n\n"
+                return web.Response(body=body.encode(), content_type="text/event-stream")
+            return web.json_response(reply, status=400 if name == "rpc_error_http_400" else 200)
+        payload = {
+            "canary": f"SHARED-CANARY-{tenant}",
+            "tenant": tenant,
+            "name": name,
+            "key": message["params"]["arguments"].get("key"),
+            "n": self.count(tenant, name),
+        }
+        reply["result"] = {
+            "content": [{"type": "text", "text": json.dumps(payload)}],
+            "structuredContent": payload,
+            "isError": False,
+        }
+        return web.json_response(reply)
+
+
+ERROR_TOOLS = ("rpc_error_json", "rpc_error_sse", "rpc_error_http_400")
+SEPARATORS = (".", "-", "_")
+SHARED_TOOLS = ("lookup", *(f"b{sep}lookup" for sep in SEPARATORS), *ERROR_TOOLS)
+
+
+@pytest.fixture
+async def shared_upstream() -> AsyncIterator[SharedUpstream]:
+    upstream = SharedUpstream()
+    app = web.Application()
+    app.router.add_post("/mcp", upstream.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", upstream.port).start()
+    try:
+        yield upstream
+    finally:
+        await runner.cleanup()
+
+
+async def shared_proxy(
+    make_proxy: StartProxy, upstream: SharedUpstream, tenants: tuple[str, ...]
+) -> RunningProxy:
+    policy = {"tools": {"cache_ttl_seconds": dict.fromkeys(SHARED_TOOLS, 60)}}
+    return await make_proxy(
+        dict.fromkeys(tenants, upstream.url),
+        policies=dict.fromkeys(tenants, policy),
+        tenants={t: {"upstream": {"url": upstream.url, "tenant_header": "X-MCP-Tenant"}} for t in tenants},
+    )
+
+
+@pytest.mark.parametrize("sep", SEPARATORS)
+async def test_tenant_ids_that_would_collide_in_a_joined_key_each_get_their_own_result(
+    make_proxy: StartProxy, shared_upstream: SharedUpstream, sep: str
+) -> None:
+    """Tenants `a<sep>b` and `a` on one upstream (the same upstream identity in the key), calling
+    `lookup` and `b<sep>lookup` with the same arguments: joined with `sep`, the keys of
+    (`a<sep>b`, `lookup`) and (`a`, `b<sep>lookup`) would be the same string. `:` is not allowed in
+    a tenant id (^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$): these are the separators that are."""
+    long, short = f"a{sep}b", "a"
+    assert f"{long}{sep}lookup" == f"{short}{sep}b{sep}lookup"
+    running = await shared_proxy(make_proxy, shared_upstream, (long, short))
+    calls = [(long, "lookup"), (short, f"b{sep}lookup"), (short, "lookup"), (long, f"b{sep}lookup")]
+    for round_ in range(3):
+        for tenant, name in calls:
+            result = payload(await call(running, tenant, name, {"key": f"k{sep}b"}))
+            assert result == {
+                "canary": f"SHARED-CANARY-{tenant}",
+                "tenant": tenant,
+                "name": name,
+                "key": f"k{sep}b",
+                "n": 1,  # the first answer, from the cache from round two on
+            }, (round_, tenant, name)
+    assert sorted(shared_upstream.calls) == sorted(calls)  # one upstream call each, never shared
+    cache = running.app[SERVICES].cache
+    assert cache is not None
+    stored = {(key[0], key[5]): entry.result for key, entry in cache._store.items()}
+    assert set(stored) == set(calls)
+    for (tenant, _), raw in stored.items():
+        assert f'SHARED-CANARY-{tenant}"'.encode() in raw
+        other = short if tenant == long else long
+        assert f'SHARED-CANARY-{other}"'.encode() not in raw
+
+
+@pytest.mark.parametrize("tool", ERROR_TOOLS)
+async def test_json_rpc_error_answers_are_never_cached(
+    make_proxy: StartProxy, shared_upstream: SharedUpstream, tool: str
+) -> None:
+    """A cache-listed tool whose upstream answers with a JSON-RPC error (as JSON, as an SSE event, or
+    with HTTP 400): every call goes upstream, sequential or concurrent, and nothing is stored."""
+    running = await shared_proxy(make_proxy, shared_upstream, TENANTS)
+    body = {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+            "params": {"name": tool, "arguments": {"key": "x"}, "_meta": META}}  # fmt: skip
+    headers = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": tool}
+
+    async def once() -> None:
+        status, response_headers, raw = await running.post(body, token=running.token("acme"), headers=headers)
+        assert status == (400 if tool == "rpc_error_http_400" else 200)
+        if tool == "rpc_error_sse":
+            assert response_headers["Content-Type"].startswith("text/event-stream")
+            (data,) = [line[5:].strip() for line in raw.decode().split("\n") if line.startswith("data:")]
+            answer = json.loads(data)
+        else:
+            answer = json.loads(raw)
+        assert answer == {
+            "jsonrpc": "2.0",
+            "id": 7,
+            "error": {"code": -32602, "message": "no such key for acme"},
+        }
+
+    for _ in range(3):
+        await once()
+    await asyncio.gather(*(once() for _ in range(5)))
+    assert shared_upstream.calls == [("acme", tool)] * 8
+    cache = running.app[SERVICES].cache
+    assert cache is not None
+    assert len(cache) == 0

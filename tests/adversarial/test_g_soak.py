@@ -44,6 +44,7 @@ from mcp_types import PromptReference
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.transport import SERVICES
+from tests.adversarial.test_d_sessions import sdk_client
 from tests.conftest import RunningProxy, StartProxy
 from tests.e2e.test_concurrency_e2e import (
     NAMED_TENANT,
@@ -52,7 +53,6 @@ from tests.e2e.test_concurrency_e2e import (
     raw_modern_disconnect,
     sdk_cancelled_call,
 )
-from tests.e2e.test_ownership_e2e import sdk_client
 from tests.e2e.test_transport_e2e import call_body, error_of, modern_body, modern_headers, text_of
 from tests.upstreams import TOOL_EVENTS, Upstream, UpstreamProcess, free_port, start_test_upstream
 

@@ -27,8 +27,8 @@ import pytest
 import proxy.audit as proxy_audit
 from proxy.sessions import Session
 from proxy.transport import RUNTIME, SERVICES
+from tests.adversarial.test_d_sessions import sdk_client
 from tests.conftest import MCP_ACCEPT, RunningProxy, StartProxy
-from tests.e2e.test_ownership_e2e import sdk_client
 from tests.e2e.test_transport_e2e import (
     HANDSHAKE,
     call_body,
@@ -258,7 +258,7 @@ async def raw_handshake_resumption(t: Tenant) -> None:
                 async for message in sse_messages(response):
                     replayed.append(message)
                     if message.get("params", {}).get("progress") == 3:
-                        break  # (the replayed answer itself is test_ownership's xfail)
+                        break  # (the replayed answer itself: tests/adversarial/test_d_sessions.py)
         t.seen.append(json.dumps(replayed))
         assert [(m["method"], m["params"]["progress"]) for m in replayed] == [
             ("notifications/progress", 2),

@@ -574,3 +574,56 @@ async def test_a_resumed_stream_delivers_the_answer_of_the_interrupted_call(
     assert [m["params"]["progress"] for m in resumed if m.get("method") == "notifications/progress"] == [2, 3]
     assert resumed[-1]["id"] == 41, resumed
     assert resumed[-1]["result"]["structuredContent"] == {"done": 3, "canary": resumable_acme.canary}
+
+
+# --- another user's (or tenant's) session id on GET and DELETE: exactly an unknown id's answer ------
+
+
+async def get_and_delete(proxy: RunningProxy, token: str, session_id: str) -> list[tuple[int, str, bytes]]:
+    """(status, Content-Type, body) of a GET stream request and of a DELETE with this session id."""
+    auth = {"Authorization": f"Bearer {token}", **session_headers(session_id)}
+    answers = []
+    async with aiohttp.ClientSession() as http:
+        for method, extra in (("GET", {"Accept": "text/event-stream"}), ("DELETE", {})):
+            async with http.request(method, proxy.url, headers={**auth, **extra}) as response:
+                answers.append(
+                    (response.status, response.headers.get("Content-Type", ""), await response.read())
+                )
+    return answers
+
+
+@pytest.mark.parametrize(("tenant", "subject"), [("acme", "mallory"), ("globex", "alice")])
+async def test_get_and_delete_with_someone_elses_session_id_answer_exactly_as_for_an_unknown_id(
+    owner_proxy: RunningProxy, own_upstreams: dict[str, Upstream], tenant: str, subject: str
+) -> None:
+    proxy = owner_proxy
+    alice = proxy.token("acme", "alice")
+    session_id = await initialize(proxy, alice)
+    thief = proxy.token(tenant, subject)
+    never_issued = secrets.token_urlsafe(24)  # the same shape as the proxy's own ids
+    assert len(never_issued) == len(session_id)
+    before = {t: len(u.recorder.snapshot()) for t, u in own_upstreams.items()}
+    unknown = await get_and_delete(proxy, thief, never_issued)
+    stolen = await get_and_delete(proxy, thief, session_id)
+    assert stolen == unknown
+    for status, content_type, body in stolen:
+        assert status == 404
+        assert content_type.startswith("application/json")
+        assert json.loads(body) == {
+            "jsonrpc": "2.0",
+            "id": None,
+            "error": {"code": -32004, "message": "Session not found"},
+        }
+    # Neither attempt reached any upstream (no GET stream, no DELETE) ...
+    assert {t: len(u.recorder.snapshot()) for t, u in own_upstreams.items()} == before
+    # ... and the session is still its owner's: its stream opens, its requests are served.
+    status, _, _ = await proxy.post(LIST_TOOLS, token=alice, headers=session_headers(session_id))
+    assert status == 200
+    headers = {
+        "Authorization": f"Bearer {alice}",
+        "Accept": "text/event-stream",
+        **session_headers(session_id),
+    }
+    async with aiohttp.ClientSession() as http, http.get(proxy.url, headers=headers) as response:
+        assert response.status == 200
+    assert len(proxy.app[SERVICES].sessions) == 1

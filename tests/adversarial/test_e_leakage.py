@@ -1,0 +1,540 @@
+"""THREATS E end to end: what one tenant's requests leave behind, and what another can see of it.
+
+Audit files hold summaries of their own tenant only, and no name or key can forge a line in them;
+proxy_recent_activity and MRTR requestState answer only their caller; resource lists from an
+upstream that lists every tenant's resources are filtered for the caller (cached or not); and the
+proxy's own log lines on stderr are one JSON object each, without values, tokens or foreign bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from mcp import MCPError
+from mcp.server.caching import CacheHint
+from mcp.server.mcpserver import Context, MCPServer
+from mcp_types import InputRequiredResult
+
+from proxy.demo import client_for
+from proxy.transport import SERVICES
+from tests.conftest import MCP_ACCEPT, TENANTS, RunningProxy, StartProxy
+from tests.factories import DEV_SECRET, RsaKeys
+from tests.factories import token as token_for
+from tests.upstreams import Recorder, free_port
+
+pytestmark = pytest.mark.e2e
+
+ACTIVITY_POLICY = {
+    "tenant_arguments": {"names": ["tenant_id"], "on_mismatch": "reject", "hide_from_schema": False},
+    "recent_activity": {"enabled": True, "max_records": 10},
+}
+
+
+def other_of(tenant: str) -> str:
+    return next(t for t in TENANTS if t != tenant)
+
+
+def forged_line(tenant: str) -> str:
+    """A log line naming the other tenant, for this tenant's requests to smuggle in after a newline."""
+    other = other_of(tenant)
+    return json.dumps({"event": "forged", "tenant": other, "request_id": f"{other}-1"})
+
+
+def text_of(result: Any) -> str:
+    return " ".join(getattr(block, "text", "") for block in getattr(result, "content", []))
+
+
+@pytest.fixture
+async def audited(upstreams: dict[str, Any], make_proxy: StartProxy, tmp_path: Path) -> RunningProxy:
+    return await make_proxy(
+        upstreams, policies=dict.fromkeys(TENANTS, ACTIVITY_POLICY), audit={"dir": str(tmp_path / "audit")}
+    )
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_audit_files_hold_summaries_of_their_own_tenant_only(
+    audited: RunningProxy, upstreams: dict[str, Any], tmp_path: Path, mode: str
+) -> None:
+    tokens = {tenant: audited.token(tenant) for tenant in TENANTS}
+    for tenant in TENANTS:
+        async with client_for(audited.url, tokens[tenant], mode) as client:
+            await client.call_tool("add_note", {"tenant_id": tenant, "text": f"SECRET-{tenant}-VALUE"})
+            await client.call_tool("list_notes", {"tenant_id": tenant})
+            await client.read_resource(f"notes://{tenant}/only-{tenant}")
+            with pytest.raises(MCPError):
+                await client.call_tool("list_notes", {"tenant_id": "someone-else"})
+    audited.app[SERVICES].audit.flush()
+    for tenant in TENANTS:
+        other = next(t for t in TENANTS if t != tenant)
+        path = tmp_path / "audit" / f"{tenant}.jsonl"
+        text = path.read_text()
+        records = [json.loads(line) for line in text.splitlines()]
+        assert {r["tenant"] for r in records} == {tenant}
+        methods = [r["method"] for r in records]
+        assert "tools/call" in methods
+        assert "resources/read" in methods
+        assert any(r["outcome"] == "spoof" for r in records)
+        for forbidden in (f"SECRET-{tenant}-VALUE", upstreams[tenant].canary, upstreams[other].canary,
+                          tokens[tenant], tokens[other], other, "someone-else"):  # fmt: skip
+            assert forbidden not in text
+        answered = [r for r in records if r["method"] == "tools/call" and r["outcome"] == "ok"]
+        assert all(r["result_bytes"] > 0 and len(r["result_sha256"]) == 64 for r in answered)
+        assert path.stat().st_mode & 0o777 == 0o600
+
+
+async def test_recent_activity_returns_only_the_callers_tenant(audited: RunningProxy) -> None:
+    for tenant in TENANTS:
+        async with client_for(audited.url, audited.token(tenant)) as client:
+            await client.call_tool("whoami", {})
+            await client.read_resource(f"notes://{tenant}/diary-of-{tenant}")
+    for tenant in TENANTS:
+        other = next(t for t in TENANTS if t != tenant)
+        async with client_for(audited.url, audited.token(tenant)) as client:
+            tools = {tool.name for tool in (await client.list_tools()).tools}
+            assert "proxy_recent_activity" in tools
+            result = await client.call_tool("proxy_recent_activity", {"limit": 10})
+        records = result.structured_content["records"]
+        assert records
+        assert any(r["name"] == f"notes://{tenant}/diary-of-{tenant}" for r in records)
+        assert other not in json.dumps(records)
+        assert other not in text_of(result)
+
+
+async def test_recent_activity_is_off_unless_the_policy_enables_it(proxy: RunningProxy) -> None:
+    async with client_for(proxy.url, proxy.token("acme")) as client:
+        tools = {tool.name for tool in (await client.list_tools()).tools}
+    assert "proxy_recent_activity" not in tools
+
+
+def asking_server() -> MCPServer:
+    server = MCPServer("asking")
+
+    @server.tool()
+    async def confirm(ctx: Context) -> InputRequiredResult | str:
+        """Asks for a second round before answering."""
+        if ctx.request_state is None:
+            return InputRequiredResult(request_state="round-two")
+        return f"confirmed after {ctx.request_state}"
+
+    return server
+
+
+META = {
+    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+HEADERS = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": "confirm"}
+
+
+async def test_request_state_round_trips_only_for_its_caller(
+    make_proxy: StartProxy, upstream_runner: Any
+) -> None:
+    recorder = Recorder(asking_server().streamable_http_app(host="127.0.0.1"))
+    port = free_port()
+    upstream_runner.serve(recorder, port)
+    running = await make_proxy(dict.fromkeys(TENANTS, f"http://127.0.0.1:{port}/mcp"))
+    async with client_for(running.url, running.token("acme")) as client:
+        result = await client.call_tool("confirm", {})
+    assert "confirmed after" in text_of(result)
+
+    first = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "confirm", "_meta": META}}
+    status, _, raw = await running.post(first, token=running.token("acme", "alice"), headers=HEADERS)
+    assert status == 200
+    issued = json.loads(raw)["result"]
+    assert issued["resultType"] == "input_required"
+    sealed = issued["requestState"]
+    assert sealed.startswith("mtp1.")
+    upstream_states = [
+        json.loads(r.text)["result"]["requestState"] for r in [] if r
+    ]  # the proxy never shows it
+    assert upstream_states == []
+    before = len(recorder.snapshot())
+    retry = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+             "params": {"name": "confirm", "requestState": sealed, "_meta": META}}  # fmt: skip
+    for thief in (running.token("globex", "alice"), running.token("acme", "mallory")):
+        status, _, raw = await running.post(retry, token=thief, headers=HEADERS)
+        assert status == 400
+        error = json.loads(raw)["error"]
+        assert error["code"] == -32602
+        assert "requestState" in error["message"]
+    assert len(recorder.snapshot()) == before  # refused before any upstream call
+    status, _, raw = await running.post(retry, token=running.token("acme", "alice"), headers=HEADERS)
+    assert status == 200
+    assert "confirmed after" in raw.decode()
+    forwarded = json.loads(recorder.snapshot()[-1].text)["params"]["requestState"]
+    assert not forwarded.startswith("mtp1.")  # the upstream got its own state back
+
+
+# --- E4 through the proxy: names and argument keys cannot forge audit lines ------------------------
+
+FORGED_RECORD = '{"ts":"2030-01-01T00:00:00Z","tenant":"globex","subject":"alice","outcome":"ok"}'
+FORGING_NAMES = (
+    f"whoami\n{FORGED_RECORD}",
+    f'whoami"}}\n{FORGED_RECORD}\n{{"x":"',
+    f"whoami\r\n{FORGED_RECORD}",
+    f"whoami\u2028{FORGED_RECORD}\u2029",
+    f"whoami\x00\x1b[2K\r{FORGED_RECORD}",
+)
+FORGING_KEYS = (f"k\n{FORGED_RECORD}", 'tenant":"globex', "\r\n\u2028")
+
+
+def answer_in(raw: bytes) -> Any:
+    """The JSON-RPC answer of a POST, whether it came as JSON or as the last event of an SSE stream."""
+    text = raw.decode()
+    if not text.startswith(("event:", "data:", "id:")):
+        return json.loads(text)
+    # SSE lines end at CR or LF only: a U+2028 inside the JSON is not a line break.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    data = [line[5:].strip(" ") for line in lines if line.startswith("data:")]
+    return json.loads(data[-1])
+
+
+async def test_names_and_keys_sent_through_the_proxy_cannot_forge_audit_lines(
+    upstreams: dict[str, Any], make_proxy: StartProxy, tmp_path: Path
+) -> None:
+    from proxy.headers import encode_header_value
+    from tests.e2e.test_transport_e2e import initialize, modern_body, session_headers
+
+    audit_dir = tmp_path / "audit"
+    running = await make_proxy(upstreams, audit={"dir": str(audit_dir)})
+    token = running.token("acme")
+    arguments = {key: f"value-{index}" for index, key in enumerate(FORGING_KEYS)}
+    # Handshake era: nothing but the body names the tool.
+    session_id = await initialize(running, token)
+    for index, name in enumerate(FORGING_NAMES):
+        body = {"jsonrpc": "2.0", "id": 10 + index, "method": "tools/call",
+                "params": {"name": name, "arguments": arguments}}  # fmt: skip
+        status, _, raw = await running.post(body, token=token, headers=session_headers(session_id))
+        assert status == 200
+        answer = answer_in(raw)
+        assert answer["id"] == 10 + index
+        assert answer["result"]["isError"] is True  # the upstream has no such tool
+        assert f"Unknown tool: {name}" in answer["result"]["content"][0]["text"]
+    # Modern era: the Mcp-Name header carries the same name base64-wrapped, as the spec has it.
+    for index, name in enumerate(FORGING_NAMES):
+        body = modern_body("tools/call", {"name": name, "arguments": arguments}, 30 + index)
+        headers = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call",
+                   "Mcp-Name": encode_header_value(name)}  # fmt: skip
+        status, _, raw = await running.post(body, token=token, headers=headers)
+        assert status == 200
+        assert answer_in(raw)["result"]["isError"] is True
+    running.app[SERVICES].audit.flush()
+    assert sorted(p.name for p in audit_dir.iterdir()) == ["acme.jsonl"]  # no globex.jsonl appeared
+    lines = (audit_dir / "acme.jsonl").read_text().split("\n")
+    assert lines[-1] == ""
+    records = [json.loads(line) for line in lines[:-1]]  # every line is one JSON object
+    assert all(isinstance(r, dict) for r in records)
+    # initialize, notifications/initialized, then one line per call, nothing more.
+    assert len(records) == 2 + 2 * len(FORGING_NAMES)
+    assert {(r["tenant"], r["subject"]) for r in records} == {("acme", "alice")}
+    calls = [r for r in records if r["method"] == "tools/call"]
+    assert [r["name"] for r in calls] == list(FORGING_NAMES) * 2
+    assert [r["era"] for r in calls] == ["handshake"] * len(FORGING_NAMES) + ["modern"] * len(FORGING_NAMES)
+    assert [r["argument_keys"] for r in calls] == [[key[:64] for key in FORGING_KEYS]] * len(calls)
+    assert [r["outcome"] for r in calls] == ["ok"] * len(calls)
+    assert "value-0" not in (audit_dir / "acme.jsonl").read_text()
+
+
+# --- E1 end to end: a shared upstream listing every tenant's resources ----------------------------
+
+RESOURCE_CANARY = {tenant: f"RES-CANARY-{tenant}-{secrets.token_hex(4)}" for tenant in TENANTS}
+UNSCOPED_RESOURCES = {"docs://public/readme"}
+SCOPED_RESOURCES = {
+    "acme": {"notes://acme/plan", "notes://acme/budget"},
+    "globex": {"notes://globex/plan", "notes://globex/roadmap"},
+}
+NOBODYS_RESOURCES = {"notes://Acme/plan", "notes://acme%2Fglobex/plan", "notes://acme/../globex/plan"}
+OPEN_TEMPLATES = {"notes://{tenant}/{path}", "docs://{name}"}
+TENANT_TEMPLATES = {"acme": {"notes://acme/{path}"}, "globex": {"notes://globex/{path}"}}
+RESOURCE_POLICY = {"resources": {"tenant_uri_templates": ["notes://{tenant}/{path}"]}}
+
+
+def multi_tenant_resource_server() -> MCPServer:
+    """One upstream that lists every tenant's resources (as a naive shared server would), with
+    list results that may be cached for a minute and shared between callers."""
+    hint = CacheHint(ttl_ms=60_000, scope="public")
+    server = MCPServer("all-tenants", cache_hints={"resources/list": hint, "resources/templates/list": hint})
+
+    def add(uri: str, owner: str | None) -> None:
+        text = f"{uri} of {owner} {RESOURCE_CANARY.get(owner or '', 'public')}"
+
+        def read() -> str:
+            return text
+
+        server.resource(uri, name=f"{owner}:{uri}", description=text)(read)
+
+    for tenant, uris in SCOPED_RESOURCES.items():
+        for uri in sorted(uris):
+            add(uri, tenant)
+    for uri in sorted(UNSCOPED_RESOURCES | NOBODYS_RESOURCES):
+        add(uri, None)
+
+    @server.resource("notes://{tenant}/{path}", description="any tenant's note")
+    def any_note(tenant: str, path: str) -> str:
+        return f"{tenant}/{path}"
+
+    @server.resource("docs://{name}", description="public docs")
+    def doc(name: str) -> str:
+        return name
+
+    for tenant in TENANTS:
+        server.resource(f"notes://{tenant}/{{path}}", description=f"{tenant} {RESOURCE_CANARY[tenant]}")(
+            _note_reader(tenant)
+        )
+    return server
+
+
+def _note_reader(owner: str) -> Any:
+    def read_note(path: str) -> str:
+        return f"{owner} {path} {RESOURCE_CANARY[owner]}"
+
+    return read_note
+
+
+@pytest.fixture(scope="module")
+def resource_upstream(upstream_runner: Any) -> tuple[str, Recorder]:
+    recorder = Recorder(multi_tenant_resource_server().streamable_http_app(host="127.0.0.1"))
+    port = free_port()
+    upstream_runner.serve(recorder, port)
+    return f"http://127.0.0.1:{port}/mcp", recorder
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_resource_lists_of_a_shared_upstream_hold_only_the_callers_entries(
+    resource_upstream: tuple[str, Recorder], make_proxy: StartProxy, mode: str
+) -> None:
+    url, recorder = resource_upstream
+    # Control: asked directly, the upstream lists everyone's resources and templates.
+    async with client_for(url, "no-token-needed", mode, cache=None) as direct:
+        everything = {str(r.uri) for r in (await direct.list_resources()).resources}
+        all_templates = {t.uri_template for t in (await direct.list_resource_templates()).resource_templates}
+    assert everything == set().union(*SCOPED_RESOURCES.values(), UNSCOPED_RESOURCES, NOBODYS_RESOURCES)
+    assert all_templates == set().union(OPEN_TEMPLATES, *TENANT_TEMPLATES.values())
+    recorder.clear()
+    running = await make_proxy(dict.fromkeys(TENANTS, url), policies=dict.fromkeys(TENANTS, RESOURCE_POLICY))
+    for _ in range(2):  # the second round is answered from the proxy's cache in the modern era
+        for tenant in TENANTS:
+            other = next(t for t in TENANTS if t != tenant)
+            async with client_for(running.url, running.token(tenant), mode, cache=None) as client:
+                resources = (await client.list_resources()).resources
+                templates = (await client.list_resource_templates()).resource_templates
+            assert {str(r.uri) for r in resources} == SCOPED_RESOURCES[tenant] | UNSCOPED_RESOURCES
+            assert {t.uri_template for t in templates} == OPEN_TEMPLATES | TENANT_TEMPLATES[tenant]
+            shown = json.dumps([r.model_dump(mode="json") for r in resources + templates])  # type: ignore[operator]
+            assert RESOURCE_CANARY[other] not in shown
+            assert f"notes://{other}" not in shown
+            assert "Acme" not in shown and "%2F" not in shown
+    lists = [r for r in recorder.snapshot() if '"method":"resources/list"' in r.text]
+    if mode == "auto":
+        assert len(lists) == 2  # one per tenant: the cached answers were filtered all the same
+        cache = running.app[SERVICES].cache
+        assert cache is not None
+        listed = {key[0]: entry.result for key, entry in cache._store.items() if key[4] == "resources/list"}
+        assert set(listed) == set(TENANTS)
+        for tenant, raw in listed.items():
+            other = next(t for t in TENANTS if t != tenant)
+            assert f"notes://{other}".encode() not in raw
+            assert RESOURCE_CANARY[other].encode() not in raw
+    else:
+        assert len(lists) == 4
+
+
+# --- log lines: what the proxy writes on stderr -----------------------------------------------------
+
+LOG_POLICY = {
+    "tenant_arguments": {"names": ["tenant_id"], "on_mismatch": "reject", "hide_from_schema": False},
+    "resources": {"tenant_uri_templates": ["notes://{tenant}/{path}"]},
+}
+
+
+@dataclass
+class Step:
+    """One request of the log test, and the answer it must get (HTTP status, JSON-RPC error code)."""
+
+    label: str
+    body: Any
+    headers: dict[str, str]
+    status: int
+    code: int | None = None
+    http_method: str = "POST"
+
+
+def modern_steps(tenant: str, secret: str) -> list[Step]:
+    """Normal calls whose answers carry the upstream's canary and a secret argument value, then a
+    spoofed tenant argument and a foreign resource (refused, and logged as such)."""
+    from proxy.headers import encode_header_value
+    from tests.e2e.test_transport_e2e import modern_body, modern_headers
+
+    other = other_of(tenant)
+    uri = f"notes://{other}/plan"
+
+    def call(label: str, name: str, arguments: dict[str, Any], status: int, code: int | None = None) -> Step:
+        body = modern_body("tools/call", {"name": name, "arguments": arguments})
+        return Step(label, body, modern_headers("tools/call", name), status, code)
+
+    return [
+        call("1", "add_note", {"tenant_id": tenant, "text": secret}, 200),
+        call("2", "list_notes", {"tenant_id": tenant}, 200),
+        call("3", "list_notes", {"tenant_id": other}, 403, -32005),
+        Step(
+            "4",
+            modern_body("resources/read", {"uri": uri}),
+            modern_headers("resources/read", encode_header_value(uri)),
+            400,
+            -32602,
+        ),
+    ]
+
+
+def session_steps(session: dict[str, str], secret: str, forged: str) -> list[Step]:
+    """In a handshake-era session: a tool name and an argument key that try to forge a line, a
+    method name that tries too (and is logged), and the session's end."""
+    call = {"name": f"whoami\n{forged}", "arguments": {f"k\n{forged}": secret}}
+    return [
+        Step("6", {"jsonrpc": "2.0", "method": "notifications/initialized"}, session, 202),
+        Step("7", {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": call}, session, 200),
+        Step("8", {"jsonrpc": "2.0", "id": 8, "method": f"nope\n{forged}"}, session, 200, -32601),
+        Step("9", None, session, 200, http_method="DELETE"),
+    ]
+
+
+async def test_log_lines_are_one_json_object_each_and_hold_no_value_token_or_foreign_byte(
+    upstream_servers: dict[str, Any], tmp_path: Path, rsa_keys: RsaKeys
+) -> None:
+    """The proxy run as operators run it, at debug level, through each tenant's normal calls and
+    its attacks; then every stderr line is parsed and searched."""
+    from tests.adversarial.proxy_process import write_proxy_config
+    from tests.e2e.test_transport_e2e import HANDSHAKE, modern_body, modern_headers
+
+    for upstream in upstream_servers.values():
+        upstream.recorder.clear()
+    policies = dict.fromkeys(TENANTS, LOG_POLICY)
+    process = write_proxy_config(tmp_path, upstream_servers, rsa_keys, policies=policies)
+    tokens = {tenant: process.client.token(tenant) for tenant in TENANTS}
+    secrets_sent = {tenant: f"SECRET-VALUE-{tenant}-{secrets.token_hex(6)}" for tenant in TENANTS}
+    request_tenant: dict[str, str | None] = {}  # X-Request-Id -> the tenant whose request it was
+    expected_code: dict[str, int | None] = {}
+
+    async def send(tenant: str | None, token: str, step: Step) -> tuple[dict[str, str], Any]:
+        request_id = f"{tenant or 'nobody'}-{step.label}"
+        request_tenant[request_id] = tenant
+        expected_code[request_id] = step.code
+        headers = {
+            "Authorization": f"Bearer {token}",
+            "Accept": MCP_ACCEPT,
+            "Content-Type": "application/json",
+            "X-Request-Id": request_id,
+            **step.headers,
+        }
+        data = None if step.body is None else json.dumps(step.body)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.request(step.http_method, process.url, data=data, headers=headers) as response,
+        ):
+            raw = await response.read()
+            answer_headers = {name.lower(): value for name, value in response.headers.items()}
+        assert response.status == step.status, (request_id, raw)
+        assert answer_headers["x-request-id"] == request_id
+        answer = answer_in(raw) if raw else None
+        assert (answer or {}).get("error", {}).get("code") == step.code, (request_id, answer)
+        return answer_headers, answer
+
+    process.start(log_level="debug")
+    try:
+        for tenant in TENANTS:
+            token, secret = tokens[tenant], secrets_sent[tenant]
+            for step in modern_steps(tenant, secret):
+                await send(tenant, token, step)
+            hello = {
+                "protocolVersion": HANDSHAKE,
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            }
+            initialize = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": hello}
+            answer_headers, _ = await send(tenant, token, Step("5", initialize, {}, 200))
+            session = {"Mcp-Session-Id": answer_headers["mcp-session-id"], "MCP-Protocol-Version": HANDSHAKE}
+            for step in session_steps(session, secret, forged_line(tenant)):
+                await send(tenant, token, step)
+            # Someone with a token signed by the wrong key, naming this tenant.
+            tokens[f"bad-{tenant}"] = bad = token_for(tenant=tenant, key="x" * 40, aud=process.url)
+            list_tools = Step(
+                f"bad-{tenant}", modern_body("tools/list"), modern_headers("tools/list"), 401, -32001
+            )
+            await send(None, bad, list_tools)
+    finally:
+        assert process.stop() == 0
+    text = process.stderr_text()
+    lines = [json.loads(line) for line in text.split("\n") if line]  # each line one JSON object ...
+    assert lines and all(isinstance(line, dict) for line in lines)  # ... and nothing else
+    assert text.endswith("\n") and "\r" not in text and "\u2028" not in text
+    # Nothing of any answer, argument value, token or upstream credential reached the log.
+    forbidden = [
+        *(upstream.canary for upstream in upstream_servers.values()),
+        *secrets_sent.values(),
+        *tokens.values(),
+        *(token.rsplit(".", 1)[1] for token in tokens.values()),
+        "upstream-secret-",
+        DEV_SECRET,
+    ]
+    for needle in forbidden:
+        assert needle not in text, f"{needle[:40]!r} is in the log"
+    # No line was forged, and every line of a request names only that request's tenant.
+    assert not [line for line in lines if line.get("event") == "forged"]
+    requests = [line for line in lines if line.get("event") == "mcp_request"]
+    for line in lines:
+        if line.get("request_id") in request_tenant:
+            owner = request_tenant[line["request_id"]]
+            assert line.get("tenant") in (owner, None), line
+        elif "tenant" in line:
+            assert line["tenant"] in (*TENANTS, None), line
+    by_id = {line["request_id"]: line for line in requests}
+    assert set(by_id) == set(request_tenant), "a request has no mcp_request line, or one too many"
+    assert len(requests) == len(request_tenant)
+    for request_id, owner in request_tenant.items():
+        assert by_id[request_id]["tenant"] == owner
+        assert by_id[request_id]["error_code"] == expected_code[request_id]
+    spoofs = [line for line in lines if line.get("event") == "policy_spoof"]
+    assert {(s["tenant"], s["request_id"]) for s in spoofs} == {
+        (tenant, f"{tenant}-{label}") for tenant in TENANTS for label in ("3", "4")
+    }
+    assert {s.get("argument") for s in spoofs} == {"tenant_id", None}
+    for tenant in TENANTS:
+        own_lines = json.dumps([line for line in lines if line.get("tenant") == tenant])
+        assert other_of(tenant) not in own_lines.replace(json.dumps(forged_line(tenant))[1:-1], "")
+
+
+async def test_a_client_chosen_method_name_is_bounded_in_the_log_and_the_audit(
+    upstreams: dict[str, Any], make_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """Like every other client-chosen string (tool names at 256 characters in the audit, argument
+    keys at 64, the method in error messages at 100), the method is cut before it is written:
+    otherwise each request could put up to max_body_bytes into one log line and one audit line."""
+    import structlog
+
+    from tests.e2e.test_transport_e2e import initialize, session_headers
+
+    audit_dir = tmp_path / "audit"
+    running = await make_proxy(upstreams, audit={"dir": str(audit_dir)})
+    token = running.token("acme")
+    session_id = await initialize(running, token)
+    method = "x/" + "m" * 100_000
+    with structlog.testing.capture_logs() as logs:
+        status, _, raw = await running.post(
+            {"jsonrpc": "2.0", "id": 1, "method": method}, token=token, headers=session_headers(session_id)
+        )
+    assert status == 200
+    error = answer_in(raw)["error"]
+    assert error["code"] == -32601
+    assert len(error["message"]) < 200  # the answer itself is bounded
+    running.app[SERVICES].audit.flush()
+    (logged,) = [line for line in logs if line.get("event") == "mcp_request"]
+    audit_line = (audit_dir / "acme.jsonl").read_text().splitlines()[-1]
+    assert json.loads(audit_line)["method"].startswith("x/mmm")
+    assert len(json.dumps(logged)) < 4096, f"a log line of {len(json.dumps(logged))} bytes"
+    assert len(audit_line) < 4096, f"an audit line of {len(audit_line)} bytes"
