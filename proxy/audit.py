@@ -35,6 +35,7 @@ from proxy.types import Exchange, JsonObject
 
 MAX_ARGUMENT_KEYS: Final = 50
 MAX_KEY_CHARS: Final = 64
+MAX_METHOD_CHARS: Final = 128  # a client-chosen method is bounded like every other string it chooses
 RECENT_PER_TENANT: Final = 200
 BATCH_SECONDS: Final = 0.05
 _render = structlog.processors.JSONRenderer(sort_keys=False)
@@ -81,6 +82,11 @@ _FIELD_ORDER = (
 )  # fmt: skip
 
 
+def bounded_method(method: str | None) -> str | None:
+    """The method as logs and audit records show it: a client may send any string there."""
+    return method[:MAX_METHOD_CHARS] if method is not None else None
+
+
 def summarize(exchange: Exchange) -> AuditRecord | None:
     """The audit record of one exchange, or None when no tenant was established."""
     ctx = exchange.ctx
@@ -95,7 +101,7 @@ def summarize(exchange: Exchange) -> AuditRecord | None:
         exchange.session.audit_id if exchange.session is not None else None,
         exchange.era.value if exchange.era is not None else None,
         exchange.request.method,
-        message.method if message is not None else None,
+        bounded_method(message.method if message is not None else None),
         name[:256] if name is not None else None,
         _argument_names(message.params.get("arguments") if message is not None else None),
         exchange.outcome,

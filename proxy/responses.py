@@ -12,6 +12,7 @@ from typing import Any, Final
 
 import structlog
 
+from proxy.audit import bounded_method
 from proxy.cache import LIST_CHANGED
 from proxy.catalog import Kind
 from proxy.jsonrpc import Kind as MessageKind
@@ -192,7 +193,7 @@ def finish(exchange: Exchange) -> None:
         http_method=exchange.request.method,
         tenant=exchange.ctx.tenant if exchange.ctx else None,
         era=exchange.era.value if exchange.era else None,
-        method=message.method if message else None,
+        method=bounded_method(message.method if message else None),
         outcome=exchange.outcome,
         cache=exchange.cache_state,
         error_code=exchange.error_code,
