@@ -1299,8 +1299,9 @@ def s6_sse(h: Harness) -> tuple[list[Row], dict[str, Any]]:
 
 def s7_redis(h: Harness) -> tuple[list[Row], dict[str, Any]]:
     """Shared state in Redis (state.backend: redis) vs in process, each vs direct, in one run:
-    cached tools/call (a Redis GET per answer), handshake tools/call (a session lookup script per
-    request), modern tools/call under a rate limit (a limiter script per request)."""
+    cached tools/call (a Redis GET per answer), modern tools/call under rate and concurrency
+    limits (a limiter script per request), handshake tools/call (a session lookup script and the
+    limiter per request); the last two are forwarded to the upstream (not cached)."""
     up = h.start_upstream("sdk")
     redis_url = h.start_redis()
     limits = {"limits": {"requests_per_second": 1_000_000, "max_concurrent": 10_000}}
@@ -1315,15 +1316,13 @@ def s7_redis(h: Harness) -> tuple[list[Row], dict[str, Any]]:
         "direct-call", up.url, "lookup", {"tenant_id": "acme", "key": "k1"}
     )
     targets["direct"]["forwarded"] = modern_call("direct-whoami", up.url, "whoami", {})
-    targets["direct"]["handshake"] = handshake_call(
-        "direct-hs", up.url, "lookup", {"tenant_id": "acme", "key": "k1"}, direct_sessions
-    )
+    targets["direct"]["handshake"] = handshake_call("direct-hs", up.url, "whoami", {}, direct_sessions)
     for name, px in (("memory", memory), ("redis", shared)):
         token = px.token("acme")
         targets[name]["cached"] = modern_call(f"{name}-cached", px.url, "lookup", {"key": "k1"}, token)
         targets[name]["forwarded"] = modern_call(f"{name}-whoami", px.url, "whoami", {}, token)
         targets[name]["handshake"] = handshake_call(
-            f"{name}-hs", px.url, "lookup", {"key": "k1"}, sessions_for(px.url, 16, token), token
+            f"{name}-hs", px.url, "whoami", {}, sessions_for(px.url, 16, token), token
         )
     for group in targets.values():
         for target in group.values():

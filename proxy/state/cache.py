@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
+from typing import Any
 
 from proxy.cache import CacheKey, SingleFlight
 from proxy.state.client import RedisState, StateUnavailable
@@ -46,13 +47,16 @@ class RedisResponseCache(SingleFlight):
         if ttl_seconds <= 0 or len(result) > self.max_entry_bytes:
             return False
         ttl_ms = max(1, int(ttl_seconds * 1000))
-        index = self.state.key(key[0], "cache-index")
-        pipeline = self.state.client.pipeline(transaction=False)
-        pipeline.set(self._data_key(key), result, px=ttl_ms)
-        pipeline.hset(index, digest(key), json.dumps([key[4], key[5]]))
-        pipeline.pexpire(index, ttl_ms, nx=True)
-        pipeline.pexpire(index, ttl_ms, gt=True)
-        self.state.spawn("cache_put", pipeline.execute())
+        index, data, entry = self.state.key(key[0], "cache-index"), self._data_key(key), digest(key)
+        names = json.dumps([key[4], key[5]])
+
+        def store(pipeline: Any) -> None:
+            pipeline.set(data, result, px=ttl_ms)
+            pipeline.hset(index, entry, names)
+            pipeline.pexpire(index, ttl_ms, nx=True)
+            pipeline.pexpire(index, ttl_ms, gt=True)
+
+        self.state.defer(store)
         return True
 
     def invalidate(self, tenant: str, methods: Iterable[str] | None = None, name: str | None = None) -> int:

@@ -13,7 +13,7 @@ import contextlib
 import inspect
 import secrets
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import structlog
@@ -67,6 +67,7 @@ class RedisState:
         self.up = True
         self._retry_at = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._deferred: list[Callable[[Any], object]] = []
 
     def key(self, tenant: str, *parts: str) -> str:
         return ":".join((self.prefix, tenant, *parts))
@@ -102,6 +103,20 @@ class RedisState:
         self._retry_at = time.monotonic() + RETRY_SECONDS
         self._metrics.state_errors.labels(operation).inc()
 
+    def defer(self, fill: Callable[[Any], object]) -> None:
+        """Queue writes no request waits for (a slot given back, a cache store): `fill` adds its
+        commands to a pipeline; everything queued in one event-loop turn goes in one round trip."""
+        self._deferred.append(fill)
+        if len(self._deferred) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        fills, self._deferred = self._deferred, []
+        pipeline = self.client.pipeline(transaction=False)
+        for fill in fills:
+            fill(pipeline)
+        self.spawn("write_batch", pipeline.execute())
+
     def spawn(self, operation: str, coroutine: Coroutine[Any, Any, Any]) -> None:
         """Run a write the request need not wait for (a cache store, an audit batch)."""
 
@@ -134,6 +149,8 @@ class RedisState:
         return True
 
     async def close(self) -> None:
+        if self._deferred:
+            self._flush()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=2)
         await self.client.aclose()

@@ -90,6 +90,6 @@ class RedisLimiter(Limiter):
     def release(self, tenant: str, admission: Admission) -> None:
         super().release(tenant, admission)
         if admission.shared_slot is not None:
-            inflight = self.state.key(tenant, "inflight")
-            self.state.spawn("limit_release", self.state.client.zrem(inflight, admission.shared_slot))
+            inflight, slot = self.state.key(tenant, "inflight"), admission.shared_slot
+            self.state.defer(lambda pipeline: pipeline.zrem(inflight, slot))
             admission.shared_slot = None

@@ -83,9 +83,8 @@ class RedisSessionRegistry(SessionRegistry):
         return reservation
 
     def release(self, tenant: str, reservation: str) -> None:
-        self.state.spawn(
-            "session_release", self.state.client.zrem(self.state.key(tenant, "sessions"), reservation)
-        )
+        live = self.state.key(tenant, "sessions")
+        self.state.defer(lambda pipeline: pipeline.zrem(live, reservation))
 
     async def create(
         self, ctx: TenantContext, protocol_version: str, upstream_session_id: str | None, reservation: str
@@ -214,10 +213,13 @@ class RedisSessionRegistry(SessionRegistry):
     def expect_answer(self, session: Session, request_id: RequestId) -> None:
         session.expect_answer(request_id)
         _, _, pending = self._keys(session.tenant, session.id)
-        pipeline = self.state.client.pipeline(transaction=False)
-        pipeline.sadd(pending, json.dumps(request_id))
-        pipeline.pexpire(pending, self._idle_ms)
-        self.state.spawn("session_expect_answer", pipeline.execute())
+        member = json.dumps(request_id)
+
+        def remember(pipeline: Any) -> None:
+            pipeline.sadd(pending, member)
+            pipeline.pexpire(pending, self._idle_ms)
+
+        self.state.defer(remember)
 
     async def take_answer(self, session: Session, request_id: RequestId) -> bool:
         _, _, pending = self._keys(session.tenant, session.id)
