@@ -146,6 +146,11 @@ async def forward_post(exchange: Exchange) -> web.StreamResponse:
             response = await tenant.upstream.send(UpstreamRequest("POST", headers, dumps(message.body)))
         finally:
             exchange.upstream_seconds += time.perf_counter() - started
+        if trial and response.status < 500:
+            # The upstream answers again: decide the trial now, not when a long stream ends, so
+            # the tenant's other requests need not wait for it (its outcome still counts below).
+            _record_upstream(exchange, True, trial)
+            trial = False
         try:
             reply = await _relay_post(exchange, response)
         finally:

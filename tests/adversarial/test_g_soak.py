@@ -594,3 +594,68 @@ async def test_a_half_open_circuit_whose_trial_never_reaches_the_upstream_still_
         assert received[-1] == "tools/call"
     finally:
         await runner.cleanup()
+
+
+# --- found with the soak: a long-running trial kept the circuit half-open for its whole stream -----
+
+
+async def test_a_half_open_trial_is_decided_when_the_upstream_answers_not_when_its_stream_ends(
+    make_proxy: StartProxy, upstreams: dict[str, Any]
+) -> None:
+    """The soak's killed tenant was refused (503) for seconds after its upstream came back: the
+    half-open trial happened to be a long streamed call, and nothing else could go upstream until
+    that stream ended."""
+    healthy = {"up": False}
+    stream_open = asyncio.Event()
+    release = asyncio.Event()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        message = json.loads(await request.read())
+        if not healthy["up"]:
+            return web.Response(status=503, text="down")
+        result = {"content": [{"type": "text", "text": message["params"]["name"]}], "isError": False}
+        answer = {"jsonrpc": "2.0", "id": message["id"], "result": result}
+        if message["params"]["name"] != "slow":
+            return web.json_response(answer)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b": working\n\n")
+        stream_open.set()
+        await release.wait()  # a long tool call: its answer comes when the test says so
+        await response.write(b"event: message\ndata: " + json.dumps(answer).encode() + b"\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/mcp", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        running = await make_proxy(
+            {"acme": f"http://127.0.0.1:{port}/mcp", "globex": upstreams["globex"]},
+            limits={"circuit_failures": 2, "circuit_open_seconds": 0.3},
+        )
+
+        async def call(name: str) -> tuple[int, bytes]:
+            status, _, body = await running.post(
+                call_body(name, {}), token=running.token("acme"), headers=modern_headers("tools/call", name)
+            )
+            return status, body
+
+        assert [(await call("quick"))[0] for _ in range(2)] == [502, 502]
+        assert (await call("quick"))[0] == 503  # open
+        healthy["up"] = True
+        await asyncio.sleep(0.4)  # half-open: the next request is the trial, and it is a long one
+        trial = asyncio.create_task(call("slow"))
+        async with asyncio.timeout(5):
+            await stream_open.wait()
+        status, body = await call("quick")  # while the trial's stream is still open
+        assert status == 200, body
+        assert not trial.done()
+        release.set()
+        status, body = await trial
+        assert status == 200 and b'"slow"' in body
+    finally:
+        release.set()
+        await runner.cleanup()
