@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Final
 
+import orjson
+
 from proxy.errors import BadRequest, InvalidParams, ParseError
 from proxy.types import Era, JsonObject, RequestId
 
@@ -152,7 +154,17 @@ def loads_upstream(raw: bytes | str) -> Any:
 
 
 def dumps(value: Any) -> bytes:
-    """Compact JSON bytes, the one serialisation the proxy sends anywhere."""
+    """Compact JSON bytes, the one serialisation the proxy sends anywhere.
+
+    orjson writes the same compact UTF-8 as the standard library, at several times its speed;
+    what it refuses (integers beyond 64 bits, lone surrogates, keys that are not strings) goes
+    through the standard library as before. Values come from the strict parsers above, which
+    admit no NaN or Infinity, so orjson never has one to write as null.
+    """
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError
+        pass
     try:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
     except UnicodeEncodeError:

@@ -1,18 +1,80 @@
-"""structlog setup: JSON lines on stderr (console rendering when stderr is a terminal)."""
+"""structlog setup: JSON lines on stderr (console rendering when stderr is a terminal).
+
+JSON lines are rendered by orjson and written as bytes, gathered per event-loop turn: one write
+for every line of a turn instead of one system call per line (structlog's own loggers flush each
+line, which cost about a tenth of the proxy's CPU per request). Outside a running loop, and at
+exit, lines are written at once.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import sys
+from typing import Any, BinaryIO
 
+import orjson
 import structlog
+
+
+class BatchedBytesLogger:
+    """A structlog logger for rendered bytes; lines of one loop turn leave in one write."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self._lines: list[bytes] = []
+        self._scheduled = False
+
+    def msg(self, message: bytes) -> None:
+        self._lines.append(message + b"\n")
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._scheduled = True
+        loop.call_soon(self.flush)
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._lines:
+            return
+        data = b"".join(self._lines)
+        self._lines.clear()
+        try:
+            self._file.write(data)
+            self._file.flush()
+        except (OSError, ValueError):  # stderr closed or gone: logging never takes the proxy down
+            pass
+
+
+class _BatchedBytesLoggerFactory:
+    def __init__(self, file: BinaryIO) -> None:
+        self._logger = BatchedBytesLogger(file)
+        atexit.register(self._logger.flush)
+
+    def __call__(self, *args: Any) -> BatchedBytesLogger:
+        return self._logger
 
 
 def configure_logging(level: str = "info", json_lines: bool | None = None) -> None:
     as_json = (not sys.stderr.isatty()) if json_lines is None else json_lines
-    renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=False)
-    )
+    stderr_bytes: BinaryIO | None = getattr(sys.stderr, "buffer", None)
+    renderer: structlog.types.Processor
+    factory: Any
+    if as_json and stderr_bytes is not None:
+        renderer = structlog.processors.JSONRenderer(serializer=_render)
+        factory = _BatchedBytesLoggerFactory(stderr_bytes)
+    else:
+        renderer = (
+            structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=False)
+        )
+        factory = structlog.PrintLoggerFactory(file=sys.stderr)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -22,6 +84,15 @@ def configure_logging(level: str = "info", json_lines: bool | None = None) -> No
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+
+
+def _render(value: Any, **_: Any) -> bytes:
+    try:
+        return orjson.dumps(value, default=str)
+    except (TypeError, orjson.JSONEncodeError):  # a lone surrogate or an int beyond 64 bits
+        import json
+
+        return json.dumps(value, default=str).encode("ascii")

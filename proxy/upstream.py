@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import aiohttp
+import yarl
 
 from proxy import __version__
 from proxy.config import UpstreamConfig
@@ -101,6 +102,7 @@ class HttpUpstream:
         assert config.url is not None
         self.tenant = tenant
         self.url = config.url
+        self._url = yarl.URL(config.url)  # parsed once, not on every request
         self.identity = f"http:{config.url}"
         self.config = config
         base = {"User-Agent": f"mcp-tenant-proxy/{__version__}", **config.headers}
@@ -125,7 +127,8 @@ class HttpUpstream:
                 cookie_jar=aiohttp.DummyCookieJar(),
                 timeout=self._timeout,
                 auto_decompress=True,
-                skip_auto_headers=("User-Agent",),
+                # No skip_auto_headers: the base headers carry User-Agent, and aiohttp's skip
+                # list costs a sorted copy of the headers on every request.
             )
         return self._session
 
@@ -134,7 +137,7 @@ class HttpUpstream:
         try:
             response = await self._client().request(
                 request.http_method,
-                self.url,
+                self._url,
                 data=request.body,
                 headers=headers,
                 allow_redirects=False,

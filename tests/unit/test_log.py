@@ -1,0 +1,74 @@
+"""The JSON log writer: orjson lines, one write per event-loop turn."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from typing import Any
+
+import structlog
+
+from proxy.log import BatchedBytesLogger, _render
+
+
+class CountingFile(io.BytesIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: Any) -> int:
+        self.writes += 1
+        return super().write(data)
+
+
+def test_lines_of_one_loop_turn_leave_in_one_write() -> None:
+    file = CountingFile()
+    logger = BatchedBytesLogger(file)
+
+    async def main() -> None:
+        for n in range(3):
+            logger.info(_render({"event": "e", "n": n}))
+        assert file.writes == 0  # nothing written before the turn ends
+        await asyncio.sleep(0)
+        assert file.writes == 1
+        logger.info(_render({"event": "e", "n": 3}))
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert file.writes == 2
+    assert [json.loads(line)["n"] for line in file.getvalue().splitlines()] == [0, 1, 2, 3]
+
+
+def test_outside_a_loop_a_line_is_written_at_once() -> None:
+    file = CountingFile()
+    BatchedBytesLogger(file).info(b'{"event":"x"}')
+    assert file.getvalue() == b'{"event":"x"}\n'
+
+
+def test_a_closed_stderr_does_not_raise() -> None:
+    file = CountingFile()
+    file.close()
+    BatchedBytesLogger(file).info(b'{"event":"x"}')  # ValueError from the closed file is swallowed
+    assert file.writes == 1
+
+
+def test_render_escapes_line_breaks_and_survives_what_orjson_refuses() -> None:
+    line = _render({"event": "e", "s": "a\nb\u2028", "big": 2**70, "lone": "\ud800", "obj": object()})
+    assert b"\n" not in line
+    parsed = json.loads(line)
+    assert parsed["s"] == "a\nb\u2028" and parsed["big"] == 2**70 and parsed["lone"] == "\ud800"
+
+
+def test_structlog_renders_through_the_batched_writer() -> None:
+    file = CountingFile()
+    structlog.configure(
+        processors=[structlog.processors.JSONRenderer(serializer=_render)],
+        logger_factory=lambda *args: BatchedBytesLogger(file),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        structlog.get_logger().info("mcp_request", tenant="acme")
+    finally:
+        structlog.reset_defaults()
+    assert json.loads(file.getvalue()) == {"event": "mcp_request", "tenant": "acme"}
