@@ -140,6 +140,10 @@ class Authenticator:
         # token -> (caller, valid until, (kid, key) for a JWKS issuer): verified tokens, newest last
         self._verified: OrderedDict[str, tuple[TenantContext, float, tuple[str, Any] | None]] = OrderedDict()
         self.resource_url = config.listen.resource_url
+        # public_url is this resource's identifier (RFC 8707): every issuer's tokens may name it.
+        self._audiences = {
+            i.issuer: list(dict.fromkeys((*i.audiences, self.resource_url))) for i in config.auth.issuers
+        }
         self.metadata_url = metadata_url(self.resource_url)
         self.metadata: JsonObject = {
             "resource": self.resource_url,
@@ -249,7 +253,7 @@ class Authenticator:
                 token,
                 key,
                 algorithms=list(issuer.algorithms),
-                audience=list(issuer.audiences),
+                audience=self._audiences[issuer.issuer],
                 issuer=issuer.issuer,
                 leeway=issuer.leeway_seconds,
                 options={"require": ["exp", "iss", "aud"], "strict_aud": False},
@@ -322,7 +326,7 @@ def mint_token(
     now = int(time.time())
     claims: dict[str, Any] = {
         "iss": issuer.issuer,
-        "aud": issuer.audiences[0],
+        "aud": config.listen.resource_url,  # what every issuer's tokens may name
         issuer.subject_claim: subject,
         "iat": now,
         "nbf": now,
@@ -339,6 +343,11 @@ def mint_token(
         secret = environ.get(issuer.secret_env)
         if not secret:
             raise ValueError(f"environment variable {issuer.secret_env} is not set")
+        if len(secret.encode()) < MIN_HMAC_SECRET_BYTES:  # `run` would refuse it: no token it never accepts
+            raise ValueError(
+                f"environment variable {issuer.secret_env} must hold a secret of at least "
+                f"{MIN_HMAC_SECRET_BYTES} bytes"
+            )
         return jwt.encode(claims, secret, algorithm=issuer.algorithms[0])
     if issuer.private_key_file is None:
         raise ValueError(f"issuer {issuer_name!r} has no secret_env or private_key_file to sign with")

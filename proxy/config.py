@@ -112,7 +112,8 @@ class ListenConfig(StrictModel):
 
 class IssuerConfig(StrictModel):
     issuer: Annotated[str, StringConstraints(min_length=1)]
-    audiences: tuple[str, ...] = Field(min_length=1)
+    # Accepted in `aud` besides listen.public_url, which every issuer's tokens may always name.
+    audiences: tuple[str, ...] = ()
     algorithms: tuple[Algorithm, ...] = Field(min_length=1)
     secret_env: str | None = None
     public_key_file: Path | None = None

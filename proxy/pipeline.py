@@ -88,7 +88,7 @@ async def apply_limits(exchange: Exchange) -> None:
     except ProxyError as refusal:
         kind = refusal.data.get("limit", "other") if isinstance(refusal.data, dict) else "other"
         exchange.services.metrics.limited.labels(ctx.tenant, kind).inc()
-        exchange.outcome = "limited"
+        exchange.outcome = "denied"  # CONTRACT.md outcomes: ok|error|denied|spoof; the kind is in `limited`
         raise
 
 

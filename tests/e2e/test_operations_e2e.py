@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.cli import start_server
 from proxy.config import load_config
 from proxy.reload import reload_config
+from proxy.transport import SERVICES
 from tests.conftest import MCP_ACCEPT, TENANTS, RunningProxy, StartProxy, proxy_config
 from tests.factories import DEV_SECRET, DEV_SECRET_ENV
 from tests.upstreams import free_port, start_notes_upstream
@@ -111,7 +112,7 @@ async def test_metrics_parse_and_count_what_happened(proxy: RunningProxy) -> Non
 
 
 async def test_a_tenant_over_its_rate_gets_429_while_another_keeps_full_service(
-    make_proxy: StartProxy, upstreams: dict[str, Any]
+    make_proxy: StartProxy, upstreams: dict[str, Any], tmp_path: Path
 ) -> None:
     limited = {"requests_per_second": 1, "burst": 2}
     running = await make_proxy(
@@ -120,6 +121,7 @@ async def test_a_tenant_over_its_rate_gets_429_while_another_keeps_full_service(
             "acme": {"upstream": {"url": upstreams["acme"].url}, "limits": limited},
             "globex": {"upstream": {"url": upstreams["globex"].url}},
         },
+        audit={"dir": str(tmp_path / "audit")},
     )
     acme = await asyncio.gather(*(call(running, "acme") for _ in range(6)))
     globex = await asyncio.gather(*(call(running, "globex") for _ in range(6)))
@@ -133,6 +135,12 @@ async def test_a_tenant_over_its_rate_gets_429_while_another_keeps_full_service(
     assert [status for status, _ in globex] == [200] * 6
     calls = [r for r in upstreams["acme"].recorder.snapshot() if '"method":"tools/call"' in r.text]
     assert len(calls) == 2  # refused requests never reached the upstream
+    running.app[SERVICES].audit.flush()
+    records = [json.loads(line) for line in (tmp_path / "audit" / "acme.jsonl").read_text().splitlines()]
+    # CONTRACT.md's outcomes only: a limited request is "denied", its code says which refusal
+    # (limits apply before the body is read, so the record names no method).
+    assert sorted(r["outcome"] for r in records) == ["denied"] * 4 + ["ok"] * 2
+    assert {r["error_code"] for r in records if r["outcome"] == "denied"} == {-32009}
 
 
 async def test_concurrency_limit(make_proxy: StartProxy, upstreams: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from jwt import PyJWKClient
 
-from proxy.auth import MAX_TOKEN_CHARS, Authenticator, metadata_url
+from proxy.auth import MAX_TOKEN_CHARS, Authenticator, metadata_url, mint_token
 from proxy.config import ConfigError, ProxyConfig
 from proxy.errors import BadRequest, Forbidden, InsufficientScope, ProxyError, Unauthenticated
 from proxy.types import TenantContext
@@ -685,3 +685,68 @@ def test_unusable_public_key_file_is_a_config_error(tmp_path: Path, content: byt
         Authenticator(config, env={})
     assert info.value.key_path == "auth.issuers.0.public_key_file"
     assert info.value.problem.startswith("cannot load a PEM public key")
+
+
+# --- the audience: listen.public_url is this resource's identifier (CONTRACT.md) ----------------------
+
+OTHER_API = "https://some-other-api.example.com"
+
+
+@pytest.mark.parametrize(
+    ("audiences", "aud", "accepted"),
+    [
+        ([OTHER_API], RESOURCE, True),  # public_url is always an accepted audience
+        ([OTHER_API], OTHER_API, True),  # and so is what the operator lists
+        ([], RESOURCE, True),  # audiences may be left out
+        ([], OTHER_API, False),
+        ([RESOURCE], "https://evil.example.com/mcp", False),
+        ([RESOURCE], [OTHER_API, RESOURCE], True),  # one of several audiences is this resource
+    ],
+)
+async def test_tokens_may_name_public_url_as_their_audience(
+    audiences: list[str], aud: Any, accepted: bool
+) -> None:
+    issuer = {
+        "issuer": "dev",
+        "audiences": audiences,
+        "algorithms": ["HS256"],
+        "secret_env": DEV_SECRET_ENV,
+        "tenant_claim": "tenant",
+    }
+    if not audiences:
+        del issuer["audiences"]
+    auth = Authenticator(make_config(issuers=[issuer]), env=ENV)
+    now_s = int(time.time())
+    token = jwt.encode(
+        {"iss": "dev", "aud": aud, "sub": "alice", "tenant": "acme", "iat": now_s, "exp": now_s + 60},
+        DEV_SECRET,
+        algorithm="HS256",
+    )
+    if accepted:
+        assert (await auth.authenticate(bearer(token))).tenant == "acme"
+    else:
+        with pytest.raises(Unauthenticated, match="not issued for this resource"):
+            await auth.authenticate(bearer(token))
+
+
+async def test_mint_token_names_public_url_and_the_proxy_accepts_it() -> None:
+    config = make_config(
+        issuers=[
+            {
+                "issuer": "dev",
+                "audiences": [OTHER_API],
+                "algorithms": ["HS256"],
+                "secret_env": DEV_SECRET_ENV,
+                "tenant_claim": "tenant",
+            }
+        ]
+    )
+    token = mint_token(config, "dev", "acme", "alice", env=ENV)
+    assert jwt.decode(token, options={"verify_signature": False})["aud"] == RESOURCE
+    assert (await Authenticator(config, env=ENV).authenticate(bearer(token))).subject == "alice"
+
+
+def test_mint_token_refuses_a_secret_the_proxy_would_refuse() -> None:
+    config = make_config()
+    with pytest.raises(ValueError, match="at least 32 bytes"):
+        mint_token(config, "dev", "acme", "alice", env={DEV_SECRET_ENV: "short"})
