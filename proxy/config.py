@@ -185,6 +185,22 @@ class UpstreamConfig(StrictModel):
     _check_url = field_validator("url")(lambda v: None if v is None else _http_url(v))
     _paths = field_validator("cwd")(_resolve_path)
 
+    @field_validator("command")
+    @classmethod
+    def _program_relative_to_config(
+        cls, command: tuple[str, ...] | None, info: ValidationInfo
+    ) -> tuple[str, ...] | None:
+        """A program given as a relative path (`./server`, `bin/server`) is relative to the config
+        file; a bare name (`python`) is looked up on PATH. Arguments are passed as they are."""
+        if not command or not command[0]:
+            return command
+        program = Path(command[0])
+        if "/" in command[0] and not program.is_absolute():
+            resolved = _resolve_path(program, info)
+            assert resolved is not None
+            return (str(resolved), *command[1:])
+        return command
+
     @field_validator("headers")
     @classmethod
     def _no_reserved_headers(cls, headers: dict[str, str]) -> dict[str, str]:

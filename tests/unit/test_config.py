@@ -337,6 +337,31 @@ def test_stdio_upstream_with_env_and_cwd_is_valid(tmp_path: Path) -> None:
     assert acme.cwd == (tmp_path / "work").resolve()
 
 
+@pytest.mark.parametrize(
+    ("command", "program"),
+    [
+        (["./srv.sh", "./data"], "{base}/srv.sh"),  # relative to the config file, not the proxy's cwd
+        (["bin/server"], "{base}/bin/server"),
+        (["../tools/server"], "{parent}/tools/server"),
+        (["/usr/bin/server"], "/usr/bin/server"),
+        (["python", "-m", "srv"], "python"),  # a bare name is looked up on PATH
+    ],
+)
+def test_a_relative_program_path_is_relative_to_the_config_file(
+    tmp_path: Path, command: list[str], program: str
+) -> None:
+    def change(d: dict[str, Any]) -> None:
+        upstream(d).pop("url")
+        upstream(d)["command"] = command
+
+    config = load_with(tmp_path, change)
+    base = tmp_path.resolve()
+    resolved = config.tenants["acme"].upstream.command
+    assert resolved is not None
+    assert resolved[0] == program.format(base=base, parent=base.parent)
+    assert list(resolved[1:]) == command[1:]  # arguments are passed as they are
+
+
 @pytest.mark.parametrize("url", ["ftp://host/mcp", "file:///tmp/x", "http:///nohost", "127.0.0.1:9001"])
 def test_upstream_url_must_be_http(tmp_path: Path, url: str) -> None:
     error = config_error(tmp_path, lambda d: upstream(d).update(url=url))
