@@ -37,9 +37,24 @@ class TenantRuntime:
     limits: LimitsConfig
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def _origin_of(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}".lower()
+    """scheme://host[:port] in lower case, without a trailing slash or the scheme's default port,
+    which browsers never send (https://h:443 and https://h are one origin)."""
+    text = url.strip().rstrip("/").lower()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:  # not a URL: compared as it is, so it matches nothing configured
+        return text
+    if not parts.scheme or not parts.netloc:
+        return text
+    netloc = parts.netloc  # userinfo kept: no browser sends it, so such an Origin matches nothing
+    if port is not None and port == _DEFAULT_PORTS.get(parts.scheme):
+        netloc = netloc[: netloc.rfind(":")]
+    return f"{parts.scheme}://{netloc}"
 
 
 def _is_loopback(host: str) -> bool:
@@ -61,11 +76,11 @@ class OriginPolicy:
     @classmethod
     def from_config(cls, config: ProxyConfig) -> OriginPolicy:
         allowed = {_origin_of(config.listen.resource_url)}
-        allowed.update(origin.rstrip("/").lower() for origin in config.listen.allowed_origins)
+        allowed.update(_origin_of(origin) for origin in config.listen.allowed_origins)
         return cls(frozenset(allowed), _is_loopback(config.listen.host))
 
     def allows(self, origin: str) -> bool:
-        normalized = origin.rstrip("/").lower()
+        normalized = _origin_of(origin)
         if normalized in self.allowed:
             return True
         if not self.any_loopback:
