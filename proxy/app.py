@@ -8,6 +8,7 @@ import itertools
 import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import web
@@ -166,11 +167,14 @@ def create_app(config: ProxyConfig, runtime: Runtime | None = None) -> web.Appli
     services.metrics.add_gauges(_gauges(app))
     path = config.listen.path
     app.router.add_route("*", path, handle_mcp)
-    app.router.add_get("/.well-known/oauth-protected-resource", protected_resource_metadata)
-    if path != "/":
-        app.router.add_get(
-            f"/.well-known/oauth-protected-resource{path.rstrip('/')}", protected_resource_metadata
-        )
+    # RFC 9728 metadata: the root form and the path-inserted form of the MCP path, as listened on
+    # and as public_url names it (the challenge's resource_metadata), with and without a slash.
+    public_path = urlsplit(config.listen.resource_url).path
+    inserted = {
+        p for p in (path, path.rstrip("/"), public_path, public_path.rstrip("/")) if p not in ("", "/")
+    }
+    for suffix in ["", *sorted(inserted)]:
+        app.router.add_get(f"/.well-known/oauth-protected-resource{suffix}", protected_resource_metadata)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

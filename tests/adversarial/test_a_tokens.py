@@ -22,7 +22,7 @@ import pytest
 
 from proxy.errors import BadRequest, Forbidden, ProxyError, Unauthenticated
 from tests.adversarial.test_a_jwks import JWKS_ISS, JwksServer
-from tests.conftest import MCP_ACCEPT, TENANTS, RunningProxy
+from tests.conftest import MCP_ACCEPT, TENANTS, RunningProxy, StartProxy
 from tests.factories import DEV_SECRET, RsaKeys, unsigned_token
 
 pytestmark = pytest.mark.e2e
@@ -359,6 +359,35 @@ async def test_the_challenge_points_at_a_working_metadata_document(proxy: Runnin
     async with aiohttp.ClientSession() as http, http.get(match.group(1)) as response:
         assert response.status == 200
         assert (await response.json())["resource"] == proxy.url
+
+
+@pytest.mark.parametrize(
+    ("listen_path", "public_path", "served"),
+    [
+        ("/mcp/", "/mcp/", ["/mcp/", "/mcp"]),  # CONTRACT.md's literal <listen.path>, and without the slash
+        ("/mcp", "/tenants/mcp", ["/mcp", "/tenants/mcp"]),  # a public path behind a rewriting ingress
+    ],
+)
+async def test_metadata_is_served_at_every_path_form_the_proxy_advertises(
+    make_proxy: StartProxy, upstreams: dict[str, Any], listen_path: str, public_path: str, served: list[str]
+) -> None:
+    public_url = f"https://mcp.example.test{public_path}"
+    running = await make_proxy(upstreams, listen={"path": listen_path, "public_url": public_url})
+    origin = f"http://127.0.0.1:{running.config.listen.port}"
+    async with aiohttp.ClientSession() as http:
+        for path in ["", *served]:
+            async with http.get(f"{origin}/.well-known/oauth-protected-resource{path}") as response:
+                assert response.status == 200, path
+                assert (await response.json())["resource"] == public_url
+        async with http.post(
+            origin + listen_path, json=INITIALIZE, headers={"Accept": MCP_ACCEPT}
+        ) as response:
+            assert response.status == 401
+            challenge = response.headers["WWW-Authenticate"]
+    assert challenge == (
+        f'Bearer resource_metadata="https://mcp.example.test/.well-known/oauth-protected-resource'
+        f'{public_path.rstrip("/")}"'
+    )
 
 
 # --- A5-A9: a kid never opens a file or a connection ----------------------------------------------------
