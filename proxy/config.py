@@ -65,7 +65,15 @@ class ConfigError(Exception):
         self.key_path = key_path
         self.problem = problem
         where = f"{self.file}: {key_path}: " if key_path else f"{self.file}: "
-        super().__init__(f"{where}{problem}")
+        super().__init__(_one_line(f"{where}{problem}"))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+
+
+def _one_line(text: str) -> str:
+    """Control characters (a key with a newline in it, say) escaped: the error stays one line."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 class StrictModel(BaseModel):
@@ -433,6 +441,8 @@ def format_validation_error(file: Path, error: ValidationError) -> ConfigError:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
+        elif item["type"] == "string_type" and item["loc"][-1:] == ("[key]",):
+            message = "must be a string: quote it in the YAML"
         if not first_path:
             first_path = key_path
         problems.append(f"{key_path}: {message}" if key_path != first_path else message)

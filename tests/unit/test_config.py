@@ -599,3 +599,15 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path / "nope.yaml", env={})
     assert info.value.problem.startswith("cannot read file")
+
+
+def test_an_unquoted_numeric_tenant_id_and_a_key_with_a_newline_give_one_clear_line(tmp_path: Path) -> None:
+    def change(d: dict[str, Any]) -> None:
+        d["tenants"][1234] = d["tenants"]["acme"]
+        d["tenants"]["ac\nme"] = d["tenants"]["acme"]
+
+    error = config_error(tmp_path, change)
+    assert error.key_path == "tenants.1234.[key]"
+    assert "must be a string: quote it in the YAML" in error.problem
+    assert "\n" not in str(error)
+    assert "ac\\nme" in str(error)
