@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import logging
 import sys
 from typing import Any, BinaryIO
@@ -90,9 +91,12 @@ def configure_logging(level: str = "info", json_lines: bool | None = None) -> No
 
 
 def _render(value: Any, **_: Any) -> bytes:
+    """One JSON line, pure ASCII: a client-chosen string holding U+2028, U+2029 or U+0085 (line
+    breaks to some readers, e.g. str.splitlines) is escaped, so it can never forge a line."""
     try:
-        return orjson.dumps(value, default=str)
-    except (TypeError, orjson.JSONEncodeError):  # a lone surrogate or an int beyond 64 bits
-        import json
-
-        return json.dumps(value, default=str).encode("ascii")
+        line = orjson.dumps(value, default=str)
+        if line.isascii():
+            return line
+    except TypeError:  # orjson.JSONEncodeError: a lone surrogate or an int beyond 64 bits
+        pass
+    return json.dumps(value, default=str, separators=(",", ":")).encode("ascii")

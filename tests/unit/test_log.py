@@ -7,6 +7,7 @@ import io
 import json
 from typing import Any
 
+import pytest
 import structlog
 
 from proxy.log import BatchedBytesLogger, _render
@@ -72,3 +73,12 @@ def test_structlog_renders_through_the_batched_writer() -> None:
     finally:
         structlog.reset_defaults()
     assert json.loads(file.getvalue()) == {"event": "mcp_request", "tenant": "acme"}
+
+
+@pytest.mark.parametrize("breaker", ["\u2028", "\u2029", "\x85", "\r", "\n", "\x0b", "\x1e"])
+def test_no_string_can_break_a_log_line_for_any_reader(breaker: str) -> None:
+    forged = f'x{breaker}{{"event":"forged","tenant":"globex"}}'
+    line = _render({"event": "mcp_request", "method": forged, "name": "caf\u00e9"})
+    assert line.isascii()
+    assert len(line.decode("ascii").splitlines()) == 1
+    assert json.loads(line)["method"] == forged
