@@ -9,6 +9,8 @@ import os
 import sys
 from typing import Any
 
+import anyio
+import mcp_types as t
 from mcp.server.mcpserver import Context
 from pydantic import BaseModel
 
@@ -44,6 +46,53 @@ def main() -> None:
             "answer": result.data.answer if result.data else None,
             "canary": canary,
         }
+
+    events: dict[str, list[str]] = {}
+
+    @server.tool()
+    async def slow(tag: str, seconds: float, ctx: Context) -> str:
+        """A long call that logs as it goes and records whether it finished or was cancelled."""
+        record = events.setdefault(tag, [])
+        record.append("started")
+        await ctx.info(f"slow {tag} started")
+        try:
+            await anyio.sleep(seconds)
+        except anyio.get_cancelled_exc_class():
+            record.append("cancelled")
+            raise
+        record.append("finished")
+        return f"slow {tag} done"
+
+    @server.tool()
+    def slow_events(tag: str) -> list[str]:
+        """What happened to the slow calls with this tag, in this process."""
+        return events.get(tag, [])
+
+    @server.tool()
+    async def touch(uri: str, ctx: Context) -> str:
+        """Tells subscribers that a resource changed (handshake era: on the session channel)."""
+        await ctx.session.send_resource_updated(uri)
+        return "sent"
+
+    subscribed: list[str] = []
+
+    async def subscribe(ctx: Any, params: t.SubscribeRequestParams) -> t.EmptyResult:
+        subscribed.append(str(params.uri))
+        return t.EmptyResult()
+
+    async def unsubscribe(ctx: Any, params: t.UnsubscribeRequestParams) -> t.EmptyResult:
+        if str(params.uri) in subscribed:
+            subscribed.remove(str(params.uri))
+        return t.EmptyResult()
+
+    lowlevel = server._lowlevel_server
+    lowlevel.add_request_handler("resources/subscribe", t.SubscribeRequestParams, subscribe)
+    lowlevel.add_request_handler("resources/unsubscribe", t.UnsubscribeRequestParams, unsubscribe)
+
+    @server.tool()
+    def subscriptions() -> list[str]:
+        """The resource URIs this process is subscribed to."""
+        return list(subscribed)
 
     server.run("stdio")
 

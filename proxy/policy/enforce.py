@@ -104,10 +104,9 @@ async def enforce_policy(exchange: Exchange) -> None:
         raise PolicyDenied(f"Denied by policy: {decision.reason}", data={"rule": decision.rule})
     if decision.action is Action.HIDE_RESOURCE:
         # Exactly what an upstream says of a resource it does not have: no existence probing.
+        # (no data: an upstream's own -32602 reaches clients without its data, see sanitize_error)
         raise InvalidParams(
-            f"Unknown resource: {decision.uri}",
-            data={"uri": decision.uri},
-            status=400 if exchange.era is Era.MODERN else 200,
+            f"Unknown resource: {decision.uri}", status=400 if exchange.era is Era.MODERN else 200
         )
     if decision.action is Action.ANSWER:
         result = dict(decision.answer or {})

@@ -44,6 +44,7 @@ PROGRESS_TOKEN: Final = "progressToken"  # noqa: S105 - a field name
 SUBSCRIPTION_ID: Final = "io.modelcontextprotocol/subscriptionId"
 HANDSHAKE_VERSION: Final = "2025-11-25"
 _END = object()
+_SUBSCRIPTION_METHODS: Final = frozenset({"resources/subscribe", "resources/unsubscribe"})
 
 
 def _offer(queue: asyncio.Queue[Any], message: Any, final: bool = False) -> None:
@@ -100,6 +101,7 @@ class Connection:
         self.tokens: dict[str, Pending] = {}
         self.sessions: dict[str, VirtualSession] = {}
         self.initialize_result: JsonObject | None = None
+        self.subscribers: dict[str, set[str]] = {}  # shared handshake child: resource URI -> session ids
         self.last_used = time.monotonic()
         self.stopping = False
         self._ids = itertools.count(1)
@@ -147,6 +149,26 @@ class Connection:
         self._send_soon(
             {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": pending.proxy_id}}
         )
+
+    def cancel_by_client(self, params: Any, session: VirtualSession) -> None:
+        """A client's notifications/cancelled names its own request id: it reaches the child under
+        that request's proxy id, and only for a request of the same session (never another's)."""
+        if not isinstance(params, dict):
+            return
+        wanted = params.get("requestId")
+        for pending in self.pending.values():
+            if (
+                pending.session is session
+                and type(pending.original_id) is type(wanted)
+                and pending.original_id == wanted
+            ):
+                self._forget(pending.proxy_id)
+                cancel: JsonObject = {"requestId": pending.proxy_id}
+                if isinstance(params.get("reason"), str):
+                    cancel["reason"] = params["reason"]
+                self._send_soon({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": cancel})
+                _offer(pending.queue, _END, final=True)  # a cancelled request gets no answer
+                return
 
     def _send_soon(self, message: JsonObject) -> None:
         if self.child is not None and self.child.alive:
@@ -201,6 +223,19 @@ class Connection:
         if message["method"].endswith("/list_changed"):
             for session in self.sessions.values():  # a shared child's lists changed for all who share it
                 session.deliver(message)
+            return
+        if message["method"] == "notifications/resources/updated":
+            params = message.get("params")
+            uri = params.get("uri") if isinstance(params, dict) else None
+            for session_id in self.subscribers.get(uri, ()) if isinstance(uri, str) else ():
+                subscriber = self.sessions.get(session_id)
+                if subscriber is not None:
+                    subscriber.deliver(message)  # to the sessions that subscribed to it, no other
+            return
+        if "id" not in message and len(self.pending) == 1:
+            # A notification naming no request (a log message, say) while exactly one request of
+            # this tenant is in flight: it can only be that request's.
+            next(iter(self.pending.values())).deliver(message)
             return
         if "id" in message:
             self._send_soon(
@@ -336,11 +371,48 @@ class StdioUpstream:
         self, connection: Connection, message: JsonObject, session: VirtualSession | None
     ) -> StdioResponse:
         assert connection.child is not None
-        if "id" not in message or "method" not in message:  # a notification, or an answer to the server
+        method = message.get("method")
+        if method == "notifications/cancelled" and "id" not in message:
+            # Request ids are the proxy's on the child: a cancel is mapped to the caller's own request.
+            # Modern era: closing the request's stream is what cancels it (and does, under its id).
+            if session is not None:
+                connection.cancel_by_client(message.get("params"), session)
+            return StdioResponse(202)
+        if "id" not in message or method is None:  # a notification, or an answer to the server
             await connection.child.send(message)
             return StdioResponse(202)
+        if session is not None and not session.dedicated and method in _SUBSCRIPTION_METHODS:
+            local = self._track_subscription(connection, message, session)
+            if local is not None:
+                return local
         pending = await connection.request(message, session)
         return self._answer_stream(connection, pending)
+
+    def _track_subscription(
+        self, connection: Connection, message: JsonObject, session: VirtualSession
+    ) -> StdioResponse | None:
+        """On a shared child, the child holds one subscription per URI for all sessions: the first
+        subscribe and the last unsubscribe reach it, the proxy answers the others; updates go to
+        the sessions that subscribed."""
+        params = message.get("params")
+        uri = params.get("uri") if isinstance(params, dict) else None
+        if not isinstance(uri, str):
+            return None  # the child answers what is wrong with it
+        subscribers = connection.subscribers.setdefault(uri, set())
+        if message["method"] == "resources/subscribe":
+            first = not subscribers
+            subscribers.add(session.id)
+            if first:
+                return None  # the child subscribes once, for all
+        else:
+            subscribers.discard(session.id)
+            if not subscribers:
+                del connection.subscribers[uri]
+                return None  # the last one out: the child unsubscribes
+        queue: asyncio.Queue[Any] = asyncio.Queue()  # the child is subscribed already, and stays so
+        queue.put_nowait({"jsonrpc": "2.0", "id": message["id"], "result": {}})
+        queue.put_nowait(_END)
+        return StdioResponse(200, queue)
 
     def _answer_stream(
         self, connection: Connection, pending: Pending, session_id: str | None = None
@@ -393,6 +465,8 @@ class StdioUpstream:
         if session is None:
             return StdioResponse(404)
         session.connection.sessions.pop(session.id, None)
+        for subscribers in session.connection.subscribers.values():
+            subscribers.discard(session.id)
         if session.dedicated:
             await session.connection.stop()
         return StdioResponse(200)

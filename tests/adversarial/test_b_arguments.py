@@ -155,6 +155,7 @@ async def test_a_foreign_resource_looks_exactly_like_an_unknown_one(
             with pytest.raises(MCPError) as refused:
                 await client.read_resource(foreign)
             assert refused.value.error.code == unknown.value.error.code
+            assert refused.value.error.data == unknown.value.error.data  # nothing extra to tell them apart
             assert refused.value.error.message == unknown.value.error.message.replace(
                 "unknown://nothing", foreign
             )

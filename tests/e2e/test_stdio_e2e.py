@@ -7,9 +7,11 @@ import json
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
+import mcp_types as t
 import pytest
 from mcp import MCPError
 from mcp.client.context import ClientRequestContext
@@ -225,3 +227,114 @@ async def test_shutdown_leaves_no_child(tmp_path: Path, rsa_keys: Any) -> None:
 def test_demo_style_config_has_a_stdio_tenant() -> None:
     data = json.dumps(stdio_tenants())
     assert "stdio_server.py" in data
+
+
+# --- request ids are the proxy's on a child: cancels, logs and subscriptions find their caller -------
+
+
+async def _events(client: Any, tag: str, final: str) -> list[str]:
+    for _ in range(50):
+        events = structured(await client.call_tool("slow_events", {"tag": tag}))["result"]
+        if final in events:
+            return list(events)
+        await asyncio.sleep(0.1)
+    return list(events)
+
+
+@pytest.mark.parametrize("isolation", ["per_tenant", "per_session"])
+async def test_a_cancel_reaches_the_callers_own_request_and_no_other(
+    make_proxy: StartProxy, isolation: str
+) -> None:
+    running = await make_proxy(
+        dict.fromkeys(TENANTS, "http://unused.invalid/mcp"),
+        policies={"acme": {"tenant_arguments": {"names": ["tenant_id"], "on_mismatch": "reject"}}},
+        tenants=stdio_tenants(isolation),
+    )
+    async with (
+        client_for(running.url, running.token("acme", "alice"), "legacy") as alice,
+        client_for(running.url, running.token("acme", "bob"), "legacy") as bob,
+    ):
+        await bob.list_tools()
+        call = asyncio.create_task(alice.call_tool("slow", {"tag": "alice", "seconds": 1.5}))
+        await asyncio.sleep(0.5)
+        # Bob cancels every small id: his ids, which may equal the proxy ids of alice's requests.
+        for request_id in range(40):
+            await bob.session.send_notification(
+                t.CancelledNotification(params=t.CancelledNotificationParams(request_id=request_id))
+            )
+        result = await asyncio.wait_for(call, 10)
+        assert result.content[0].text == "slow alice done"
+        assert await _events(alice, "alice", "finished") == ["started", "finished"]
+
+        # A cancel of alice's own, after requests answered by the proxy itself shifted the numbering.
+        for _ in range(2):
+            with pytest.raises(MCPError):
+                await alice.call_tool("add_note", {"tenant_id": "globex", "text": "x"})
+        own = asyncio.create_task(alice.call_tool("slow", {"tag": "own", "seconds": 5}))
+        await asyncio.sleep(0.5)
+        own.cancel()
+        assert await _events(alice, "own", "cancelled") == ["started", "cancelled"]
+        assert structured(await alice.call_tool("whoami", {}))["server_tenant"] == "acme"
+
+
+async def test_log_messages_of_a_call_reach_its_caller_in_the_modern_era(stdio_proxy: RunningProxy) -> None:
+    logged: list[str] = []
+
+    async def on_log(params: Any) -> None:
+        logged.append(str(params.data))
+
+    async with client_for(
+        stdio_proxy.url, stdio_proxy.token("acme"), "auto", log_level="debug", logging_callback=on_log
+    ) as client:
+        assert client.protocol_version == "2026-07-28"
+        result = await client.call_tool("slow", {"tag": "logged", "seconds": 0.05})
+    assert result.content[0].text == "slow logged done"
+    assert logged == ["slow logged started"]
+
+
+async def test_resource_updates_on_a_shared_child_reach_the_subscribed_sessions_only(
+    make_proxy: StartProxy,
+) -> None:
+    running = await make_proxy(
+        dict.fromkeys(TENANTS, "http://unused.invalid/mcp"), tenants=stdio_tenants("per_tenant")
+    )
+    updates: dict[str, list[str]] = {"alice": [], "bob": [], "carol": []}
+
+    def handler(name: str) -> Any:
+        async def on_message(message: Any) -> None:
+            if isinstance(message, t.ResourceUpdatedNotification):
+                updates[name].append(str(message.params.uri))
+
+        return on_message
+
+    uri = "notes://acme/today"
+    async with (
+        client_for(
+            running.url, running.token("acme", "alice"), "legacy", message_handler=handler("alice")
+        ) as alice,
+        client_for(
+            running.url, running.token("acme", "bob"), "legacy", message_handler=handler("bob")
+        ) as bob,
+        client_for(
+            running.url, running.token("acme", "carol"), "legacy", message_handler=handler("carol")
+        ) as carol,
+    ):
+        with warnings.catch_warnings():  # resources/subscribe is handshake-era only, as used here
+            warnings.simplefilter("ignore")
+            await alice.subscribe_resource(uri)
+            await bob.subscribe_resource(uri)
+        await carol.call_tool("touch", {"uri": uri})
+        await asyncio.sleep(0.5)
+        assert updates == {"alice": [uri], "bob": [uri], "carol": []}
+        # Alice unsubscribes: the child stays subscribed for bob, who still gets the updates.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            await alice.unsubscribe_resource(uri)
+        assert structured(await carol.call_tool("subscriptions", {}))["result"] == [uri]
+        await carol.call_tool("touch", {"uri": uri})
+        await asyncio.sleep(0.5)
+        assert updates == {"alice": [uri], "bob": [uri, uri], "carol": []}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            await bob.unsubscribe_resource(uri)
+        assert structured(await carol.call_tool("subscriptions", {}))["result"] == []
