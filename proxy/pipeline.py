@@ -213,6 +213,9 @@ async def bind_session(exchange: Exchange) -> None:
         exchange.session_reservation = await registry.reserve(ctx)
         return
     session = await registry.lookup(session_id, ctx)
+    if exchange.message is not None and exchange.message.method == "initialize":
+        # Never forwarded: it would re-initialize the upstream session (a shared stdio child's too).
+        raise BadRequest("Invalid request: initialize starts a new session; send it without Mcp-Session-Id")
     exchange.session = session
     if exchange.request.method == "POST":
         session.busy += 1

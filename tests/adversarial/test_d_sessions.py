@@ -627,3 +627,33 @@ async def test_get_and_delete_with_someone_elses_session_id_answer_exactly_as_fo
     async with aiohttp.ClientSession() as http, http.get(proxy.url, headers=headers) as response:
         assert response.status == 200
     assert len(proxy.app[SERVICES].sessions) == 1
+
+
+@pytest.mark.parametrize("with_params", [True, False])
+async def test_an_initialize_inside_a_session_is_refused_and_never_forwarded(
+    owner_proxy: RunningProxy, own_upstreams: dict[str, Upstream], with_params: bool
+) -> None:
+    proxy = owner_proxy
+    alice = proxy.token("acme", "alice")
+    session_id = await initialize(proxy, alice)
+    before = len(own_upstreams["acme"].recorder.snapshot())
+    body: dict[str, Any] = {"jsonrpc": "2.0", "id": 55, "method": "initialize"}
+    if with_params:
+        body["params"] = {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "again", "version": "1"},
+        }
+    status, _, raw = await proxy.post(body, token=alice, headers=session_headers(session_id))
+    assert status == 400
+    answer = json.loads(raw)
+    assert answer["id"] == 55
+    assert answer["error"]["code"] == -32600
+    assert "without Mcp-Session-Id" in answer["error"]["message"]
+    assert len(own_upstreams["acme"].recorder.snapshot()) == before  # nothing reached the upstream
+    status, _, _ = await proxy.post(LIST_TOOLS, token=alice, headers=session_headers(session_id))
+    assert status == 200  # and the session still works
+    # Someone else's session id is still 404 first, exactly as for an unknown one.
+    bob = proxy.token("acme", "bob")
+    status, _, raw = await proxy.post(body, token=bob, headers=session_headers(session_id))
+    assert status == 404
