@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import itertools
 import re
 import secrets
@@ -72,6 +73,16 @@ async def protected_resource_metadata(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    token = request.app[RUNTIME].current.metrics_token
+    if token is not None:
+        sent = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(sent, b"Bearer " + token):
+            return web.Response(
+                status=401,
+                body=dumps(error_body(None, -32001, "Unauthorized: /metrics needs its bearer token")),
+                content_type="application/json",
+                headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+            )
     body = request.app[SERVICES].metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -297,6 +297,13 @@ class StateConfig(StrictModel):
         return self
 
 
+class MetricsConfig(StrictModel):
+    """/metrics names every tenant: without a token anyone who reaches the listener can read it.
+    With `bearer_token_env`, it answers only `Authorization: Bearer <that variable's value>`."""
+
+    bearer_token_env: str | None = None
+
+
 class ReloadConfig(StrictModel):
     """SIGHUP always reloads; with `watch_files`, so does a change of the config or a policy file."""
 
@@ -316,6 +323,7 @@ class ProxyConfig(StrictModel):
     readiness: ReadinessConfig = Field(default_factory=ReadinessConfig)
     reload: ReloadConfig = Field(default_factory=ReloadConfig)
     state: StateConfig = Field(default_factory=StateConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     _source: Path | None = PrivateAttr(default=None)
 
     _paths = field_validator("policies_dir")(_resolve_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -16,7 +17,7 @@ from proxy.audit import AuditLog
 from proxy.auth import Authenticator
 from proxy.cache import Cache, ResponseCache
 from proxy.catalog import Catalog
-from proxy.config import LimitsConfig, ProxyConfig, TenantConfig
+from proxy.config import ConfigError, LimitsConfig, ProxyConfig, TenantConfig
 from proxy.limits import Limiter
 from proxy.metrics import Metrics
 from proxy.policy.model import Policy, load_policy
@@ -101,6 +102,7 @@ class Runtime:
     authenticator: Authenticator
     tenants: dict[str, TenantRuntime]
     origins: OriginPolicy
+    metrics_token: bytes | None = None  # /metrics answers only this bearer token, when set
 
     @classmethod
     def build(cls, config: ProxyConfig, previous: Runtime | None = None) -> Runtime:
@@ -123,7 +125,7 @@ class Runtime:
             tenants[tenant_id] = TenantRuntime(
                 tenant_id, tenant_config, upstream, catalog, policy, config.limits_for(tenant_id)
             )
-        return cls(config, authenticator, tenants, OriginPolicy.from_config(config))
+        return cls(config, authenticator, tenants, OriginPolicy.from_config(config), _metrics_token(config))
 
     def upstreams_not_in(self, other: Runtime) -> list[Upstream]:
         """Upstreams of this runtime that `other` does not reuse (to close once they are idle)."""
@@ -133,6 +135,20 @@ class Runtime:
     async def close(self) -> None:
         for tenant in self.tenants.values():
             await tenant.upstream.close()
+
+
+def _metrics_token(config: ProxyConfig) -> bytes | None:
+    name = config.metrics.bearer_token_env
+    if name is None:
+        return None
+    value = os.environ.get(name, "")
+    if len(value) < 16:
+        raise ConfigError(
+            config.source,
+            "metrics.bearer_token_env",
+            f"environment variable {name} must hold a token of at least 16 characters",
+        )
+    return value.encode()
 
 
 class RuntimeRef:

@@ -90,6 +90,44 @@ async def test_readiness_follows_the_upstreams(make_proxy: StartProxy, upstreams
     assert json.loads(text)["upstreams"] == {"reachable": 1, "total": 2, "required": "all"}
 
 
+async def test_metrics_with_a_bearer_token_answer_only_that_token(
+    make_proxy: StartProxy, upstreams: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MCP_TEST_METRICS_TOKEN", "scraper-token-0123456789")
+    running = await make_proxy(upstreams, metrics={"bearer_token_env": "MCP_TEST_METRICS_TOKEN"})
+    assert (await call(running, "globex"))[0] == 200
+    url = base_url(running) + "/metrics"
+    for sent in (None, "Bearer wrong", "Bearer scraper-token-012345678", running.token("acme")):
+        headers = {"Authorization": sent} if sent is not None else {}
+        async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as response:
+            text = await response.text()
+            assert response.status == 401
+        assert "globex" not in text and "mcp_proxy" not in text
+    headers = {"Authorization": "Bearer scraper-token-0123456789"}
+    async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as response:
+        assert response.status == 200
+        assert 'tenant="globex"' in await response.text()
+
+
+def test_a_metrics_token_variable_that_is_unset_or_short_is_a_config_error(
+    tmp_path: Path, rsa_keys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.config import ConfigError, ProxyConfig
+    from proxy.runtime import Runtime
+
+    data = proxy_config("http://127.0.0.1:9/mcp", {"acme": "http://127.0.0.1:9/mcp"}, tmp_path, rsa_keys)
+    data["metrics"] = {"bearer_token_env": "MCP_TEST_METRICS_TOKEN"}
+    monkeypatch.setenv(DEV_SECRET_ENV, DEV_SECRET)
+    for value in (None, "short"):
+        if value is None:
+            monkeypatch.delenv("MCP_TEST_METRICS_TOKEN", raising=False)
+        else:
+            monkeypatch.setenv("MCP_TEST_METRICS_TOKEN", value)
+        with pytest.raises(ConfigError) as info:
+            Runtime.build(ProxyConfig.model_validate(data, context={}))
+        assert info.value.key_path == "metrics.bearer_token_env"
+
+
 async def test_metrics_parse_and_count_what_happened(proxy: RunningProxy) -> None:
     for _ in range(3):
         assert (await call(proxy, "acme"))[0] == 200
