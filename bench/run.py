@@ -277,9 +277,11 @@ class Harness:
 
     # --- starting things ----------------------------------------------------------------------
 
-    def start_upstream(self, kind: str, cache_hints: bool = False) -> Upstream:
+    def start_upstream(self, kind: str, cache_hints: bool = False, target: str | None = None) -> Upstream:
         port = free_port()
         argv = [PYTHON, "-m", "bench.upstreams", kind, str(port)]
+        if target is not None:
+            argv.append(target)
         if cache_hints:
             argv.append("--cache-hints")
         proc = Proc(f"{kind}-upstream", argv, self._path(f"{kind}-upstream", ".log"), self.env)
@@ -1092,6 +1094,24 @@ def s4_ceiling(h: Harness) -> tuple[list[Row], dict[str, Any]]:
             valid=_valid(m["proxy_c16"]), noisy=_noisy(m["proxy_c16"]))
     )  # fmt: skip
     rows.append(_cost_row("4 ceiling", "proxy CPU per request", m["proxy_c16"]))
+    # The floor: a bare aiohttp forwarder (no auth, parsing, policy, audit) in the proxy's place.
+    fw = h.start_upstream("forwarder", target=up.url)
+    bare = modern_call("forwarder-call", fw.url, "lookup", {"tenant_id": "acme", "key": "k1"})
+    bare.probe()
+    m["layout"]["forwarder"] = h.pin({up.proc: GEN_CORE, fw.proc: SUT_CORE})
+    m["forwarder_c1"] = h.load(bare, 1, {"upstream": up.proc, "proxy": fw.proc})
+    m["forwarder_c16"] = h.load(bare, 16, {"upstream": up.proc, "proxy": fw.proc})
+    rows.append(
+        Row("4 ceiling", "bare aiohttp forwarder p50 latency, c=1", m["direct_c1"]["p50_ms"],
+            m["forwarder_c1"]["p50_ms"], "ms", "added", valid=_valid(m["forwarder_c1"]),
+            noisy=_noisy(m["forwarder_c1"]))
+    )  # fmt: skip
+    rows.append(
+        _throughput_row(
+            "4 ceiling", "bare aiohttp forwarder throughput, c=16", m["direct_c16"], m["forwarder_c16"], None
+        )
+    )
+    rows.append(_cost_row("4 ceiling", "bare aiohttp forwarder CPU per request", m["forwarder_c16"]))
     if h.settings.profile:
         m["profile"] = h.profile(px, proxied, 16, "s4_ceiling_c16")
     return rows, m

@@ -3,6 +3,7 @@
     sdk PORT [--cache-hints]   the official SDK's MCPServer under uvicorn: a `lookup` tool (the tenant
                                argument it trusts), `whoami`, and `progress` (n progress
                                notifications, then the answer)
+    forwarder PORT URL         a bare aiohttp forwarder to URL (the floor of an aiohttp-based proxy)
     static PORT                a static JSON-RPC responder (aiohttp's low-level server, no routing): a
                                fixed result per method with the request's id echoed; `initialize`
                                gets a fresh Mcp-Session-Id; tools/call of `stream_events` answers with
@@ -135,16 +136,51 @@ async def run_static(port: int) -> None:
         await listener.serve_forever()
 
 
+# --- the bare forwarder ------------------------------------------------------------------------
+
+
+async def run_forwarder(port: int, target: str) -> None:
+    """The floor for any aiohttp-based proxy: an aiohttp server relaying each POST body to `target`
+    with one pooled aiohttp client and returning the answer; no auth, parsing, policy or audit."""
+    import aiohttp
+    import yarl
+    from aiohttp import web
+
+    url = yarl.URL(target)
+    client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100, keepalive_timeout=4))
+    passed = ("Content-Type", "Accept", "MCP-Protocol-Version", "Mcp-Method", "Mcp-Name", "Mcp-Session-Id")
+
+    async def handle(request: web.BaseRequest) -> web.Response:
+        body = await request.read()
+        headers = {name: request.headers[name] for name in passed if name in request.headers}
+        async with client.post(url, data=body, headers=headers) as answer:
+            payload = await answer.read()
+            content_type = answer.headers.get("Content-Type", _JSON)
+            return web.Response(status=answer.status, body=payload, headers={"Content-Type": content_type})
+
+    server = web.Server(handle, access_log=None)
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(server, "127.0.0.1", port, reuse_address=True, backlog=4096)
+    print("ready", flush=True)
+    async with listener:
+        await listener.serve_forever()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.upstreams")
-    parser.add_argument("kind", choices=["sdk", "static"])
+    parser.add_argument("kind", choices=["sdk", "static", "forwarder"])
     parser.add_argument("port", type=int)
+    parser.add_argument("target", nargs="?", help="forwarder: the upstream URL to relay to")
     parser.add_argument("--cache-hints", action="store_true", help="sdk: tools/list carries ttlMs (public)")
     args = parser.parse_args(argv)
     if args.kind == "sdk":
         from bench.sdk_upstream import run_sdk
 
         run_sdk(args.port, args.cache_hints)
+    elif args.kind == "forwarder":
+        import uvloop
+
+        uvloop.run(run_forwarder(args.port, args.target))
     else:
         import uvloop
 
