@@ -293,7 +293,7 @@ async def lookup_cache(exchange: Exchange) -> None:
     plan = plan_for(
         ctx.tenant,
         ctx.subject,
-        tenant.upstream.identity,
+        f"{tenant.upstream.identity}#{tenant.cache_scope}",
         exchange.protocol_version or "",
         exchange.era is Era.MODERN,
         message.method or "",

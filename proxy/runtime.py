@@ -8,9 +8,12 @@ spans configs (sessions). A request takes one Runtime reference when it starts a
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from proxy.audit import AuditLog
@@ -36,6 +39,10 @@ class TenantRuntime:
     catalog: Catalog
     policy: Policy | None
     limits: LimitsConfig
+    # Names this tenant's upstream config and policy in every cache key: a result fetched under an
+    # older config (a request in flight across a reload, an entry a failed invalidation left) is
+    # never found by requests on a newer one. Deterministic, so replicas sharing Redis agree.
+    cache_scope: str = ""
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -113,6 +120,7 @@ class Runtime:
             name: load_policy(config.policy_file(name))
             for name in sorted({t.policy for t in config.tenants.values() if t.policy is not None})
         }
+        policy_digests = {name: _file_digest(config.policy_file(name)) for name in policies}
         tenants = {}
         for tenant_id, tenant_config in config.tenants.items():
             policy = policies[tenant_config.policy] if tenant_config.policy is not None else None
@@ -122,8 +130,14 @@ class Runtime:
             else:
                 upstream = build_upstream(tenant_id, tenant_config)
                 catalog = Catalog(upstream)
+            scope_of = [
+                tenant_config.upstream.model_dump(mode="json"),
+                tenant_config.policy,
+                policy_digests.get(tenant_config.policy or ""),
+            ]
+            scope = hashlib.sha256(json.dumps(scope_of, sort_keys=True).encode()).hexdigest()[:16]
             tenants[tenant_id] = TenantRuntime(
-                tenant_id, tenant_config, upstream, catalog, policy, config.limits_for(tenant_id)
+                tenant_id, tenant_config, upstream, catalog, policy, config.limits_for(tenant_id), scope
             )
         return cls(config, authenticator, tenants, OriginPolicy.from_config(config), _metrics_token(config))
 
@@ -135,6 +149,13 @@ class Runtime:
     async def close(self) -> None:
         for tenant in self.tenants.values():
             await tenant.upstream.close()
+
+
+def _file_digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:  # load_policy read it a moment ago; should it be gone, the scope still differs
+        return "unreadable"
 
 
 def _metrics_token(config: ProxyConfig) -> bytes | None:
