@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, Final
 
 import structlog
 from aiohttp import web
 
 from proxy.config import ConfigError, ProxyConfig, load_config
 from proxy.runtime import Runtime
+from proxy.sessions import Session
 from proxy.transport import RUNTIME, SERVICES, end_upstream_session
 from proxy.upstream import Upstream
 
 log = structlog.get_logger("proxy.reload")
+
+END_SESSION_SECONDS: Final = 5.0  # how long a replaced upstream gets to end one session
 
 # What a running listener cannot change: these need a restart.
 _FIXED_LISTEN_KEYS = ("host", "port", "path", "public_url")
@@ -49,28 +54,47 @@ async def reload_config(app: web.Application) -> bool:
     ref.current = new
     services.sessions.idle_timeout_seconds = config.sessions.idle_timeout_seconds
     services.sessions.max_per_tenant = config.sessions.max_per_tenant
-    for tenant_id, before in old.tenants.items():
+    moved: list[tuple[str, Upstream]] = []  # tenants whose sessions end: removed or on a new upstream
+    for tenant_id, before in old.tenants.items():  # first what needs no I/O, for every tenant
         after = new.tenants.get(tenant_id)
         upstream_changed = after is None or after.upstream is not before.upstream
         policy_changed = after is None or after.policy != before.policy
         if (upstream_changed or policy_changed) and services.cache is not None:
-            services.cache.invalidate(tenant_id)
+            services.cache.invalidate(tenant_id)  # (entries of the old config are unreachable anyway)
         if upstream_changed:
-            for session in await services.sessions.of_tenant(tenant_id):
-                await services.sessions.remove(session)
-                await end_upstream_session(before.upstream, session)
+            moved.append((tenant_id, before.upstream))
         if after is None:
             services.limiter.forget(tenant_id)
             services.audit.forget([tenant_id])
+    ended: list[tuple[Upstream, Session]] = []
+    for tenant_id, upstream in moved:  # their sessions are gone for clients at once ...
+        for session in await services.sessions.of_tenant(tenant_id):
+            await services.sessions.remove(session)
+            ended.append((upstream, session))
+    if ended:  # ... and end upstream in the background: a hung old upstream delays nothing
+        _retire(app, _end_upstream_sessions(ended), "end-replaced-sessions")
     stale = old.upstreams_not_in(new)
     if stale:
-        grace = config.listen.shutdown_grace_seconds
-        task = asyncio.create_task(_close_later(stale, grace), name="close-replaced-upstreams")
-        app[RETIRED].add(task)
-        task.add_done_callback(app[RETIRED].discard)
+        _retire(app, _close_later(stale, config.listen.shutdown_grace_seconds), "close-replaced-upstreams")
     services.metrics.reloads.labels("ok").inc()
     log.info("reloaded", tenants=len(new.tenants), replaced_upstreams=len(stale))
     return True
+
+
+def _retire(app: web.Application, work: Coroutine[Any, Any, None], name: str) -> None:
+    task = asyncio.create_task(work, name=name)
+    app[RETIRED].add(task)
+    task.add_done_callback(app[RETIRED].discard)
+
+
+async def _end_upstream_sessions(ended: list[tuple[Upstream, Session]]) -> None:
+    """DELETE the upstream side of sessions a reload ended, all at once, each for a bounded time."""
+
+    async def end(upstream: Upstream, session: Session) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(end_upstream_session(upstream, session), END_SESSION_SECONDS)
+
+    await asyncio.gather(*(end(upstream, session) for upstream, session in ended))
 
 
 async def _close_later(upstreams: list[Upstream], grace: float) -> None:

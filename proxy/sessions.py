@@ -7,6 +7,7 @@ caller gets exactly the answer an id that never existed gets (404).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import secrets
@@ -41,6 +42,7 @@ class Session:
     forwarded: OrderedDict[RequestId, Message] = field(default_factory=OrderedDict)
     get_stream_open: bool = False
     busy: int = 0  # requests in flight: a session answering one is never idle
+    ended: asyncio.Event | None = None  # set when the session is removed: its GET stream ends too
 
     def idle_for(self, now: float) -> float:
         """Seconds since the session last did anything; 0 while it is busy or streaming."""
@@ -173,6 +175,9 @@ class SessionRegistry:
         return session
 
     def _forget(self, session: Session) -> None:
+        for gone in (session, self._sessions.get(session.id)):
+            if gone is not None and gone.ended is not None:
+                gone.ended.set()  # an open GET stream of the session ends now (DELETE, reload, expiry)
         if self._sessions.pop(session.id, None) is not None:
             session.closed = True
             remaining = self.count(session.tenant) - 1

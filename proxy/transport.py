@@ -371,6 +371,8 @@ async def relay_get(exchange: Exchange) -> web.StreamResponse:
         if upstream_id is not None:  # an id this session never issued replays nothing
             headers["Last-Event-ID"] = upstream_id
     session.get_stream_open = True
+    if session.ended is None:
+        session.ended = asyncio.Event()
     try:
         response = await tenant.upstream.send(UpstreamRequest("GET", headers))
         try:
@@ -389,7 +391,7 @@ async def relay_get(exchange: Exchange) -> web.StreamResponse:
             await stream.prepare(exchange.request)
             messages = ServerMessages(exchange)
             try:
-                async for batch in _until(response.events(), exchange.services.shutting_down):
+                async for batch in _until(response.events(), exchange.services.shutting_down, session.ended):
                     out: list[bytes] = []
                     for item in batch:
                         if isinstance(item, Comment):
@@ -426,17 +428,18 @@ def _resumable(exchange: Exchange, messages: ServerMessages, message: JsonObject
     return messages.process(message)
 
 
-async def _until(events: AsyncIterator[T], stop: asyncio.Event) -> AsyncIterator[T]:
-    """The items of `events` until `stop` is set (shutdown): then the stream ends cleanly."""
+async def _until(events: AsyncIterator[T], *stops: asyncio.Event) -> AsyncIterator[T]:
+    """The items of `events` until one of `stops` is set (shutdown, the session's end): then the
+    stream ends cleanly."""
     iterator = events.__aiter__()
-    stopped = asyncio.ensure_future(stop.wait())
+    waits = [asyncio.ensure_future(stop.wait()) for stop in stops]
     step: asyncio.Future[T] | None = None
     try:
         while True:
             step = asyncio.ensure_future(iterator.__anext__())
-            await asyncio.wait({step, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({step, *waits}, return_when=asyncio.FIRST_COMPLETED)
             if not step.done():
-                return  # shutting down: the finally below cancels the pending read
+                return  # stopped: the finally below cancels the pending read
             try:
                 item = step.result()
             except StopAsyncIteration:
@@ -444,7 +447,8 @@ async def _until(events: AsyncIterator[T], stop: asyncio.Event) -> AsyncIterator
             step = None
             yield item
     finally:
-        stopped.cancel()
+        for wait in waits:
+            wait.cancel()
         if step is not None and not step.done():
             step.cancel()
             with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, ProxyError):

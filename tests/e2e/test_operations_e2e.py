@@ -280,6 +280,116 @@ async def test_reload_under_load_misroutes_nothing_and_drops_nothing(
     assert results["initech"][0][0] == 403  # unknown before the reload
 
 
+async def test_a_result_fetched_under_the_old_config_never_serves_the_new_one(
+    upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any
+) -> None:
+    """A cached call in flight across a reload that rotates the tenant's upstream credential: a
+    call after the reload neither joins it nor later gets its result from the cache."""
+    url = f"http://127.0.0.1:{free_port()}/mcp"
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "cached.yaml").write_text(yaml.safe_dump({"tools": {"cache_ttl_seconds": {"countdown": 60}}}))
+    before = proxy_config(url, upstreams, tmp_path, rsa_keys, reload={"watch_files": False})
+    before["policies_dir"] = str(policies)
+    before["cache"] = {"max_bytes": 1 << 20}
+    before["tenants"]["acme"]["policy"] = "cached"
+    path = tmp_path / "proxy.yaml"
+    write_config(path, before)
+    runner, _ = await start_server(load_config(path, env={**os.environ, DEV_SECRET_ENV: DEV_SECRET}))
+    running = RunningProxy(url, None, runner.app)
+    arguments = {"n": 3, "delay": 0.2}
+
+    def countdowns() -> list[str]:
+        return [
+            r.headers.get("authorization", "")
+            for r in upstreams["acme"].recorder.snapshot()
+            if '"name":"countdown"' in r.text.replace(" ", "")
+        ]
+
+    try:
+        old_call = asyncio.create_task(call(running, "acme", "countdown", arguments))
+        await asyncio.sleep(0.2)
+        assert countdowns() == ["Bearer upstream-secret-acme"]
+        after = json.loads(json.dumps(before))
+        after["tenants"]["acme"]["upstream"]["headers"] = {"Authorization": "Bearer rotated-secret"}
+        write_config(path, after)
+        assert await reload_config(runner.app)
+        new_call = await call(running, "acme", "countdown", arguments)  # the old one is still running
+        assert new_call[0] == 200
+        assert (await old_call)[0] == 200
+        assert countdowns() == ["Bearer upstream-secret-acme", "Bearer rotated-secret"]
+        assert (await call(running, "acme", "countdown", arguments))[0] == 200
+        assert len(countdowns()) == 2  # served from the cache, stored under the new config
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_hung_old_upstream_does_not_hold_up_a_reload(
+    upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any
+) -> None:
+    """The sessions of a tenant moved to a new upstream end upstream in the background: an old
+    upstream that never answers the DELETE delays neither the reload nor anyone's requests."""
+    from aiohttp import web
+
+    deletes: list[str] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if request.method == "DELETE":
+            deletes.append(request.headers.get("Mcp-Session-Id", ""))
+            await asyncio.sleep(60)  # hangs far beyond the test
+        body = await request.json()
+        if "id" not in body:
+            return web.Response(status=202)
+        result = {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "serverInfo": {"name": "h", "version": "1"},
+        }
+        return web.json_response(
+            {"jsonrpc": "2.0", "id": body["id"], "result": result},
+            headers={"Mcp-Session-Id": "hung-upstream-session"},
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/mcp", handle)
+    hung_runner = web.AppRunner(app, shutdown_timeout=0.2)
+    await hung_runner.setup()
+    hung_port = free_port()
+    await web.TCPSite(hung_runner, "127.0.0.1", hung_port).start()
+    url = f"http://127.0.0.1:{free_port()}/mcp"
+    before = proxy_config(
+        url, {"acme": f"http://127.0.0.1:{hung_port}/mcp", "globex": upstreams["globex"]}, tmp_path, rsa_keys,
+        reload={"watch_files": False},
+    )  # fmt: skip
+    path = tmp_path / "proxy.yaml"
+    write_config(path, before)
+    runner, _ = await start_server(load_config(path, env={**os.environ, DEV_SECRET_ENV: DEV_SECRET}))
+    running = RunningProxy(url, None, runner.app)
+    try:
+        hello = {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"},
+        }
+        init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": hello}
+        status, headers, _ = await running.post(init, token=running.token("acme"))
+        assert status == 200 and "Mcp-Session-Id" in headers
+        after = json.loads(json.dumps(before))
+        after["tenants"]["acme"]["upstream"]["url"] = upstreams["acme"].url
+        write_config(path, after)
+        assert await asyncio.wait_for(reload_config(runner.app), 2)
+        assert (await asyncio.wait_for(call(running, "globex"), 2))[0] == 200
+        assert (await asyncio.wait_for(call(running, "acme"), 2))[0] == 200  # on its new upstream
+        for _ in range(20):
+            if deletes:
+                break
+            await asyncio.sleep(0.05)
+        assert deletes == ["hung-upstream-session"]  # the old session was still ended upstream
+    finally:
+        await runner.cleanup()
+        await hung_runner.cleanup()
+
+
 async def test_an_invalid_reload_keeps_the_old_config_serving(
     upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

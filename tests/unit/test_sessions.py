@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -287,3 +288,34 @@ async def test_a_busy_session_is_never_idle() -> None:
     session.busy = 0
     time.sleep(0.08)
     assert await reg.expired() == [session]
+
+
+async def test_removing_a_session_ends_its_open_get_stream() -> None:
+    import asyncio
+
+    from proxy.transport import _until
+
+    reg = registry()
+    session = await new(reg)
+    session.ended = asyncio.Event()  # as relay_get sets it up
+    shutdown = asyncio.Event()
+    upstream_events: asyncio.Queue[str] = asyncio.Queue()
+
+    async def events() -> Any:
+        while True:
+            yield await upstream_events.get()
+
+    seen: list[str] = []
+
+    async def relay() -> None:
+        async for item in _until(events(), shutdown, session.ended):  # type: ignore[arg-type]
+            seen.append(item)
+
+    task = asyncio.create_task(relay())
+    upstream_events.put_nowait("one")
+    await asyncio.sleep(0.05)
+    await reg.remove(session)  # DELETE, expiry, or a reload that dropped the tenant's sessions
+    await asyncio.wait_for(task, 1)  # the stream ended although the upstream never did
+    upstream_events.put_nowait("two")
+    assert seen == ["one"]
+    assert not shutdown.is_set()
