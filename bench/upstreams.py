@@ -128,6 +128,13 @@ async def run_static(port: int) -> None:
         await stream.write_eof()
         return stream
 
+    await _serve(handle, port)
+
+
+async def _serve(handle: Any, port: int) -> None:
+    """aiohttp's low-level server on loopback (no routing, no access log) until killed."""
+    from aiohttp import web
+
     server = web.Server(handle, access_log=None)
     loop = asyncio.get_running_loop()
     listener = await loop.create_server(server, "127.0.0.1", port, reuse_address=True, backlog=4096)
@@ -158,12 +165,7 @@ async def run_forwarder(port: int, target: str) -> None:
             content_type = answer.headers.get("Content-Type", _JSON)
             return web.Response(status=answer.status, body=payload, headers={"Content-Type": content_type})
 
-    server = web.Server(handle, access_log=None)
-    loop = asyncio.get_running_loop()
-    listener = await loop.create_server(server, "127.0.0.1", port, reuse_address=True, backlog=4096)
-    print("ready", flush=True)
-    async with listener:
-        await listener.serve_forever()
+    await _serve(handle, port)
 
 
 def main(argv: list[str] | None = None) -> int:
