@@ -9,7 +9,6 @@ decides what that means for its concern: serve without it, or refuse.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import secrets
 import time
@@ -68,6 +67,7 @@ class RedisState:
         self._retry_at = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._deferred: list[Callable[[Any], object]] = []
+        self._on_failure: list[Callable[[], None]] = []
 
     def key(self, tenant: str, *parts: str) -> str:
         return ":".join((self.prefix, tenant, *parts))
@@ -103,26 +103,38 @@ class RedisState:
         self._retry_at = time.monotonic() + RETRY_SECONDS
         self._metrics.state_errors.labels(operation).inc()
 
-    def defer(self, fill: Callable[[Any], object]) -> None:
+    def defer(self, fill: Callable[[Any], object], on_failure: Callable[[], None] | None = None) -> None:
         """Queue writes no request waits for (a slot given back, a cache store): `fill` adds its
-        commands to a pipeline; everything queued in one event-loop turn goes in one round trip."""
+        commands to a pipeline; everything queued in one event-loop turn goes in one round trip.
+        `on_failure` runs if that round trip fails (a write that must not be lost can be owed)."""
         self._deferred.append(fill)
+        if on_failure is not None:
+            self._on_failure.append(on_failure)
         if len(self._deferred) == 1:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         fills, self._deferred = self._deferred, []
+        failures, self._on_failure = self._on_failure, []
         pipeline = self.client.pipeline(transaction=False)
         for fill in fills:
             fill(pipeline)
-        self.spawn("write_batch", pipeline.execute())
+        self.spawn("write_batch", pipeline.execute(), failures)
 
-    def spawn(self, operation: str, coroutine: Coroutine[Any, Any, Any]) -> None:
+    def spawn(
+        self,
+        operation: str,
+        coroutine: Coroutine[Any, Any, Any],
+        on_failure: list[Callable[[], None]] | None = None,
+    ) -> None:
         """Run a write the request need not wait for (a cache store, an audit batch)."""
 
         async def run() -> None:
-            with contextlib.suppress(StateUnavailable):  # counted and logged by call()
+            try:
                 await self.call(operation, coroutine)
+            except StateUnavailable:  # counted and logged by call()
+                for failed in on_failure or ():
+                    failed()
 
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)

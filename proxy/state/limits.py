@@ -19,8 +19,10 @@ from proxy.limits import Admission, Limiter
 from proxy.state.client import RedisState, StateUnavailable
 
 STALE_SECONDS = 600
+MAX_OWED_SLOTS = 1024  # per tenant
 
 _ADMIT = """
+for i = 6, #ARGV do redis.call('ZREM', KEYS[2], ARGV[i]) end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local rate = tonumber(ARGV[1])
@@ -58,6 +60,9 @@ class RedisLimiter(Limiter):
         super().__init__()
         self.state = state
         self._admit = state.client.register_script(_ADMIT)
+        # Slots whose release did not reach Redis (it stalled): given back with the tenant's next
+        # admission, so a stall cannot hold a tenant's concurrency for STALE_SECONDS.
+        self._owed: dict[str, set[str]] = {}
 
     async def admit(self, tenant: str, settings: LimitsConfig) -> Admission:
         limits = self.of(tenant, settings)
@@ -67,11 +72,12 @@ class RedisLimiter(Limiter):
         slot = secrets.token_hex(8) if most else None
         capacity = settings.burst or max(1, math.ceil(rate))
         keys = [self.state.key(tenant, "ratelimit"), self.state.key(tenant, "inflight")]
+        owed = self._owed.pop(tenant, set())
+        args = [rate, capacity, most, slot or "", STALE_SECONDS, *sorted(owed)]
         try:
-            verdict, wait = await self.state.call(
-                "limit_admit", self._admit(keys=keys, args=[rate, capacity, most, slot or "", STALE_SECONDS])
-            )
+            verdict, wait = await self.state.call("limit_admit", self._admit(keys=keys, args=args))
         except StateUnavailable:
+            self._owe(tenant, owed)
             return await super().admit(tenant, settings)  # this replica's own counters meanwhile
         if verdict == 1:
             raise TooManyRequests(
@@ -91,5 +97,14 @@ class RedisLimiter(Limiter):
         super().release(tenant, admission)
         if admission.shared_slot is not None:
             inflight, slot = self.state.key(tenant, "inflight"), admission.shared_slot
-            self.state.defer(lambda pipeline: pipeline.zrem(inflight, slot))
+            self.state.defer(
+                lambda pipeline: pipeline.zrem(inflight, slot), lambda: self._owe(tenant, {slot})
+            )
             admission.shared_slot = None
+
+    def _owe(self, tenant: str, slots: set[str]) -> None:
+        if slots:
+            owed = self._owed.setdefault(tenant, set())
+            owed.update(slots)
+            while len(owed) > MAX_OWED_SLOTS:  # bounded: beyond it, STALE_SECONDS frees them
+                owed.pop()

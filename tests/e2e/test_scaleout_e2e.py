@@ -604,3 +604,49 @@ async def test_shared_sessions_expire_in_redis_cap_across_replicas_and_local_vie
     finally:
         for state in states:
             await state.close()
+
+
+async def test_a_slot_whose_release_missed_redis_is_given_back_with_the_next_admission(
+    redis_server: RedisServer,
+) -> None:
+    """Redis stalls as requests finish: their slots are owed, not held for STALE_SECONDS."""
+    from proxy.config import LimitsConfig, StateConfig
+    from proxy.errors import TooManyRequests
+    from proxy.metrics import Metrics
+    from proxy.state.client import RedisState
+    from proxy.state.limits import RedisLimiter
+
+    config = StateConfig(backend="redis", url=redis_server.url, key_prefix=f"t{secrets.token_hex(4)}")
+    state = RedisState(config, Metrics(), "test")
+    limiter = RedisLimiter(state)
+    limits = LimitsConfig(max_concurrent=2)
+    inflight = state.key("acme", "inflight")
+    try:
+        held = [await limiter.admit("acme", limits) for _ in range(2)]
+        with pytest.raises(TooManyRequests):
+            await limiter.admit("acme", limits)
+        real_pipeline = state.client.pipeline
+
+        def failing_pipeline(*args: Any, **kwargs: Any) -> Any:
+            pipeline = real_pipeline(*args, **kwargs)
+
+            async def stalled() -> None:
+                raise redis_asyncio.ConnectionError("stalled")
+
+            pipeline.execute = stalled
+            return pipeline
+
+        state.client.pipeline = failing_pipeline  # type: ignore[method-assign]
+        for admission in held:
+            limiter.release("acme", admission)
+        await asyncio.sleep(0.1)  # the deferred release went out, and failed
+        state.client.pipeline = real_pipeline  # type: ignore[method-assign]
+        await asyncio.sleep(1.1)  # RETRY_SECONDS: Redis is tried again
+        assert await state.client.zcard(inflight) == 2  # Redis still counts both
+        again = await limiter.admit("acme", limits)  # ... until this admission gives them back
+        assert await state.client.zcard(inflight) == 1
+        limiter.release("acme", again)
+        await asyncio.sleep(0.1)
+        assert await state.client.zcard(inflight) == 0
+    finally:
+        await state.close()
