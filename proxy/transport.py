@@ -266,6 +266,14 @@ async def _relay_initialize(exchange: Exchange, response: UpstreamResponse) -> w
         await _abandon_upstream_session(exchange, response)
         raise
     exchange.session_reservation = None
+    now = exchange.request.app[RUNTIME].current.tenants.get(exchange.ctx.tenant)
+    if now is None or now.upstream is not exchange.tenant.upstream:
+        # A reload moved (or removed) the tenant while this initialize was on its way: the session
+        # would hold the old upstream's session id. End both sides; the client initializes again.
+        await exchange.services.sessions.remove(exchange.session)
+        exchange.session = None
+        await _abandon_upstream_session(exchange, response)
+        raise UpstreamError("The tenant's upstream changed while the session was created; initialize again")
     out = messages.process(answer)  # settles the version the server chose
     assert out is not None
     return web.Response(

@@ -390,6 +390,73 @@ async def test_a_hung_old_upstream_does_not_hold_up_a_reload(
         await hung_runner.cleanup()
 
 
+async def test_an_initialize_in_flight_across_a_reload_that_moves_the_tenant_leaves_no_session(
+    upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any
+) -> None:
+    """The session would hold the old upstream's session id and send it to the new upstream."""
+    from aiohttp import web
+
+    answer_now = asyncio.Event()
+    deletes: list[str] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if request.method == "DELETE":
+            deletes.append(request.headers.get("Mcp-Session-Id", ""))
+            return web.Response(status=200)
+        body = await request.json()
+        await answer_now.wait()
+        result = {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "serverInfo": {"name": "s", "version": "1"},
+        }
+        return web.json_response(
+            {"jsonrpc": "2.0", "id": body["id"], "result": result},
+            headers={"Mcp-Session-Id": "old-upstream-session"},
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/mcp", handle)
+    slow_runner = web.AppRunner(app, shutdown_timeout=0.2)
+    await slow_runner.setup()
+    slow_port = free_port()
+    await web.TCPSite(slow_runner, "127.0.0.1", slow_port).start()
+    url = f"http://127.0.0.1:{free_port()}/mcp"
+    before = proxy_config(
+        url, {"acme": f"http://127.0.0.1:{slow_port}/mcp", "globex": upstreams["globex"]}, tmp_path, rsa_keys,
+        reload={"watch_files": False},
+    )  # fmt: skip
+    path = tmp_path / "proxy.yaml"
+    write_config(path, before)
+    runner, _ = await start_server(load_config(path, env={**os.environ, DEV_SECRET_ENV: DEV_SECRET}))
+    running = RunningProxy(url, None, runner.app)
+    try:
+        hello = {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"},
+        }
+        init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": hello}
+        pending = asyncio.create_task(running.post(init, token=running.token("acme")))
+        await asyncio.sleep(0.2)
+        after = json.loads(json.dumps(before))
+        after["tenants"]["acme"]["upstream"]["url"] = upstreams["acme"].url
+        write_config(path, after)
+        assert await reload_config(runner.app)
+        answer_now.set()
+        status, headers, raw = await pending
+        assert status == 502
+        assert "Mcp-Session-Id" not in headers
+        assert "initialize again" in json.loads(raw)["error"]["message"]
+        assert len(runner.app[SERVICES].sessions) == 0
+        assert deletes == ["old-upstream-session"]  # the old upstream's side was ended too
+        status, headers, _ = await running.post(init, token=running.token("acme"))
+        assert status == 200 and "Mcp-Session-Id" in headers  # on the new upstream
+    finally:
+        await runner.cleanup()
+        await slow_runner.cleanup()
+
+
 async def test_an_invalid_reload_keeps_the_old_config_serving(
     upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
