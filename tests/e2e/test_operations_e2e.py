@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -280,23 +282,94 @@ async def test_reload_under_load_misroutes_nothing_and_drops_nothing(
     assert results["initech"][0][0] == 403  # unknown before the reload
 
 
+HANDSHAKE_INIT = {
+    "jsonrpc": "2.0",
+    "id": 0,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"},
+    },
+}
+
+
+@contextlib.asynccontextmanager
+async def session_upstream(
+    session_id: str, *, hang_on_delete: bool = False, hold: asyncio.Event | None = None
+) -> AsyncIterator[tuple[str, list[str]]]:
+    """A scripted handshake-era upstream: initialize answers with `session_id` (after `hold` is
+    set, if given), DELETE is recorded (and hangs, if asked). Yields its URL and the DELETEs."""
+    from aiohttp import web
+
+    deletes: list[str] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if request.method == "DELETE":
+            deletes.append(request.headers.get("Mcp-Session-Id", ""))
+            if hang_on_delete:
+                await asyncio.sleep(60)  # far beyond any test
+            return web.Response(status=200)
+        body = await request.json()
+        if "id" not in body:
+            return web.Response(status=202)
+        if hold is not None:
+            await hold.wait()
+        result = {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "serverInfo": {"name": "s", "version": "1"},
+        }
+        return web.json_response(
+            {"jsonrpc": "2.0", "id": body["id"], "result": result}, headers={"Mcp-Session-Id": session_id}
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/mcp", handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.2)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}/mcp", deletes
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def reloadable_proxy(
+    upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any, **overrides: Any
+) -> AsyncIterator[tuple[RunningProxy, dict[str, Any], Path]]:
+    """A proxy started from a config file (no file watch), its config data and the file."""
+    url = f"http://127.0.0.1:{free_port()}/mcp"
+    data = proxy_config(url, upstreams, tmp_path, rsa_keys, reload={"watch_files": False}, **overrides)
+    path = tmp_path / "proxy.yaml"
+    write_config(path, data)
+    runner, _ = await start_server(load_config(path, env={**os.environ, DEV_SECRET_ENV: DEV_SECRET}))
+    try:
+        yield RunningProxy(url, None, runner.app), data, path
+    finally:
+        await runner.cleanup()
+
+
+async def reload_with(
+    running: RunningProxy, data: dict[str, Any], path: Path, acme_upstream: dict[str, Any]
+) -> bool:
+    """Reload with acme's upstream keys changed as given."""
+    after = json.loads(json.dumps(data))
+    after["tenants"]["acme"]["upstream"].update(acme_upstream)
+    write_config(path, after)
+    return await asyncio.wait_for(reload_config(running.app), 2)
+
+
 async def test_a_result_fetched_under_the_old_config_never_serves_the_new_one(
     upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any
 ) -> None:
     """A cached call in flight across a reload that rotates the tenant's upstream credential: a
     call after the reload neither joins it nor later gets its result from the cache."""
-    url = f"http://127.0.0.1:{free_port()}/mcp"
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "cached.yaml").write_text(yaml.safe_dump({"tools": {"cache_ttl_seconds": {"countdown": 60}}}))
-    before = proxy_config(url, upstreams, tmp_path, rsa_keys, reload={"watch_files": False})
-    before["policies_dir"] = str(policies)
-    before["cache"] = {"max_bytes": 1 << 20}
-    before["tenants"]["acme"]["policy"] = "cached"
-    path = tmp_path / "proxy.yaml"
-    write_config(path, before)
-    runner, _ = await start_server(load_config(path, env={**os.environ, DEV_SECRET_ENV: DEV_SECRET}))
-    running = RunningProxy(url, None, runner.app)
     arguments = {"n": 3, "delay": 0.2}
 
     def countdowns() -> list[str]:
@@ -306,22 +379,22 @@ async def test_a_result_fetched_under_the_old_config_never_serves_the_new_one(
             if '"name":"countdown"' in r.text.replace(" ", "")
         ]
 
-    try:
+    async with reloadable_proxy(
+        upstreams, tmp_path, rsa_keys, policies_dir=str(policies), cache={"max_bytes": 1 << 20}
+    ) as (running, data, path):
+        data["tenants"]["acme"]["policy"] = "cached"
+        write_config(path, data)
+        assert await asyncio.wait_for(reload_config(running.app), 2)
         old_call = asyncio.create_task(call(running, "acme", "countdown", arguments))
         await asyncio.sleep(0.2)
         assert countdowns() == ["Bearer upstream-secret-acme"]
-        after = json.loads(json.dumps(before))
-        after["tenants"]["acme"]["upstream"]["headers"] = {"Authorization": "Bearer rotated-secret"}
-        write_config(path, after)
-        assert await reload_config(runner.app)
+        assert await reload_with(running, data, path, {"headers": {"Authorization": "Bearer rotated-secret"}})
         new_call = await call(running, "acme", "countdown", arguments)  # the old one is still running
         assert new_call[0] == 200
         assert (await old_call)[0] == 200
         assert countdowns() == ["Bearer upstream-secret-acme", "Bearer rotated-secret"]
         assert (await call(running, "acme", "countdown", arguments))[0] == 200
         assert len(countdowns()) == 2  # served from the cache, stored under the new config
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_hung_old_upstream_does_not_hold_up_a_reload(
@@ -329,55 +402,15 @@ async def test_a_hung_old_upstream_does_not_hold_up_a_reload(
 ) -> None:
     """The sessions of a tenant moved to a new upstream end upstream in the background: an old
     upstream that never answers the DELETE delays neither the reload nor anyone's requests."""
-    from aiohttp import web
-
-    deletes: list[str] = []
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        if request.method == "DELETE":
-            deletes.append(request.headers.get("Mcp-Session-Id", ""))
-            await asyncio.sleep(60)  # hangs far beyond the test
-        body = await request.json()
-        if "id" not in body:
-            return web.Response(status=202)
-        result = {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {},
-            "serverInfo": {"name": "h", "version": "1"},
-        }
-        return web.json_response(
-            {"jsonrpc": "2.0", "id": body["id"], "result": result},
-            headers={"Mcp-Session-Id": "hung-upstream-session"},
-        )
-
-    app = web.Application()
-    app.router.add_route("*", "/mcp", handle)
-    hung_runner = web.AppRunner(app, shutdown_timeout=0.2)
-    await hung_runner.setup()
-    hung_port = free_port()
-    await web.TCPSite(hung_runner, "127.0.0.1", hung_port).start()
-    url = f"http://127.0.0.1:{free_port()}/mcp"
-    before = proxy_config(
-        url, {"acme": f"http://127.0.0.1:{hung_port}/mcp", "globex": upstreams["globex"]}, tmp_path, rsa_keys,
-        reload={"watch_files": False},
-    )  # fmt: skip
-    path = tmp_path / "proxy.yaml"
-    write_config(path, before)
-    runner, _ = await start_server(load_config(path, env={**os.environ, DEV_SECRET_ENV: DEV_SECRET}))
-    running = RunningProxy(url, None, runner.app)
-    try:
-        hello = {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {},
-            "clientInfo": {"name": "t", "version": "1"},
-        }
-        init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": hello}
-        status, headers, _ = await running.post(init, token=running.token("acme"))
+    async with (
+        session_upstream("hung-upstream-session", hang_on_delete=True) as (hung, deletes),
+        reloadable_proxy({"acme": hung, "globex": upstreams["globex"]}, tmp_path, rsa_keys) as (
+            running, data, path,
+        ),
+    ):  # fmt: skip
+        status, headers, _ = await running.post(HANDSHAKE_INIT, token=running.token("acme"))
         assert status == 200 and "Mcp-Session-Id" in headers
-        after = json.loads(json.dumps(before))
-        after["tenants"]["acme"]["upstream"]["url"] = upstreams["acme"].url
-        write_config(path, after)
-        assert await asyncio.wait_for(reload_config(runner.app), 2)
+        assert await reload_with(running, data, path, {"url": upstreams["acme"].url})
         assert (await asyncio.wait_for(call(running, "globex"), 2))[0] == 200
         assert (await asyncio.wait_for(call(running, "acme"), 2))[0] == 200  # on its new upstream
         for _ in range(20):
@@ -385,76 +418,31 @@ async def test_a_hung_old_upstream_does_not_hold_up_a_reload(
                 break
             await asyncio.sleep(0.05)
         assert deletes == ["hung-upstream-session"]  # the old session was still ended upstream
-    finally:
-        await runner.cleanup()
-        await hung_runner.cleanup()
 
 
 async def test_an_initialize_in_flight_across_a_reload_that_moves_the_tenant_leaves_no_session(
     upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any
 ) -> None:
     """The session would hold the old upstream's session id and send it to the new upstream."""
-    from aiohttp import web
-
     answer_now = asyncio.Event()
-    deletes: list[str] = []
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        if request.method == "DELETE":
-            deletes.append(request.headers.get("Mcp-Session-Id", ""))
-            return web.Response(status=200)
-        body = await request.json()
-        await answer_now.wait()
-        result = {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {},
-            "serverInfo": {"name": "s", "version": "1"},
-        }
-        return web.json_response(
-            {"jsonrpc": "2.0", "id": body["id"], "result": result},
-            headers={"Mcp-Session-Id": "old-upstream-session"},
-        )
-
-    app = web.Application()
-    app.router.add_route("*", "/mcp", handle)
-    slow_runner = web.AppRunner(app, shutdown_timeout=0.2)
-    await slow_runner.setup()
-    slow_port = free_port()
-    await web.TCPSite(slow_runner, "127.0.0.1", slow_port).start()
-    url = f"http://127.0.0.1:{free_port()}/mcp"
-    before = proxy_config(
-        url, {"acme": f"http://127.0.0.1:{slow_port}/mcp", "globex": upstreams["globex"]}, tmp_path, rsa_keys,
-        reload={"watch_files": False},
-    )  # fmt: skip
-    path = tmp_path / "proxy.yaml"
-    write_config(path, before)
-    runner, _ = await start_server(load_config(path, env={**os.environ, DEV_SECRET_ENV: DEV_SECRET}))
-    running = RunningProxy(url, None, runner.app)
-    try:
-        hello = {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {},
-            "clientInfo": {"name": "t", "version": "1"},
-        }
-        init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": hello}
-        pending = asyncio.create_task(running.post(init, token=running.token("acme")))
+    async with (
+        session_upstream("old-upstream-session", hold=answer_now) as (slow, deletes),
+        reloadable_proxy({"acme": slow, "globex": upstreams["globex"]}, tmp_path, rsa_keys) as (
+            running, data, path,
+        ),
+    ):  # fmt: skip
+        pending = asyncio.create_task(running.post(HANDSHAKE_INIT, token=running.token("acme")))
         await asyncio.sleep(0.2)
-        after = json.loads(json.dumps(before))
-        after["tenants"]["acme"]["upstream"]["url"] = upstreams["acme"].url
-        write_config(path, after)
-        assert await reload_config(runner.app)
+        assert await reload_with(running, data, path, {"url": upstreams["acme"].url})
         answer_now.set()
         status, headers, raw = await pending
         assert status == 502
         assert "Mcp-Session-Id" not in headers
         assert "initialize again" in json.loads(raw)["error"]["message"]
-        assert len(runner.app[SERVICES].sessions) == 0
+        assert len(running.app[SERVICES].sessions) == 0
         assert deletes == ["old-upstream-session"]  # the old upstream's side was ended too
-        status, headers, _ = await running.post(init, token=running.token("acme"))
+        status, headers, _ = await running.post(HANDSHAKE_INIT, token=running.token("acme"))
         assert status == 200 and "Mcp-Session-Id" in headers  # on the new upstream
-    finally:
-        await runner.cleanup()
-        await slow_runner.cleanup()
 
 
 async def test_an_invalid_reload_keeps_the_old_config_serving(
