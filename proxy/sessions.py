@@ -44,6 +44,17 @@ class Session:
     busy: int = 0  # requests in flight: a session answering one is never idle
     ended: asyncio.Event | None = None  # set when the session is removed: its GET stream ends too
 
+    @classmethod
+    def issue(cls, ctx: TenantContext, protocol_version: str, upstream_session_id: str | None) -> Session:
+        """A new session of the caller's, under a fresh proxy id (192 random bits)."""
+        return cls(
+            id=secrets.token_urlsafe(24),
+            tenant=ctx.tenant,
+            subject=ctx.subject,
+            protocol_version=protocol_version,
+            upstream_session_id=upstream_session_id,
+        )
+
     def idle_for(self, now: float) -> float:
         """Seconds since the session last did anything; 0 while it is busy or streaming."""
         if self.busy or self.get_stream_open:
@@ -133,13 +144,7 @@ class SessionRegistry:
             self._reserved.pop(tenant, None)
 
     def _new(self, ctx: TenantContext, protocol_version: str, upstream_session_id: str | None) -> Session:
-        session = Session(
-            id=secrets.token_urlsafe(24),
-            tenant=ctx.tenant,
-            subject=ctx.subject,
-            protocol_version=protocol_version,
-            upstream_session_id=upstream_session_id,
-        )
+        session = Session.issue(ctx, protocol_version, upstream_session_id)
         self._keep(session)
         return session
 

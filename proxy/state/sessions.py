@@ -89,13 +89,7 @@ class RedisSessionRegistry(SessionRegistry):
     async def create(
         self, ctx: TenantContext, protocol_version: str, upstream_session_id: str | None, reservation: str
     ) -> Session:
-        session = Session(
-            id=secrets.token_urlsafe(24),
-            tenant=ctx.tenant,
-            subject=ctx.subject,
-            protocol_version=protocol_version,
-            upstream_session_id=upstream_session_id,
-        )
+        session = Session.issue(ctx, protocol_version, upstream_session_id)
         record, live, _ = self._keys(ctx.tenant, session.id)
         pipeline = self.state.client.pipeline(transaction=True)
         pipeline.hset(
