@@ -957,19 +957,7 @@ def s1_modern(h: Harness) -> tuple[list[Row], dict[str, Any]]:
     proxied = modern_call("proxy-call", px.url, "lookup", {"key": "k1"}, px.token("acme"))
     _check_tenant_filled(direct.probe(), "acme")
     _check_tenant_filled(proxied.probe(), "acme")
-    layout = h.pin({up.proc: SUT_CORE, px.proc: GEN_CORE})
-    m = {
-        "layout": {**layout, "generator": GEN_CORE if h.settings.pin else None},
-        "direct_c1": h.load(direct, 1, {"upstream": up.proc}),
-        "proxy_c1": h.load(proxied, 1, {"upstream": up.proc, "proxy": px.proc}),
-        "direct_c16": h.load(direct, 16, {"upstream": up.proc}),
-        "proxy_c16": h.load(proxied, 16, {"upstream": up.proc, "proxy": px.proc}),
-    }
-    rows = _latency_rows("1 modern", "tools/call", m["direct_c1"], m["proxy_c1"], targets=True)
-    rows.append(
-        _throughput_row("1 modern", "tools/call throughput, c=16", m["direct_c16"], m["proxy_c16"], 0.95)
-    )
-    rows.append(_cost_row("1 modern", "proxy CPU per request, c=16", m["proxy_c16"]))
+    rows, m = _against_targets(h, "1 modern", up, px, (direct, proxied), (direct, proxied))
     if h.settings.profile:
         m["profile"] = h.profile(px, proxied, 16, "s1_modern_c16")
         m["profile_c1"] = h.profile(px, proxied, 1, "s1_modern_c1")
@@ -989,20 +977,33 @@ def s2_handshake(h: Harness) -> tuple[list[Row], dict[str, Any]]:
     proxied = handshake_call("proxy-call", px.url, "lookup", {"key": "k1"}, proxy_sessions, token)
     _check_tenant_filled(direct.probe(), "acme")
     _check_tenant_filled(proxied.probe(), "acme")
+    single = (_single(direct), _single(proxied))  # c=1: one session
+    return _against_targets(h, "2 handshake", up, px, single, (direct, proxied))
+
+
+def _against_targets(
+    h: Harness,
+    scenario: str,
+    up: Upstream,
+    px: Proxy,
+    at_c1: tuple[Target, Target],
+    at_c16: tuple[Target, Target],
+) -> tuple[list[Row], dict[str, Any]]:
+    """Scenarios 1 and 2: (direct, proxied) tools/call at c=1 and c=16 against the issue's targets;
+    the SDK upstream has a core to itself, the proxy shares the generator's."""
     layout = h.pin({up.proc: SUT_CORE, px.proc: GEN_CORE})
-    one = {"direct": _single(direct), "proxy": _single(proxied)}
-    m = {
+    m: dict[str, Any] = {
         "layout": {**layout, "generator": GEN_CORE if h.settings.pin else None},
-        "direct_c1": h.load(one["direct"], 1, {"upstream": up.proc}),
-        "proxy_c1": h.load(one["proxy"], 1, {"upstream": up.proc, "proxy": px.proc}),
-        "direct_c16": h.load(direct, 16, {"upstream": up.proc}),
-        "proxy_c16": h.load(proxied, 16, {"upstream": up.proc, "proxy": px.proc}),
+        "direct_c1": h.load(at_c1[0], 1, {"upstream": up.proc}),
+        "proxy_c1": h.load(at_c1[1], 1, {"upstream": up.proc, "proxy": px.proc}),
+        "direct_c16": h.load(at_c16[0], 16, {"upstream": up.proc}),
+        "proxy_c16": h.load(at_c16[1], 16, {"upstream": up.proc, "proxy": px.proc}),
     }
-    rows = _latency_rows("2 handshake", "tools/call", m["direct_c1"], m["proxy_c1"], targets=True)
+    rows = _latency_rows(scenario, "tools/call", m["direct_c1"], m["proxy_c1"], targets=True)
     rows.append(
-        _throughput_row("2 handshake", "tools/call throughput, c=16", m["direct_c16"], m["proxy_c16"], 0.95)
+        _throughput_row(scenario, "tools/call throughput, c=16", m["direct_c16"], m["proxy_c16"], 0.95)
     )
-    rows.append(_cost_row("2 handshake", "proxy CPU per request, c=16", m["proxy_c16"]))
+    rows.append(_cost_row(scenario, "proxy CPU per request, c=16", m["proxy_c16"]))
     return rows, m
 
 
