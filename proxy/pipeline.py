@@ -293,7 +293,7 @@ async def lookup_cache(exchange: Exchange) -> None:
     plan = plan_for(
         ctx.tenant,
         ctx.subject,
-        f"{tenant.upstream.identity}#{tenant.cache_scope}",
+        tenant.cache_identity,
         exchange.protocol_version or "",
         exchange.era is Era.MODERN,
         message.method or "",

@@ -39,10 +39,11 @@ class TenantRuntime:
     catalog: Catalog
     policy: Policy | None
     limits: LimitsConfig
-    # Names this tenant's upstream config and policy in every cache key: a result fetched under an
-    # older config (a request in flight across a reload, an entry a failed invalidation left) is
-    # never found by requests on a newer one. Deterministic, so replicas sharing Redis agree.
-    cache_scope: str = ""
+    # The upstream as cache keys name it: its identity and a digest of the tenant's upstream config
+    # and policy, so a result fetched under an older config (a request in flight across a reload,
+    # an entry a failed invalidation left) is never found by requests on a newer one.
+    # Deterministic, so replicas sharing Redis agree.
+    cache_identity: str = ""
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -137,8 +138,9 @@ class Runtime:
             ]
             scope = hashlib.sha256(json.dumps(scope_of, sort_keys=True).encode()).hexdigest()[:16]
             tenants[tenant_id] = TenantRuntime(
-                tenant_id, tenant_config, upstream, catalog, policy, config.limits_for(tenant_id), scope
-            )
+                tenant_id, tenant_config, upstream, catalog, policy, config.limits_for(tenant_id),
+                f"{upstream.identity}#{scope}",
+            )  # fmt: skip
         return cls(config, authenticator, tenants, OriginPolicy.from_config(config), _metrics_token(config))
 
     def upstreams_not_in(self, other: Runtime) -> list[Upstream]:
