@@ -75,7 +75,7 @@ async def protected_resource_metadata(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     token = request.app[RUNTIME].current.metrics_token
     if token is not None:
-        sent = request.headers.get("Authorization", "").encode()
+        sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(sent, b"Bearer " + token):
             return web.Response(
                 status=401,

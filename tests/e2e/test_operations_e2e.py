@@ -109,6 +109,16 @@ async def test_metrics_with_a_bearer_token_answer_only_that_token(
     async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as response:
         assert response.status == 200
         assert 'tenant="globex"' in await response.text()
+    # A header that is not UTF-8 is refused like any wrong token, not a 500.
+    port = running.config.listen.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n"
+    )
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    assert status_line.split()[1] == b"401"
 
 
 def test_a_metrics_token_variable_that_is_unset_or_short_is_a_config_error(
