@@ -278,6 +278,12 @@ class Authenticator:
         subject = _claim_at(claims, issuer.subject_claim)
         if not isinstance(subject, str) or not subject:
             raise self._unauthenticated(f"the token has no {issuer.subject_claim!r} claim", True)
+        try:
+            subject.encode("utf-8")  # a JSON \ud800 escape decodes to a lone surrogate: not text
+        except UnicodeEncodeError:
+            raise self._unauthenticated(
+                f"the token's {issuer.subject_claim!r} claim is not valid text", True
+            ) from None
         tenant = _claim_at(claims, issuer.tenant_claim)
         if not isinstance(tenant, str) or tenant not in self._tenants:
             raise Forbidden("Forbidden: the token does not name a tenant served by this proxy")

@@ -750,3 +750,14 @@ def test_mint_token_refuses_a_secret_the_proxy_would_refuse() -> None:
     config = make_config()
     with pytest.raises(ValueError, match="at least 32 bytes"):
         mint_token(config, "dev", "acme", "alice", env={DEV_SECRET_ENV: "short"})
+
+
+async def test_a_subject_that_is_not_valid_text_is_401_not_a_crash_later() -> None:
+    # A JSON "\ud800" escape decodes to a lone surrogate, which no session key, Redis record or
+    # audit line could hold: refused where the token is checked.
+    auth = Authenticator(make_config(), env=ENV)
+    now_s = int(time.time())
+    claims = {"iss": "dev", "aud": RESOURCE, "sub": "ali\ud800ce", "tenant": "acme", "exp": now_s + 60}
+    token = forge_hs256({"alg": "HS256", "typ": "JWT"}, claims, DEV_SECRET.encode())
+    with pytest.raises(Unauthenticated, match="not valid text"):
+        await auth.authenticate(bearer(token))
