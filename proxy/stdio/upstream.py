@@ -317,6 +317,14 @@ class StdioResponse:
             self._on_close = None
 
 
+def _answered(request_id: Any, result: Any, session_id: str | None = None) -> StdioResponse:
+    """An answer the proxy gives itself, shaped like one from the child."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    queue.put_nowait({"jsonrpc": "2.0", "id": request_id, "result": result})
+    queue.put_nowait(_END)
+    return StdioResponse(200, queue, session_id)
+
+
 class StdioUpstream:
     """The Upstream protocol over stdio children that belong to one tenant."""
 
@@ -409,10 +417,7 @@ class StdioUpstream:
             if not subscribers:
                 del connection.subscribers[uri]
                 return None  # the last one out: the child unsubscribes
-        queue: asyncio.Queue[Any] = asyncio.Queue()  # the child is subscribed already, and stays so
-        queue.put_nowait({"jsonrpc": "2.0", "id": message["id"], "result": {}})
-        queue.put_nowait(_END)
-        return StdioResponse(200, queue)
+        return _answered(message["id"], {})  # the child is subscribed already, and stays so
 
     def _answer_stream(
         self, connection: Connection, pending: Pending, session_id: str | None = None
@@ -438,10 +443,7 @@ class StdioUpstream:
         session = VirtualSession(secrets.token_urlsafe(18), connection)
         connection.sessions[session.id] = session
         self._sessions[session.id] = session
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        queue.put_nowait({"jsonrpc": "2.0", "id": message.get("id"), "result": connection.initialize_result})
-        queue.put_nowait(_END)
-        return StdioResponse(200, queue, session.id)
+        return _answered(message.get("id"), connection.initialize_result, session.id)
 
     def _open_stream(self, session_id: str | None) -> StdioResponse:
         session = self._sessions.get(session_id or "")
@@ -465,8 +467,11 @@ class StdioUpstream:
         if session is None:
             return StdioResponse(404)
         session.connection.sessions.pop(session.id, None)
-        for subscribers in session.connection.subscribers.values():
-            subscribers.discard(session.id)
+        subscriptions = session.connection.subscribers
+        for uri in list(subscriptions):
+            subscriptions[uri].discard(session.id)
+            if not subscriptions[uri]:
+                del subscriptions[uri]  # (the child stays subscribed; its updates go to nobody)
         if session.dedicated:
             await session.connection.stop()
         return StdioResponse(200)
