@@ -21,8 +21,9 @@ from proxy.health import READINESS, Readiness, healthz, keep_checking, readyz
 from proxy.jsonrpc import dumps, error_body
 from proxy.metrics import CONTENT_TYPE_LATEST
 from proxy.reload import RETIRED, watch_files
+from proxy.responses import REQUEST_ID
 from proxy.runtime import Runtime, RuntimeRef, Services
-from proxy.transport import REQUEST_ID, RUNTIME, SERVICES, end_upstream_session, handle_mcp
+from proxy.transport import RUNTIME, SERVICES, end_upstream_session, handle_mcp
 
 log = structlog.get_logger("proxy.app")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -83,7 +84,9 @@ async def metrics(request: web.Request) -> web.Response:
                 content_type="application/json",
                 headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
             )
-    body = request.app[SERVICES].metrics.render()
+    services = request.app[SERVICES]
+    services.reports.run_now()  # the exchanges answered so far count
+    body = services.metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -95,7 +95,7 @@ def summarize(exchange: Exchange) -> AuditRecord | None:
     message = exchange.message
     name = message.name if message is not None else None
     return AuditRecord(
-        time.time(),
+        exchange.ended_at if exchange.ended_at is not None else time.time(),
         ctx.tenant,
         ctx.subject,
         exchange.session.audit_id if exchange.session is not None else None,
@@ -109,7 +109,7 @@ def summarize(exchange: Exchange) -> AuditRecord | None:
         exchange.error_code,
         exchange.result_bytes,
         exchange.result_sha256,
-        round((time.perf_counter() - exchange.started) * 1000, 3),
+        round(exchange.duration_seconds * 1000, 3),
     )
 
 

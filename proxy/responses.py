@@ -8,9 +8,11 @@ whether it reaches the client and in what form.
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any, Final
 
 import structlog
+from aiohttp import web
 
 from proxy.audit import bounded_method
 from proxy.cache import LIST_CHANGED
@@ -21,6 +23,7 @@ from proxy.policy.enforce import filter_answer
 from proxy.types import Era, Exchange, JsonObject, RequestId
 
 log = structlog.get_logger("proxy.requests")
+REQUEST_ID = web.RequestKey("request_id", str)  # the id on every log line of one HTTP request
 
 # Codes the MCP spec gives a meaning whose `data` a client needs (-32002/-32042: earlier versions).
 _MCP_SERVER_CODES: Final = frozenset({-32002, -32020, -32021, -32022, -32042})
@@ -163,14 +166,15 @@ def _measure(exchange: Exchange) -> None:
         ctx.tenant,
         message.method if message is not None else None,
         exchange.outcome,
-        time.perf_counter() - exchange.started,
+        exchange.duration_seconds,
         exchange.upstream_seconds if exchange.upstream_contacted else None,
         exchange.cache_state if message is not None and message.kind is MessageKind.REQUEST else None,
     )
 
 
 def finish(exchange: Exchange) -> None:
-    """Every exchange ends here, answered or refused: one structured line, never any content."""
+    """Every exchange ends here, answered or refused: what it held is given back at once; its
+    report (audit record, metrics, one structured line, never any content) follows the answer."""
     services = exchange.services
     if exchange.cache_flight is not None and services.cache is not None:
         services.cache.settle(exchange.cache_flight, None)  # followers go upstream themselves
@@ -185,11 +189,18 @@ def finish(exchange: Exchange) -> None:
         exchange.session.busy -= 1
         exchange.session.last_seen = time.monotonic()
         exchange.holds_session = False
-    services.audit.record(exchange)
+    exchange.ended = time.perf_counter()
+    exchange.ended_at = time.time()
+    services.reports.add(partial(report, exchange))
+
+
+def report(exchange: Exchange) -> None:
+    exchange.services.audit.record(exchange)
     _measure(exchange)
     message = exchange.message
     log.info(
         "mcp_request",
+        request_id=exchange.request.get(REQUEST_ID),
         http_method=exchange.request.method,
         tenant=exchange.ctx.tenant if exchange.ctx else None,
         era=exchange.era.value if exchange.era else None,
@@ -197,5 +208,5 @@ def finish(exchange: Exchange) -> None:
         outcome=exchange.outcome,
         cache=exchange.cache_state,
         error_code=exchange.error_code,
-        duration_ms=round((time.perf_counter() - exchange.started) * 1000, 3),
+        duration_ms=round(exchange.duration_seconds * 1000, 3),
     )

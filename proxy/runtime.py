@@ -12,7 +12,7 @@ import hashlib
 import ipaddress
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -24,6 +24,7 @@ from proxy.config import ConfigError, LimitsConfig, ProxyConfig, TenantConfig
 from proxy.limits import Limiter
 from proxy.metrics import Metrics
 from proxy.policy.model import Policy, load_policy
+from proxy.reports import Reports
 from proxy.request_state import RequestStateSeal
 from proxy.sessions import SessionRegistry
 from proxy.state.client import RedisState
@@ -193,6 +194,7 @@ class Services:
     limiter: Limiter
     shutting_down: asyncio.Event
     shared: RedisState | None = None
+    reports: Reports = field(default_factory=Reports)  # log lines, audit records, metrics
 
     @classmethod
     def build(cls, config: ProxyConfig) -> Services:
@@ -236,7 +238,13 @@ class Services:
             if key is not None:
                 self.request_states.rekey(key)
 
+    def flush(self) -> None:
+        """Run every pending report and wait until the audit trail holds their records."""
+        self.reports.run_now()
+        self.audit.flush()
+
     async def close(self) -> None:
+        self.reports.run_now()
         self.audit.close()
         if self.shared is not None:
             await self.shared.close()

@@ -47,7 +47,6 @@ log = structlog.get_logger("proxy.transport")
 T = TypeVar("T")
 
 RUNTIME = web.AppKey("runtime", RuntimeRef)
-REQUEST_ID = web.RequestKey("request_id", str)
 SERVICES = web.AppKey("services", Services)
 SSE_HEADERS = {
     "Content-Type": EVENT_STREAM,
@@ -141,6 +140,7 @@ async def forward_post(exchange: Exchange) -> web.StreamResponse:
         exchange.session.forward(message)
     started = time.perf_counter()
     verdict: bool | None = None  # what the circuit breaker learns; None: nothing (client gone)
+    exchange.services.reports.while_waiting()
     try:
         try:
             response = await tenant.upstream.send(UpstreamRequest("POST", headers, dumps(message.body)))

@@ -82,10 +82,16 @@ class Exchange:
     error_code: int | None = None
     result_bytes: int = 0
     result_sha256: str | None = None
+    ended: float | None = None  # perf_counter when the exchange finished (reports run after)
+    ended_at: float | None = None  # the same moment in wall-clock time, for the audit record
 
     @property
     def request_id(self) -> RequestId | None:
         return self.message.id if self.message is not None else None
+
+    @property
+    def duration_seconds(self) -> float:
+        return (self.ended if self.ended is not None else time.perf_counter()) - self.started
 
     def record_result(self, result: bytes) -> None:
         """What the audit keeps of a result: its size and hash, never its content."""

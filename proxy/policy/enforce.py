@@ -165,6 +165,7 @@ async def _answer_recent_activity(exchange: Exchange, max_records: int) -> None:
     limit = arguments.get("limit") if isinstance(arguments, dict) else None
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= max_records:
         limit = max_records
+    exchange.services.reports.run_now()  # the caller's own answered requests are all there
     records = [
         {field: record.get(field) for field in _ACTIVITY_FIELDS}
         for record in await exchange.services.audit.recent(exchange.ctx.tenant, limit)

@@ -133,6 +133,7 @@ async def test_rewrite_mode_replaces_a_foreign_tenant_and_counts_the_attempt(
         assert tenant_header == "acme"
         assert params["arguments"]["tenant_id"] == "acme"
         assert "globex" not in json.dumps(params)
+    running.app[SERVICES].reports.run_now()
     metrics = running.app[SERVICES].metrics.render().decode()
     assert re.search(r'mcp_proxy_spoof_attempts_total\{rule="tenant_arguments",tenant="acme"\} 2\.0', metrics)
 

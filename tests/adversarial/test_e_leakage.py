@@ -9,6 +9,7 @@ proxy's own log lines on stderr are one JSON object each, without values, tokens
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,7 @@ async def test_audit_files_hold_summaries_of_their_own_tenant_only(
             await client.read_resource(f"notes://{tenant}/only-{tenant}")
             with pytest.raises(MCPError):
                 await client.call_tool("list_notes", {"tenant_id": "someone-else"})
-    audited.app[SERVICES].audit.flush()
+    audited.app[SERVICES].flush()
     for tenant in TENANTS:
         other = next(t for t in TENANTS if t != tenant)
         path = tmp_path / "audit" / f"{tenant}.jsonl"
@@ -104,6 +105,36 @@ async def test_recent_activity_returns_only_the_callers_tenant(audited: RunningP
         assert any(r["name"] == f"notes://{tenant}/diary-of-{tenant}" for r in records)
         assert other not in json.dumps(records)
         assert other not in text_of(result)
+
+
+async def test_what_reports_produce_counts_every_request_answered_before_it_is_read(
+    upstreams: dict[str, Any], make_proxy: StartProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reports follow the answers; proxy_recent_activity and /metrics run pending ones first."""
+    from tests.e2e.test_transport_e2e import modern_body, modern_headers
+
+    monkeypatch.setattr("proxy.reports.REPORT_DELAY_SECONDS", 60.0)  # no timer helps within the test
+    running = await make_proxy(
+        upstreams, policies=dict.fromkeys(TENANTS, ACTIVITY_POLICY), audit={"dir": str(tmp_path / "audit")}
+    )
+    async with client_for(running.url, running.token("acme")) as client:
+        await client.call_tool("whoami", {})
+        result = await client.call_tool("proxy_recent_activity", {"limit": 10})
+    assert "whoami" in [record["name"] for record in result.structured_content["records"]]
+    # Answered by the proxy itself (no upstream wait ran the reports): the next call still sees it.
+    params = {"name": "proxy_recent_activity", "arguments": {"limit": 1}}
+    headers = modern_headers("tools/call", "proxy_recent_activity")
+    for request_id in (7, 8):
+        status, _, raw = await running.post(
+            modern_body("tools/call", params, request_id), token=running.token("acme"), headers=headers
+        )
+        assert status == 200
+    (newest,) = json.loads(raw)["result"]["structuredContent"]["records"]
+    assert newest["name"] == "proxy_recent_activity"
+    port = running.config.listen.port
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as response:
+        text = await response.text()
+    assert re.search(r'mcp_proxy_requests_total\{method="tools/call",outcome="ok",tenant="acme"\} 4\.0', text)
 
 
 async def test_recent_activity_is_off_unless_the_policy_enables_it(proxy: RunningProxy) -> None:
@@ -224,7 +255,7 @@ async def test_names_and_keys_sent_through_the_proxy_cannot_forge_audit_lines(
         status, _, raw = await running.post(body, token=token, headers=headers)
         assert status == 200
         assert answer_in(raw)["result"]["isError"] is True
-    running.app[SERVICES].audit.flush()
+    running.app[SERVICES].flush()
     assert sorted(p.name for p in audit_dir.iterdir()) == ["acme.jsonl"]  # no globex.jsonl appeared
     lines = (audit_dir / "acme.jsonl").read_text().split("\n")
     assert lines[-1] == ""
@@ -528,12 +559,13 @@ async def test_a_client_chosen_method_name_is_bounded_in_the_log_and_the_audit(
         status, _, raw = await running.post(
             {"jsonrpc": "2.0", "id": 1, "method": method}, token=token, headers=session_headers(session_id)
         )
+        running.app[SERVICES].flush()
     assert status == 200
     error = answer_in(raw)["error"]
     assert error["code"] == -32601
     assert len(error["message"]) < 200  # the answer itself is bounded
-    running.app[SERVICES].audit.flush()
-    (logged,) = [line for line in logs if line.get("event") == "mcp_request"]
+    requests = [line for line in logs if line.get("event") == "mcp_request"]
+    (logged,) = [line for line in requests if line.get("method", "").startswith("x/")]
     audit_line = (audit_dir / "acme.jsonl").read_text().splitlines()[-1]
     assert json.loads(audit_line)["method"].startswith("x/mmm")
     assert len(json.dumps(logged)) < 4096, f"a log line of {len(json.dumps(logged))} bytes"

@@ -295,6 +295,7 @@ def soak_fleet(upstream_runner: Any) -> Iterator[dict[str, Any]]:
 
 
 def metric_samples(running: RunningProxy, name: str) -> list[tuple[dict[str, str], float]]:
+    running.app[SERVICES].reports.run_now()
     text = running.app[SERVICES].metrics.render().decode()
     return [
         (sample.labels, sample.value)
@@ -410,7 +411,7 @@ async def test_fifty_tenants_under_load_with_an_upstream_killed_midway(
         if key[0] not in canaries or foreign:
             cache_leaks.append(f"{key[0]}/{key[4]}/{key[5]}: {sorted(foreign)}")
 
-    running.app[SERVICES].audit.flush()
+    running.app[SERVICES].flush()
     audit_files = sorted(p.name for p in audit_dir.iterdir())
     audit_canaries: list[str] = []
     audit_misfiled: list[str] = []

@@ -340,7 +340,7 @@ async def test_twenty_tenants_five_clients_each_nothing_crosses_nothing_leaks(
             assert "finished" not in events
 
     # The audit files: one per tenant, its own records only, and no canary (never content).
-    running.app[SERVICES].audit.flush()
+    running.app[SERVICES].flush()
     files = sorted(p.name for p in audit_dir.iterdir())
     assert files == sorted(f"{t}.jsonl" for t in FLEET)
     for t in tenants:

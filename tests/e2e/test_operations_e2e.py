@@ -185,7 +185,7 @@ async def test_a_tenant_over_its_rate_gets_429_while_another_keeps_full_service(
     assert [status for status, _ in globex] == [200] * 6
     calls = [r for r in upstreams["acme"].recorder.snapshot() if '"method":"tools/call"' in r.text]
     assert len(calls) == 2  # refused requests never reached the upstream
-    running.app[SERVICES].audit.flush()
+    running.app[SERVICES].flush()
     records = [json.loads(line) for line in (tmp_path / "audit" / "acme.jsonl").read_text().splitlines()]
     # CONTRACT.md's outcomes only: a limited request is "denied", its code says which refusal
     # (limits apply before the body is read, so the record names no method).
