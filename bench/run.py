@@ -79,6 +79,7 @@ class Settings:
     stream_events: int = 50_000
     stream_repeats: int = 3
     profile_seconds: int = 10
+    counted_requests: int = 200  # s8: requests counted under callgrind
     retries: int = 2
     quiet_patience: float = 30.0
     retry_budget: float = 120.0  # seconds a whole run may spend repeating noisy measurements
@@ -99,6 +100,7 @@ class Settings:
             settings.sessions, settings.tenant_rounds = 2_000, 1
             settings.ttfe_repeats, settings.stream_events, settings.stream_repeats = 20, 10_000, 2
             settings.profile_seconds = 5
+            settings.counted_requests = 50
             settings.retry_budget = 15.0
         return settings
 
@@ -277,9 +279,12 @@ class Harness:
 
     # --- starting things ----------------------------------------------------------------------
 
-    def start_upstream(self, kind: str, cache_hints: bool = False, target: str | None = None) -> Upstream:
+    def start_upstream(
+        self, kind: str, cache_hints: bool = False, target: str | None = None, wrap: list[str] | None = None
+    ) -> Upstream:
+        """`wrap`: a command the upstream runs under (s8: valgrind), which also gives it longer to start."""
         port = free_port()
-        argv = [PYTHON, "-m", "bench.upstreams", kind, str(port)]
+        argv = [*(wrap or []), PYTHON, "-m", "bench.upstreams", kind, str(port)]
         if target is not None:
             argv.append(target)
         if cache_hints:
@@ -287,7 +292,7 @@ class Harness:
         proc = Proc(f"{kind}-upstream", argv, self._path(f"{kind}-upstream", ".log"), self.env)
         self.procs.append(proc)
         pin(proc.pid, GEN_CORE if self.settings.pin else None)
-        wait_for_port(port, proc)
+        wait_for_port(port, proc, timeout=300 if wrap else 30)
         return Upstream(proc, f"http://127.0.0.1:{port}/mcp")
 
     def start_proxy(
@@ -298,6 +303,7 @@ class Harness:
         max_sessions: int = 1000,
         core: int = SUT_CORE,
         extra: dict[str, Any] | None = None,
+        wrap: list[str] | None = None,
     ) -> Proxy:
         work = self._path("proxy")
         (work / "policies").mkdir(parents=True)
@@ -339,6 +345,7 @@ class Harness:
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         argv = [
             *(["taskset", "-c", str(core)] if self.settings.pin else []),
+            *(wrap or []),
             PYTHON,
             "-m",
             "proxy",
@@ -351,7 +358,7 @@ class Harness:
         began = time.perf_counter()
         proc = Proc("proxy", argv, work / "proxy.log", self.env)
         self.procs.append(proc)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + (300 if wrap else 60)
         health = f"http://127.0.0.1:{port}/healthz"
         while True:
             if not proc.alive():
@@ -360,7 +367,7 @@ class Harness:
                 if http_request(health, method="GET")[0] == 200:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the proxy did not answer /healthz within 60 s:\n{proc.tail()}")
+                raise RuntimeError(f"the proxy did not answer /healthz in time:\n{proc.tail()}")
             time.sleep(0.005)
         startup = time.perf_counter() - began
         return Proxy(proc, url, config_path, work / "audit", startup)
@@ -949,6 +956,55 @@ def _check_tenant_filled(body: bytes, tenant: str) -> None:
         raise RuntimeError(f"the upstream did not see tenant_id={tenant}: {body[:300]!r}")
 
 
+IDLE_PAUSE_SECONDS = 0.001
+
+
+def _idle_penalty(h: Harness, up: Upstream, target: Target) -> tuple[list[Row], dict[str, Any]]:
+    """What the upstream alone loses when it idles between requests, as it must behind any proxy
+    at c=1: the same direct requests (one kept-alive connection, no proxy) back to back and with
+    IDLE_PAUSE_SECONDS of busy-waiting in the client between them, in alternating blocks."""
+    parts = re.match(r"http://([^:/]+):(\d+)(/.*)$", target.url)
+    assert parts is not None, target.url
+    connection = http.client.HTTPConnection(parts.group(1), int(parts.group(2)), timeout=30)
+    count = 200 if h.settings.quick else 1000
+    blocks: dict[str, list[tuple[float, float]]] = {"back_to_back": [], "paced": []}
+
+    def block(pause: float) -> tuple[float, float]:
+        latencies: list[float] = []
+        cpu_before = up.proc.cpu_seconds()
+        for request_id in range(count):
+            began = time.perf_counter()
+            connection.request("POST", parts.group(3), body=target.body(request_id), headers=target.headers)
+            connection.getresponse().read()
+            latencies.append(time.perf_counter() - began)
+            resume = time.perf_counter() + pause
+            while time.perf_counter() < resume:  # busy: only the upstream's core goes idle
+                pass
+        latencies.sort()
+        return latencies[len(latencies) // 2] * 1000, (up.proc.cpu_seconds() - cpu_before) * 1e6 / count
+
+    try:
+        block(0.0)  # warm-up
+        for _ in range(1 if h.settings.quick else 3):
+            blocks["back_to_back"].append(block(0.0))
+            blocks["paced"].append(block(IDLE_PAUSE_SECONDS))
+    finally:
+        connection.close()
+
+    def median(runs: list[tuple[float, float]], index: int) -> float:
+        return sorted(run[index] for run in runs)[len(runs) // 2]
+
+    paced, back_to_back = blocks["paced"], blocks["back_to_back"]
+    scenario, pause = "1 modern", f"{IDLE_PAUSE_SECONDS * 1000:g} ms"
+    rows = [
+        Row(scenario, f"upstream alone, p50 c=1: back to back | idle {pause} between requests",
+            median(back_to_back, 0), median(paced, 0), "ms", "added"),
+        Row(scenario, f"upstream alone, CPU per request: back to back | idle {pause} between",
+            median(back_to_back, 1), median(paced, 1), "us", "added"),
+    ]  # fmt: skip
+    return rows, {"pause_seconds": IDLE_PAUSE_SECONDS, "requests_per_block": count, "blocks": blocks}
+
+
 def s1_modern(h: Harness) -> tuple[list[Row], dict[str, Any]]:
     """tools/call, 2026-07-28 era, SDK upstream, full policy (tenant_id filled in, allow-list), no cache."""
     up = h.start_upstream("sdk")
@@ -958,6 +1014,8 @@ def s1_modern(h: Harness) -> tuple[list[Row], dict[str, Any]]:
     _check_tenant_filled(direct.probe(), "acme")
     _check_tenant_filled(proxied.probe(), "acme")
     rows, m = _against_targets(h, "1 modern", up, px, (direct, proxied), (direct, proxied))
+    idle_rows, m["idle_penalty"] = _idle_penalty(h, up, direct)
+    rows.extend(idle_rows)
     if h.settings.profile:
         m["profile"] = h.profile(px, proxied, 16, "s1_modern_c16")
         m["profile_c1"] = h.profile(px, proxied, 1, "s1_modern_c1")
@@ -1384,6 +1442,65 @@ def s7_redis(h: Harness) -> tuple[list[Row], dict[str, Any]]:
     return rows, m
 
 
+def _instructions_per_request(proc: Proc, target: Target, count: int, output: Path) -> float:
+    """Instructions `proc` (running under callgrind, instrumentation off) executes per request:
+    a warm-up, then exactly `count` requests on one kept-alive connection counted, nothing else."""
+    parts = re.match(r"http://([^:/]+):(\d+)(/.*)$", target.url)
+    assert parts is not None, target.url
+    connection = http.client.HTTPConnection(parts.group(1), int(parts.group(2)), timeout=120)
+
+    def send(first: int, how_many: int) -> None:
+        for request_id in range(first, first + how_many):
+            connection.request("POST", parts.group(3), body=target.body(request_id), headers=target.headers)
+            response = connection.getresponse()
+            if response.status != 200 or target.expect.encode() not in response.read():
+                raise RuntimeError(f"{target.name}: unexpected answer HTTP {response.status}")
+
+    try:
+        send(1, 30)
+        subprocess.run(["callgrind_control", "--instr=on", str(proc.pid)], check=True, capture_output=True)
+        send(1000, count)
+        subprocess.run(["callgrind_control", "--instr=off", str(proc.pid)], check=True, capture_output=True)
+    finally:
+        connection.close()
+    proc.popen.send_signal(signal.SIGTERM)  # callgrind writes its counts as the process exits
+    proc.popen.wait(timeout=300)
+    totals = re.search(r"^totals: (\d+)", output.read_text(errors="replace"), re.MULTILINE)
+    if totals is None:
+        raise RuntimeError(f"no callgrind totals in {output}")
+    return int(totals.group(1)) / count
+
+
+def s8_instructions(h: Harness) -> tuple[list[Row], dict[str, Any]]:
+    """Instructions per forwarded tools/call (valgrind's callgrind), the proxy with full policy and
+    the bare aiohttp forwarder, both against the static upstream. Unlike times, these counts do not
+    move with other load on the machine: the figure to compare the proxy's own cost by."""
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        skipped = Row("8 instructions", "skipped: valgrind is not installed", None, None, "", "")
+        return [skipped], {"skipped": "valgrind is not installed"}
+    up = h.start_upstream("static")
+    counts: dict[str, float] = {}
+    for name in ("forwarder", "proxy"):
+        output = h.tmp / f"callgrind-{name}.out"
+        wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={output}", "--instr-atstart=no"]
+        if name == "proxy":
+            px = h.start_proxy({"acme": up.url}, wrap=wrap)
+            proc = px.proc
+            target = modern_call("proxy-call", px.url, "lookup", {"key": "k1"}, px.token("acme"))
+        else:
+            fw = h.start_upstream("forwarder", target=up.url, wrap=wrap)
+            proc = fw.proc
+            target = modern_call("forwarder-call", fw.url, "lookup", {"tenant_id": "acme", "key": "k1"})
+        counts[name] = _instructions_per_request(proc, target, h.settings.counted_requests, output)
+    rows = [
+        Row("8 instructions", "instructions per tools/call (forwarder | proxy)", counts["forwarder"],
+            counts["proxy"], "", "ratio"),
+        Row("8 instructions", "the proxy's own instructions per tools/call", None,
+            counts["proxy"] - counts["forwarder"], "", ""),
+    ]  # fmt: skip
+    return rows, {"instructions_per_request": counts, "counted_requests": h.settings.counted_requests}
+
+
 SCENARIOS: dict[str, Scenario] = {
     "s1_modern": s1_modern,
     "s2_handshake": s2_handshake,
@@ -1393,6 +1510,7 @@ SCENARIOS: dict[str, Scenario] = {
     "s5_tenants": s5_tenants,
     "s6_sse": s6_sse,
     "s7_redis": s7_redis,
+    "s8_instructions": s8_instructions,
 }
 
 
