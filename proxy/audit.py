@@ -26,10 +26,11 @@ from collections import deque
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, TextIO
 
 import structlog
 
+from proxy.log import ascii_json
 from proxy.state.client import RedisState, StateUnavailable
 from proxy.types import Exchange, JsonObject
 
@@ -38,7 +39,6 @@ MAX_KEY_CHARS: Final = 64
 MAX_METHOD_CHARS: Final = 128  # a client-chosen method is bounded like every other string it chooses
 RECENT_PER_TENANT: Final = 200
 BATCH_SECONDS: Final = 0.05
-_render = structlog.processors.JSONRenderer(sort_keys=False)
 
 
 def _argument_names(arguments: Any) -> tuple[str, ...]:
@@ -160,7 +160,7 @@ class AuditLog:
         """{prefix}:{tenant}:audit streams, each trimmed to about state.audit_max_records."""
         pipeline = shared.client.pipeline(transaction=False)
         for record in batch:
-            line = json.dumps(record.as_dict(), separators=(",", ":"))
+            line = ascii_json(record.as_dict())
             key = shared.key(record.tenant, "audit")
             pipeline.xadd(key, {"record": line}, maxlen=shared.audit_max_records, approximate=True)
         shared.spawn("audit_append", pipeline.execute())
@@ -207,16 +207,38 @@ class AuditLog:
             if isinstance(item, threading.Event):
                 item.set()
                 continue
+            lines: dict[str, list[str]] = {}
             for summary in item:
-                tenant = summary.tenant
-                line = _render(None, "", summary.as_dict())
-                text = line if isinstance(line, str) else line.decode()
+                lines.setdefault(summary.tenant, []).append(render_line(summary.as_dict()))
+            for tenant, tenant_lines in lines.items():
                 try:
-                    self._handler(tenant).emit(logging.makeLogRecord({"msg": text, "levelno": logging.INFO}))
+                    self._append(tenant, tenant_lines)
                 except Exception:  # a full disk must not take the proxy down; the operator log says so
                     structlog.get_logger("proxy.audit").exception("audit_write_failed", tenant=tenant)
         for handler in self._handlers.values():
             handler.close()
+
+    def _append(self, tenant: str, lines: list[str]) -> None:
+        """One write per tenant and batch; the file is rotated before a line that would take it
+        to max_file_bytes (as RotatingFileHandler does per record, with its file names)."""
+        handler = self._handler(tenant)
+        stream = _stream_of(handler)
+        stream.seek(0, os.SEEK_END)
+        size = stream.tell()
+        rotating = self.max_file_bytes > 0 and self.backups > 0
+        chunk: list[str] = []
+        for line in lines:
+            if rotating and size + len(line) >= self.max_file_bytes and (chunk or size):
+                stream.write("".join(chunk))
+                chunk = []
+                handler.doRollover()
+                stream = _stream_of(handler)
+                os.chmod(handler.baseFilename, 0o600)
+                size = 0
+            chunk.append(line)
+            size += len(line)  # lines are pure ASCII: characters are bytes
+        stream.write("".join(chunk))
+        stream.flush()
 
     def _handler(self, tenant: str) -> logging.handlers.RotatingFileHandler:
         handler = self._handlers.get(tenant)
@@ -226,7 +248,17 @@ class AuditLog:
             handler = logging.handlers.RotatingFileHandler(
                 path, mode="a", maxBytes=self.max_file_bytes, backupCount=self.backups, encoding="utf-8"
             )
-            handler.setFormatter(logging.Formatter("%(message)s"))
             os.chmod(path, 0o600)
             self._handlers[tenant] = handler
         return handler
+
+
+def _stream_of(handler: logging.handlers.RotatingFileHandler) -> TextIO:
+    """The handler's open file: opened when it is made (delay=False) and again by doRollover."""
+    assert handler.stream is not None
+    return handler.stream
+
+
+def render_line(record: JsonObject) -> str:
+    """One audit line: JSON, pure ASCII (no value can hold a line break any reader honours)."""
+    return ascii_json(record).decode("ascii") + "\n"

@@ -69,7 +69,7 @@ def configure_logging(level: str = "info", json_lines: bool | None = None) -> No
     renderer: structlog.types.Processor
     factory: Any
     if as_json and stderr_bytes is not None:
-        renderer = structlog.processors.JSONRenderer(serializer=_render)
+        renderer = structlog.processors.JSONRenderer(serializer=ascii_json)
         factory = _BatchedBytesLoggerFactory(stderr_bytes)
     else:
         renderer = (
@@ -90,7 +90,7 @@ def configure_logging(level: str = "info", json_lines: bool | None = None) -> No
     )
 
 
-def _render(value: Any, **_: Any) -> bytes:
+def ascii_json(value: Any, **_: Any) -> bytes:
     """One JSON line, pure ASCII: a client-chosen string holding U+2028, U+2029 or U+0085 (line
     breaks to some readers, e.g. str.splitlines) is escaped, so it can never forge a line."""
     try:

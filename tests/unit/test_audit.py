@@ -95,6 +95,7 @@ def test_files_rotate_by_size_and_keep_a_bounded_number(tmp_path: Path) -> None:
     assert files == ["acme.jsonl", "acme.jsonl.1", "acme.jsonl.2"]
     for path in tmp_path.iterdir():
         assert path.stat().st_size <= 2048 + 512
+        assert path.stat().st_mode & 0o777 == 0o600, f"{path.name} is readable by others after rotation"
     assert lines(tmp_path / "acme.jsonl")[-1]["name"] == "tool-99"
     audit.close()
 

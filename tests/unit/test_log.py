@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import structlog
 
-from proxy.log import BatchedBytesLogger, _render
+from proxy.log import BatchedBytesLogger, ascii_json
 
 
 class CountingFile(io.BytesIO):
@@ -29,11 +29,11 @@ def test_lines_of_one_loop_turn_leave_in_one_write() -> None:
 
     async def main() -> None:
         for n in range(3):
-            logger.info(_render({"event": "e", "n": n}))
+            logger.info(ascii_json({"event": "e", "n": n}))
         assert file.writes == 0  # nothing written before the turn ends
         await asyncio.sleep(0)
         assert file.writes == 1
-        logger.info(_render({"event": "e", "n": 3}))
+        logger.info(ascii_json({"event": "e", "n": 3}))
         await asyncio.sleep(0)
 
     asyncio.run(main())
@@ -55,7 +55,7 @@ def test_a_closed_stderr_does_not_raise() -> None:
 
 
 def test_render_escapes_line_breaks_and_survives_what_orjson_refuses() -> None:
-    line = _render({"event": "e", "s": "a\nb\u2028", "big": 2**70, "lone": "\ud800", "obj": object()})
+    line = ascii_json({"event": "e", "s": "a\nb\u2028", "big": 2**70, "lone": "\ud800", "obj": object()})
     assert b"\n" not in line
     parsed = json.loads(line)
     assert parsed["s"] == "a\nb\u2028" and parsed["big"] == 2**70 and parsed["lone"] == "\ud800"
@@ -64,7 +64,7 @@ def test_render_escapes_line_breaks_and_survives_what_orjson_refuses() -> None:
 def test_structlog_renders_through_the_batched_writer() -> None:
     file = CountingFile()
     structlog.configure(
-        processors=[structlog.processors.JSONRenderer(serializer=_render)],
+        processors=[structlog.processors.JSONRenderer(serializer=ascii_json)],
         logger_factory=lambda *args: BatchedBytesLogger(file),
         cache_logger_on_first_use=False,
     )
@@ -78,7 +78,7 @@ def test_structlog_renders_through_the_batched_writer() -> None:
 @pytest.mark.parametrize("breaker", ["\u2028", "\u2029", "\x85", "\r", "\n", "\x0b", "\x1e"])
 def test_no_string_can_break_a_log_line_for_any_reader(breaker: str) -> None:
     forged = f'x{breaker}{{"event":"forged","tenant":"globex"}}'
-    line = _render({"event": "mcp_request", "method": forged, "name": "caf\u00e9"})
+    line = ascii_json({"event": "mcp_request", "method": forged, "name": "caf\u00e9"})
     assert line.isascii()
     assert len(line.decode("ascii").splitlines()) == 1
     assert json.loads(line)["method"] == forged
