@@ -147,7 +147,8 @@ class Limiter:
 
     def of(self, tenant: str, settings: LimitsConfig) -> TenantLimits:
         limits = self._tenants.get(tenant)
-        if limits is None or limits.settings != settings:
+        # Identity first: the same config object on every request; a model compare costs more.
+        if limits is None or (limits.settings is not settings and limits.settings != settings):
             limits = TenantLimits(settings)
             self._tenants[tenant] = limits
         return limits
