@@ -119,11 +119,21 @@ def _mtimes(files: list[Path]) -> dict[Path, float | None]:
 
 
 async def watch_files(app: web.Application, poll_seconds: float) -> None:
-    """Reload when the config file or a policy it names changes (checked every `poll_seconds`)."""
-    seen = _mtimes(app[RUNTIME].current.config.watched_files)
+    """Reload when the config file or a policy it names changes (checked every `poll_seconds`).
+    The list of files is worked out once per config: with many tenants it is the costly part."""
+    config = app[RUNTIME].current.config
+    files = config.watched_files
+    seen = _mtimes(files)
     while True:
         await asyncio.sleep(poll_seconds)
-        now = _mtimes(app[RUNTIME].current.config.watched_files)
+        if app[RUNTIME].current.config is not config:  # reloaded meanwhile (SIGHUP): start afresh
+            config = app[RUNTIME].current.config
+            files = config.watched_files
+            seen = _mtimes(files)
+            continue
+        now = _mtimes(files)
         if now != seen:
             await reload_config(app)
-            seen = _mtimes(app[RUNTIME].current.config.watched_files)
+            config = app[RUNTIME].current.config
+            files = config.watched_files
+            seen = _mtimes(files)

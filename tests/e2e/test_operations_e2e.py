@@ -478,6 +478,40 @@ async def test_an_invalid_reload_keeps_the_old_config_serving(
         await runner.cleanup()
 
 
+async def test_the_file_watch_follows_the_policy_files_a_reload_names(
+    upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any
+) -> None:
+    """The watched files are worked out once per config, and again for the config a SIGHUP loads:
+    a policy file that only the reloaded config names is watched from then on."""
+    url = f"http://127.0.0.1:{free_port()}/mcp"
+    path = tmp_path / "proxy.yaml"
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "later.yaml").write_text(yaml.safe_dump({"tools": {"deny": []}}))
+    data = proxy_config(
+        url, upstreams, tmp_path, rsa_keys, policies_dir=str(tmp_path / "policies"),
+        reload={"watch_files": True, "poll_seconds": 0.05},
+    )  # fmt: skip
+    write_config(path, data)
+    runner, _ = await start_server(load_config(path, env={**os.environ, DEV_SECRET_ENV: DEV_SECRET}))
+    running = RunningProxy(url, None, runner.app)
+    try:
+        await asyncio.sleep(0.2)
+        data["tenants"]["acme"]["policy"] = "later"
+        write_config(path, data)
+        assert await asyncio.wait_for(reload_config(runner.app), 2)  # as SIGHUP does
+        assert (await call(running, "acme"))[0] == 200
+        await asyncio.sleep(0.2)
+        (tmp_path / "policies" / "later.yaml").write_text(yaml.safe_dump({"tools": {"deny": ["whoami"]}}))
+        for _ in range(40):
+            await asyncio.sleep(0.05)
+            if (await call(running, "acme"))[0] == 403:
+                break
+        assert (await call(running, "acme"))[0] == 403, "the edited policy file was not reloaded"
+        assert (await call(running, "globex"))[0] == 200
+    finally:
+        await runner.cleanup()
+
+
 # --- SIGTERM -----------------------------------------------------------------------------------
 
 
