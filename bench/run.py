@@ -1472,31 +1472,38 @@ def _instructions_per_request(proc: Proc, target: Target, count: int, output: Pa
 
 
 def s8_instructions(h: Harness) -> tuple[list[Row], dict[str, Any]]:
-    """Instructions per forwarded tools/call (valgrind's callgrind), the proxy with full policy and
-    the bare aiohttp forwarder, both against the static upstream. Unlike times, these counts do not
-    move with other load on the machine: the figure to compare the proxy's own cost by."""
+    """Instructions per forwarded tools/call (valgrind's callgrind): the bare aiohttp forwarder, the
+    proxy with full policy, and the proxy configured with 1,000 tenants (the last one called),
+    all against the static upstream. Unlike times, these counts do not move with other load on
+    the machine: the figures to compare the proxy's own cost by."""
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         skipped = Row("8 instructions", "skipped: valgrind is not installed", None, None, "", "")
         return [skipped], {"skipped": "valgrind is not installed"}
     up = h.start_upstream("static")
+    names = [f"t{i:04d}" for i in range(1, h.settings.tenants + 1)]
     counts: dict[str, float] = {}
-    for name in ("forwarder", "proxy"):
+    for name in ("forwarder", "proxy", "proxy_many_tenants"):
         output = h.tmp / f"callgrind-{name}.out"
         wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={output}", "--instr-atstart=no"]
-        if name == "proxy":
-            px = h.start_proxy({"acme": up.url}, wrap=wrap)
-            proc = px.proc
-            target = modern_call("proxy-call", px.url, "lookup", {"key": "k1"}, px.token("acme"))
-        else:
+        if name == "forwarder":
             fw = h.start_upstream("forwarder", target=up.url, wrap=wrap)
             proc = fw.proc
             target = modern_call("forwarder-call", fw.url, "lookup", {"tenant_id": "acme", "key": "k1"})
+        else:
+            tenants = {"acme": up.url} if name == "proxy" else dict.fromkeys(names, up.url)
+            px = h.start_proxy(tenants, wrap=wrap)
+            proc = px.proc
+            caller = "acme" if name == "proxy" else names[-1]
+            target = modern_call(f"{name}-call", px.url, "lookup", {"key": "k1"}, px.token(caller))
         counts[name] = _instructions_per_request(proc, target, h.settings.counted_requests, output)
+    many = f"tenant #{len(names):,} of {len(names):,}"
     rows = [
         Row("8 instructions", "instructions per tools/call (forwarder | proxy)", counts["forwarder"],
             counts["proxy"], "", "ratio"),
         Row("8 instructions", "the proxy's own instructions per tools/call", None,
             counts["proxy"] - counts["forwarder"], "", ""),
+        Row("8 instructions", f"proxy instructions per tools/call (1 tenant | {many})", counts["proxy"],
+            counts["proxy_many_tenants"], "", "ratio"),
     ]  # fmt: skip
     return rows, {"instructions_per_request": counts, "counted_requests": h.settings.counted_requests}
 
