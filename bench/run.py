@@ -1,6 +1,6 @@
 """Benchmark mcp-tenant-proxy against direct connections to the same upstreams, in one run.
 
-    python -m bench.run                  # every scenario (~3.5 minutes on a quiet 2-core machine)
+    python -m bench.run                  # every scenario (~9 minutes on a quiet 2-core machine)
     python -m bench.run --quick          # a short smoke run (~70 s)
     python -m bench.run --only s1_modern --profile   # one scenario, with a py-spy profile of the proxy
 
