@@ -223,9 +223,9 @@ class AuditLog:
         to max_file_bytes (as RotatingFileHandler does per record, with its file names)."""
         handler = self._handler(tenant)
         stream = _stream_of(handler)
-        stream.seek(0, os.SEEK_END)
-        size = stream.tell()
-        rotating = self.max_file_bytes > 0 and self.backups > 0
+        # Rotation needs a regular file's size: a FIFO or device (as the operator chose) is written.
+        rotating = self.max_file_bytes > 0 and self.backups > 0 and stream.seekable()
+        size = stream.seek(0, os.SEEK_END) if rotating else 0
         chunk: list[str] = []
         for line in lines:
             if rotating and size + len(line) >= self.max_file_bytes and (chunk or size):
@@ -254,8 +254,11 @@ class AuditLog:
 
 
 def _stream_of(handler: logging.handlers.RotatingFileHandler) -> TextIO:
-    """The handler's open file: opened when it is made (delay=False) and again by doRollover."""
-    assert handler.stream is not None
+    """The handler's open file. A rollover whose reopening failed (no file descriptors, a full
+    disk) leaves none: it is opened again here, so one failure never ends a tenant's trail."""
+    if handler.stream is None:
+        handler.stream = handler._open()
+        os.chmod(handler.baseFilename, 0o600)
     return handler.stream
 
 

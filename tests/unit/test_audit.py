@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging.handlers
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +101,49 @@ def test_files_rotate_by_size_and_keep_a_bounded_number(tmp_path: Path) -> None:
         assert path.stat().st_mode & 0o777 == 0o600, f"{path.name} is readable by others after rotation"
     assert lines(tmp_path / "acme.jsonl")[-1]["name"] == "tool-99"
     audit.close()
+
+
+def test_a_rollover_that_failed_to_reopen_does_not_end_the_trail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    audit = AuditLog(tmp_path, max_file_bytes=2048, backups=2)
+    audit.record(exchange("acme", call("first", {})))
+    audit.flush()
+    real_open = logging.handlers.RotatingFileHandler._open
+    failures = iter([OSError(24, "Too many open files")])
+
+    def open_once_failing(handler: logging.handlers.RotatingFileHandler) -> Any:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return real_open(handler)
+
+    monkeypatch.setattr(logging.handlers.RotatingFileHandler, "_open", open_once_failing)
+    for index in range(40):  # enough to rotate: the reopening after it fails once
+        audit.record(exchange("acme", call(f"tool-{index}", {})))
+    audit.flush()
+    audit.record(exchange("acme", call("after-the-failure", {})))
+    audit.flush()
+    assert lines(tmp_path / "acme.jsonl")[-1]["name"] == "after-the-failure"
+    assert (tmp_path / "acme.jsonl").stat().st_mode & 0o777 == 0o600
+    audit.close()
+
+
+def test_an_audit_path_that_is_a_fifo_is_written_not_rotated(tmp_path: Path) -> None:
+    fifo = tmp_path / "acme.jsonl"
+    os.mkfifo(fifo, 0o600)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    audit = AuditLog(tmp_path, max_file_bytes=1024, backups=2)
+    for index in range(20):
+        audit.record(exchange("acme", call(f"tool-{index}", {})))
+    audit.flush()
+    audit.close()
+    reader.join(timeout=5)
+    names = [json.loads(line)["name"] for line in b"".join(received).decode().splitlines()]
+    assert names == [f"tool-{index}" for index in range(20)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["acme.jsonl"]
 
 
 def test_existing_files_are_appended_to(tmp_path: Path) -> None:

@@ -83,6 +83,24 @@ def test_run_now_runs_everything_pending_in_order_and_one_failure_costs_no_other
     asyncio.run(main())
 
 
+def test_reports_run_in_an_empty_context_not_the_first_requests() -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        reports = Reports()
+        structlog.contextvars.bind_contextvars(request_id="first", tenant="acme")
+        reports.add(lambda: seen.append(structlog.contextvars.get_contextvars()))
+        structlog.contextvars.clear_contextvars()
+        await asyncio.sleep(REPORT_DELAY_SECONDS * 20)
+        structlog.contextvars.bind_contextvars(request_id="second", tenant="globex")
+        reports.add(lambda: seen.append(structlog.contextvars.get_contextvars()))
+        reports.while_waiting()
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert seen == [{}, {}]
+
+
 def test_without_an_event_loop_reports_run_at_once() -> None:
     ran: list[int] = []
     Reports().add(lambda: ran.append(1))
