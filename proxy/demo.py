@@ -209,7 +209,7 @@ async def run_demo() -> int:
         check(status == 404, f"another acme user presenting it gets {status} (404)")
 
         print("\naudit (summaries only, one file per tenant):")
-        runner.app[SERVICES].audit.flush()
+        runner.app[SERVICES].flush()
         for tenant in TENANTS:
             text = (work_dir / "audit" / f"{tenant}.jsonl").read_text()
             records = text.count("\n")

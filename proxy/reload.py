@@ -54,6 +54,7 @@ async def reload_config(app: web.Application) -> bool:
     ref.current = new
     services.sessions.idle_timeout_seconds = config.sessions.idle_timeout_seconds
     services.sessions.max_per_tenant = config.sessions.max_per_tenant
+    services.reports.run_now()  # reports of the old config's last answers first: then forget
     moved: list[tuple[str, Upstream]] = []  # tenants whose sessions end: removed or on a new upstream
     for tenant_id, before in old.tenants.items():  # first what needs no I/O, for every tenant
         after = new.tenants.get(tenant_id)
@@ -126,11 +127,11 @@ async def watch_files(app: web.Application, poll_seconds: float) -> None:
     seen = _mtimes(files)
     while True:
         await asyncio.sleep(poll_seconds)
-        if app[RUNTIME].current.config is not config:  # reloaded meanwhile (SIGHUP): start afresh
+        if app[RUNTIME].current.config is not config:
+            # Reloaded meanwhile (SIGHUP): watch the new config's files, still compared with what
+            # was seen before, so an edit made just after that reload read them is not missed.
             config = app[RUNTIME].current.config
             files = config.watched_files
-            seen = _mtimes(files)
-            continue
         now = _mtimes(files)
         if now != seen:
             await reload_config(app)

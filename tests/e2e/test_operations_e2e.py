@@ -407,6 +407,21 @@ async def test_a_result_fetched_under_the_old_config_never_serves_the_new_one(
         assert len(countdowns()) == 2  # served from the cache, stored under the new config
 
 
+async def test_a_removed_tenant_keeps_no_activity_records_even_from_pending_reports(
+    upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("proxy.reports.REPORT_DELAY_SECONDS", 60.0)  # the globex call's report waits
+    async with reloadable_proxy(upstreams, tmp_path, rsa_keys) as (running, data, path):
+        assert (await call(running, "globex"))[0] == 200
+        after = json.loads(json.dumps(data))
+        after["tenants"].pop("globex")
+        write_config(path, after)
+        assert await asyncio.wait_for(reload_config(running.app), 2)
+        services = running.app[SERVICES]
+        services.reports.run_now()
+        assert await services.audit.recent("globex", 10) == []
+
+
 async def test_a_hung_old_upstream_does_not_hold_up_a_reload(
     upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any
 ) -> None:
@@ -482,31 +497,39 @@ async def test_the_file_watch_follows_the_policy_files_a_reload_names(
     upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any
 ) -> None:
     """The watched files are worked out once per config, and again for the config a SIGHUP loads:
-    a policy file that only the reloaded config names is watched from then on."""
+    an edit made right after that reload read the files is still noticed, and a policy file that
+    only the reloaded config names is watched from then on."""
     url = f"http://127.0.0.1:{free_port()}/mcp"
     path = tmp_path / "proxy.yaml"
-    (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "later.yaml").write_text(yaml.safe_dump({"tools": {"deny": []}}))
+    policy = tmp_path / "policies" / "later.yaml"
+    policy.parent.mkdir()
+    policy.write_text(yaml.safe_dump({"tools": {"deny": []}}))
     data = proxy_config(
-        url, upstreams, tmp_path, rsa_keys, policies_dir=str(tmp_path / "policies"),
-        reload={"watch_files": True, "poll_seconds": 0.05},
+        url, upstreams, tmp_path, rsa_keys, policies_dir=str(policy.parent),
+        reload={"watch_files": True, "poll_seconds": 1.0},
     )  # fmt: skip
     write_config(path, data)
     runner, _ = await start_server(load_config(path, env={**os.environ, DEV_SECRET_ENV: DEV_SECRET}))
     running = RunningProxy(url, None, runner.app)
+
+    async def status_becomes(expected: int) -> int:
+        for _ in range(60):
+            status = (await call(running, "acme"))[0]
+            if status == expected:
+                break
+            await asyncio.sleep(0.05)
+        return status
+
     try:
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.3)
         data["tenants"]["acme"]["policy"] = "later"
         write_config(path, data)
         assert await asyncio.wait_for(reload_config(runner.app), 2)  # as SIGHUP does
-        assert (await call(running, "acme"))[0] == 200
-        await asyncio.sleep(0.2)
-        (tmp_path / "policies" / "later.yaml").write_text(yaml.safe_dump({"tools": {"deny": ["whoami"]}}))
-        for _ in range(40):
-            await asyncio.sleep(0.05)
-            if (await call(running, "acme"))[0] == 403:
-                break
-        assert (await call(running, "acme"))[0] == 403, "the edited policy file was not reloaded"
+        policy.write_text(yaml.safe_dump({"tools": {"deny": ["whoami"]}}))  # before the next poll
+        assert await status_becomes(403) == 403, "an edit right after a reload was missed"
+        await asyncio.sleep(0.1)
+        policy.write_text(yaml.safe_dump({"tools": {"deny": []}}))
+        assert await status_becomes(200) == 200, "the reloaded config's policy file is not watched"
         assert (await call(running, "globex"))[0] == 200
     finally:
         await runner.cleanup()
