@@ -169,6 +169,7 @@ class AuditLog:
         """The tenant's own latest records, newest first (across replicas when they share Redis)."""
         if self.shared is not None:
             self._hand_over()
+            await self.shared.written()  # this replica's own records are in the stream before the read
             try:
                 stream = self.shared.key(tenant, "audit")
                 read = self.shared.client.xrevrange(stream, count=limit)

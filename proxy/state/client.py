@@ -44,6 +44,7 @@ class RedisState:
         assert config.url is not None
         self.prefix = config.key_prefix
         self.audit_max_records = config.audit_max_records
+        self.timeout_seconds = config.timeout_seconds
         self.client: Any = redis_asyncio.Redis.from_url(
             config.url,
             socket_timeout=config.timeout_seconds,
@@ -159,6 +160,12 @@ class RedisState:
         except StateUnavailable:
             return False
         return True
+
+    async def written(self) -> None:
+        """Wait for the writes spawned so far (each bounded by the client's timeouts), so that a
+        read after them sees them: Redis orders commands per connection, not across the pool."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=self.timeout_seconds * 2)
 
     async def close(self) -> None:
         if self._deferred:

@@ -488,6 +488,23 @@ async def test_audit_records_of_both_replicas_go_to_the_tenants_own_stream_as_su
     assert not [k for k in keys if k.endswith(":audit") and k.split(":")[1] not in TENANTS]
 
 
+async def test_recent_activity_on_a_replica_includes_its_own_latest_answers(
+    start_replicas: StartReplicas, upstreams: dict[str, Any]
+) -> None:
+    """proxy_recent_activity reads the tenant's stream in Redis; the asking replica's last records
+    are written there before the read (commands on different pooled connections are unordered)."""
+    policy = {"recent_activity": {"enabled": True, "max_records": 10}}
+    replicas = await start_replicas(upstreams, policies=dict.fromkeys(TENANTS, policy))
+    bearer = replicas.token("acme")
+    for request_id in (2, 3, 4):
+        body = modern_call("add_note", {"tenant_id": "acme", "text": "x"}, request_id)
+        assert (await post(replicas.a.url, body, bearer, version=MODERN)).status == 200
+        asked = modern_call("proxy_recent_activity", {"limit": 10}, request_id + 10)
+        answer = await post(replicas.a.url, asked, bearer, version=MODERN)
+        records = answer.message["result"]["structuredContent"]["records"]
+        assert sum(r["name"] == "add_note" for r in records) == request_id - 1, records
+
+
 async def test_redis_stopped_mid_test_fails_closed_and_recovers(
     start_replicas: StartReplicas, upstreams: dict[str, Any]
 ) -> None:
