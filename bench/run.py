@@ -1171,6 +1171,23 @@ def s4_ceiling(h: Harness) -> tuple[list[Row], dict[str, Any]]:
         )
     )
     rows.append(_cost_row("4 ceiling", "bare aiohttp forwarder CPU per request", m["forwarder_c16"]))
+    # A reference, not a proxy: the same forwarder with asyncio streams instead of ClientSession.
+    sf = h.start_upstream("streams-forwarder", target=up.url)
+    streams = modern_call("streams-forwarder-call", sf.url, "lookup", {"tenant_id": "acme", "key": "k1"})
+    streams.probe()
+    m["layout"]["streams_forwarder"] = h.pin({up.proc: GEN_CORE, sf.proc: SUT_CORE})
+    m["streams_forwarder_c1"] = h.load(streams, 1, {"upstream": up.proc, "proxy": sf.proc})
+    m["streams_forwarder_c16"] = h.load(streams, 16, {"upstream": up.proc, "proxy": sf.proc})
+    rows.append(
+        Row("4 ceiling", "streams forwarder (no ClientSession) p50 latency, c=1", m["direct_c1"]["p50_ms"],
+            m["streams_forwarder_c1"]["p50_ms"], "ms", "added", valid=_valid(m["streams_forwarder_c1"]),
+            noisy=_noisy(m["streams_forwarder_c1"]))
+    )  # fmt: skip
+    rows.append(
+        _cost_row(
+            "4 ceiling", "streams forwarder (no ClientSession) CPU per request", m["streams_forwarder_c16"]
+        )
+    )
     if h.settings.profile:
         m["profile"] = h.profile(px, proxied, 16, "s4_ceiling_c16")
     return rows, m
@@ -1482,13 +1499,13 @@ def s8_instructions(h: Harness) -> tuple[list[Row], dict[str, Any]]:
     up = h.start_upstream("static")
     names = [f"t{i:04d}" for i in range(1, h.settings.tenants + 1)]
     counts: dict[str, float] = {}
-    for name in ("forwarder", "proxy", "proxy_many_tenants"):
+    for name in ("forwarder", "streams_forwarder", "proxy", "proxy_many_tenants"):
         output = h.tmp / f"callgrind-{name}.out"
         wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={output}", "--instr-atstart=no"]
-        if name == "forwarder":
-            fw = h.start_upstream("forwarder", target=up.url, wrap=wrap)
+        if name in ("forwarder", "streams_forwarder"):
+            fw = h.start_upstream(name.replace("_", "-"), target=up.url, wrap=wrap)
             proc = fw.proc
-            target = modern_call("forwarder-call", fw.url, "lookup", {"tenant_id": "acme", "key": "k1"})
+            target = modern_call(f"{name}-call", fw.url, "lookup", {"tenant_id": "acme", "key": "k1"})
         else:
             tenants = {"acme": up.url} if name == "proxy" else dict.fromkeys(names, up.url)
             px = h.start_proxy(tenants, wrap=wrap)
@@ -1504,6 +1521,8 @@ def s8_instructions(h: Harness) -> tuple[list[Row], dict[str, Any]]:
             counts["proxy"] - counts["forwarder"], "", ""),
         Row("8 instructions", f"proxy instructions per tools/call (1 tenant | {many})", counts["proxy"],
             counts["proxy_many_tenants"], "", "ratio"),
+        Row("8 instructions", "forwarder instructions per tools/call (ClientSession | asyncio streams)",
+            counts["forwarder"], counts["streams_forwarder"], "", "ratio"),
     ]  # fmt: skip
     return rows, {"instructions_per_request": counts, "counted_requests": h.settings.counted_requests}
 

@@ -4,6 +4,10 @@
                                argument it trusts), `whoami`, and `progress` (n progress
                                notifications, then the answer)
     forwarder PORT URL         a bare aiohttp forwarder to URL (the floor of an aiohttp-based proxy)
+    streams-forwarder PORT URL the same aiohttp server relaying with a minimal asyncio-streams HTTP/1.1
+                               client instead of aiohttp's ClientSession: a reference for what the
+                               client costs, not a client to ship (Content-Length bodies only, no
+                               chunked or SSE answers, no timeouts, no error handling)
     static PORT                a static JSON-RPC responder (aiohttp's low-level server, no routing): a
                                fixed result per method with the request's id echoed; `initialize`
                                gets a fresh Mcp-Session-Id; tools/call of `stream_events` answers with
@@ -168,9 +172,40 @@ async def run_forwarder(port: int, target: str) -> None:
     await _serve(handle, port)
 
 
+async def run_streams_forwarder(port: int, target: str) -> None:
+    """The bare forwarder with aiohttp's ClientSession swapped for asyncio streams: kept-alive
+    connections in a pool, the request head written by hand, `readuntil` for the answer's head and
+    `readexactly` for its Content-Length body. Enough for the static responder's answers."""
+    import yarl
+    from aiohttp import web
+
+    url = yarl.URL(target)
+    host, upstream_port, path = url.host or "127.0.0.1", url.port or 80, url.raw_path
+    passed = ("Content-Type", "Accept", "MCP-Protocol-Version", "Mcp-Method", "Mcp-Name", "Mcp-Session-Id")
+    pool: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def handle(request: web.BaseRequest) -> web.Response:
+        body = await request.read()
+        reader, writer = pool.pop() if pool else await asyncio.open_connection(host, upstream_port)
+        head = [f"POST {path} HTTP/1.1", f"Host: {host}:{upstream_port}", f"Content-Length: {len(body)}"]
+        head += [f"{name}: {request.headers[name]}" for name in passed if name in request.headers]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = {
+            name.lower(): value for name, _, value in (line.partition(": ") for line in lines[1:] if line)
+        }
+        payload = await reader.readexactly(int(headers.get("content-length", "0")))
+        pool.append((reader, writer))
+        content_type = headers.get("content-type", _JSON)
+        return web.Response(status=status, body=payload, headers={"Content-Type": content_type})
+
+    await _serve(handle, port)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.upstreams")
-    parser.add_argument("kind", choices=["sdk", "static", "forwarder"])
+    parser.add_argument("kind", choices=["sdk", "static", "forwarder", "streams-forwarder"])
     parser.add_argument("port", type=int)
     parser.add_argument("target", nargs="?", help="forwarder: the upstream URL to relay to")
     parser.add_argument("--cache-hints", action="store_true", help="sdk: tools/list carries ttlMs (public)")
@@ -183,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         import uvloop
 
         uvloop.run(run_forwarder(args.port, args.target))
+    elif args.kind == "streams-forwarder":
+        import uvloop
+
+        uvloop.run(run_streams_forwarder(args.port, args.target))
     else:
         import uvloop
 
