@@ -1153,41 +1153,23 @@ def s4_ceiling(h: Harness) -> tuple[list[Row], dict[str, Any]]:
             valid=_valid(m["proxy_c16"]), noisy=_noisy(m["proxy_c16"]))
     )  # fmt: skip
     rows.append(_cost_row("4 ceiling", "proxy CPU per request", m["proxy_c16"]))
-    # The floor: a bare aiohttp forwarder (no auth, parsing, policy, audit) in the proxy's place.
-    fw = h.start_upstream("forwarder", target=up.url)
-    bare = modern_call("forwarder-call", fw.url, "lookup", {"tenant_id": "acme", "key": "k1"})
-    bare.probe()
-    m["layout"]["forwarder"] = h.pin({up.proc: GEN_CORE, fw.proc: SUT_CORE})
-    m["forwarder_c1"] = h.load(bare, 1, {"upstream": up.proc, "proxy": fw.proc})
-    m["forwarder_c16"] = h.load(bare, 16, {"upstream": up.proc, "proxy": fw.proc})
-    rows.append(
-        Row("4 ceiling", "bare aiohttp forwarder p50 latency, c=1", m["direct_c1"]["p50_ms"],
-            m["forwarder_c1"]["p50_ms"], "ms", "added", valid=_valid(m["forwarder_c1"]),
-            noisy=_noisy(m["forwarder_c1"]))
-    )  # fmt: skip
-    rows.append(
-        _throughput_row(
-            "4 ceiling", "bare aiohttp forwarder throughput, c=16", m["direct_c16"], m["forwarder_c16"], None
-        )
-    )
-    rows.append(_cost_row("4 ceiling", "bare aiohttp forwarder CPU per request", m["forwarder_c16"]))
-    # A reference, not a proxy: the same forwarder with asyncio streams instead of ClientSession.
-    sf = h.start_upstream("streams-forwarder", target=up.url)
-    streams = modern_call("streams-forwarder-call", sf.url, "lookup", {"tenant_id": "acme", "key": "k1"})
-    streams.probe()
-    m["layout"]["streams_forwarder"] = h.pin({up.proc: GEN_CORE, sf.proc: SUT_CORE})
-    m["streams_forwarder_c1"] = h.load(streams, 1, {"upstream": up.proc, "proxy": sf.proc})
-    m["streams_forwarder_c16"] = h.load(streams, 16, {"upstream": up.proc, "proxy": sf.proc})
-    rows.append(
-        Row("4 ceiling", "streams forwarder (no ClientSession) p50 latency, c=1", m["direct_c1"]["p50_ms"],
-            m["streams_forwarder_c1"]["p50_ms"], "ms", "added", valid=_valid(m["streams_forwarder_c1"]),
-            noisy=_noisy(m["streams_forwarder_c1"]))
-    )  # fmt: skip
-    rows.append(
-        _cost_row(
-            "4 ceiling", "streams forwarder (no ClientSession) CPU per request", m["streams_forwarder_c16"]
-        )
-    )
+    # The floor: a bare aiohttp forwarder (no auth, parsing, policy, audit) in the proxy's place;
+    # and a reference, not a proxy: the same forwarder with asyncio streams instead of ClientSession.
+    for kind, label in (("forwarder", "bare aiohttp forwarder"),
+                        ("streams-forwarder", "streams forwarder (no ClientSession)")):  # fmt: skip
+        key = kind.replace("-", "_")
+        fw = h.start_upstream(kind, target=up.url)
+        bare = modern_call(f"{kind}-call", fw.url, "lookup", {"tenant_id": "acme", "key": "k1"})
+        bare.probe()
+        m["layout"][key] = h.pin({up.proc: GEN_CORE, fw.proc: SUT_CORE})
+        at_c1 = m[f"{key}_c1"] = h.load(bare, 1, {"upstream": up.proc, "proxy": fw.proc})
+        at_c16 = m[f"{key}_c16"] = h.load(bare, 16, {"upstream": up.proc, "proxy": fw.proc})
+        rows.append(
+            Row("4 ceiling", f"{label} p50 latency, c=1", m["direct_c1"]["p50_ms"], at_c1["p50_ms"], "ms",
+                "added", valid=_valid(at_c1), noisy=_noisy(at_c1))
+        )  # fmt: skip
+        rows.append(_throughput_row("4 ceiling", f"{label} throughput, c=16", m["direct_c16"], at_c16, None))
+        rows.append(_cost_row("4 ceiling", f"{label} CPU per request", at_c16))
     if h.settings.profile:
         m["profile"] = h.profile(px, proxied, 16, "s4_ceiling_c16")
     return rows, m
