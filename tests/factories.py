@@ -22,6 +22,17 @@ from proxy.types import Exchange
 DEV_SECRET = "test-secret-0123456789-abcdefghijklmnop"
 DEV_SECRET_ENV = "MCP_PROXY_TEST_SECRET"
 RESOURCE = "http://127.0.0.1:8080/mcp"
+# A handshake-era initialize as a test client sends it (posted as is; never mutated).
+HANDSHAKE_INITIALIZE: dict[str, Any] = {
+    "jsonrpc": "2.0",
+    "id": 0,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"},
+    },
+}
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pydantic import Field
 from proxy.demo import client_for
 from proxy.transport import SERVICES
 from tests.conftest import TENANTS, RunningProxy, StartProxy
+from tests.factories import HANDSHAKE_INITIALIZE
 from tests.upstreams import Recorder, free_port
 
 pytestmark = pytest.mark.e2e
@@ -285,16 +286,6 @@ async def test_body_tricks_never_reach_the_upstream(
 
 
 async def _handshake(running: RunningProxy) -> str:
-    body = {
-        "jsonrpc": "2.0",
-        "id": 0,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {},
-            "clientInfo": {"name": "t", "version": "1"},
-        },
-    }
-    status, headers, _ = await running.post(body, token=running.token("acme"))
+    status, headers, _ = await running.post(HANDSHAKE_INITIALIZE, token=running.token("acme"))
     assert status == 200
     return headers["Mcp-Session-Id"]

@@ -20,6 +20,7 @@ from aiohttp import web
 from proxy.errors import UpstreamError, UpstreamTimeout
 from tests.conftest import MCP_ACCEPT, RunningProxy
 from tests.e2e.test_transport_e2e import call_body, error_of, modern_headers, proxy_variant, sse_messages
+from tests.factories import HANDSHAKE_INITIALIZE
 from tests.upstreams import free_port
 
 pytestmark = pytest.mark.e2e
@@ -494,17 +495,6 @@ async def test_a_hung_upstream_does_not_delay_the_other_tenant(
 
 # --- handshake-era initialize that fails ---------------------------------------------------------
 
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 0,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "t", "version": "0"},
-    },
-}
-
 
 def failing_initialize(kind: str) -> Handler:
     """An upstream that opens a session but never completes initialize successfully."""
@@ -540,7 +530,7 @@ async def test_a_failed_initialize_does_not_use_up_the_session_cap(
     capped = proxy_variant(faults.base, upstreams={"acme": {"url": fake.url}}, sessions={"max_per_tenant": 1})
     proxy = await faults.stack.enter_async_context(capped)
     for _ in range(2):
-        status, _, _ = await proxy.post(INITIALIZE, token=proxy.token("acme"))
+        status, _, _ = await proxy.post(HANDSHAKE_INITIALIZE, token=proxy.token("acme"))
         assert status == expected_status  # the second is 429 when the first left a session behind
     methods = [method for method, _, _ in fake.received]
     assert methods.count("POST") == 2

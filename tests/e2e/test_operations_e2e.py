@@ -24,7 +24,7 @@ from proxy.config import load_config
 from proxy.reload import reload_config
 from proxy.transport import SERVICES
 from tests.conftest import MCP_ACCEPT, TENANTS, RunningProxy, StartProxy, proxy_config
-from tests.factories import DEV_SECRET, DEV_SECRET_ENV
+from tests.factories import DEV_SECRET, DEV_SECRET_ENV, HANDSHAKE_INITIALIZE
 from tests.upstreams import free_port, start_notes_upstream
 
 pytestmark = pytest.mark.e2e
@@ -292,18 +292,6 @@ async def test_reload_under_load_misroutes_nothing_and_drops_nothing(
     assert results["initech"][0][0] == 403  # unknown before the reload
 
 
-HANDSHAKE_INIT = {
-    "jsonrpc": "2.0",
-    "id": 0,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "t", "version": "1"},
-    },
-}
-
-
 @contextlib.asynccontextmanager
 async def session_upstream(
     session_id: str, *, hang_on_delete: bool = False, hold: asyncio.Event | None = None
@@ -433,7 +421,7 @@ async def test_a_hung_old_upstream_does_not_hold_up_a_reload(
             running, data, path,
         ),
     ):  # fmt: skip
-        status, headers, _ = await running.post(HANDSHAKE_INIT, token=running.token("acme"))
+        status, headers, _ = await running.post(HANDSHAKE_INITIALIZE, token=running.token("acme"))
         assert status == 200 and "Mcp-Session-Id" in headers
         assert await reload_with(running, data, path, {"url": upstreams["acme"].url})
         assert (await asyncio.wait_for(call(running, "globex"), 2))[0] == 200
@@ -456,7 +444,7 @@ async def test_an_initialize_in_flight_across_a_reload_that_moves_the_tenant_lea
             running, data, path,
         ),
     ):  # fmt: skip
-        pending = asyncio.create_task(running.post(HANDSHAKE_INIT, token=running.token("acme")))
+        pending = asyncio.create_task(running.post(HANDSHAKE_INITIALIZE, token=running.token("acme")))
         await asyncio.sleep(0.2)
         assert await reload_with(running, data, path, {"url": upstreams["acme"].url})
         answer_now.set()
@@ -466,7 +454,7 @@ async def test_an_initialize_in_flight_across_a_reload_that_moves_the_tenant_lea
         assert "initialize again" in json.loads(raw)["error"]["message"]
         assert len(running.app[SERVICES].sessions) == 0
         assert deletes == ["old-upstream-session"]  # the old upstream's side was ended too
-        status, headers, _ = await running.post(HANDSHAKE_INIT, token=running.token("acme"))
+        status, headers, _ = await running.post(HANDSHAKE_INITIALIZE, token=running.token("acme"))
         assert status == 200 and "Mcp-Session-Id" in headers  # on the new upstream
 
 
@@ -558,17 +546,7 @@ async def test_sigterm_while_streaming_drains_closes_streams_and_exits_0(
                     break
             except aiohttp.ClientError:
                 await asyncio.sleep(0.05)
-        init = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {},
-                "clientInfo": {"name": "t", "version": "1"},
-            },
-        }
-        status, headers, _ = await running.post(init, token=running.token("acme"))  # fmt: skip
+        status, headers, _ = await running.post(HANDSHAKE_INITIALIZE, token=running.token("acme"))
         assert status == 200
         session = headers["Mcp-Session-Id"]
         auth = {"Authorization": f"Bearer {running.token('acme')}", "Mcp-Session-Id": session,
