@@ -382,11 +382,13 @@ def live_sessions() -> int:
     return sum(1 for obj in gc.get_objects() if isinstance(obj, Session))
 
 
-def proxy_bytes(snapshot: tracemalloc.Snapshot) -> int:
-    """Bytes of live allocations made by a line of the proxy package (the innermost frame)."""
+def proxy_lines_grown(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot) -> list[tuple[str, int]]:
+    """(line, blocks gained) for every line of the proxy package (the innermost frame) whose live
+    allocations grew, most first."""
     package = str(Path(proxy_audit.__file__).parent / "*")
-    only_proxy = snapshot.filter_traces([tracemalloc.Filter(True, package)])
-    return sum(stat.size for stat in only_proxy.statistics("filename"))
+    only_proxy = [tracemalloc.Filter(True, package)]
+    stats = after.filter_traces(only_proxy).compare_to(before.filter_traces(only_proxy), "lineno")
+    return sorted(((str(s.traceback), s.count_diff) for s in stats if s.count_diff > 0), key=lambda x: -x[1])
 
 
 async def churn(running: RunningProxy, sessions: int) -> list[str]:
@@ -432,11 +434,12 @@ async def test_session_churn_leaves_no_session_task_or_memory_behind(
 
     tracemalloc.start(1)
     try:
-        before = proxy_bytes(tracemalloc.take_snapshot())
+        before = tracemalloc.take_snapshot()
         ids = await churn(proxy, CHURN_SESSIONS)
         await settle(task_count, tasks_before)
+        proxy.app[SERVICES].reports.run_now()  # a report pending for a moment holds its exchange
         gc.collect()
-        after = proxy_bytes(tracemalloc.take_snapshot())
+        after = tracemalloc.take_snapshot()
     finally:
         tracemalloc.stop()
 
@@ -452,9 +455,9 @@ async def test_session_churn_leaves_no_session_task_or_memory_behind(
         assert sum(1 for r in records if r.method == "POST") == CHURN_SESSIONS // 2, tenant
         deleted = [r.headers["mcp-session-id"] for r in records if r.method == "DELETE"]
         assert len(set(deleted)) == len(deleted) == CHURN_SESSIONS // 2, tenant
-    # Memory held by the proxy's own code. Without a leak this stays around 10 KB whatever the
-    # number of sessions (pool and interpreter noise). Keeping each Session alive (a registry
-    # that never forgets) costs over 200 bytes a session in the proxy's lines alone, i.e. over
-    # 64 KB for 320 sessions; 32 KB separates the two with room on both sides.
-    growth = after - before
-    assert growth < 32 * 1024, f"proxy-held memory grew by {growth} bytes over {CHURN_SESSIONS} sessions"
+    # Memory held by the proxy's own code. Anything kept per session (a registry that never
+    # forgets, a per-session map never emptied) leaves at least one live block per session at the
+    # line that made it: hundreds at one line. Noise (pools, counters, interned strings) leaves a few
+    # blocks per line whatever the number of sessions, so a count, not a byte total, tells them apart.
+    grown = proxy_lines_grown(before, after)
+    assert not grown or grown[0][1] < CHURN_SESSIONS // 4, grown[:5]
