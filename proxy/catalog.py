@@ -8,15 +8,17 @@ the proxy's upstream credentials are per tenant, so every caller of a tenant see
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from proxy import __version__
 from proxy.errors import ProxyError, UpstreamError
 from proxy.headers import ParamHeader, param_headers_of
 from proxy.jsonrpc import dumps, loads_upstream
+from proxy.policy.schemas import SchemaIndex
 from proxy.types import LATEST_MODERN_VERSION, JsonObject
 from proxy.upstream import EVENT_STREAM, Upstream, UpstreamRequest
 
@@ -26,17 +28,18 @@ REFETCH_AFTER_SECONDS = 60.0
 _ids = itertools.count(1)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Entry:
     """A tool (inputSchema) or prompt (arguments, as an equivalent flat schema) of the upstream."""
 
     name: str
     input_schema: JsonObject
     param_headers: tuple[ParamHeader, ...] | None  # tools only; None: invalid annotations
-    # Declared tenant-argument paths per set of names, worked out once per entry, not per request.
-    tenant_paths: dict[frozenset[str], tuple[tuple[str | int, ...], ...]] = field(
-        default_factory=dict, compare=False
-    )
+
+    @functools.cached_property
+    def schema(self) -> SchemaIndex:
+        """The input schema with its references resolvable, built once per entry, not per request."""
+        return SchemaIndex(self.input_schema)
 
 
 def entry_of(kind: Kind, item: Any) -> Entry | None:

@@ -12,9 +12,16 @@ import sys
 from typing import Annotated, Any
 
 from mcp.server.mcpserver import Context, MCPServer
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 TenantArg = Annotated[str, Field(description="The organisation whose notes to use")]
+
+
+class NoteQuery(BaseModel):
+    """What to search for, and in whose notes (a nested model: SDKs declare it under $defs)."""
+
+    tenant_id: TenantArg
+    text: str = ""
 
 
 def build_notes_server(tenant: str, canary: str) -> MCPServer:
@@ -32,6 +39,12 @@ def build_notes_server(tenant: str, canary: str) -> MCPServer:
     def list_notes(tenant_id: TenantArg) -> dict[str, Any]:
         """List an organisation's notes."""
         return {"tenant_id": tenant_id, "notes": notes.get(tenant_id, []), "canary": canary}
+
+    @server.tool()
+    def search_notes(query: NoteQuery) -> dict[str, Any]:
+        """Search an organisation's notes for a text."""
+        found = [note for note in notes.get(query.tenant_id, []) if query.text in note]
+        return {"tenant_id": query.tenant_id, "notes": found, "canary": canary}
 
     @server.tool()
     def whoami() -> dict[str, Any]:

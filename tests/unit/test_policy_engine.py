@@ -13,13 +13,12 @@ from hypothesis import strategies as st
 from proxy.policy.engine import (
     Action,
     Decision,
-    declared_tenant_paths,
     evaluate,
     filter_result,
     foreign_uri,
-    hide_tenant_properties,
 )
 from proxy.policy.model import PolicyFile, compile_policy, compile_uri_template
+from proxy.policy.schemas import SchemaIndex, hide_tenant_properties
 
 NAMES = ("tenant_id", "tenantId", "org_id")
 
@@ -35,7 +34,8 @@ def policy(on_mismatch: str = "reject", **overrides: Any) -> Any:
 
 
 REJECT, REWRITE = policy("reject"), policy("rewrite")
-SCHEMA_PATHS = (("arguments", "tenant_id"),)
+SCHEMA_PATHS: dict[str, Any] = {"type": "object", "properties": {"tenant_id": {"type": "string"}}}
+NO_SCHEMA = None
 
 
 def call(arguments: Any, name: str = "list_notes") -> dict[str, Any]:
@@ -117,11 +117,11 @@ def assert_only_tenant(value: Any, tenant: str) -> None:
     ("params", "declared", "action"),
     [
         (call({"tenant_id": "acme"}), SCHEMA_PATHS, Action.FORWARD),
-        (call({"text": "hi"}), (), Action.FORWARD),
+        (call({"text": "hi"}), NO_SCHEMA, Action.FORWARD),
         (call({"tenant_id": "acme", "deep": [{"org_id": "acme"}]}), SCHEMA_PATHS, Action.FORWARD),
         (call({"text": "hi"}), SCHEMA_PATHS, Action.REWRITE),  # declared and absent: filled in
         ({"name": "list_notes"}, SCHEMA_PATHS, Action.REWRITE),  # no arguments object at all
-        (call({"tenant": "globex"}), (), Action.FORWARD),  # not a configured name
+        (call({"tenant": "globex"}), NO_SCHEMA, Action.FORWARD),  # not a configured name
     ],
 )
 def test_own_tenant_passes_and_declared_absent_is_filled(params: Any, declared: Any, action: Action) -> None:
@@ -133,7 +133,10 @@ def test_own_tenant_passes_and_declared_absent_is_filled(params: Any, declared: 
 
 
 def test_nested_declared_argument_is_filled_only_where_its_object_exists() -> None:
-    declared = (("arguments", "scope", "tenant_id"),)
+    declared = {
+        "type": "object",
+        "properties": {"scope": {"type": "object", "properties": {"tenant_id": {"type": "string"}}}},
+    }
     assert evaluate(REJECT, "acme", "tools/call", call({"x": 1}), declared).action is Action.FORWARD
     decision = evaluate(REJECT, "acme", "tools/call", call({"scope": {}}), declared)
     assert apply(call({"scope": {}}), decision)["arguments"]["scope"] == {"tenant_id": "acme"}
@@ -239,10 +242,9 @@ def test_declared_paths_and_hiding_follow_properties_chains() -> None:
         "required": ["tenant_id", "text"],
     }
     names = frozenset(NAMES)
-    assert declared_tenant_paths(schema, names) == (
-        ("arguments", "scope", "org_id"),
-        ("arguments", "tenant_id"),
-    )
+    index = SchemaIndex(schema)
+    assert index.declared([schema], names) == ["tenant_id"]
+    assert index.declared(index.property([schema], "scope"), names) == ["org_id"]
     hidden = hide_tenant_properties(schema, names)
     assert set(hidden["properties"]) == {"text", "scope"}
     assert hidden["required"] == ["text"]
@@ -329,3 +331,171 @@ def test_no_foreign_tenant_id_ever_survives_in_a_tenant_argument(arguments: dict
         forwarded = apply(params, decision)
         assert_only_tenant(forwarded["arguments"], "acme")
         json.dumps(forwarded)  # still serialisable as sent upstream
+
+
+# --- what the upstream reads: JSON in strings, $ref, completion context (THREATS H) ---------------
+
+QUERY_SCHEMA: dict[str, Any] = {  # what Pydantic writes for search_notes(query: NoteQuery)
+    "$defs": {
+        "NoteQuery": {
+            "type": "object",
+            "properties": {"tenant_id": {"type": "string"}, "text": {"type": "string", "default": ""}},
+            "required": ["tenant_id"],
+        }
+    },
+    "type": "object",
+    "properties": {"query": {"$ref": "#/$defs/NoteQuery"}},
+    "required": ["query"],
+}
+OPTIONAL_QUERY_SCHEMA: dict[str, Any] = {
+    **QUERY_SCHEMA,
+    "properties": {"query": {"anyOf": [{"$ref": "#/$defs/NoteQuery"}, {"type": "null"}], "default": None}},
+}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "schema", "where"),
+    [
+        ({"query": '{"tenant_id": "globex"}'}, QUERY_SCHEMA, "query<json>.tenant_id"),
+        ({"query": '{"tenant_id": "globex"}'}, None, "query<json>.tenant_id"),  # no schema: sniffed
+        ({"query": '{"tenant_id": "globex"}'}, OPTIONAL_QUERY_SCHEMA, "query<json>.tenant_id"),
+        ({"query": ' \n[{"org_id": "globex"}]'}, None, "query<json>[0].org_id"),
+        ({"q": '{"a": "{\\"tenantId\\": \\"globex\\"}"}'}, None, "q<json>.a<json>.tenantId"),
+        ({"query": '{"tenant_id": "acme", "tenant_id": "globex"}'}, QUERY_SCHEMA, "query<json>.tenant_id"),
+        ({"query": '{"tenant_id": "globex", "tenant_id": "acme"}'}, QUERY_SCHEMA, "query<json>.tenant_id"),
+        ({"list": ['{"tenant_id": "globex"}']}, None, "list[0]<json>.tenant_id"),
+    ],
+    ids=[
+        "schema-object",
+        "sniffed",
+        "optional-model",
+        "array",
+        "json-in-json",
+        "dup-last",
+        "dup-first",
+        "item",
+    ],
+)
+def test_a_tenant_argument_inside_a_json_string_is_a_spoof(arguments: Any, schema: Any, where: str) -> None:
+    decision = evaluate(REJECT, "acme", "tools/call", call(arguments, "search_notes"), schema)
+    assert (decision.action, decision.rule, decision.argument, decision.spoof) == (
+        Action.DENY, "tenant_arguments", where, True,
+    )  # fmt: skip
+    params = call(copy.deepcopy(arguments), "search_notes")
+    rewritten = evaluate(REWRITE, "acme", "tools/call", params, schema)
+    assert rewritten.action is Action.REWRITE and rewritten.spoof
+    forwarded = apply(params, rewritten)["arguments"]
+    assert "globex" not in json.dumps(forwarded)
+    assert isinstance(next(iter(forwarded.values())), type(next(iter(arguments.values()))))  # same form
+
+
+def test_json_nested_in_strings_beyond_the_bound_is_refused() -> None:
+    inner: Any = {"x": 1}
+    for _ in range(5):
+        inner = {"wrapped": json.dumps(inner)}
+    decision = evaluate(REWRITE, "acme", "tools/call", call(inner))
+    assert decision.action is Action.DENY
+    assert "nested too deeply" in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("arguments", "schema"),
+    [
+        ({"query": '{"tenant_id": "acme", "text": "x"}'}, QUERY_SCHEMA),  # own tenant: unchanged
+        ({"note": '{"owner": "globex"}'}, None),  # no configured name inside
+        ({"note": "{not json"}, None),
+        ({"note": "[1, 2, 3]"}, None),
+        ({"n": "42"}, {"type": "object", "properties": {"n": {"type": "integer"}}}),
+    ],
+)
+def test_json_strings_without_a_foreign_tenant_pass_unchanged(arguments: Any, schema: Any) -> None:
+    assert evaluate(REJECT, "acme", "tools/call", call(arguments), schema).action is Action.FORWARD
+
+
+def test_tools_carrying_json_documents_are_not_sniffed_but_still_decoded_where_the_schema_says() -> None:
+    exempt = policy(tenant_arguments={"names": list(NAMES), "json_document_tools": ["store_*"]})
+    document = {"body": '{"tenant_id": "globex"}'}
+    assert evaluate(exempt, "acme", "tools/call", call(document, "store_doc")).action is Action.FORWARD
+    assert evaluate(exempt, "acme", "tools/call", call(document, "search")).action is Action.DENY
+    smuggled = {"query": '{"tenant_id": "globex"}'}
+    assert (
+        evaluate(exempt, "acme", "tools/call", call(smuggled, "store_q"), QUERY_SCHEMA).action is Action.DENY
+    )
+
+
+def test_fills_follow_refs_into_present_objects_and_json_strings() -> None:
+    params = call({"query": {"text": "x"}}, "search_notes")
+    decision = evaluate(REJECT, "acme", "tools/call", params, QUERY_SCHEMA)
+    assert decision.action is Action.REWRITE and not decision.spoof
+    assert apply(params, decision)["arguments"]["query"] == {"text": "x", "tenant_id": "acme"}
+    as_string = call({"query": '{"text": "x"}'}, "search_notes")
+    decision = evaluate(REJECT, "acme", "tools/call", as_string, QUERY_SCHEMA)
+    assert json.loads(apply(as_string, decision)["arguments"]["query"]) == {"text": "x", "tenant_id": "acme"}
+    optional = call({"query": {"text": "x"}}, "search_notes")
+    decision = evaluate(REJECT, "acme", "tools/call", optional, OPTIONAL_QUERY_SCHEMA)
+    assert apply(optional, decision)["arguments"]["query"]["tenant_id"] == "acme"
+    absent = call({}, "search_notes")  # no query object: nothing to fill it into
+    assert evaluate(REJECT, "acme", "tools/call", absent, QUERY_SCHEMA).action is Action.FORWARD
+
+
+def test_hiding_reaches_defs_and_composition() -> None:
+    hidden = hide_tenant_properties(QUERY_SCHEMA, frozenset(NAMES))
+    assert "tenant_id" not in json.dumps(hidden)
+    assert hidden["$defs"]["NoteQuery"]["properties"] == {"text": {"type": "string", "default": ""}}
+    assert hidden["$defs"]["NoteQuery"]["required"] == []
+    composed = {"allOf": [{"properties": {"org_id": {}}, "required": ["org_id"]}], "default": {"org_id": 1}}
+    out = hide_tenant_properties(composed, frozenset(NAMES))
+    assert out["allOf"][0] == {"properties": {}, "required": []}
+    assert out["default"] == {"org_id": 1}  # data, not a schema
+
+
+def test_schema_references_are_local_bounded_and_cycle_safe() -> None:
+    cyclic = {"$defs": {"A": {"$ref": "#/$defs/B"}, "B": {"$ref": "#/$defs/A"}}, "$ref": "#/$defs/A"}
+    assert SchemaIndex(cyclic).takes_string([cyclic]) in (True, False)  # terminates
+    remote = {"properties": {"q": {"$ref": "https://evil.example/schema.json"}}}
+    index = SchemaIndex(remote)
+    assert index.property([remote], "q") == [{"$ref": "https://evil.example/schema.json"}]
+    recursive = {"$defs": {"N": {"type": "object", "properties": {"child": {"$ref": "#/$defs/N"},
+                 "tenant_id": {"type": "string"}}}}, "$ref": "#/$defs/N"}  # fmt: skip
+    deep: Any = {"child": {"child": {"child": {}}}}
+    params = call(deep)
+    decision = evaluate(REJECT, "acme", "tools/call", params, recursive)
+    filled = apply(params, decision)["arguments"]
+    assert filled["child"]["child"]["child"]["tenant_id"] == "acme"
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        {"type": "ref/resource", "uri": "notes://acme/{path}"},
+        {"type": "ref/resource", "uri": "other://{x}"},
+        {"type": "ref/prompt", "name": "anything"},
+    ],
+)
+def test_completion_context_is_checked_whatever_the_ref(ref: Any) -> None:
+    for context in ({"tenant": "globex"}, {"tenant_id": "globex"}, {"f": '{"org_id": "globex"}'}):
+        params = {"ref": ref, "argument": {"name": "path", "value": ""}, "context": {"arguments": context}}
+        assert evaluate(REJECT, "acme", "completion/complete", params).action is Action.DENY
+        rewritten = evaluate(REWRITE, "acme", "completion/complete", params)
+        assert "globex" not in json.dumps(apply(params, rewritten))
+    smuggled = {"ref": ref, "argument": {"name": "q", "value": '{"tenant_id": "globex"}'}}
+    assert evaluate(REJECT, "acme", "completion/complete", smuggled).action is Action.DENY
+    named = {"ref": ref, "argument": {"name": "tenant", "value": "g"}}
+    assert evaluate(REJECT, "acme", "completion/complete", named).action is Action.ANSWER
+
+
+def test_client_capabilities_as_the_upstream_sees_them() -> None:
+    from proxy.policy.model import ClientCapabilitiesSpec, compile_client_capabilities
+
+    sent = {"roots": {"listChanged": True}, "sampling": {}, "elicitation": {"form": {}}, "experimental": {}}
+    default = compile_client_capabilities(ClientCapabilitiesSpec())
+    assert default.filter(sent) == {"sampling": {}, "elicitation": {"form": {}}, "experimental": {}}
+    listed = compile_client_capabilities(
+        ClientCapabilitiesSpec(roots=("file:///srv/{tenant}",), sampling="deny", elicitation="deny")
+    )
+    assert listed.filter(sent) == {"roots": {}, "experimental": {}}
+    assert listed.filter({}) == {"roots": {}}
+    assert listed.roots_for("acme") == [{"uri": "file:///srv/acme"}]
+    assert not listed.allows("sampling/createMessage") and not listed.allows("roots/list")
+    allowed = compile_client_capabilities(ClientCapabilitiesSpec(roots="allow"))
+    assert allowed.filter(sent) == sent and allowed.allows("roots/list")
