@@ -2,7 +2,7 @@
 
     POST:   check_origin -> authenticate -> apply_limits -> read_message -> resolve_era -> bind_session
             -> open_request_state -> check_mirrored_headers -> enforce_policy
-            -> render_mirrored_headers -> lookup_cache -> [upstream]
+            -> enforce_client_capabilities -> render_mirrored_headers -> lookup_cache -> [upstream]
     GET:    check_origin -> authenticate -> require_event_stream -> bind_session -> [upstream stream]
     DELETE: check_origin -> authenticate -> bind_session -> [upstream DELETE]
 
@@ -46,7 +46,7 @@ from proxy.headers import (
     render_param_headers,
 )
 from proxy.jsonrpc import KNOWN_METHODS, Kind, answer_bytes, parse_message
-from proxy.policy.enforce import catalog_entry, enforce_policy
+from proxy.policy.enforce import catalog_entry, enforce_client_capabilities, enforce_policy
 from proxy.types import DEFAULT_HANDSHAKE_VERSION, HANDSHAKE_VERSIONS, MODERN_VERSIONS, Era, Exchange
 
 Stage = Callable[[Exchange], Awaitable[None]]
@@ -230,18 +230,36 @@ async def bind_session(exchange: Exchange) -> None:
 
 
 async def open_request_state(exchange: Exchange) -> None:
-    """A multi-round-trip retry is forwarded only with a requestState issued to this same caller."""
+    """A multi-round-trip retry is forwarded only with a requestState issued to this same caller for
+    this same request; its inputResponses are the ones the client was asked for, plus the proxy's own
+    (a roots/list the policy answers), and the upstream gets its own requestState back."""
     message, ctx = exchange.message, exchange.ctx
-    if message is None or ctx is None or "requestState" not in message.params:
+    if message is None or ctx is None or message.kind is not Kind.REQUEST:
         return
-    sealed = message.params["requestState"]
-    seal = exchange.services.request_states
-    state = seal.open(ctx.tenant, ctx.subject, sealed) if isinstance(sealed, str) else None
+    params = message.params
+    if "requestState" not in params:
+        if "inputResponses" in params:
+            raise InvalidParams(
+                "Invalid params: inputResponses answer an input_required result; send its requestState too"
+            )
+        return
+    state = exchange.services.request_states.open(
+        ctx, message.method or "", message.name, params["requestState"]
+    )
     if state is None:
         raise InvalidParams(
-            "Invalid params: requestState was not issued to this caller; start the request again"
+            "Invalid params: requestState was not issued to this caller for this request, or has expired; "
+            "start the request again"
         )
-    message.body["params"]["requestState"] = state
+    if state.upstream_state is None:
+        del params["requestState"]
+    else:
+        params["requestState"] = state.upstream_state
+    given = params.get("inputResponses")
+    responses = {k: v for k, v in given.items() if k in state.expected} if isinstance(given, dict) else {}
+    responses.update(state.answers)
+    if responses or "inputResponses" in params:
+        params["inputResponses"] = responses
 
 
 def _sent_param_headers(exchange: Exchange) -> dict[str, list[str]]:
@@ -347,6 +365,7 @@ POST_STAGES: Sequence[Stage] = (
     open_request_state,
     check_mirrored_headers,
     enforce_policy,
+    enforce_client_capabilities,
     render_mirrored_headers,
     lookup_cache,
 )

@@ -7,6 +7,8 @@ whether it reaches the client and in what form.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from functools import partial
 from typing import Any, Final
@@ -17,10 +19,12 @@ from aiohttp import web
 from proxy.audit import bounded_method
 from proxy.cache import LIST_CHANGED
 from proxy.catalog import Kind
+from proxy.errors import ProxyError
 from proxy.jsonrpc import Kind as MessageKind
 from proxy.jsonrpc import answer_bytes, dumps
-from proxy.policy.enforce import filter_answer
+from proxy.policy.enforce import answer_for_upstream, filter_answer, settle_input_requests
 from proxy.types import Era, Exchange, JsonObject, RequestId
+from proxy.upstream import UpstreamRequest
 
 log = structlog.get_logger("proxy.requests")
 REQUEST_ID = web.RequestKey("request_id", str)  # the id on every log line of one HTTP request
@@ -94,6 +98,10 @@ class ServerMessages:
         if "id" in message:  # a server-to-client request
             if exchange.era is not Era.HANDSHAKE or exchange.session is None:
                 return None  # the modern era has no back channel; never deliver one elsewhere
+            own_answer = answer_for_upstream(exchange, message)
+            if own_answer is not None:  # the policy answers it: the client never sees it
+                answer_upstream_soon(exchange, own_answer)
+                return None
             exchange.services.sessions.expect_answer(exchange.session, message["id"])
             return dumps(message)
         if exchange.tenant is not None and method in _LIST_CHANGED:
@@ -113,11 +121,6 @@ class ServerMessages:
             if isinstance(uri, str):
                 cache.invalidate(ctx.tenant, ("resources/read",), uri)
 
-    def _seal(self, state: str) -> str:
-        ctx = self.exchange.ctx
-        assert ctx is not None
-        return self.exchange.services.request_states.seal(ctx.tenant, ctx.subject, state)
-
     def _answer(self, message: JsonObject) -> bytes:
         exchange = self.exchange
         request = exchange.message
@@ -136,13 +139,42 @@ class ServerMessages:
             version = result.get("protocolVersion")
             if isinstance(version, str):  # the session speaks what the server chose
                 exchange.session.protocol_version = version
-        if result.get("resultType") == "input_required" and isinstance(result.get("requestState"), str):
-            result = {**result, "requestState": self._seal(result["requestState"])}
+        if result.get("resultType") == "input_required" and exchange.ctx is not None:
+            try:
+                result = settle_input_requests(exchange, result)
+            except ProxyError as refusal:
+                exchange.error_code = refusal.code
+                return dumps(refusal.to_jsonrpc(request.id))
         filtered = filter_answer(exchange, result)
         raw = dumps(filtered)
         exchange.record_result(raw)
         _store(exchange, filtered, raw)
         return answer_bytes(request.id, raw)
+
+
+_ANSWERS_TO_UPSTREAM: set[asyncio.Task[None]] = set()
+
+
+def answer_upstream_soon(exchange: Exchange, answer: JsonObject) -> None:
+    """Send the proxy's own answer to a server-to-client request, on the exchange's session."""
+    session, tenant = exchange.session, exchange.tenant
+    if session is None or tenant is None or session.upstream_session_id is None:
+        return
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream",
+        "Mcp-Session-Id": session.upstream_session_id,
+        "MCP-Protocol-Version": session.protocol_version,
+    }
+    upstream = tenant.upstream
+
+    async def send() -> None:
+        with contextlib.suppress(ProxyError):
+            (await upstream.send(UpstreamRequest("POST", headers, dumps(answer)))).close()
+
+    task = asyncio.get_running_loop().create_task(send())
+    _ANSWERS_TO_UPSTREAM.add(task)
+    task.add_done_callback(_ANSWERS_TO_UPSTREAM.discard)
 
 
 def _store(exchange: Exchange, result: JsonObject, raw: bytes) -> None:

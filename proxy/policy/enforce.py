@@ -10,9 +10,13 @@ from aiohttp import web
 
 from proxy.catalog import Entry, Kind, SessionRoute
 from proxy.errors import InvalidParams, PolicyDenied
+from proxy.headers import CLIENT_CAPABILITIES_META
 from proxy.jsonrpc import Kind as MessageKind
 from proxy.jsonrpc import answer_bytes, dumps
-from proxy.policy.engine import Action, Decision, Path, declared_tenant_paths, evaluate, filter_result
+from proxy.policy.engine import Action, Decision, Path, evaluate, filter_result
+from proxy.policy.model import DEFAULT_CLIENT_CAPABILITIES, ClientCapabilities
+from proxy.policy.schemas import SchemaIndex
+from proxy.request_state import RequestState
 from proxy.types import Era, Exchange, JsonObject
 
 log = structlog.get_logger("proxy.policy")
@@ -82,7 +86,7 @@ async def enforce_policy(exchange: Exchange) -> None:
     if message.kind is not MessageKind.REQUEST:
         return
     policy = tenant.policy
-    declared: tuple[Path, ...] = ()
+    schema: SchemaIndex | None = None
     name = message.name
     if message.method == "tools/call" and name == RECENT_ACTIVITY_TOOL and policy.recent_activity_records:
         await _answer_recent_activity(exchange, policy.recent_activity_records)
@@ -90,12 +94,8 @@ async def enforce_policy(exchange: Exchange) -> None:
     if message.method in _CATALOG_KIND and name is not None and policy.denying_rule(name) is None:
         entry = await catalog_entry(exchange, fetch=True)
         if entry is not None:
-            names = policy.tenant_argument_names
-            known = entry.tenant_paths.get(names)
-            if known is None:
-                known = entry.tenant_paths[names] = declared_tenant_paths(entry.input_schema, names)
-            declared = known
-    decision = evaluate(policy, ctx.tenant, message.method, message.params, declared)
+            schema = entry.schema
+    decision = evaluate(policy, ctx.tenant, message.method, message.params, schema)
     if decision.action is Action.FORWARD:
         return
     if decision.rule is not None:
@@ -182,3 +182,116 @@ async def _answer_recent_activity(exchange: Exchange, max_records: int) -> None:
     exchange.reply = web.Response(
         body=answer_bytes(exchange.message.id, raw), content_type="application/json"
     )
+
+
+# --- client capabilities: what the upstream may learn of, and ask from, the client ---------------
+
+
+def capabilities_of(exchange: Exchange) -> ClientCapabilities:
+    tenant = exchange.tenant
+    if tenant is None or tenant.policy is None:
+        return DEFAULT_CLIENT_CAPABILITIES  # (fail closed: no policy still means no client roots)
+    return tenant.policy.client_capabilities
+
+
+async def enforce_client_capabilities(exchange: Exchange) -> None:
+    """The client's capabilities as the upstream sees them (initialize in the handshake era, every
+    request's _meta in 2026-07-28), and its roots list_changed dropped when roots are not its own."""
+    message = exchange.message
+    if message is None or exchange.tenant is None:
+        return
+    capabilities = capabilities_of(exchange)
+    if message.kind is MessageKind.NOTIFICATION:
+        if message.method == "notifications/roots/list_changed" and capabilities.roots != "allow":
+            exchange.reply = web.Response(status=202)
+        return
+    if message.kind is not MessageKind.REQUEST or not isinstance(message.body.get("params"), dict):
+        return
+    params = message.body["params"]
+    if message.method == "initialize" and "capabilities" in params:
+        params["capabilities"] = capabilities.filter(params["capabilities"])
+    meta = params.get("_meta")
+    if exchange.era is Era.MODERN and isinstance(meta, dict) and CLIENT_CAPABILITIES_META in meta:
+        params["_meta"] = {
+            **meta,
+            CLIENT_CAPABILITIES_META: capabilities.filter(meta[CLIENT_CAPABILITIES_META]),
+        }
+
+
+def _record_capability(exchange: Exchange, method: str, capabilities: ClientCapabilities) -> str:
+    rule = f"client_capabilities.{capabilities.rule_for(method)}"
+    tenant = exchange.ctx.tenant if exchange.ctx is not None else "?"
+    exchange.services.metrics.policy_denials.labels(tenant, rule).inc()
+    log.warning(
+        "policy_denied",
+        tenant=tenant,
+        subject_hash=exchange.subject_hash,
+        method=method,
+        rule=rule,
+        direction="server_to_client",
+    )
+    return rule
+
+
+def answer_for_upstream(exchange: Exchange, request: JsonObject) -> JsonObject | None:
+    """A server-to-client request the client may not see (handshake era): the proxy's own answer to
+    the upstream (the policy's roots, or an error), or None when it may reach the client."""
+    method = request.get("method")
+    capabilities = capabilities_of(exchange)
+    if not isinstance(method, str) or capabilities.allows(method):
+        return None
+    if method == "roots/list":
+        if capabilities.roots == "deny":
+            _record_capability(exchange, method, capabilities)
+        tenant = exchange.ctx.tenant if exchange.ctx is not None else ""
+        return {
+            "jsonrpc": "2.0",
+            "id": request.get("id"),
+            "result": {"roots": capabilities.roots_for(tenant)},
+        }
+    _record_capability(exchange, method, capabilities)
+    error = {"code": -32601, "message": f"Method not found: the client does not offer {method}"}
+    return {"jsonrpc": "2.0", "id": request.get("id"), "error": error}
+
+
+def settle_input_requests(exchange: Exchange, result: JsonObject) -> JsonObject:
+    """A 2026-07-28 input_required result as the client gets it: the requests the policy answers
+    itself (roots) taken out and their answers sealed into requestState with the caller, the request
+    and the keys the client is asked to answer; a request the policy denies refuses the whole call."""
+    ctx, message = exchange.ctx, exchange.message
+    assert ctx is not None and message is not None
+    capabilities = capabilities_of(exchange)
+    requests = result.get("inputRequests")
+    kept: JsonObject = {}
+    answers: JsonObject = {}
+    for key, request in requests.items() if isinstance(requests, dict) else ():
+        method = request.get("method") if isinstance(request, dict) else None
+        if method == "roots/list" and capabilities.roots != "allow":
+            if capabilities.roots == "deny":
+                _record_capability(exchange, method, capabilities)
+            answers[key] = {"roots": capabilities.roots_for(ctx.tenant)}
+        elif isinstance(method, str) and not capabilities.allows(method):
+            rule = _record_capability(exchange, method, capabilities)
+            exchange.outcome = "denied"
+            raise PolicyDenied(
+                f"Denied by policy: the upstream asked the client for {method}, which this tenant's "
+                f"policy does not allow (rule {rule})",
+                data={"rule": rule},
+            )
+        else:
+            kept[str(key)] = request
+    upstream_state = result.get("requestState")
+    state = RequestState(
+        message.method or "",
+        message.name,
+        upstream_state if isinstance(upstream_state, str) else None,
+        tuple(kept),
+        answers,
+    )
+    settled = {**result, "requestState": exchange.services.request_states.seal(ctx, state)}
+    if isinstance(requests, dict):
+        if kept:
+            settled["inputRequests"] = kept
+        else:
+            del settled["inputRequests"]  # the client may retry at once, with the requestState
+    return settled

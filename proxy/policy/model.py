@@ -8,22 +8,41 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Final, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
 from proxy.config import ConfigError, StrictModel, format_validation_error, read_yaml
+from proxy.types import JsonObject
 
 TENANT_VARIABLE = "tenant"
 _VARIABLE = re.compile(r"\{([+#./;?&]?)([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class TenantArgumentsSpec(StrictModel):
-    names: tuple[str, ...] = ("tenant_id",)
-    on_mismatch: Literal["reject", "rewrite"] = "reject"
-    hide_from_schema: bool = False
+    names: tuple[str, ...] = Field(
+        default=("tenant_id",),
+        description="Argument names that identify a tenant, checked at any depth of tools/call, "
+        "prompts/get and completion arguments (and inside JSON documents sent as strings).",
+    )
+    on_mismatch: Literal["reject", "rewrite"] = Field(
+        default="reject",
+        description="What a tenant argument naming anything but the caller's tenant gets: refused "
+        "(reject) or replaced by the caller's tenant (rewrite); either way counted as a spoof.",
+    )
+    hide_from_schema: bool = Field(
+        default=False,
+        description="Drop tenant arguments from the schemas clients see (tools/list, prompts/list, "
+        "$defs included); the proxy fills them in.",
+    )
+    json_document_tools: tuple[str, ...] = Field(
+        default=(),
+        description="Glob patterns of tools whose string arguments carry JSON documents of their own: "
+        "the proxy does not look for tenant arguments inside strings their schema declares as strings "
+        "(it still does where the schema says the value is not a string, which SDKs decode).",
+    )
 
 
 class ToolsSpec(StrictModel):
@@ -44,6 +63,39 @@ class ResourcesSpec(StrictModel):
     tenant_uri_templates: tuple[str, ...] = ()
 
 
+RootsSetting = Literal["deny", "allow"] | tuple[str, ...]
+
+
+class ClientCapabilitiesSpec(StrictModel):
+    """What the upstream may learn of, and ask from, the client (both protocol eras)."""
+
+    roots: RootsSetting = Field(
+        default="deny",
+        description="deny: the upstream never sees the client's roots (a roots/list is answered with "
+        "an empty list); allow: passed through; a list of URIs (may contain {tenant}): the proxy "
+        "answers roots/list with them.",
+    )
+    sampling: Literal["allow", "deny"] = Field(
+        default="allow",
+        description="deny: the sampling capability is removed and an upstream's sampling request is "
+        "refused with a JSON-RPC error.",
+    )
+    elicitation: Literal["allow", "deny"] = Field(
+        default="allow",
+        description="deny: the elicitation capability is removed and an upstream's elicitation "
+        "request is refused with a JSON-RPC error.",
+    )
+
+    @field_validator("roots")
+    @classmethod
+    def _root_uris(cls, roots: RootsSetting) -> RootsSetting:
+        if isinstance(roots, tuple):
+            for uri in roots:
+                if ":" not in uri or any(ch <= " " for ch in uri):
+                    raise ValueError(f"{uri!r} is not a URI (e.g. file:///srv/{{tenant}})")
+        return roots
+
+
 class RecentActivitySpec(StrictModel):
     enabled: bool = False
     max_records: int = Field(default=20, ge=1, le=200)
@@ -54,6 +106,7 @@ class PolicyFile(StrictModel):
     tools: ToolsSpec = Field(default_factory=ToolsSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     recent_activity: RecentActivitySpec = Field(default_factory=RecentActivitySpec)
+    client_capabilities: ClientCapabilitiesSpec = Field(default_factory=ClientCapabilitiesSpec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +157,57 @@ def _globs(patterns: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
 
 
+@dataclass(frozen=True, slots=True)
+class ClientCapabilities:
+    """The compiled client_capabilities section."""
+
+    roots: str  # "deny", "allow" or "list"
+    root_uris: tuple[str, ...]  # for "list": with {tenant} still in them
+    sampling: bool
+    elicitation: bool
+
+    def roots_for(self, tenant: str) -> list[JsonObject]:
+        """The roots the proxy answers roots/list with for this tenant."""
+        return [{"uri": uri.replace("{tenant}", tenant)} for uri in self.root_uris]
+
+    def allows(self, method: str) -> bool:
+        """Whether a server-to-client request of this method may reach the client."""
+        if method == "roots/list":
+            return self.roots == "allow"
+        if method == "sampling/createMessage":
+            return self.sampling
+        if method == "elicitation/create":
+            return self.elicitation
+        return True
+
+    def rule_for(self, method: str) -> str:
+        return {"roots/list": "roots", "sampling/createMessage": "sampling"}.get(method, "elicitation")
+
+    def filter(self, capabilities: Any) -> Any:
+        """A client's capabilities as the upstream may see them."""
+        if not isinstance(capabilities, dict):
+            return capabilities
+        kept = dict(capabilities)
+        if self.roots == "deny":
+            kept.pop("roots", None)
+        elif self.roots == "list":
+            kept["roots"] = {}  # the proxy answers roots/list itself; its list never changes
+        if not self.sampling:
+            kept.pop("sampling", None)
+        if not self.elicitation:
+            kept.pop("elicitation", None)
+        return kept
+
+
+def compile_client_capabilities(spec: ClientCapabilitiesSpec) -> ClientCapabilities:
+    roots = spec.roots if isinstance(spec.roots, str) else "list"
+    uris = spec.roots if isinstance(spec.roots, tuple) else ()
+    return ClientCapabilities(roots, uris, spec.sampling == "allow", spec.elicitation == "allow")
+
+
+DEFAULT_CLIENT_CAPABILITIES: Final = compile_client_capabilities(ClientCapabilitiesSpec())
+
+
 @dataclass(frozen=True)
 class Policy:
     name: str
@@ -115,6 +219,12 @@ class Policy:
     cache_ttl_seconds: Mapping[str, float]
     uri_templates: tuple[UriTemplate, ...]
     recent_activity_records: int  # 0: the proxy_recent_activity tool is off
+    json_document_tools: re.Pattern[str] = re.compile(r"(?!)")
+    client_capabilities: ClientCapabilities = field(default_factory=lambda: DEFAULT_CLIENT_CAPABILITIES)
+
+    def json_documents_in(self, tool: str) -> bool:
+        """Whether the tool's string arguments carry JSON documents the proxy leaves alone."""
+        return self.json_document_tools.match(tool) is not None
 
     @property
     def scoped_schemes(self) -> frozenset[str]:
@@ -142,6 +252,8 @@ def compile_policy(name: str, spec: PolicyFile) -> Policy:
         cache_ttl_seconds=dict(spec.tools.cache_ttl_seconds),
         uri_templates=tuple(compile_uri_template(t) for t in spec.resources.tenant_uri_templates),
         recent_activity_records=spec.recent_activity.max_records if spec.recent_activity.enabled else 0,
+        json_document_tools=_globs(spec.tenant_arguments.json_document_tools),
+        client_capabilities=compile_client_capabilities(spec.client_capabilities),
     )
 
 

@@ -180,7 +180,7 @@ async def test_request_state_round_trips_only_for_its_caller(
     issued = json.loads(raw)["result"]
     assert issued["resultType"] == "input_required"
     sealed = issued["requestState"]
-    assert sealed.startswith("mtp1.")
+    assert sealed.startswith("mtp2.")
     upstream_states = [
         json.loads(r.text)["result"]["requestState"] for r in [] if r
     ]  # the proxy never shows it
@@ -199,7 +199,7 @@ async def test_request_state_round_trips_only_for_its_caller(
     assert status == 200
     assert "confirmed after" in raw.decode()
     forwarded = json.loads(recorder.snapshot()[-1].text)["params"]["requestState"]
-    assert not forwarded.startswith("mtp1.")  # the upstream got its own state back
+    assert not forwarded.startswith("mtp2.")  # the upstream got its own state back
 
 
 # --- E4 through the proxy: names and argument keys cannot forge audit lines ------------------------

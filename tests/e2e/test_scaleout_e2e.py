@@ -11,6 +11,7 @@ traffic is still served, /readyz and /metrics say so; when Redis returns, so doe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import secrets
@@ -28,8 +29,10 @@ from aiohttp import web
 from proxy.cli import start_server
 from proxy.config import ProxyConfig
 from proxy.demo import client_for
+from proxy.request_state import RequestState
 from proxy.runtime import Services
 from proxy.transport import SERVICES
+from proxy.types import TenantContext
 from tests.conftest import MCP_ACCEPT, TENANTS, proxy_config
 from tests.factories import RsaKeys, token
 from tests.redis_server import RedisServer, require_redis_server
@@ -566,10 +569,12 @@ async def test_request_state_sealed_by_one_replica_opens_on_the_other_for_its_ca
     replicas = await start_replicas(upstreams)
     a, b = replicas.a.services.request_states, replicas.b.services.request_states
     assert a.shared and b.shared
-    sealed = a.seal("acme", "alice", "upstream-state-1")
-    assert b.open("acme", "alice", sealed) == "upstream-state-1"
-    assert b.open("globex", "alice", sealed) is None
-    assert b.open("acme", "mallory", sealed) is None
+    state = RequestState("tools/call", "book", "upstream-state-1")
+    caller = TenantContext("acme", "alice", "dev", frozenset(), 0.0)
+    sealed = a.seal(caller, state)
+    assert b.open(caller, "tools/call", "book", sealed) == state
+    assert b.open(dataclasses.replace(caller, tenant="globex"), "tools/call", "book", sealed) is None
+    assert b.open(dataclasses.replace(caller, subject="mallory"), "tools/call", "book", sealed) is None
 
 
 async def test_shared_sessions_expire_in_redis_cap_across_replicas_and_local_views_follow(

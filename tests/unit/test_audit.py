@@ -6,6 +6,7 @@ import json
 import logging.handlers
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 
 from proxy.audit import AuditLog, summarize
 from proxy.jsonrpc import parse_message
-from proxy.request_state import RequestStateSeal
+from proxy.request_state import RequestState, RequestStateSeal
 from proxy.types import Era, TenantContext
 from tests.factories import make_config, make_exchange
 
@@ -172,14 +173,26 @@ def test_no_tenant_no_record() -> None:
     assert summarize(ex) is None
 
 
-def test_request_state_is_bound_to_its_caller() -> None:
+def _caller(tenant: str = "acme", subject: str = "alice", issuer: str = "dev") -> TenantContext:
+    return TenantContext(tenant, subject, issuer, frozenset(), 0.0)
+
+
+def test_request_state_is_bound_to_its_caller_request_and_lifetime() -> None:
     seal = RequestStateSeal()
-    sealed = seal.seal("acme", "alice", "upstream-state-1")
-    assert "upstream-state-1" not in sealed or sealed.startswith("mtp1.")
-    assert seal.open("acme", "alice", sealed) == "upstream-state-1"
-    assert seal.open("globex", "alice", sealed) is None
-    assert seal.open("acme", "bob", sealed) is None
-    assert seal.open("acme", "alice", sealed[:-2] + "AA") is None
-    assert seal.open("acme", "alice", "upstream-state-1") is None
-    assert seal.open("acme", "alice", "mtp1.a.b.c") is None
-    assert RequestStateSeal().open("acme", "alice", sealed) is None  # another proxy's key
+    state = RequestState("tools/call", "book", "upstream-state-1", ("confirm",), {"roots": {"roots": []}})
+    sealed = seal.seal(_caller(), state)
+    assert "upstream-state-1" not in sealed
+    assert seal.open(_caller(), "tools/call", "book", sealed) == state
+    assert seal.open(_caller("globex"), "tools/call", "book", sealed) is None
+    assert seal.open(_caller(subject="bob"), "tools/call", "book", sealed) is None
+    assert (
+        seal.open(_caller(issuer="other-idp"), "tools/call", "book", sealed) is None
+    )  # same sub, other issuer
+    assert seal.open(_caller(), "tools/call", "cancel_booking", sealed) is None  # another request
+    assert seal.open(_caller(), "prompts/get", "book", sealed) is None
+    assert seal.open(_caller(), "tools/call", "book", sealed, now=time.time() + seal.ttl_seconds + 1) is None
+    assert seal.open(_caller(), "tools/call", "book", sealed[:-2] + "AA") is None
+    assert seal.open(_caller(), "tools/call", "book", "upstream-state-1") is None
+    assert seal.open(_caller(), "tools/call", "book", "mtp2.a.b.c") is None
+    assert seal.open(_caller(), "tools/call", "book", 7) is None
+    assert RequestStateSeal().open(_caller(), "tools/call", "book", sealed) is None  # another proxy's key
