@@ -20,8 +20,8 @@ from typing import Annotated, Any
 
 import anyio
 import uvicorn
-from mcp.server.mcpserver import Context, Elicit, MCPServer, Resolve, Sample
-from mcp_types import CreateMessageResult, SamplingMessage, TextContent
+from mcp.server.mcpserver import Context, Elicit, ListRoots, MCPServer, Resolve, Sample
+from mcp_types import Completion, CreateMessageResult, ListRootsResult, SamplingMessage, TextContent
 from pydantic import BaseModel
 
 from proxy.demo_upstream import build_notes_server
@@ -125,6 +125,18 @@ def add_test_tools(server: MCPServer, canary: str) -> None:
         return {"model": answer.model, "text": text, "canary": canary}
 
     @server.tool()
+    async def show_roots(roots: Annotated[ListRootsResult, Resolve(_list_roots)]) -> dict[str, Any]:
+        """The client's roots, as a filesystem server would adopt them."""
+        return {"roots": [str(root.uri) for root in roots.roots], "canary": canary}
+
+    @server.completion()
+    async def complete(ref: Any, argument: Any, context: Any) -> Completion:
+        """Completes from the tenant named in the context, as a tenant-aware server trusting it would."""
+        arguments = (context.arguments if context is not None else None) or {}
+        named = arguments.get("tenant") or arguments.get("tenant_id") or "nobody"
+        return Completion(values=[f"{named}-{argument.name}-{canary}"])
+
+    @server.tool()
     async def ask_user(
         topic: str, choice: Annotated[ColourChoice, Resolve(_elicit_colour)]
     ) -> dict[str, Any]:
@@ -138,6 +150,10 @@ TOOL_EVENTS: dict[str, list[str]] = {}
 
 class ColourChoice(BaseModel):
     colour: str
+
+
+def _list_roots() -> ListRoots:
+    return ListRoots()
 
 
 def _sample_about(topic: str) -> Sample:
