@@ -208,8 +208,8 @@ class Proxy:
 
     def token(self, tenant: str) -> str:
         if tenant not in self.tokens:
-            from proxy.auth import mint_token
             from proxy.config import load_config
+            from proxy.layers.auth.authenticator import mint_token
 
             config = load_config(self.config_path)
             self.tokens[tenant] = mint_token(config, ISSUER, tenant, f"bench-user@{tenant}", ttl_seconds=7200)
@@ -356,7 +356,7 @@ class Harness:
             self.settings.proxy_log_level,
         ]
         began = time.perf_counter()
-        proc = Proc("proxy", argv, work / "proxy.log", self.env)
+        proc = Proc("proxy", argv, work / "proxy.ops.log", self.env)
         self.procs.append(proc)
         deadline = time.monotonic() + (300 if wrap else 60)
         health = f"http://127.0.0.1:{port}/healthz"

@@ -16,14 +16,14 @@ from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily
 
 from proxy.config import ProxyConfig
-from proxy.errors import ProxyError
-from proxy.health import READINESS, Readiness, healthz, keep_checking, readyz
-from proxy.jsonrpc import dumps, error_body
-from proxy.metrics import CONTENT_TYPE_LATEST
-from proxy.reload import RETIRED, watch_files
-from proxy.responses import REQUEST_ID
+from proxy.http.endpoint import RUNTIME, SERVICES, end_upstream_session, handle_mcp
+from proxy.http.responses import REQUEST_ID
+from proxy.ops.health import READINESS, Readiness, healthz, keep_checking, readyz
+from proxy.ops.metrics import CONTENT_TYPE_LATEST
+from proxy.ops.reload import RETIRED, watch_files
+from proxy.protocol.errors import ProxyError
+from proxy.protocol.jsonrpc import dumps, error_body
 from proxy.runtime import Runtime, RuntimeRef, Services
-from proxy.transport import RUNTIME, SERVICES, end_upstream_session, handle_mcp
 
 log = structlog.get_logger("proxy.app")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from proxy.config import ConfigError, ProxyConfig, load_config
-from proxy.log import configure_logging
+from proxy.ops.log import configure_logging
 
 EXIT_CONFIG = 2
 
@@ -20,7 +20,7 @@ EXIT_CONFIG = 2
 async def start_server(config: ProxyConfig) -> tuple[web.AppRunner, int]:
     """Start serving `config`; returns the runner and the bound port."""
     from proxy.app import create_app
-    from proxy.server import ProxyRunner
+    from proxy.http.server import ProxyRunner
 
     app = create_app(config)
     runner = ProxyRunner(
@@ -46,7 +46,7 @@ async def serve(config: ProxyConfig) -> None:
     log.info(
         "listening", host=config.listen.host, port=port, path=config.listen.path, tenants=len(config.tenants)
     )
-    from proxy.reload import reload_config
+    from proxy.ops.reload import reload_config
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -94,7 +94,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_mint_token(args: argparse.Namespace) -> int:
-    from proxy.auth import mint_token
+    from proxy.layers.auth.authenticator import mint_token
 
     config = load_config(args.config)
     try:
@@ -113,7 +113,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from proxy.schema import schema_text
+    from proxy.ops.schema import schema_text
 
     print(schema_text(args.kind), end="")
     return 0

@@ -124,11 +124,11 @@ def _text(result: Any) -> str:
 
 
 async def run_demo() -> int:
-    from proxy.auth import mint_token
     from proxy.cli import start_server
     from proxy.config import ProxyConfig
-    from proxy.log import configure_logging
-    from proxy.transport import SERVICES
+    from proxy.http.endpoint import SERVICES
+    from proxy.layers.auth.authenticator import mint_token
+    from proxy.ops.log import configure_logging
 
     configure_logging("error")
     logging.basicConfig(level=logging.WARNING)  # the SDK and uvicorn log through stdlib logging

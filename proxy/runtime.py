@@ -16,20 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from proxy.audit import AuditLog
-from proxy.auth import Authenticator
-from proxy.cache import Cache, ResponseCache
-from proxy.catalog import Catalog
+from proxy.backends.redis.client import RedisState
 from proxy.config import ConfigError, LimitsConfig, ProxyConfig, TenantConfig
-from proxy.limits import Limiter
-from proxy.metrics import Metrics
-from proxy.policy.model import Policy, load_policy
-from proxy.reports import Reports
-from proxy.request_state import RequestStateSeal
-from proxy.sessions import SessionRegistry
-from proxy.state.client import RedisState
-from proxy.stdio.upstream import StdioUpstream
-from proxy.upstream import HttpUpstream, Upstream
+from proxy.layers.auth.authenticator import Authenticator
+from proxy.layers.cache.store import Cache, ResponseCache
+from proxy.layers.containment.audit import AuditLog
+from proxy.layers.containment.request_state import RequestStateSeal
+from proxy.layers.data_access.catalog import Catalog
+from proxy.layers.data_access.policy import Policy, load_policy
+from proxy.layers.limits.limiter import Limiter
+from proxy.layers.sessions.registry import SessionRegistry
+from proxy.ops.metrics import Metrics
+from proxy.ops.reports import Reports
+from proxy.upstreams.http import HttpUpstream, Upstream
+from proxy.upstreams.stdio.upstream import StdioUpstream
 
 
 @dataclass(eq=False)
@@ -201,9 +201,9 @@ class Services:
         metrics = Metrics()
         sessions, caching, audit = config.sessions, config.cache, config.audit
         if config.state.backend == "redis":
-            from proxy.state.cache import RedisResponseCache
-            from proxy.state.limits import RedisLimiter
-            from proxy.state.sessions import RedisSessionRegistry
+            from proxy.backends.redis.cache import RedisResponseCache
+            from proxy.backends.redis.limits import RedisLimiter
+            from proxy.backends.redis.sessions import RedisSessionRegistry
 
             shared = RedisState(config.state, metrics, config.source)
             return cls(

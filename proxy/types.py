@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from proxy.cache import CacheKey, CachePlan
-    from proxy.catalog import Entry
-    from proxy.jsonrpc import Message
-    from proxy.limits import Admission
+    from proxy.layers.cache.store import CacheKey, CachePlan
+    from proxy.layers.data_access.catalog import Entry
+    from proxy.layers.limits.limiter import Admission
+    from proxy.layers.sessions.registry import Session
+    from proxy.protocol.jsonrpc import Message
     from proxy.runtime import Runtime, Services, TenantRuntime
-    from proxy.sessions import Session
 
 JsonObject: TypeAlias = dict[str, Any]
 RequestId: TypeAlias = str | int

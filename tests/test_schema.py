@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 import yaml
 
-from proxy.schema import generate, schema_text, shipped
+from proxy.ops.schema import generate, schema_text, shipped
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from proxy.cli import start_server
 from proxy.config import ProxyConfig
-from proxy.errors import Unauthenticated
+from proxy.protocol.errors import Unauthenticated
 from tests.conftest import MCP_ACCEPT, proxy_config
 from tests.factories import RsaKeys
 from tests.upstreams import free_port

@@ -20,7 +20,7 @@ import aiohttp
 import jwt
 import pytest
 
-from proxy.errors import BadRequest, Forbidden, ProxyError, Unauthenticated
+from proxy.protocol.errors import BadRequest, Forbidden, ProxyError, Unauthenticated
 from tests.adversarial.test_a_jwks import JWKS_ISS, JwksServer
 from tests.conftest import MCP_ACCEPT, TENANTS, RunningProxy, StartProxy
 from tests.factories import DEV_SECRET, RsaKeys, unsigned_token
@@ -502,7 +502,7 @@ async def test_control_the_watch_sees_key_files_and_jwks_fetches(
 ) -> None:
     """Without this the other kid tests could pass by seeing nothing at all: loading the PEM file,
     and fetching the key set for a well-formed kid (from a worker thread), are both recorded."""
-    from proxy.auth import Authenticator
+    from proxy.layers.auth.authenticator import Authenticator
 
     config, forge, jwks = auth_issuers
     with watching() as events:
@@ -518,7 +518,7 @@ async def test_control_the_watch_sees_key_files_and_jwks_fetches(
 async def test_a_weird_kid_opens_no_file_and_no_connection(
     auth_issuers: tuple[Any, Any, JwksServer], rsa_keys: RsaKeys, kid: str
 ) -> None:
-    from proxy.auth import Authenticator
+    from proxy.layers.auth.authenticator import Authenticator
 
     config, forge, jwks = auth_issuers
     value = WEIRD_KIDS[kid]

@@ -23,7 +23,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import InputRequiredResult
 
 from proxy.demo import client_for
-from proxy.transport import SERVICES
+from proxy.http.endpoint import SERVICES
 from tests.conftest import MCP_ACCEPT, TENANTS, RunningProxy, StartProxy
 from tests.factories import DEV_SECRET, RsaKeys
 from tests.factories import token as token_for
@@ -113,7 +113,7 @@ async def test_what_reports_produce_counts_every_request_answered_before_it_is_r
     """Reports follow the answers; proxy_recent_activity and /metrics run pending ones first."""
     from tests.e2e.test_transport_e2e import modern_body, modern_headers
 
-    monkeypatch.setattr("proxy.reports.REPORT_DELAY_SECONDS", 60.0)  # no timer helps within the test
+    monkeypatch.setattr("proxy.ops.reports.REPORT_DELAY_SECONDS", 60.0)  # no timer helps within the test
     running = await make_proxy(
         upstreams, policies=dict.fromkeys(TENANTS, ACTIVITY_POLICY), audit={"dir": str(tmp_path / "audit")}
     )
@@ -229,7 +229,7 @@ def answer_in(raw: bytes) -> Any:
 async def test_names_and_keys_sent_through_the_proxy_cannot_forge_audit_lines(
     upstreams: dict[str, Any], make_proxy: StartProxy, tmp_path: Path
 ) -> None:
-    from proxy.headers import encode_header_value
+    from proxy.protocol.headers import encode_header_value
     from tests.e2e.test_transport_e2e import initialize, modern_body, session_headers
 
     audit_dir = tmp_path / "audit"
@@ -399,7 +399,7 @@ class Step:
 def modern_steps(tenant: str, secret: str) -> list[Step]:
     """Normal calls whose answers carry the upstream's canary and a secret argument value, then a
     spoofed tenant argument and a foreign resource (refused, and logged as such)."""
-    from proxy.headers import encode_header_value
+    from proxy.protocol.headers import encode_header_value
     from tests.e2e.test_transport_e2e import modern_body, modern_headers
 
     other = other_of(tenant)

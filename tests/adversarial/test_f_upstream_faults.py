@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.protocol.errors import UpstreamError, UpstreamTimeout
 from tests.conftest import MCP_ACCEPT, RunningProxy
 from tests.e2e.test_transport_e2e import call_body, error_of, modern_headers, proxy_variant, sse_messages
 from tests.factories import HANDSHAKE_INITIALIZE

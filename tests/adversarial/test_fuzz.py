@@ -26,7 +26,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from proxy.headers import encode_header_value
+from proxy.protocol.headers import encode_header_value
 from tests.conftest import proxy_config
 from tests.factories import RsaKeys, token
 from tests.upstreams import free_port

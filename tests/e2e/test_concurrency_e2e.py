@@ -24,9 +24,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-import proxy.audit as proxy_audit
-from proxy.sessions import Session
-from proxy.transport import RUNTIME, SERVICES
+import proxy.layers.containment.audit as proxy_audit
+from proxy.http.endpoint import RUNTIME, SERVICES
+from proxy.layers.sessions.registry import Session
 from tests.adversarial.test_d_sessions import sdk_client
 from tests.conftest import MCP_ACCEPT, RunningProxy, StartProxy
 from tests.e2e.test_transport_e2e import (

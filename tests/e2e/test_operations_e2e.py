@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.cli import start_server
 from proxy.config import load_config
-from proxy.reload import reload_config
-from proxy.transport import SERVICES
+from proxy.http.endpoint import SERVICES
+from proxy.ops.reload import reload_config
 from tests.conftest import MCP_ACCEPT, TENANTS, RunningProxy, StartProxy, proxy_config
 from tests.factories import DEV_SECRET, DEV_SECRET_ENV, HANDSHAKE_INITIALIZE
 from tests.upstreams import free_port, start_notes_upstream
@@ -398,7 +398,7 @@ async def test_a_result_fetched_under_the_old_config_never_serves_the_new_one(
 async def test_a_removed_tenant_keeps_no_activity_records_even_from_pending_reports(
     upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("proxy.reports.REPORT_DELAY_SECONDS", 60.0)  # the globex call's report waits
+    monkeypatch.setattr("proxy.ops.reports.REPORT_DELAY_SECONDS", 60.0)  # the globex call's report waits
     async with reloadable_proxy(upstreams, tmp_path, rsa_keys) as (running, data, path):
         assert (await call(running, "globex"))[0] == 200
         after = json.loads(json.dumps(data))

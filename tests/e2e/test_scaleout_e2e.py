@@ -29,9 +29,9 @@ from aiohttp import web
 from proxy.cli import start_server
 from proxy.config import ProxyConfig
 from proxy.demo import client_for
-from proxy.request_state import RequestState
+from proxy.http.endpoint import SERVICES
+from proxy.layers.containment.request_state import RequestState
 from proxy.runtime import Services
-from proxy.transport import SERVICES
 from proxy.types import TenantContext
 from tests.conftest import MCP_ACCEPT, TENANTS, proxy_config
 from tests.factories import RsaKeys, token
@@ -583,11 +583,11 @@ async def test_shared_sessions_expire_in_redis_cap_across_replicas_and_local_vie
     """The registries themselves, two of them (two replicas) on one Redis."""
     import time
 
+    from proxy.backends.redis.client import RedisState
+    from proxy.backends.redis.sessions import RedisSessionRegistry
     from proxy.config import StateConfig
-    from proxy.errors import SessionNotFound, TooManyRequests
-    from proxy.metrics import Metrics
-    from proxy.state.client import RedisState
-    from proxy.state.sessions import RedisSessionRegistry
+    from proxy.ops.metrics import Metrics
+    from proxy.protocol.errors import SessionNotFound, TooManyRequests
     from proxy.types import TenantContext
 
     config = StateConfig(backend="redis", url=redis_server.url, key_prefix=f"t{secrets.token_hex(4)}")
@@ -632,11 +632,11 @@ async def test_a_slot_whose_release_missed_redis_is_given_back_with_the_next_adm
     redis_server: RedisServer,
 ) -> None:
     """Redis stalls as requests finish: their slots are owed, not held for STALE_SECONDS."""
+    from proxy.backends.redis.client import RedisState
+    from proxy.backends.redis.limits import RedisLimiter
     from proxy.config import LimitsConfig, StateConfig
-    from proxy.errors import TooManyRequests
-    from proxy.metrics import Metrics
-    from proxy.state.client import RedisState
-    from proxy.state.limits import RedisLimiter
+    from proxy.ops.metrics import Metrics
+    from proxy.protocol.errors import TooManyRequests
 
     config = StateConfig(backend="redis", url=redis_server.url, key_prefix=f"t{secrets.token_hex(4)}")
     state = RedisState(config, Metrics(), "test")

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from proxy.audit import AuditLog, summarize
-from proxy.jsonrpc import parse_message
-from proxy.request_state import RequestState, RequestStateSeal
+from proxy.layers.containment.audit import AuditLog, summarize
+from proxy.layers.containment.request_state import RequestState, RequestStateSeal
+from proxy.protocol.jsonrpc import parse_message
 from proxy.types import Era, TenantContext
 from tests.factories import make_config, make_exchange
 

@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from jwt import PyJWKClient
 
-from proxy.auth import MAX_TOKEN_CHARS, Authenticator, metadata_url, mint_token
 from proxy.config import ConfigError, ProxyConfig
-from proxy.errors import BadRequest, Forbidden, InsufficientScope, ProxyError, Unauthenticated
+from proxy.layers.auth.authenticator import MAX_TOKEN_CHARS, Authenticator, metadata_url, mint_token
+from proxy.protocol.errors import BadRequest, Forbidden, InsufficientScope, ProxyError, Unauthenticated
 from proxy.types import TenantContext
 from tests.factories import DEV_SECRET, DEV_SECRET_ENV, RESOURCE, RsaKeys, make_config, unsigned_token
 

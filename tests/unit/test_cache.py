@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from proxy.cache import CachePlan, ResponseCache, params_digest, plan_for
+from proxy.layers.cache.store import CachePlan, ResponseCache, params_digest, plan_for
 
 
 def key(tenant: str, name: str = "t", digest: str = "d", principal: str | None = None) -> tuple:  # type: ignore[type-arg]

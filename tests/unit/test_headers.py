@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.errors import HeaderMismatch, InvalidParams, UnsupportedProtocolVersion
-from proxy.headers import (
+from proxy.protocol.errors import HeaderMismatch, InvalidParams, UnsupportedProtocolVersion
+from proxy.protocol.headers import (
     CLIENT_CAPABILITIES_META,
     PROTOCOL_VERSION_META,
     ParamHeader,
@@ -23,7 +23,7 @@ from proxy.headers import (
     param_headers_of,
     render_param_headers,
 )
-from proxy.jsonrpc import Message, parse_message
+from proxy.protocol.jsonrpc import Message, parse_message
 
 MODERN = "2026-07-28"
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from proxy.errors import BadRequest, InvalidParams, ParseError, ProxyError
-from proxy.jsonrpc import Kind, dumps, error_body, loads_strict, loads_upstream, parse_message
+from proxy.protocol.errors import BadRequest, InvalidParams, ParseError, ProxyError
+from proxy.protocol.jsonrpc import Kind, dumps, error_body, loads_strict, loads_upstream, parse_message
 
 
 def body(**fields: Any) -> bytes:

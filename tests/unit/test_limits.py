@@ -7,8 +7,8 @@ import time
 import pytest
 
 from proxy.config import LimitsConfig
-from proxy.errors import TooManyRequests, UpstreamUnavailable
-from proxy.limits import CircuitBreaker, Limiter, TenantLimits, TokenBucket
+from proxy.layers.limits.limiter import CircuitBreaker, Limiter, TenantLimits, TokenBucket
+from proxy.protocol.errors import TooManyRequests, UpstreamUnavailable
 
 
 def test_bucket_allows_a_burst_then_refills_at_the_rate() -> None:

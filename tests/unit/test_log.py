@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import structlog
 
-from proxy.log import BatchedBytesLogger, ascii_json
+from proxy.ops.log import BatchedBytesLogger, ascii_json
 
 
 class CountingFile(io.BytesIO):

@@ -10,15 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.policy.engine import (
+from proxy.layers.data_access.engine import (
     Action,
     Decision,
     evaluate,
     filter_result,
     foreign_uri,
 )
-from proxy.policy.model import PolicyFile, compile_policy, compile_uri_template
-from proxy.policy.schemas import SchemaIndex, hide_tenant_properties
+from proxy.layers.data_access.policy import PolicyFile, compile_policy, compile_uri_template
+from proxy.layers.data_access.schemas import SchemaIndex, hide_tenant_properties
 
 NAMES = ("tenant_id", "tenantId", "org_id")
 
@@ -91,7 +91,7 @@ def test_rewrite_mode_replaces_every_variant_with_the_caller(case: str, argument
 
 
 def apply(params: dict[str, Any], decision: Decision) -> dict[str, Any]:
-    from proxy.policy.enforce import _set
+    from proxy.layers.data_access.stage import _set
 
     result = copy.deepcopy(params)
     for rewrite in decision.rewrites:
@@ -485,7 +485,7 @@ def test_completion_context_is_checked_whatever_the_ref(ref: Any) -> None:
 
 
 def test_client_capabilities_as_the_upstream_sees_them() -> None:
-    from proxy.policy.model import ClientCapabilitiesSpec, compile_client_capabilities
+    from proxy.layers.data_access.policy import ClientCapabilitiesSpec, compile_client_capabilities
 
     sent = {"roots": {"listChanged": True}, "sampling": {}, "elicitation": {"form": {}}, "experimental": {}}
     default = compile_client_capabilities(ClientCapabilitiesSpec())

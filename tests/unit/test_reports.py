@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import structlog
 
-from proxy.jsonrpc import parse_message
-from proxy.reports import MAX_PENDING_REPORTS, REPORT_DELAY_SECONDS, Reports
-from proxy.responses import REQUEST_ID, finish
+from proxy.http.responses import REQUEST_ID, finish
+from proxy.ops.reports import MAX_PENDING_REPORTS, REPORT_DELAY_SECONDS, Reports
+from proxy.protocol.jsonrpc import parse_message
 from proxy.types import Era, Exchange, TenantContext
 from tests.factories import make_config, make_exchange
 

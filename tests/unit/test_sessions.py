@@ -7,8 +7,13 @@ from typing import Any
 
 import pytest
 
-from proxy.errors import SessionNotFound, TooManyRequests
-from proxy.sessions import MAX_EVENT_IDS, MAX_PENDING_SERVER_REQUESTS, Session, SessionRegistry
+from proxy.layers.sessions.registry import (
+    MAX_EVENT_IDS,
+    MAX_PENDING_SERVER_REQUESTS,
+    Session,
+    SessionRegistry,
+)
+from proxy.protocol.errors import SessionNotFound, TooManyRequests
 from proxy.types import TenantContext
 
 
@@ -293,7 +298,7 @@ async def test_a_busy_session_is_never_idle() -> None:
 async def test_removing_a_session_ends_its_open_get_stream() -> None:
     import asyncio
 
-    from proxy.transport import _until
+    from proxy.http.endpoint import _until
 
     reg = registry()
     session = await new(reg)

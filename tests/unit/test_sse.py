@@ -10,9 +10,9 @@ from unittest import mock
 import pytest
 from aiohttp import StreamReader
 
-from proxy.errors import UpstreamError
-from proxy.jsonrpc import dumps
-from proxy.sse import KEEPALIVE, KEEPALIVE_BYTES, Comment, Event, encode_event, read_events
+from proxy.protocol.errors import UpstreamError
+from proxy.protocol.jsonrpc import dumps
+from proxy.protocol.sse import KEEPALIVE, KEEPALIVE_BYTES, Comment, Event, encode_event, read_events
 
 MAX = 10_000
 

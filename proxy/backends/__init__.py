@@ -1,0 +1,1 @@
+"""Shared-state backends that implement the layers' backend Protocols."""

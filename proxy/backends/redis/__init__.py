@@ -1,0 +1,1 @@
+"""Redis: sessions, cache, limits and audit streams shared by replicas."""

@@ -1,0 +1,241 @@
+"""Handshake-era sessions in Redis, so a POST for a session can be served by any replica.
+
+    {prefix}:{tenant}:session:{id}          hash: tenant, subject, protocol version, upstream session id;
+                                            expires after sessions.idle_timeout_seconds unused
+    {prefix}:{tenant}:session:{id}:pending  server-to-client request ids the session owes answers to
+    {prefix}:{tenant}:sessions              sorted set of live ids (and reservations) by last use:
+                                            the per-tenant cap, kept atomically by a Lua script
+
+A lookup names the caller's tenant in the key and checks tenant and subject inside Redis, so another
+tenant's or user's id finds nothing, exactly like an unknown one. What belongs to one replica (an
+open GET stream, its event ids for resumption, requests in flight) stays in that replica's local
+Session object: a session's GET stream is served by the replica that holds it (sticky routing).
+Redis unreachable: a session cannot be verified, so it is not found (404); none can be created (503).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import secrets
+import time
+from typing import Any
+
+from proxy.backends.redis.client import RedisState, StateUnavailable
+from proxy.layers.sessions.registry import Session, SessionRegistry
+from proxy.protocol.errors import SessionNotFound, SessionStoreUnavailable
+from proxy.types import RequestId, TenantContext
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{16,128}")  # what secrets.token_urlsafe gives, and nothing else
+
+_RESERVE = """
+local live = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000) + 60000)
+return 1
+"""
+
+_LOOKUP = """
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then return nil end
+local record = {}
+for i = 1, #fields, 2 do record[fields[i]] = fields[i + 1] end
+if record['tenant'] ~= ARGV[5] or record['subject'] ~= ARGV[1] then return nil end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[4])
+return {record['protocol_version'], record['upstream_session_id']}
+"""
+
+
+class RedisSessionRegistry(SessionRegistry):
+    def __init__(self, state: RedisState, idle_timeout_seconds: float, max_per_tenant: int) -> None:
+        super().__init__(idle_timeout_seconds, max_per_tenant)
+        self.state = state
+        self._reserve = state.client.register_script(_RESERVE)
+        self._lookup = state.client.register_script(_LOOKUP)
+
+    @property
+    def shared(self) -> bool:
+        return True
+
+    def _keys(self, tenant: str, session_id: str) -> tuple[str, str, str]:
+        record = self.state.key(tenant, "session", session_id)
+        return record, self.state.key(tenant, "sessions"), f"{record}:pending"
+
+    @property
+    def _idle_ms(self) -> int:
+        return int(self.idle_timeout_seconds * 1000)
+
+    async def reserve(self, ctx: TenantContext) -> str:
+        reservation = f"reserved:{secrets.token_hex(8)}"
+        args = [time.time(), self.idle_timeout_seconds, self.max_per_tenant, reservation]
+        try:
+            placed = await self.state.call(
+                "session_reserve", self._reserve(keys=[self.state.key(ctx.tenant, "sessions")], args=args)
+            )
+        except StateUnavailable:
+            raise SessionStoreUnavailable() from None
+        if not placed:
+            raise self._too_many()
+        return reservation
+
+    def release(self, tenant: str, reservation: str) -> None:
+        live = self.state.key(tenant, "sessions")
+        self.state.defer(lambda pipeline: pipeline.zrem(live, reservation))
+
+    async def create(
+        self, ctx: TenantContext, protocol_version: str, upstream_session_id: str | None, reservation: str
+    ) -> Session:
+        session = Session.issue(ctx, protocol_version, upstream_session_id)
+        record, live, _ = self._keys(ctx.tenant, session.id)
+        pipeline = self.state.client.pipeline(transaction=True)
+        pipeline.hset(
+            record,
+            mapping={
+                "tenant": ctx.tenant,
+                "subject": ctx.subject,
+                "protocol_version": protocol_version,
+                "upstream_session_id": upstream_session_id or "",
+            },
+        )
+        pipeline.pexpire(record, self._idle_ms)
+        pipeline.zrem(live, reservation)
+        pipeline.zadd(live, {session.id: time.time()})
+        try:
+            await self.state.call("session_create", pipeline.execute())
+        except StateUnavailable:  # the reservation is given back when the request finishes
+            raise SessionStoreUnavailable() from None
+        self._keep(session)
+        return session
+
+    async def lookup(self, session_id: str, ctx: TenantContext) -> Session:
+        if _SESSION_ID.fullmatch(session_id) is None:  # never a key this proxy did not make
+            raise SessionNotFound()
+        record, live, pending = self._keys(ctx.tenant, session_id)
+        try:
+            found = await self.state.call(
+                "session_lookup",
+                self._lookup(
+                    keys=[record, live, pending],
+                    args=[ctx.subject, self._idle_ms, time.time(), session_id, ctx.tenant],
+                ),
+            )
+        except StateUnavailable:
+            raise SessionNotFound() from None  # a session that cannot be verified is nobody's
+        local = self._local(session_id, ctx)
+        if found is None:
+            if local is not None:
+                self._forget(local)
+            raise SessionNotFound()
+        if local is None:  # created on another replica: this one now holds a local view of it
+            version, upstream_id = (part.decode() for part in found)
+            local = Session(
+                id=session_id,
+                tenant=ctx.tenant,
+                subject=ctx.subject,
+                protocol_version=version,
+                upstream_session_id=upstream_id or None,
+            )
+            self._keep(local)
+        local.last_seen = time.monotonic()
+        return local
+
+    async def remove(self, session: Session) -> None:
+        self._forget(session)
+        record, live, pending = self._keys(session.tenant, session.id)
+        pipeline = self.state.client.pipeline(transaction=True)
+        pipeline.delete(record, pending)
+        pipeline.zrem(live, session.id)
+        with contextlib.suppress(StateUnavailable):  # if Redis is away, the record expires on its own
+            await self.state.call("session_remove", pipeline.execute())
+
+    async def expired(self, now: float | None = None) -> list[Session]:
+        """Local views whose Redis record is gone (expired, or ended through another replica).
+
+        A busy or streaming view keeps its record alive from here; an idle one past the timeout
+        is kept (and refreshed) while its record lives, since another replica may be using it."""
+        moment = time.monotonic() if now is None else now
+        views = list(self._sessions.values())
+        gone: list[Session] = []
+        for start in range(0, len(views), 500):
+            chunk = views[start : start + 500]
+            pipeline = self.state.client.pipeline(transaction=False)
+            for session in chunk:
+                record, live, pending = self._keys(session.tenant, session.id)
+                if session.busy or session.get_stream_open:
+                    pipeline.pexpire(record, self._idle_ms)
+                    pipeline.pexpire(pending, self._idle_ms)
+                    pipeline.zadd(live, {session.id: time.time()}, xx=True)
+                else:
+                    pipeline.exists(record)
+            try:
+                answers = iter(await self.state.call("session_sweep", pipeline.execute()))
+            except StateUnavailable:
+                return gone  # nothing can be judged now; the next sweep tries again
+            for session in chunk:
+                alive = bool(next(answers))
+                if session.busy or session.get_stream_open:
+                    next(answers), next(answers)
+                if not alive:
+                    gone.append(session)
+                elif session.idle_for(moment) > self.idle_timeout_seconds:
+                    session.last_seen = moment  # in use through another replica
+        return gone
+
+    async def of_tenant(self, tenant: str) -> list[Session]:
+        sessions: list[Session] = []
+        try:
+            ids = await self.state.call(
+                "session_list", self.state.client.zrange(self.state.key(tenant, "sessions"), 0, -1)
+            )
+            for raw in ids:
+                session_id = raw.decode()
+                if session_id.startswith("reserved:"):
+                    continue
+                record = await self.state.call(
+                    "session_get", self.state.client.hgetall(self._keys(tenant, session_id)[0])
+                )
+                if record:
+                    sessions.append(_session_from(tenant, session_id, record))
+        except StateUnavailable:
+            pass
+        return sessions
+
+    def expect_answer(self, session: Session, request_id: RequestId) -> None:
+        session.expect_answer(request_id)
+        _, _, pending = self._keys(session.tenant, session.id)
+        member = json.dumps(request_id)
+
+        def remember(pipeline: Any) -> None:
+            pipeline.sadd(pending, member)
+            pipeline.pexpire(pending, self._idle_ms)
+
+        self.state.defer(remember)
+
+    async def take_answer(self, session: Session, request_id: RequestId) -> bool:
+        _, _, pending = self._keys(session.tenant, session.id)
+        local = session.take_answer(request_id)
+        try:  # the request may have been relayed by another replica: the shared set decides
+            removed = await self.state.call(
+                "session_take_answer", self.state.client.srem(pending, json.dumps(request_id))
+            )
+        except StateUnavailable:
+            return local
+        return bool(removed) or local
+
+
+def _session_from(tenant: str, session_id: str, record: dict[Any, Any]) -> Session:
+    def field(name: str) -> str:
+        value = record.get(name.encode(), b"")
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    return Session(
+        id=session_id,
+        tenant=tenant,
+        subject=field("subject"),
+        protocol_version=field("protocol_version"),
+        upstream_session_id=field("upstream_session_id") or None,
+    )

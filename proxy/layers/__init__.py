@@ -1,0 +1,1 @@
+"""The isolation layers, one package each: its stages, hooks, reload behaviour and backend Protocol."""

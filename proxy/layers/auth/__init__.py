@@ -1,0 +1,1 @@
+"""Who is calling: bearer JWT verification and the tenant it names (layer 1's foundation)."""

@@ -1,0 +1,360 @@
+"""Bearer JWT verification (pyjwt) and RFC 9728 protected resource metadata.
+
+The tenant is decided here, from verified claims only:
+
+    Authorization header -> one Bearer token -> unverified `iss` picks a configured issuer
+    -> pyjwt verifies signature (algorithms pinned by that issuer, never the token header),
+       aud, iss, exp, nbf, iat with a small leeway
+    -> `tenant_claim` (dotted path) must be a string equal to a configured tenant id, byte for byte
+    -> TenantContext(tenant, subject, scopes, expiry)
+
+Keys: HS* from the environment variable `secret_env`; asymmetric keys from `public_key_file`, or
+from `jwks_url` through PyJWKClient (set cached; an unknown kid refetches at most once per
+cooldown; the last good set is kept through an outage; fetches run off the event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import jwt
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt import PyJWK, PyJWKClient
+
+from proxy.config import ConfigError, IssuerConfig, ProxyConfig
+from proxy.protocol.errors import BadRequest, Forbidden, InsufficientScope, Unauthenticated
+from proxy.types import JsonObject, TenantContext
+
+MIN_HMAC_SECRET_BYTES = 32
+MAX_TOKEN_CHARS = 8192
+VERIFIED_TOKENS_KEPT = 10_000
+# Header parameters that point at keys chosen by the token's author: never honoured, always refused.
+_KEY_POINTING_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c"})
+_TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
+_KID_SHAPE = re.compile(r"^[\x21-\x7e]{1,256}$")
+
+
+def metadata_url(resource_url: str) -> str:
+    """RFC 9728 metadata URL for a resource, path-inserted form."""
+    parts = urlsplit(resource_url)
+    return f"{parts.scheme}://{parts.netloc}/.well-known/oauth-protected-resource{parts.path.rstrip('/')}"
+
+
+class _ResilientJWKClient(PyJWKClient):
+    """PyJWKClient that serves the last good key set while the JWKS endpoint is unreachable.
+
+    A failed fetch counts as a fetch for the refetch cooldown, so a burst of unknown kids during an
+    outage cannot turn into a burst of outbound requests.
+    """
+
+    _last_good: Any = None
+
+    def fetch_data(self) -> Any:
+        try:
+            data = super().fetch_data()
+        except (jwt.PyJWTError, ValueError):  # unreachable, not JSON, or no usable keys
+            self._last_successful_fetch = time.monotonic()
+            if self._last_good is None:
+                raise
+            return self._last_good
+        self._last_good = data
+        return data
+
+
+class JwksKeys:
+    """Signing keys from one issuer's JWKS; lookups never block the event loop on the network."""
+
+    def __init__(self, issuer: IssuerConfig) -> None:
+        assert issuer.jwks_url is not None
+        self._client = _ResilientJWKClient(
+            issuer.jwks_url,
+            cache_jwk_set=True,
+            lifespan=issuer.jwks_cache_seconds,
+            timeout=issuer.jwks_timeout_seconds,
+            cooldown_duration=issuer.jwks_refetch_cooldown_seconds,
+        )
+        self._lock = asyncio.Lock()
+
+    def _cached(self, kid: str) -> PyJWK | None:
+        cache = self._client.jwk_set_cache
+        jwk_set = cache.get() if cache is not None else None
+        if jwk_set is None:
+            return None
+        return next((key for key in jwk_set.keys if key.key_id == kid), None)
+
+    def holds(self, kid: str, key: Any) -> bool:
+        """Whether `key` is still the issuer's key `kid` in its current (unexpired) key set."""
+        current = self._cached(kid)
+        return current is not None and current.key is key
+
+    async def key_for(self, kid: str) -> Any:
+        """The key with this kid, or None when the JWKS has none (or cannot be had at all)."""
+        key = self._cached(kid)
+        if key is None:
+            async with self._lock:  # one fetch at a time, however many requests wait for it
+                key = self._cached(kid)
+                if key is None:
+                    try:
+                        key = await asyncio.to_thread(self._client.get_signing_key, kid)
+                    except (jwt.PyJWTError, ValueError):
+                        return None
+        return key.key
+
+
+def _claim_at(claims: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = claims
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
+    scope = claims.get("scope")
+    if isinstance(scope, str):
+        return frozenset(scope.split())
+    scp = claims.get("scp")
+    if isinstance(scp, list) and all(isinstance(item, str) for item in scp):
+        return frozenset(scp)
+    return frozenset()
+
+
+class Authenticator:
+    """Verifies bearer tokens against the configured issuers and resolves the tenant."""
+
+    def __init__(self, config: ProxyConfig, env: Mapping[str, str] | None = None) -> None:
+        environ = os.environ if env is None else env
+        self._issuers: dict[str, IssuerConfig] = {i.issuer: i for i in config.auth.issuers}
+        self._tenants = frozenset(config.tenants)
+        self._static_keys: dict[str, Any] = {}
+        self._jwks: dict[str, JwksKeys] = {}
+        # token -> (caller, valid until, (kid, key) for a JWKS issuer): verified tokens, newest last
+        self._verified: OrderedDict[str, tuple[TenantContext, float, tuple[str, Any] | None]] = OrderedDict()
+        self.resource_url = config.listen.resource_url
+        # public_url is this resource's identifier (RFC 8707): every issuer's tokens may name it.
+        self._audiences = {
+            i.issuer: list(dict.fromkeys((*i.audiences, self.resource_url))) for i in config.auth.issuers
+        }
+        self.metadata_url = metadata_url(self.resource_url)
+        self.metadata: JsonObject = {
+            "resource": self.resource_url,
+            "authorization_servers": list(config.auth.authorization_servers),
+            "bearer_methods_supported": ["header"],
+        }
+        scopes = sorted({s for i in config.auth.issuers for s in i.required_scopes})
+        if scopes:
+            self.metadata["scopes_supported"] = scopes
+        for index, issuer in enumerate(config.auth.issuers):
+            where = f"auth.issuers.{index}"
+            if issuer.secret_env is not None:
+                secret = environ.get(issuer.secret_env, "")
+                if len(secret.encode()) < MIN_HMAC_SECRET_BYTES:
+                    raise ConfigError(
+                        config.source,
+                        f"{where}.secret_env",
+                        f"environment variable {issuer.secret_env} must hold a secret of at least "
+                        f"{MIN_HMAC_SECRET_BYTES} bytes",
+                    )
+                self._static_keys[issuer.issuer] = secret.encode()
+            elif issuer.public_key_file is not None:
+                self._static_keys[issuer.issuer] = _load_public_key(
+                    issuer.public_key_file, config.source, where
+                )
+            else:
+                self._jwks[issuer.issuer] = JwksKeys(issuer)
+
+    def challenge(self, error: str | None = None, description: str | None = None) -> str:
+        value = f'Bearer resource_metadata="{self.metadata_url}"'
+        if error:
+            value += f', error="{error}"'
+        if description:
+            safe = description.replace("\\", "").replace('"', "'")
+            value += f', error_description="{safe}"'
+        return value
+
+    def _unauthenticated(self, description: str, token_sent: bool) -> Unauthenticated:
+        return Unauthenticated(
+            f"Unauthorized: {description}",
+            headers={
+                "WWW-Authenticate": self.challenge(
+                    "invalid_token" if token_sent else None, description if token_sent else None
+                )
+            },
+        )
+
+    def bearer_token(self, authorization: Iterable[str]) -> str:
+        """The single Bearer token of a request; anything else is refused before any verification."""
+        values = list(authorization)
+        if not values:
+            raise self._unauthenticated("no bearer token (send it in the Authorization header)", False)
+        if len(values) > 1:
+            raise BadRequest("Bad request: more than one Authorization header")
+        scheme, _, token = values[0].strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise self._unauthenticated("the Authorization header must be 'Bearer <token>'", True)
+        if len(token) > MAX_TOKEN_CHARS or not _TOKEN_SHAPE.fullmatch(token):
+            raise self._unauthenticated("the bearer token is not a compact JWS", True)
+        return token
+
+    async def authenticate(self, authorization: Iterable[str]) -> TenantContext:
+        """The caller of a request. A token verified before (by this config) is not verified again
+        until it expires: the cache maps the exact token string to what its verification gave."""
+        token = self.bearer_token(authorization)
+        known = self._verified.get(token)
+        if known is not None:
+            ctx, good_until, jwks_key = known
+            # A JWKS key must still be in the issuer's current key set: dropping it revokes tokens.
+            if time.time() < good_until and (jwks_key is None or self._jwks[ctx.issuer].holds(*jwks_key)):
+                self._verified.move_to_end(token)
+                return ctx
+            del self._verified[token]
+        ctx, leeway, jwks_key = await self._verify(token)
+        self._verified[token] = (ctx, ctx.expires_at + leeway, jwks_key)
+        if len(self._verified) > VERIFIED_TOKENS_KEPT:
+            self._verified.popitem(last=False)
+        return ctx
+
+    async def _verify(self, token: str) -> tuple[TenantContext, float, tuple[str, Any] | None]:
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise self._unauthenticated("the bearer token is malformed", True) from None
+        if _KEY_POINTING_HEADERS & header.keys():
+            raise self._unauthenticated("token headers jku, x5u, jwk and x5c are not accepted", True)
+        issuer_name = unverified.get("iss")
+        issuer = self._issuers.get(issuer_name) if isinstance(issuer_name, str) else None
+        if issuer is None:
+            raise self._unauthenticated("the token's issuer is not trusted", True)
+        if header.get("alg") not in issuer.algorithms:
+            raise self._unauthenticated("the token's algorithm is not allowed for its issuer", True)
+        key = self._static_keys.get(issuer.issuer)
+        jwks_key: tuple[str, Any] | None = None
+        if key is None:
+            kid = header.get("kid")
+            if not isinstance(kid, str) or not _KID_SHAPE.fullmatch(kid):
+                raise self._unauthenticated("the token has no usable kid", True)
+            key = await self._jwks[issuer.issuer].key_for(kid)
+            if key is None:
+                raise self._unauthenticated("no signing key matches the token's kid", True)
+            jwks_key = (kid, key)
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=list(issuer.algorithms),
+                audience=self._audiences[issuer.issuer],
+                issuer=issuer.issuer,
+                leeway=issuer.leeway_seconds,
+                options={"require": ["exp", "iss", "aud"], "strict_aud": False},
+            )
+        except jwt.ExpiredSignatureError:
+            raise self._unauthenticated("the token has expired", True) from None
+        except jwt.ImmatureSignatureError:
+            raise self._unauthenticated("the token is not valid yet", True) from None
+        except jwt.InvalidAudienceError:
+            raise self._unauthenticated("the token was not issued for this resource", True) from None
+        except jwt.PyJWTError as exc:
+            raise self._unauthenticated(f"the token is invalid ({type(exc).__name__})", True) from None
+        except (TypeError, ValueError):  # e.g. an EC token against an RSA key: pyjwt raises these
+            raise self._unauthenticated("the token's algorithm does not fit the issuer's key", True) from None
+        for name in ("exp", "nbf", "iat"):
+            value = claims.get(name)
+            if name in claims and (not isinstance(value, int | float) or isinstance(value, bool)):
+                raise self._unauthenticated(f"the token's {name} claim is not a number", True)
+        return self._context(issuer, claims), issuer.leeway_seconds, jwks_key
+
+    def _context(self, issuer: IssuerConfig, claims: Mapping[str, Any]) -> TenantContext:
+        subject = _claim_at(claims, issuer.subject_claim)
+        if not isinstance(subject, str) or not subject:
+            raise self._unauthenticated(f"the token has no {issuer.subject_claim!r} claim", True)
+        try:
+            subject.encode("utf-8")  # a JSON \ud800 escape decodes to a lone surrogate: not text
+        except UnicodeEncodeError:
+            raise self._unauthenticated(
+                f"the token's {issuer.subject_claim!r} claim is not valid text", True
+            ) from None
+        tenant = _claim_at(claims, issuer.tenant_claim)
+        if not isinstance(tenant, str) or tenant not in self._tenants:
+            raise Forbidden("Forbidden: the token does not name a tenant served by this proxy")
+        scopes = _scopes_of(claims)
+        missing = [scope for scope in issuer.required_scopes if scope not in scopes]
+        if missing:
+            raise InsufficientScope(
+                "Forbidden: the token lacks a required scope",
+                headers={
+                    "WWW-Authenticate": self.challenge("insufficient_scope")
+                    + f', scope="{" ".join(issuer.required_scopes)}"'
+                },
+            )
+        return TenantContext(
+            tenant=tenant,
+            subject=subject,
+            issuer=issuer.issuer,
+            scopes=scopes,
+            expires_at=float(claims["exp"]),
+        )
+
+
+def _load_public_key(path: Path, source: str, where: str) -> Any:
+    try:
+        return load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            source, f"{where}.public_key_file", f"cannot load a PEM public key: {exc}"
+        ) from None
+
+
+def mint_token(
+    config: ProxyConfig,
+    issuer_name: str,
+    tenant: str,
+    subject: str,
+    ttl_seconds: int = 3600,
+    scope: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> str:
+    """A token signed with the issuer's configured secret or private key (development, demos, tests)."""
+    environ = os.environ if env is None else env
+    issuer = next((i for i in config.auth.issuers if i.issuer == issuer_name), None)
+    if issuer is None:
+        raise ValueError(f"issuer {issuer_name!r} is not configured")
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "iss": issuer.issuer,
+        "aud": config.listen.resource_url,  # what every issuer's tokens may name
+        issuer.subject_claim: subject,
+        "iat": now,
+        "nbf": now,
+        "exp": now + ttl_seconds,
+    }
+    node = claims
+    *parents, leaf = issuer.tenant_claim.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = tenant
+    if scope:
+        claims["scope"] = scope
+    if issuer.secret_env is not None:
+        secret = environ.get(issuer.secret_env)
+        if not secret:
+            raise ValueError(f"environment variable {issuer.secret_env} is not set")
+        if len(secret.encode()) < MIN_HMAC_SECRET_BYTES:  # `run` would refuse it: no token it never accepts
+            raise ValueError(
+                f"environment variable {issuer.secret_env} must hold a secret of at least "
+                f"{MIN_HMAC_SECRET_BYTES} bytes"
+            )
+        return jwt.encode(claims, secret, algorithm=issuer.algorithms[0])
+    if issuer.private_key_file is None:
+        raise ValueError(f"issuer {issuer_name!r} has no secret_env or private_key_file to sign with")
+    return jwt.encode(claims, issuer.private_key_file.read_bytes(), algorithm=issuer.algorithms[0])

@@ -1,0 +1,1 @@
+"""Per-tenant capacity: rate, concurrency and the upstream circuit breaker."""

@@ -1,0 +1,161 @@
+"""Per-tenant limits: a token bucket for rate, a counter for concurrency, a circuit breaker for the
+upstream. One tenant's limits never touch another's; a limited request gets 429 (or 503 while the
+tenant's upstream circuit is open) with Retry-After, and makes no upstream call."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from proxy.config import LimitsConfig
+from proxy.protocol.errors import TooManyRequests, UpstreamUnavailable
+
+
+@dataclass
+class TokenBucket:
+    rate: float
+    capacity: float
+    tokens: float = 0.0
+    updated: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.tokens = self.capacity
+
+    def take(self, now: float) -> float:
+        """0 when a token was taken, else the seconds until one will be there."""
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+@dataclass
+class CircuitBreaker:
+    """Closed until `threshold` consecutive failures; then open (fail fast) for `open_seconds`;
+    then one trial request decides: success closes it, failure opens it again."""
+
+    threshold: int
+    open_seconds: float
+    failures: int = 0
+    opened_at: float | None = None
+    trial_running: bool = False
+
+    @property
+    def is_open(self) -> bool:
+        return self.opened_at is not None
+
+    def admit(self, now: float) -> float:
+        """0 when a request may go upstream, else the seconds until the circuit half-opens."""
+        if self.opened_at is None:
+            return 0.0
+        remaining = self.opened_at + self.open_seconds - now
+        if remaining > 0:
+            return remaining
+        if self.trial_running:
+            return 1.0
+        self.trial_running = True
+        return 0.0
+
+    def abandon(self) -> None:
+        """A trial request ended without an upstream verdict (client gone): let another try."""
+        self.trial_running = False
+
+    def record(self, success: bool, now: float) -> None:
+        if success:
+            self.failures, self.opened_at, self.trial_running = 0, None, False
+            return
+        self.failures += 1
+        self.trial_running = False
+        if self.threshold and (self.failures >= self.threshold or self.opened_at is not None):
+            self.opened_at = now
+
+
+class TenantLimits:
+    def __init__(self, settings: LimitsConfig) -> None:
+        self.settings = settings
+        rate = settings.requests_per_second
+        self.bucket = TokenBucket(rate, float(settings.burst or max(1, math.ceil(rate)))) if rate else None
+        self.in_flight = 0
+        self.breaker = CircuitBreaker(settings.circuit_failures, settings.circuit_open_seconds)
+
+    def admit_upstream(self) -> bool:
+        """Checked where the upstream call is made (after policy and cache, which answer locally):
+        refuse it while the tenant's circuit is open. True when this call is the half-open trial."""
+        if not self.settings.circuit_failures:
+            return False
+        trial = self.breaker.is_open
+        wait = self.breaker.admit(time.monotonic())
+        if wait:
+            raise UpstreamUnavailable(
+                "The upstream MCP server is failing; requests are refused for a while (circuit open)",
+                data={"limit": "circuit"},
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
+        return trial
+
+    def admit(self) -> None:
+        """Take a slot for one request, or refuse it (no upstream call)."""
+        now = time.monotonic()
+        if self.bucket is not None:
+            wait = self.bucket.take(now)
+            if wait:
+                raise TooManyRequests(
+                    "Too many requests: this tenant is over its request rate",
+                    data={"limit": "rate"},
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                )
+        if self.settings.max_concurrent and self.in_flight >= self.settings.max_concurrent:
+            raise TooManyRequests(
+                "Too many requests: this tenant has too many requests in flight",
+                data={"limit": "concurrency"},
+                headers={"Retry-After": "1"},
+            )
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight = max(0, self.in_flight - 1)
+
+
+@dataclass
+class Admission:
+    """One request's place under its tenant's limits, given back when the request ends."""
+
+    limits: TenantLimits  # this process's view: its circuit breaker decides upstream calls
+    local_slot: bool = False  # holds a place in this process's concurrency counter
+    shared_slot: str | None = None  # holds a place in the shared (Redis) concurrency set
+
+
+class Limiter:
+    """Every tenant's limits; a tenant's state survives a reload unless its settings changed."""
+
+    def __init__(self) -> None:
+        self._tenants: dict[str, TenantLimits] = {}
+
+    async def admit(self, tenant: str, settings: LimitsConfig) -> Admission:
+        """A place for one request of `tenant`, or TooManyRequests (no upstream call)."""
+        limits = self.of(tenant, settings)
+        limits.admit()
+        return Admission(limits, local_slot=True)
+
+    def release(self, tenant: str, admission: Admission) -> None:
+        if admission.local_slot:
+            admission.limits.release()
+            admission.local_slot = False
+
+    def of(self, tenant: str, settings: LimitsConfig) -> TenantLimits:
+        limits = self._tenants.get(tenant)
+        # Identity first: the same config object on every request; a model compare costs more.
+        if limits is None or (limits.settings is not settings and limits.settings != settings):
+            limits = TenantLimits(settings)
+            self._tenants[tenant] = limits
+        return limits
+
+    def forget(self, tenant: str) -> None:
+        self._tenants.pop(tenant, None)
+
+    def circuit_open(self, tenant: str) -> bool:
+        limits = self._tenants.get(tenant)
+        return limits is not None and limits.breaker.is_open

@@ -1,0 +1,1 @@
+"""Layer 3, sessions: proxy-issued ids bound to (tenant, principal)."""

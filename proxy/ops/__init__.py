@@ -1,0 +1,1 @@
+"""Operating the proxy: health and readiness, hot reload, metrics, logs, reports, schemas."""

@@ -1,0 +1,140 @@
+"""Hot reload: on SIGHUP, or when the config or a policy file changes.
+
+The new config is validated completely (keys, secrets, every policy) before anything changes; an
+invalid one leaves the old config serving and logs one line saying why. A valid one replaces the
+runtime whole: new requests use it, requests in flight finish on the one they started with.
+Removed tenants are refused at once and lose their cache entries, sessions and limits; a tenant
+whose upstream or policy changed loses its cache entries (and, for a new upstream, its sessions);
+upstreams no tenant uses any more are closed after the shutdown grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+from aiohttp import web
+
+from proxy.config import ConfigError, ProxyConfig, load_config
+from proxy.http.endpoint import RUNTIME, SERVICES, end_upstream_session
+from proxy.layers.sessions.registry import Session
+from proxy.runtime import Runtime
+from proxy.upstreams.http import Upstream
+
+log = structlog.get_logger("proxy.ops.reload")
+
+END_SESSION_SECONDS: Final = 5.0  # how long a replaced upstream gets to end one session
+
+# What a running listener cannot change: these need a restart.
+_FIXED_LISTEN_KEYS = ("host", "port", "path", "public_url")
+
+
+def _check_fixed(old: ProxyConfig, new: ProxyConfig) -> None:
+    for key in _FIXED_LISTEN_KEYS:
+        if getattr(old.listen, key) != getattr(new.listen, key):
+            raise ConfigError(new.source, f"listen.{key}", "cannot change while running; restart the proxy")
+
+
+async def reload_config(app: web.Application) -> bool:
+    """Load the config file again and, if it is valid, switch to it. True when switched."""
+    ref, services = app[RUNTIME], app[SERVICES]
+    old = ref.current
+    try:
+        config = load_config(old.config.source)
+        _check_fixed(old.config, config)
+        new = Runtime.build(config, previous=old)
+    except ConfigError as exc:
+        services.metrics.reloads.labels("invalid").inc()
+        log.error("reload_rejected", error=str(exc))
+        return False
+    ref.current = new
+    services.sessions.idle_timeout_seconds = config.sessions.idle_timeout_seconds
+    services.sessions.max_per_tenant = config.sessions.max_per_tenant
+    services.reports.run_now()  # reports of the old config's last answers first: then forget
+    moved: list[tuple[str, Upstream]] = []  # tenants whose sessions end: removed or on a new upstream
+    for tenant_id, before in old.tenants.items():  # first what needs no I/O, for every tenant
+        after = new.tenants.get(tenant_id)
+        upstream_changed = after is None or after.upstream is not before.upstream
+        policy_changed = after is None or after.policy != before.policy
+        if (upstream_changed or policy_changed) and services.cache is not None:
+            services.cache.invalidate(tenant_id)  # (entries of the old config are unreachable anyway)
+        if upstream_changed:
+            moved.append((tenant_id, before.upstream))
+        if after is None:
+            services.limiter.forget(tenant_id)
+            services.audit.forget([tenant_id])
+    ended: list[tuple[Upstream, Session]] = []
+    for tenant_id, upstream in moved:  # their sessions are gone for clients at once ...
+        for session in await services.sessions.of_tenant(tenant_id):
+            await services.sessions.remove(session)
+            ended.append((upstream, session))
+    if ended:  # ... and end upstream in the background: a hung old upstream delays nothing
+        _retire(app, _end_upstream_sessions(ended), "end-replaced-sessions")
+    stale = old.upstreams_not_in(new)
+    if stale:
+        _retire(app, _close_later(stale, config.listen.shutdown_grace_seconds), "close-replaced-upstreams")
+    services.metrics.reloads.labels("ok").inc()
+    log.info("reloaded", tenants=len(new.tenants), replaced_upstreams=len(stale))
+    return True
+
+
+def _retire(app: web.Application, work: Coroutine[Any, Any, None], name: str) -> None:
+    task = asyncio.create_task(work, name=name)
+    app[RETIRED].add(task)
+    task.add_done_callback(app[RETIRED].discard)
+
+
+async def _end_upstream_sessions(ended: list[tuple[Upstream, Session]]) -> None:
+    """DELETE the upstream side of sessions a reload ended, all at once, each for a bounded time."""
+
+    async def end(upstream: Upstream, session: Session) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(end_upstream_session(upstream, session), END_SESSION_SECONDS)
+
+    await asyncio.gather(*(end(upstream, session) for upstream, session in ended))
+
+
+async def _close_later(upstreams: list[Upstream], grace: float) -> None:
+    """Let requests in flight on replaced upstreams finish, then close them."""
+    await asyncio.sleep(grace)
+    for upstream in upstreams:
+        with contextlib.suppress(Exception):
+            await upstream.close()
+
+
+RETIRED = web.AppKey("retired_upstream_closers", set[asyncio.Task[None]])
+
+
+def _mtimes(files: list[Path]) -> dict[Path, float | None]:
+    stamps: dict[Path, float | None] = {}
+    for file in files:
+        try:
+            stamps[file] = file.stat().st_mtime
+        except OSError:
+            stamps[file] = None
+    return stamps
+
+
+async def watch_files(app: web.Application, poll_seconds: float) -> None:
+    """Reload when the config file or a policy it names changes (checked every `poll_seconds`).
+    The list of files is worked out once per config: with many tenants it is the costly part."""
+    config = app[RUNTIME].current.config
+    files = config.watched_files
+    seen = _mtimes(files)
+    while True:
+        await asyncio.sleep(poll_seconds)
+        if app[RUNTIME].current.config is not config:
+            # Reloaded meanwhile (SIGHUP): watch the new config's files, still compared with what
+            # was seen before, so an edit made just after that reload read them is not missed.
+            config = app[RUNTIME].current.config
+            files = config.watched_files
+        now = _mtimes(files)
+        if now != seen:
+            await reload_config(app)
+            config = app[RUNTIME].current.config
+            files = config.watched_files
+            seen = _mtimes(files)

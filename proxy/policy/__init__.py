@@ -1,1 +1,0 @@
-"""Policy: tenant arguments, tool allow/deny, tenant-scoped resource URIs (layer 1 of isolation)."""

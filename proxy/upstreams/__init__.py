@@ -1,0 +1,1 @@
+"""Per-tenant upstream MCP servers behind one interface: HTTP and stdio."""
