@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import itertools
-import re
-import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from urllib.parse import urlsplit
 
 import structlog
@@ -16,57 +13,17 @@ from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily
 
 from proxy.config import ProxyConfig
-from proxy.http.endpoint import RUNTIME, SERVICES, end_upstream_session, handle_mcp
-from proxy.http.responses import REQUEST_ID
-from proxy.ops.health import READINESS, Readiness, healthz, keep_checking, readyz
+from proxy.http.edge import edge, stamp_request_id
+from proxy.http.endpoint import handle_mcp
+from proxy.http.keys import READINESS, RETIRED, RUNTIME, SERVICES
+from proxy.layers.sessions.stage import end_upstream_session
+from proxy.ops.health import Readiness, healthz, keep_checking, readyz
 from proxy.ops.metrics import CONTENT_TYPE_LATEST
-from proxy.ops.reload import RETIRED, watch_files
-from proxy.protocol.errors import ProxyError
+from proxy.ops.reload import watch_files
 from proxy.protocol.jsonrpc import dumps, error_body
 from proxy.runtime import Runtime, RuntimeRef, Services
 
 log = structlog.get_logger("proxy.app")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-# Request ids: a random prefix per process and a counter (unique, and no syscall per request).
-_ID_PREFIX = secrets.token_hex(4)
-_ids = itertools.count(1)
-
-
-@web.middleware
-async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every request: a request id on each log line (the client's X-Request-Id when well-formed,
-    echoed in the answer), and whatever goes wrong a JSON-RPC error body, never a traceback."""
-    offered = request.headers.get("X-Request-Id", "")
-    request_id = offered if _REQUEST_ID.fullmatch(offered) else f"{_ID_PREFIX}{next(_ids):x}"
-    request[REQUEST_ID] = request_id
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=request_id)
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        body = error_body(None, -32600, exc.reason)
-        return web.Response(status=exc.status, body=dumps(body), content_type="application/json")
-    except ProxyError as exc:
-        return web.Response(
-            status=exc.status,
-            body=dumps(exc.to_jsonrpc(None)),
-            content_type="application/json",
-            headers=exc.headers,
-        )
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception:
-        log.exception("unhandled_error", path=request.path)
-        body = error_body(None, -32603, "Internal proxy error")
-        return web.Response(status=500, body=dumps(body), content_type="application/json")
-
-
-async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    if REQUEST_ID in request:
-        response.headers["X-Request-Id"] = request[REQUEST_ID]
 
 
 async def protected_resource_metadata(request: web.Request) -> web.Response:
@@ -192,7 +149,7 @@ def create_app(config: ProxyConfig, runtime: Runtime | None = None) -> web.Appli
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    app.on_response_prepare.append(_stamp_request_id)
+    app.on_response_prepare.append(stamp_request_id)
     app.on_shutdown.append(_begin_shutdown)
     app.cleanup_ctx.append(_background)
     return app

@@ -126,7 +126,7 @@ def _text(result: Any) -> str:
 async def run_demo() -> int:
     from proxy.cli import start_server
     from proxy.config import ProxyConfig
-    from proxy.http.endpoint import SERVICES
+    from proxy.http.keys import SERVICES
     from proxy.layers.auth.authenticator import mint_token
     from proxy.ops.log import configure_logging
 

@@ -28,7 +28,8 @@ from proxy.layers.limits.limiter import Limiter
 from proxy.layers.sessions.registry import SessionRegistry
 from proxy.ops.metrics import Metrics
 from proxy.ops.reports import Reports
-from proxy.upstreams.http import HttpUpstream, Upstream
+from proxy.upstreams.base import Upstream
+from proxy.upstreams.http import HttpUpstream
 from proxy.upstreams.stdio.upstream import StdioUpstream
 
 

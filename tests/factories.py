@@ -16,8 +16,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy.config import ProxyConfig
+from proxy.flow import Exchange, Request
+from proxy.protocol.jsonrpc import parse_message
 from proxy.runtime import Runtime, Services
-from proxy.types import Exchange
+from proxy.types import Era, TenantContext
 
 DEV_SECRET = "test-secret-0123456789-abcdefghijklmnop"
 DEV_SECRET_ENV = "MCP_PROXY_TEST_SECRET"
@@ -147,7 +149,26 @@ def make_exchange(
     runtime: Runtime | None = None,
 ) -> Exchange:
     request = make_mocked_request(method, path, headers=dict(headers or {}))
-    return Exchange(request, runtime or Runtime.build(config), Services.build(config))
+    return Exchange(
+        request=request, runtime=runtime or Runtime.build(config), services=Services.build(config)
+    )
+
+
+def make_request(
+    config: ProxyConfig,
+    tenant: str = "acme",
+    body: Mapping[str, Any] | None = None,
+    era: Era = Era.MODERN,
+    subject: str = "alice",
+    **fields: Any,
+) -> Request:
+    """An authenticated, parsed exchange (the Request phase), as the stages after `parse` get it."""
+    exchange = make_exchange(config)
+    ctx = TenantContext(tenant, subject, "dev", frozenset(), time.time() + 3600)
+    message = parse_message(json.dumps(body or {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).encode())
+    return Request.of(
+        exchange, ctx=ctx, tenant=exchange.runtime.tenants[tenant], message=message, era=era, **fields
+    )
 
 
 def write(path: Path, content: str | bytes) -> Path:

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from proxy.http.endpoint import RUNTIME, SERVICES
+from proxy.http.keys import READINESS, RUNTIME, SERVICES
 from proxy.runtime import Runtime
 
 CONNECT_TIMEOUT_SECONDS = 2.0
@@ -66,9 +66,6 @@ class Readiness:
         if self.checked_at is None:
             return False
         return self.reachable == self.total if mode == "all" else self.reachable > 0
-
-
-READINESS = web.AppKey("readiness", Readiness)
 
 
 async def healthz(request: web.Request) -> web.Response:

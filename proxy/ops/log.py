@@ -13,10 +13,15 @@ import atexit
 import json
 import logging
 import sys
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 import structlog
+
+from proxy.http.keys import REQUEST_ID
+
+if TYPE_CHECKING:
+    from proxy.flow import Exchange
 
 
 class BatchedBytesLogger:
@@ -100,3 +105,25 @@ def ascii_json(value: Any, **_: Any) -> bytes:
     except TypeError:  # orjson.JSONEncodeError: a lone surrogate or an int beyond 64 bits
         pass
     return json.dumps(value, default=str, separators=(",", ":")).encode("ascii")
+
+
+_requests_log = structlog.get_logger("proxy.requests")
+MAX_METHOD_CHARS = 128  # a client-chosen method is bounded like every other string it chooses
+
+
+def request_line(exchange: Exchange) -> None:
+    """The done hook: one structured line per exchange (names, outcome, timing; never content)."""
+    message, ctx, era = exchange.parsed, exchange.caller, exchange.protocol_era
+    method = message.method if message is not None else None
+    _requests_log.info(
+        "mcp_request",
+        request_id=exchange.request.get(REQUEST_ID),
+        http_method=exchange.request.method,
+        tenant=ctx.tenant if ctx is not None else None,
+        era=era.value if era is not None else None,
+        method=method[:MAX_METHOD_CHARS] if method is not None else None,
+        outcome=exchange.outcome,
+        cache=exchange.cache_state,
+        error_code=exchange.error_code,
+        duration_ms=round(exchange.duration_seconds * 1000, 3),
+    )

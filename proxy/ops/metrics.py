@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -12,6 +13,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from proxy.protocol.jsonrpc import KNOWN_METHODS
+from proxy.protocol.jsonrpc import Kind as MessageKind
+
+if TYPE_CHECKING:
+    from proxy.flow import Exchange
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -164,3 +169,20 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def observe(exchange: Exchange) -> None:
+    """The done hook: what one exchange adds to the metrics (a refusal before any tenant was known
+    counts by status only)."""
+    metrics, ctx, message = exchange.services.metrics, exchange.caller, exchange.parsed
+    if ctx is None:
+        metrics.rejected.labels(str(exchange.status)).inc()
+        return
+    metrics.observe_request(
+        ctx.tenant,
+        message.method if message is not None else None,
+        exchange.outcome,
+        exchange.duration_seconds,
+        exchange.upstream_seconds if exchange.upstream_contacted else None,
+        exchange.cache_state if message is not None and message.kind is MessageKind.REQUEST else None,
+    )

@@ -20,10 +20,11 @@ import structlog
 from aiohttp import web
 
 from proxy.config import ConfigError, ProxyConfig, load_config
-from proxy.http.endpoint import RUNTIME, SERVICES, end_upstream_session
+from proxy.http.keys import RETIRED, RUNTIME, SERVICES
 from proxy.layers.sessions.registry import Session
+from proxy.layers.sessions.stage import end_upstream_session
 from proxy.runtime import Runtime
-from proxy.upstreams.http import Upstream
+from proxy.upstreams.base import Upstream
 
 log = structlog.get_logger("proxy.ops.reload")
 
@@ -104,9 +105,6 @@ async def _close_later(upstreams: list[Upstream], grace: float) -> None:
     for upstream in upstreams:
         with contextlib.suppress(Exception):
             await upstream.close()
-
-
-RETIRED = web.AppKey("retired_upstream_closers", set[asyncio.Task[None]])
 
 
 def _mtimes(files: list[Path]) -> dict[Path, float | None]:

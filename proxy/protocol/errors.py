@@ -196,3 +196,30 @@ class UpstreamUnavailable(UpstreamError):
     code = -32012
     status = 503
     default_message = "The upstream MCP server is unavailable"
+
+
+# --- what a client may see of an upstream's errors -----------------------------------------------
+
+# Codes the MCP spec gives a meaning whose `data` a client needs (-32002/-32042: earlier versions).
+_MCP_SERVER_CODES = frozenset({-32002, -32020, -32021, -32022, -32042})
+# -32000..-32019 are implementation-defined: an upstream's own, whose messages may carry internals.
+_IMPLEMENTATION_DEFINED = range(-32019, -31999)
+_MAX_ERROR_MESSAGE = 500
+
+
+def sanitize_error(error: Any) -> JsonObject:
+    """An upstream JSON-RPC error as the client may see it: internals (stack traces) never pass."""
+    if not isinstance(error, dict):
+        return {"code": -32603, "message": "Upstream server error"}
+    code = error.get("code")
+    if not isinstance(code, int) or isinstance(code, bool):
+        return {"code": -32603, "message": "Upstream server error"}
+    if code == -32603 or code in _IMPLEMENTATION_DEFINED:
+        return {"code": code, "message": "Upstream server error"}
+    message = error.get("message")
+    text = message if isinstance(message, str) else ""
+    text = "".join(ch if ch.isprintable() else " " for ch in text[:_MAX_ERROR_MESSAGE])
+    clean: JsonObject = {"code": code, "message": text or "Upstream error"}
+    if code in _MCP_SERVER_CODES and "data" in error:
+        clean["data"] = error["data"]
+    return clean

@@ -1,7 +1,6 @@
-"""Per-tenant upstream MCP servers.
+"""A tenant's streamable-HTTP upstream (the Upstream protocol of upstreams/base.py).
 
-An `Upstream` has one job: carry one HTTP exchange of MCP to the tenant's server and hand back the
-answer (`send`). The HTTP implementation owns one aiohttp ClientSession per tenant, so connection
+The HTTP implementation owns one aiohttp ClientSession per tenant, so connection
 pools, cookies and credentials are never shared between tenants. Redirects are never followed,
 cookies are never kept, and only headers the proxy built itself go out: the client's token and any
 client-sent tenant header never do.
@@ -11,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import aiohttp
 import yarl
@@ -21,37 +18,10 @@ from proxy import __version__
 from proxy.config import UpstreamConfig
 from proxy.protocol.errors import UpstreamError, UpstreamTimeout
 from proxy.protocol.sse import Comment, Event, read_event_batches
+from proxy.upstreams.base import UpstreamRequest
 
-JSON = "application/json"
-EVENT_STREAM = "text/event-stream"
 MAX_JSON_RESPONSE_BYTES = 32 * 1024 * 1024
 MAX_EVENT_BYTES = 32 * 1024 * 1024
-
-
-@dataclass(slots=True)
-class UpstreamRequest:
-    http_method: str  # POST, GET or DELETE
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes | None = None
-
-
-class UpstreamResponse(Protocol):
-    status: int
-    content_type: str
-    session_id: str | None
-
-    async def read_json(self) -> bytes: ...
-    def events(self) -> AsyncIterator[list[Event | Comment]]: ...  # what arrived together
-    def close(self) -> None: ...
-
-
-class Upstream(Protocol):
-    tenant: str
-    identity: str  # what the cache keys and metrics call this upstream (no credentials)
-
-    async def send(self, request: UpstreamRequest) -> UpstreamResponse: ...
-    async def sweep(self) -> None: ...  # periodic housekeeping (idle processes, ...)
-    async def close(self) -> None: ...
 
 
 class HttpUpstreamResponse:

@@ -18,7 +18,7 @@ from mcp_types import PromptReference, ResourceTemplateReference
 from pydantic import Field
 
 from proxy.demo import client_for
-from proxy.http.endpoint import SERVICES
+from proxy.http.keys import SERVICES
 from tests.conftest import TENANTS, RunningProxy, StartProxy
 from tests.factories import HANDSHAKE_INITIALIZE
 from tests.upstreams import Recorder, free_port

@@ -16,7 +16,7 @@ from mcp.server.caching import CacheHint
 from mcp.server.mcpserver import MCPServer
 
 from proxy.demo import client_for
-from proxy.http.endpoint import SERVICES
+from proxy.http.keys import SERVICES
 from tests.conftest import TENANTS, RunningProxy, StartProxy
 from tests.upstreams import Recorder, free_port
 

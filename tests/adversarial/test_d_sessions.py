@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from mcp_types import CreateMessageResult, ElicitResult, TextContent
 
-from proxy.http.endpoint import SERVICES
+from proxy.http.keys import SERVICES
 from tests.conftest import MCP_ACCEPT, RunningProxy, StartProxy
 from tests.e2e.test_transport_e2e import error_of, initialize, session_headers, sse_messages, text_of
 from tests.upstreams import TOOL_EVENTS, Upstream, start_test_upstream

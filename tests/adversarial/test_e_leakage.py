@@ -23,7 +23,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import InputRequiredResult
 
 from proxy.demo import client_for
-from proxy.http.endpoint import SERVICES
+from proxy.http.keys import SERVICES
 from tests.conftest import MCP_ACCEPT, TENANTS, RunningProxy, StartProxy
 from tests.factories import DEV_SECRET, RsaKeys
 from tests.factories import token as token_for

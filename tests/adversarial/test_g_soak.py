@@ -43,7 +43,7 @@ from mcp import MCPError
 from mcp_types import PromptReference
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.http.endpoint import SERVICES
+from proxy.http.keys import SERVICES
 from tests.adversarial.test_d_sessions import sdk_client
 from tests.conftest import RunningProxy, StartProxy
 from tests.e2e.test_concurrency_e2e import (

@@ -23,7 +23,7 @@ from mcp_types import (
 )
 
 from proxy.demo import client_for
-from proxy.http.endpoint import SERVICES
+from proxy.http.keys import SERVICES
 from tests.conftest import TENANTS, RunningProxy, StartProxy
 from tests.upstreams import Recorder
 

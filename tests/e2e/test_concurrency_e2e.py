@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 
 import proxy.layers.containment.audit as proxy_audit
-from proxy.http.endpoint import RUNTIME, SERVICES
+from proxy.http.keys import RUNTIME, SERVICES
 from proxy.layers.sessions.registry import Session
 from tests.adversarial.test_d_sessions import sdk_client
 from tests.conftest import MCP_ACCEPT, RunningProxy, StartProxy

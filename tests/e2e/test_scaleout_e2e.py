@@ -29,7 +29,7 @@ from aiohttp import web
 from proxy.cli import start_server
 from proxy.config import ProxyConfig
 from proxy.demo import client_for
-from proxy.http.endpoint import SERVICES
+from proxy.http.keys import SERVICES
 from proxy.layers.containment.request_state import RequestState
 from proxy.runtime import Services
 from proxy.types import TenantContext

@@ -14,16 +14,12 @@ import pytest
 
 from proxy.layers.containment.audit import AuditLog, summarize
 from proxy.layers.containment.request_state import RequestState, RequestStateSeal
-from proxy.protocol.jsonrpc import parse_message
 from proxy.types import Era, TenantContext
-from tests.factories import make_config, make_exchange
+from tests.factories import make_config, make_exchange, make_request
 
 
 def exchange(tenant: str, body: dict[str, Any], **fields: Any) -> Any:
-    ex = make_exchange(make_config())
-    ex.ctx = TenantContext(tenant, "alice", "dev", frozenset(), 0.0)
-    ex.message = parse_message(json.dumps(body).encode())
-    ex.era = Era.MODERN
+    ex = make_request(make_config(), tenant, body, Era.MODERN)
     for name, value in fields.items():
         setattr(ex, name, value)
     return ex

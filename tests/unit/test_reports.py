@@ -4,26 +4,28 @@ run within a moment, each with its own request id, and before anyone reads what 
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import pytest
 import structlog
 
-from proxy.http.responses import REQUEST_ID, finish
+from proxy.flow import Exchange
+from proxy.http.endpoint import DONE
+from proxy.http.endpoint import finish as finish_with
+from proxy.http.keys import REQUEST_ID
 from proxy.ops.reports import MAX_PENDING_REPORTS, REPORT_DELAY_SECONDS, Reports
-from proxy.protocol.jsonrpc import parse_message
-from proxy.types import Era, Exchange, TenantContext
-from tests.factories import make_config, make_exchange
+from proxy.types import Era
+from tests.factories import make_config, make_request
+
+
+def finish(exchange: Exchange) -> None:
+    finish_with(exchange, DONE)
 
 
 def answered(tenant: str, request_id: str) -> Exchange:
-    exchange = make_exchange(make_config())
-    exchange.request[REQUEST_ID] = request_id
-    exchange.ctx = TenantContext(tenant, "alice", "dev", frozenset(), 0.0)
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "lookup"}}
-    exchange.message = parse_message(json.dumps(body).encode())
-    exchange.era = Era.MODERN
+    exchange = make_request(make_config(), tenant, body, Era.MODERN)
+    exchange.request[REQUEST_ID] = request_id
     return exchange
 
 

@@ -298,7 +298,7 @@ async def test_a_busy_session_is_never_idle() -> None:
 async def test_removing_a_session_ends_its_open_get_stream() -> None:
     import asyncio
 
-    from proxy.http.endpoint import _until
+    from proxy.http.relay import _until
 
     reg = registry()
     session = await new(reg)

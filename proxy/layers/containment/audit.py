@@ -1,6 +1,6 @@
 """Layer 4: a tenant-scoped, summary-only audit trail.
 
-One JSON line per MCP request in `<audit.dir>/<tenant>.jsonl`, rendered by structlog:
+One JSON line per MCP request in `<audit.dir>/<tenant>.jsonl`, rendered by orjson (pure ASCII):
 
     ts, tenant, subject, session (hash), era, method, name, argument_keys, outcome, cache,
     error_code, result_bytes, result_sha256, duration_ms
@@ -26,13 +26,16 @@ from collections import deque
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, NamedTuple, TextIO
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TextIO
 
 import structlog
 
 from proxy.backends.redis.client import RedisState, StateUnavailable
 from proxy.ops.log import ascii_json
-from proxy.types import Exchange, JsonObject
+from proxy.types import JsonObject
+
+if TYPE_CHECKING:
+    from proxy.flow import Exchange
 
 MAX_ARGUMENT_KEYS: Final = 50
 MAX_KEY_CHARS: Final = 64
@@ -89,17 +92,17 @@ def bounded_method(method: str | None) -> str | None:
 
 def summarize(exchange: Exchange) -> AuditRecord | None:
     """The audit record of one exchange, or None when no tenant was established."""
-    ctx = exchange.ctx
+    ctx = exchange.caller
     if ctx is None:
         return None
-    message = exchange.message
+    message = exchange.parsed
     name = message.name if message is not None else None
     return AuditRecord(
         exchange.ended_at if exchange.ended_at is not None else time.time(),
         ctx.tenant,
         ctx.subject,
         exchange.session.audit_id if exchange.session is not None else None,
-        exchange.era.value if exchange.era is not None else None,
+        exchange.protocol_era.value if exchange.protocol_era is not None else None,
         exchange.request.method,
         bounded_method(message.method if message is not None else None),
         name[:256] if name is not None else None,
@@ -111,6 +114,11 @@ def summarize(exchange: Exchange) -> AuditRecord | None:
         exchange.result_sha256,
         round(exchange.duration_seconds * 1000, 3),
     )
+
+
+def audit_record(exchange: Exchange) -> None:
+    """The done hook: the exchange's summary in its tenant's trail."""
+    exchange.services.audit.record(exchange)
 
 
 class AuditLog:

@@ -18,9 +18,9 @@ from proxy import __version__
 from proxy.layers.data_access.schemas import SchemaIndex
 from proxy.protocol.errors import ProxyError, UpstreamError
 from proxy.protocol.headers import ParamHeader, param_headers_of
-from proxy.protocol.jsonrpc import dumps, loads_upstream
+from proxy.protocol.jsonrpc import dumps
 from proxy.types import LATEST_MODERN_VERSION, JsonObject
-from proxy.upstreams.http import EVENT_STREAM, Upstream, UpstreamRequest
+from proxy.upstreams.base import Upstream, UpstreamRequest, answer_to
 
 Kind = Literal["tools", "prompts"]
 MAX_PAGES = 50
@@ -134,21 +134,7 @@ class Catalog:
         try:
             if response.status != 200:
                 raise UpstreamError(f"The upstream MCP server could not list its {kind}")
-            message: Any = None
-            if response.content_type == EVENT_STREAM:
-                async for batch in response.events():
-                    for event in batch:
-                        data = getattr(event, "data", "")
-                        candidate = loads_upstream(data) if data else None
-                        if isinstance(candidate, dict) and candidate.get("id") == request_id:
-                            message = candidate
-                            break
-                    if message is not None:
-                        break
-            else:
-                message = loads_upstream(await response.read_json())
-                if not isinstance(message, dict) or message.get("id") != request_id:
-                    message = None  # an answer to some other request is no answer
+            message = await answer_to(response, request_id)
         except ProxyError as exc:
             if isinstance(exc, UpstreamError):
                 raise

@@ -86,13 +86,21 @@ class _Duplicate:
 _DUPLICATE: Final = _Duplicate()
 
 
-def _decode_document(text: str, names: frozenset[str]) -> Any:
-    """A string as an upstream would JSON-decode it (Python's and JavaScript's parsers keep the last
-    of duplicate keys; a duplicated tenant argument becomes a value no tenant can match), or None
-    when it is not a JSON object or array."""
+class _Undecidable(Exception):
+    """A string some upstream parser may decode, which the proxy cannot look into (nested past the
+    interpreter's own parsing depth): it is refused, never passed on unchecked."""
+
+
+def _decode_document(text: str, names: frozenset[str]) -> tuple[Any, bool]:
+    """A string as an upstream would JSON-decode it, and whether the proxy can send it on rewritten.
+
+    Python's and JavaScript's parsers keep the last of duplicate keys: a duplicated tenant argument
+    becomes a value no tenant can match. A document Python refuses only for its number limits
+    (JavaScript reads it) is looked into with those numbers stood in for, and cannot be rewritten.
+    (None, True) when the string is not a JSON object or array."""
     stripped = text.strip()
     if not stripped or stripped[0] not in "{[":
-        return None
+        return None, True
 
     def pairs(items: list[tuple[str, Any]]) -> JsonObject:
         result: JsonObject = {}
@@ -100,11 +108,20 @@ def _decode_document(text: str, names: frozenset[str]) -> Any:
             result[key] = _DUPLICATE if key in result and key in names else value
         return result
 
+    rewritable = True
     try:
         decoded = json.loads(stripped, object_pairs_hook=pairs)
-    except (ValueError, RecursionError):
-        return None
-    return decoded if isinstance(decoded, dict | list) else None
+    except RecursionError:
+        raise _Undecidable() from None
+    except ValueError:
+        try:  # numbers past Python's digit limit: JavaScript still parses the rest
+            decoded = json.loads(stripped, object_pairs_hook=pairs, parse_int=float, parse_float=float)
+        except RecursionError:
+            raise _Undecidable() from None
+        except ValueError:
+            return None, True  # not JSON for any parser: a string like any other
+        rewritable = False
+    return (decoded if isinstance(decoded, dict | list) else None), rewritable
 
 
 def _serialise_document(value: Any) -> str:
@@ -133,6 +150,7 @@ class _ArgumentWalk:
         self.mismatches: list[Path] = []
         self.rewrites: list[Rewrite] = []
         self.too_deep: Path | None = None
+        self.unrewritable: Path | None = None  # a document that had to change but cannot be re-sent
 
     def own(self, value: Any) -> bool:
         return isinstance(value, str) and value == self.tenant
@@ -201,7 +219,11 @@ class _ArgumentWalk:
         decoded_by_schema = bool(schemas) and self.index is not None and not self.index.takes_string(schemas)
         if not (decoded_by_schema or self.sniff):
             return None
-        document = _decode_document(text, self.names)
+        try:
+            document, rewritable = _decode_document(text, self.names)
+        except _Undecidable:
+            self.too_deep = self.too_deep or path
+            return None
         if document is None:
             return None
         if level >= MAX_JSON_NESTING:
@@ -214,6 +236,10 @@ class _ArgumentWalk:
         changed = inner.walk(document, (*path, JSON_STRING), inner_schemas, level + 1, inside=True)
         self.mismatches.extend(inner.mismatches)
         self.too_deep = self.too_deep or inner.too_deep
+        self.unrewritable = self.unrewritable or inner.unrewritable
+        if changed and not rewritable:
+            self.unrewritable = self.unrewritable or path
+            return None
         return _serialise_document(document) if changed else None
 
     def _set(self, node: JsonObject, key: str, path: Path, inside: bool) -> bool:
@@ -252,6 +278,11 @@ def _check_arguments(
             detail="is nested too deeply (JSON inside strings, or depth) to be checked",
         )  # fmt: skip
     mismatches = sorted(walk.mismatches, key=lambda p: [str(part) for part in p])
+    if mismatches and walk.unrewritable is not None:
+        return Decision(
+            Action.DENY, "tenant_arguments", describe(mismatches[0]), spoof=True,
+            detail="must name the caller's tenant (a JSON document the proxy cannot rewrite)",
+        )  # fmt: skip
     if mismatches and not policy.rewrite_mismatches:
         return Decision(Action.DENY, "tenant_arguments", describe(mismatches[0]), spoof=True)
     if not walk.rewrites:

@@ -30,7 +30,7 @@ from proxy.config import UpstreamConfig
 from proxy.protocol.errors import ProxyError, UpstreamError, UpstreamTimeout
 from proxy.protocol.sse import Comment, Event
 from proxy.types import HANDSHAKE_VERSIONS, MODERN_VERSIONS, JsonObject, RequestId
-from proxy.upstreams.http import EVENT_STREAM, JSON, UpstreamRequest
+from proxy.upstreams.base import EVENT_STREAM, JSON, UpstreamRequest
 from proxy.upstreams.stdio.child import Child
 
 log = structlog.get_logger("proxy.upstreams.stdio")

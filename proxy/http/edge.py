@@ -1,0 +1,94 @@
+"""The HTTP edge: what every request gets before and after the MCP flow.
+
+The `edge` middleware gives each request an id (the client's X-Request-Id when well-formed) on
+every log line and in the answer, and turns anything that escapes into a JSON-RPC error body,
+never a traceback. `check_origin` is the flows' first check (DNS rebinding); `error_reply` is how
+every refusal of a flow is answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import hdrs, web
+
+from proxy.flow import Exchange
+from proxy.http.keys import REQUEST_ID
+from proxy.protocol.errors import BadRequest, Forbidden, ProxyError
+from proxy.protocol.jsonrpc import dumps, error_body
+from proxy.upstreams.base import JSON
+
+log = structlog.get_logger("proxy.app")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+NO_STORE = {"Cache-Control": "no-store"}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Request ids: a random prefix per process and a counter (unique, and no syscall per request).
+_ID_PREFIX = secrets.token_hex(4)
+_ids = itertools.count(1)
+
+
+@web.middleware
+async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request: a request id on each log line, and whatever goes wrong a JSON-RPC error."""
+    offered = request.headers.get("X-Request-Id", "")
+    request_id = offered if _REQUEST_ID.fullmatch(offered) else f"{_ID_PREFIX}{next(_ids):x}"
+    request[REQUEST_ID] = request_id
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        body = error_body(None, -32600, exc.reason)
+        return web.Response(status=exc.status, body=dumps(body), content_type=JSON)
+    except ProxyError as exc:
+        return web.Response(
+            status=exc.status, body=dumps(exc.to_jsonrpc(None)), content_type=JSON, headers=exc.headers
+        )
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled_error", path=request.path)
+        body = error_body(None, -32603, "Internal proxy error")
+        return web.Response(status=500, body=dumps(body), content_type=JSON)
+
+
+async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    if REQUEST_ID in request:
+        response.headers["X-Request-Id"] = request[REQUEST_ID]
+
+
+def single_header(exchange: Exchange, name: str) -> str | None:
+    """A header that must appear at most once (two copies would let two readers disagree)."""
+    values = exchange.request.headers.getall(name, [])
+    if len(values) > 1:
+        raise BadRequest(f"Bad request: the {name} header appears more than once")
+    return values[0] if values else None
+
+
+async def check_origin(exchange: Exchange) -> None:
+    """A browser Origin must be allowed (DNS rebinding); requests without one pass."""
+    origins = exchange.request.headers.getall(hdrs.ORIGIN, [])
+    if len(origins) > 1 or (origins and not exchange.runtime.origins.allows(origins[0])):
+        raise Forbidden("Forbidden: Origin not allowed")
+
+
+def error_reply(exchange: Exchange, error: ProxyError) -> web.Response:
+    """The answer to a refused or failed exchange: the error's status and a JSON-RPC error body."""
+    exchange.refused(error.status, error.code)
+    request_id = exchange.parsed.id if exchange.parsed is not None else None
+    response = web.Response(
+        status=error.status,
+        body=dumps(error.to_jsonrpc(request_id)),
+        content_type=JSON,
+        headers={**NO_STORE, **error.headers},
+    )
+    if error.status in (408, 413):  # the rest of the body is unread: close rather than drain it
+        response.force_close()
+    return response

@@ -1,0 +1,20 @@
+"""The application's and requests' typed state (aiohttp AppKey / RequestKey), in one place."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from proxy.ops.health import Readiness
+    from proxy.runtime import RuntimeRef, Services
+
+# The current config's runtime (a reload swaps it whole).
+RUNTIME: web.AppKey[RuntimeRef] = web.AppKey("runtime")
+# What outlives a config: sessions, cache, audit, limits, metrics.
+SERVICES: web.AppKey[Services] = web.AppKey("services")
+READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
+RETIRED: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("retired_upstream_closers")  # reload clean-ups
+REQUEST_ID = web.RequestKey("request_id", str)  # the id on every log line of one HTTP request

@@ -1,0 +1,107 @@
+"""The cache layer in the flow: answers from the tenant's cache, single flight, store, invalidate.
+
+lookup       Around: a hit answers at once; a miss leads the flight for its key (identical
+             calls of the same tenant wait for it) and settles it however the exchange ends
+store        response hook: a cacheable answer goes in, and its followers get it at once
+invalidate   response hook: list_changed and resources/updated drop the tenant's copies
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from proxy.flow import Call, Kind, Next, Reply, Request, ServerMessage
+from proxy.layers.cache.store import LIST_CHANGED, CacheKey, CachePlan, plan_for
+from proxy.protocol.jsonrpc import Kind as MessageKind
+from proxy.protocol.jsonrpc import answer_bytes
+from proxy.types import Era
+
+NO_STORE = {"Cache-Control": "no-store"}
+_PLAN = "cache.plan"
+_FLIGHT = "cache.flight"
+
+
+async def lookup(call: Request, call_next: Next) -> Reply:
+    """Answer from the tenant's cache, or wait for an identical call already on its way upstream."""
+    cache, message, tenant = call.services.cache, call.message, call.tenant
+    if cache is None or message.kind is not MessageKind.REQUEST:
+        return await call_next()
+    plan = plan_for(
+        call.ctx.tenant,
+        call.ctx.subject,
+        tenant.cache_identity,
+        call.protocol_version or "",
+        call.era is Era.MODERN,
+        message.method or "",
+        message.params,
+        tenant.policy.cache_ttl_seconds if tenant.policy is not None else None,
+    )
+    if plan is None:
+        return await call_next()
+    call.slots[_PLAN] = plan
+    for key in plan.lookup_keys:
+        result = await cache.fetch(key)
+        if result is not None:
+            return _answer_from_cache(call, result)
+    pending = cache.join(plan.flight_key)
+    if pending is not None:
+        try:
+            result = await asyncio.wait_for(
+                asyncio.shield(pending), tenant.config.upstream.read_timeout_seconds
+            )
+        except TimeoutError:
+            result = None
+        if result is not None:
+            return _answer_from_cache(call, result)
+        call.cache_state = "miss"
+        return await call_next()
+    call.cache_state = "miss"
+    call.slots[_FLIGHT] = plan.flight_key
+    try:
+        return await call_next()
+    finally:
+        flight: CacheKey | None = call.slots.pop(_FLIGHT, None)
+        if flight is not None:  # nothing was stored: followers go upstream themselves
+            cache.settle(flight, None)
+
+
+def _answer_from_cache(call: Request, result: bytes) -> Reply:
+    call.cache_state = "hit"
+    call.record_result(result)
+    body = answer_bytes(call.message.id, result)
+    return web.Response(body=body, content_type="application/json", headers=NO_STORE)
+
+
+def store(call: Call, message: ServerMessage) -> ServerMessage | None:
+    """A cacheable answer goes into the tenant's cache; waiting followers get it at once."""
+    cache = call.services.cache
+    plan: CachePlan | None = call.slots.get(_PLAN)
+    if message.kind is not Kind.ANSWER or cache is None or plan is None:
+        return message
+    result = message.body.get("result")
+    target = plan.store_key_and_ttl(result) if isinstance(result, dict) else None
+    if target is None:
+        return message
+    raw = message.result_bytes()
+    if raw is not None and cache.put(target[0], raw, target[1]):
+        flight: CacheKey | None = call.slots.pop(_FLIGHT, None)
+        if flight is not None:
+            cache.settle(flight, raw)
+    return message
+
+
+def invalidate(call: Call, message: ServerMessage) -> ServerMessage | None:
+    """A list changed or a resource was updated: the tenant's cached copies go."""
+    cache, method = call.services.cache, message.method
+    if cache is None or message.kind is not Kind.NOTIFICATION or method is None:
+        return message
+    if method in LIST_CHANGED:
+        cache.invalidate(call.ctx.tenant, LIST_CHANGED[method])
+    elif method == "notifications/resources/updated":
+        params = message.body.get("params")
+        uri = params.get("uri") if isinstance(params, dict) else None
+        if isinstance(uri, str):
+            cache.invalidate(call.ctx.tenant, ("resources/read",), uri)
+    return message

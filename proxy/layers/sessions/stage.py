@@ -1,0 +1,132 @@
+"""The sessions layer in the flow (handshake era): every request after initialize must name a
+session of its own caller; initialize holds a place under the tenant's cap until the upstream has
+answered; a session answering a request is never idle.
+
+    bind            Around: the caller's own session (404 exactly as for an unknown id), or for
+                    initialize a reservation given back unless it became a session (open_session)
+    track           response hook: answers settle the session's bookkeeping, server-to-client
+                    requests are remembered so that only this session can answer them
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from proxy.flow import Call, Kind, Next, Reply, Request, ServerMessage
+from proxy.http.edge import single_header
+from proxy.layers.sessions.registry import Session
+from proxy.protocol.errors import BadRequest, MethodNotAllowed, MissingSession, UpstreamError
+from proxy.protocol.headers import PROTOCOL_VERSION_HEADER
+from proxy.protocol.jsonrpc import Kind as MessageKind
+from proxy.types import DEFAULT_HANDSHAKE_VERSION, HANDSHAKE_VERSIONS, Era
+from proxy.upstreams.base import Upstream, UpstreamRequest
+
+SESSION_HEADER = "Mcp-Session-Id"
+_RESERVATION = "sessions.reservation"
+
+
+async def bind(call: Call, call_next: Next) -> Reply:
+    """Handshake era: the session must be the caller's own; initialize must fit under the cap."""
+    post = call.request.method == "POST"
+    if not post:
+        session_id = single_header(call, SESSION_HEADER)
+        if session_id is None:
+            version = call.request.headers.get(PROTOCOL_VERSION_HEADER)
+            if version in HANDSHAKE_VERSIONS:
+                raise MissingSession()
+            raise MethodNotAllowed(
+                "Method not allowed: without a session only POST is served", headers={"Allow": "POST"}
+            )
+        call.era = Era.HANDSHAKE
+    elif call.era is not Era.HANDSHAKE:
+        return await call_next()
+    else:
+        session_id = call.request.headers.get(SESSION_HEADER)
+    registry = call.services.sessions
+    if session_id is None:  # initialize: a place under the cap, until the upstream has answered
+        call.slots[_RESERVATION] = await registry.reserve(call.ctx)
+        try:
+            return await call_next()
+        finally:
+            reservation = call.slots.pop(_RESERVATION, None)
+            if reservation is not None:  # no session came of it
+                registry.release(call.ctx.tenant, reservation)
+    session = await registry.lookup(session_id, call.ctx)
+    message = call.message
+    if message is not None and message.method == "initialize":
+        # Never forwarded: it would re-initialize the upstream session (a shared stdio child's too).
+        raise BadRequest("Invalid request: initialize starts a new session; send it without Mcp-Session-Id")
+    call.bound_session = session
+    if call.protocol_version is None:
+        call.protocol_version = session.protocol_version
+    if message is not None and message.kind is MessageKind.RESPONSE:
+        assert message.id is not None
+        if not await registry.take_answer(session, message.id):
+            raise BadRequest("Invalid request: this session has no pending server request with that id")
+    if not post:
+        return await call_next()
+    session.busy += 1
+    forwarded = message if message is not None and message.kind is MessageKind.REQUEST else None
+    if forwarded is not None:
+        session.forward(forwarded)
+    abandoned = False
+    try:
+        return await call_next()
+    except asyncio.CancelledError:
+        # The client went away: an answer still on its way may be replayed on the session's GET
+        # stream (resumption), where it is delivered as this request's answer.
+        abandoned = call.upstream_contacted
+        raise
+    finally:
+        session.busy -= 1
+        session.last_seen = time.monotonic()
+        if forwarded is not None and not abandoned:
+            session.answered(forwarded.id)
+
+
+async def open_session(call: Request, upstream_session_id: str | None) -> Session:
+    """The session an initialize answered by the upstream becomes (its reservation is used up)."""
+    requested = call.message.params.get("protocolVersion")
+    session = await call.services.sessions.create(
+        call.ctx,
+        requested if isinstance(requested, str) else DEFAULT_HANDSHAKE_VERSION,
+        upstream_session_id,
+        call.slots[_RESERVATION],
+    )
+    del call.slots[_RESERVATION]
+    call.bound_session = session
+    return session
+
+
+def track(call: Call, message: ServerMessage) -> ServerMessage | None:
+    """What the session must know of a message coming back: an answered request is forgotten, the
+    protocol version the server chose is kept, a server-to-client request may be answered later
+    (by this session only); none reaches a client outside a handshake session."""
+    session = call.bound_session
+    if message.kind is Kind.SERVER_REQUEST:
+        if call.era is not Era.HANDSHAKE or session is None:
+            return None  # the modern era has no back channel; never deliver one elsewhere
+        call.services.sessions.expect_answer(session, message.body["id"])
+        return message
+    if message.kind is Kind.ANSWER and session is not None and message.answers is not None:
+        session.answered(message.answers.id)
+        result = message.body.get("result")
+        if message.answers.method == "initialize" and isinstance(result, dict):
+            version = result.get("protocolVersion")
+            if isinstance(version, str):  # the session speaks what the server chose
+                session.protocol_version = version
+    return message
+
+
+async def end_upstream_session(upstream: Upstream, session: Session) -> int:
+    """DELETE the upstream side of a session; returns the upstream's status (0 when unreachable)."""
+    if session.upstream_session_id is None:
+        return 200
+    headers = {SESSION_HEADER: session.upstream_session_id, "MCP-Protocol-Version": session.protocol_version}
+    try:
+        response = await upstream.send(UpstreamRequest("DELETE", headers))
+    except UpstreamError:
+        return 0
+    response.close()
+    return response.status
