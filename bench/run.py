@@ -356,7 +356,7 @@ class Harness:
             self.settings.proxy_log_level,
         ]
         began = time.perf_counter()
-        proc = Proc("proxy", argv, work / "proxy.ops.log", self.env)
+        proc = Proc("proxy", argv, work / "proxy.log", self.env)
         self.procs.append(proc)
         deadline = time.monotonic() + (300 if wrap else 60)
         health = f"http://127.0.0.1:{port}/healthz"
