@@ -15,8 +15,10 @@ A flow (the lists themselves are in http/endpoint.py, one per HTTP method) runs,
     done hooks       (Exchange)            audit record, metrics, log line: just after the answer left
 
 A stage is a `Check` (refuses by raising a ProxyError, answers early by setting `reply`) or an
-`Around` stage, which wraps the rest of the flow like Starlette middleware: it takes a resource,
-awaits `call_next()` inside try/finally and gives the resource back itself, whatever happened.
+`Around` stage, which wraps the rest of the flow like middleware does: it takes a resource on the
+way in (`enter`) and gives it back itself on the way out (`leave`), whatever ended the flow. The
+runner enters them in order and leaves them in reverse in one flat loop (a try/finally around the
+rest), so a request's await chain stays short however many stages wrap it.
 A response hook sees each message the upstream sends while answering (the answer, and on streams
 notifications and server-to-client requests) and returns it, changed or not, or None to drop it.
 """
@@ -28,8 +30,7 @@ import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from aiohttp import web
 
@@ -42,14 +43,18 @@ if TYPE_CHECKING:
     from proxy.runtime import Runtime, Services, TenantRuntime
 
 Reply = web.StreamResponse
-Next = Callable[[], Awaitable[Reply]]
 E = TypeVar("E", bound="Exchange")
+E_in = TypeVar("E_in", bound="Exchange", contravariant=True)
 C = TypeVar("C", bound="Call")
 
 
-@dataclass(eq=False, kw_only=True)
+@dataclass(eq=False, kw_only=True, slots=True)
 class Exchange:
-    """One HTTP request to the MCP endpoint, from the edge to its report (mitmproxy's flow, for MCP)."""
+    """One HTTP request to the MCP endpoint, from the edge to its report (mitmproxy's flow, for MCP).
+
+    One object all along; what a phase guarantees is in its type: `authenticated` turns an
+    Exchange into a Call and `parsed` a Call into a Request, and only those set what the phase's
+    type says is there (the report reads the optional fields, which are None until then)."""
 
     request: web.Request
     runtime: Runtime
@@ -66,29 +71,28 @@ class Exchange:
     upstream_seconds: float = 0.0  # time spent waiting for the upstream
     upstream_contacted: bool = False
     delivered: bool = False  # the answer has been written to the client (a stream may still drain)
-    ended: float | None = None  # perf_counter when the exchange finished (reports run after)
+    duration_seconds: float = 0.0  # set when the exchange finished (reports run after)
     ended_at: float | None = None  # the same moment in wall-clock time, for the audit record
+    # Known once authenticated (Call).
+    ctx: TenantContext | None = None
+    tenant: TenantRuntime | None = None
+    # Known once parsed (Request): POST only; GET and DELETE carry no message.
+    message: Message | None = None
+    era: Era | None = None
+    protocol_version: str | None = None
+    session: Session | None = None
+    # MCP routing headers for the upstream request, rendered from the body the proxy forwards.
+    upstream_headers: dict[str, str] = field(default_factory=dict)
+    # Stage-owned state that hooks of the same layer read back (the cache plan, the catalog entry).
+    slots: dict[str, Any] = field(default_factory=dict)
+    # Called with the upstream's HTTP status as soon as it answers (the circuit's trial is decided).
+    on_upstream_status: list[Callable[[int], None]] = field(default_factory=list)
+    # Whether the upstream itself failed this call (None: it was not asked, or nothing is known).
+    upstream_fault: bool | None = None
 
-    # What the report reads of later phases (None until then).
-    @property
-    def caller(self) -> TenantContext | None:
-        return None
-
-    @property
-    def parsed(self) -> Message | None:
-        return None
-
-    @property
-    def protocol_era(self) -> Era | None:
-        return None
-
-    @property
-    def session(self) -> Session | None:
-        return None
-
-    @property
-    def duration_seconds(self) -> float:
-        return (self.ended if self.ended is not None else time.perf_counter()) - self.started
+    def finished(self) -> None:
+        self.duration_seconds = time.perf_counter() - self.started
+        self.ended_at = time.time()
 
     def record_result(self, result: bytes) -> None:
         """What the audit keeps of a result: its size and hash, never its content."""
@@ -102,98 +106,70 @@ class Exchange:
         self.error_code = code
         self.status = status
 
-
-@dataclass(eq=False, kw_only=True)
-class Call(Exchange):
-    """An authenticated exchange: every stage after authentication gets one."""
-
-    ctx: TenantContext
-    tenant: TenantRuntime
-    message: Message | None = None  # the client's message (POST); GET and DELETE carry none
-    era: Era | None = None
-    protocol_version: str | None = None
-    bound_session: Session | None = None
-    # MCP routing headers for the upstream request, rendered from the body the proxy forwards.
-    upstream_headers: dict[str, str] = field(default_factory=dict)
-    # Stage-owned state that hooks of the same layer read back (the cache plan, the catalog entry).
-    slots: dict[str, Any] = field(default_factory=dict)
-    # Called with the upstream's HTTP status as soon as it answers (the circuit's trial is decided).
-    on_upstream_status: list[Callable[[int], None]] = field(default_factory=list)
-    # Whether the upstream itself failed this call (None: it was not asked, or nothing is known).
-    upstream_fault: bool | None = None
-
-    @classmethod
-    def of(cls: type[C], exchange: Exchange, **fields: Any) -> C:
-        """The next phase of `exchange`: the same request, with what the phase adds."""
-        base = {name: getattr(exchange, name) for name in _EXCHANGE_FIELDS}
-        if isinstance(exchange, Call):
-            base.update({name: getattr(exchange, name) for name in _CALL_FIELDS})
-        return cls(**{**base, **fields})
-
-    @property
-    def caller(self) -> TenantContext:
-        return self.ctx
-
-    @property
-    def parsed(self) -> Message | None:
-        return self.message
-
-    @property
-    def protocol_era(self) -> Era | None:
-        return self.era
-
-    @property
-    def session(self) -> Session | None:
-        return self.bound_session
-
     @property
     def request_id(self) -> RequestId | None:
         return self.message.id if self.message is not None else None
 
     @property
-    def subject_hash(self) -> str:
+    def subject_hash(self) -> str | None:
         """The caller as logs may name them: a hash, not the subject claim itself."""
+        if self.ctx is None:
+            return None
         return hashlib.sha256(f"{self.ctx.tenant}\0{self.ctx.subject}".encode()).hexdigest()[:16]
 
 
-@dataclass(eq=False, kw_only=True)
-class Request(Call):
-    """A Call with its JSON-RPC message parsed and its protocol era decided (POST)."""
+if TYPE_CHECKING:  # the phases, as the type checker sees them; at run time they are the Exchange
 
-    message: Message
-    era: Era
+    class Call(Exchange):
+        """An authenticated exchange: every stage after authentication gets one."""
 
-    @property
-    def request_id(self) -> RequestId | None:
-        return self.message.id
+        ctx: TenantContext
+        tenant: TenantRuntime
+
+        @property
+        def subject_hash(self) -> str: ...
+
+    class Request(Call):
+        """A Call with its JSON-RPC message parsed and its protocol era decided (POST)."""
+
+        message: Message
+        era: Era
+
+else:
+    Call = Request = Exchange
 
 
-_EXCHANGE_FIELDS = tuple(f for f in Exchange.__dataclass_fields__)
-_CALL_FIELDS = tuple(f for f in Call.__dataclass_fields__ if f not in Exchange.__dataclass_fields__)
+def authenticated(exchange: Exchange, ctx: TenantContext, tenant: TenantRuntime) -> Call:
+    """Exchange -> Call: the only way an exchange gets its caller and tenant."""
+    exchange.ctx, exchange.tenant = ctx, tenant
+    return cast("Call", exchange)
+
+
+def parsed(call: Call, message: Message, era: Era, protocol_version: str | None) -> Request:
+    """Call -> Request: the only way a call gets its message and era."""
+    call.message, call.era, call.protocol_version = message, era, protocol_version
+    return cast("Request", call)
 
 
 # --- stages and hooks ----------------------------------------------------------------------------
 
 Check = Callable[[E], Awaitable[None]]
-AroundFn = Callable[[E, Next], Awaitable[Reply]]
 
 
-@dataclass(frozen=True)
-class Around(Generic[E]):
-    """A stage that wraps the rest of the flow (see the module docstring)."""
+class Around(Generic[E_in]):
+    """A stage that wraps the rest of the flow: `enter` takes what the exchange needs (it may refuse
+    or answer early, as a Check does) and says whether it took anything; `leave` gives that back
+    once the flow has ended, whatever ended it (`failure`: the exception, or None). One instance
+    serves every exchange: what one exchange took is kept in its `slots`."""
 
-    run: Callable[[E, Next], Awaitable[Reply]]
+    async def enter(self, call: E_in) -> bool:
+        raise NotImplementedError
 
-    @property
-    def __name__(self) -> str:
-        return getattr(self.run, "__name__", "around")
+    def leave(self, call: E_in, failure: BaseException | None) -> None:
+        raise NotImplementedError
 
 
 Stage = Check[E] | Around[E]
-
-
-def around(fn: AroundFn[E]) -> Around[E]:
-    return Around(fn)
 
 
 class Kind(enum.Enum):
@@ -205,74 +181,112 @@ class Kind(enum.Enum):
 
 
 class ServerMessage:
-    """One message from the upstream on its way to the client. A hook that changes it assigns
+    """One message from the upstream on its way to the client. A hook that changes it assigns a new
     `body`; the serialised result of an answer is made once and shared (cache, audit, client)."""
 
-    __slots__ = ("_body", "_result_raw", "answers", "kind")
+    __slots__ = ("_raw", "_raw_of", "answers", "body", "kind")
 
     def __init__(self, kind: Kind, body: JsonObject, answers: Message | None = None) -> None:
         self.kind = kind
-        self._body = body
+        self.body = body
         self.answers = answers  # for an answer: the client request it answers
-        self._result_raw: bytes | None = None
-
-    @property
-    def body(self) -> JsonObject:
-        return self._body
-
-    @body.setter
-    def body(self, body: JsonObject) -> None:
-        self._body = body
-        self._result_raw = None
+        self._raw: bytes | None = None
+        self._raw_of: JsonObject | None = None  # the body `_raw` was made from
 
     @property
     def method(self) -> str | None:
-        method = self._body.get("method")
+        method = self.body.get("method")
         return method if isinstance(method, str) else None
 
     def result_bytes(self) -> bytes | None:
         """An answer's result, serialised (once), or None when it carries no result object."""
-        if self._result_raw is None:
-            result = self._body.get("result")
+        body = self.body
+        if self._raw_of is not body:
+            result = body.get("result")
             if self.kind is not Kind.ANSWER or not isinstance(result, dict):
                 return None
-            self._result_raw = dumps(result)
-        return self._result_raw
+            self._raw, self._raw_of = dumps(result), body
+        return self._raw
 
     def to_bytes(self) -> bytes:
         """The message as the client gets it (an answer around its already serialised result)."""
         raw = self.result_bytes()
         if raw is not None:
-            return answer_bytes(self._body.get("id"), raw)
-        return dumps(self._body)
+            return answer_bytes(self.body.get("id"), raw)
+        return dumps(self.body)
 
 
 ResponseHook = Callable[[Call, ServerMessage], ServerMessage | None]
 DoneHook = Callable[[Exchange], None]
 
 
-async def run_stages(
-    call: C, stages: Sequence[Check[C] | Around[C]], last: Callable[[C], Awaitable[Reply]]
-) -> Reply:
-    """Run `stages` in order, then `last`; a Check may answer early, an Around wraps the rest."""
+@dataclass(frozen=True)
+class Hook:
+    """A response hook and the messages it is about: kinds, and methods (for an answer, the method
+    of the request it answers; for the others, the message's own). None: every method."""
 
-    async def step(index: int) -> Reply:
-        for position in range(index, len(stages)):
-            stage = stages[position]
-            if isinstance(stage, Around):
-                return await stage.run(call, partial(step, position + 1))
-            await stage(call)
-            if call.reply is not None:
-                return call.reply
-        return await last(call)
-
-    return await step(0)
+    run: ResponseHook
+    kinds: frozenset[Kind]
+    methods: frozenset[str] | None = None
 
 
-def deliver(call: Call, message: ServerMessage, hooks: Sequence[ResponseHook]) -> JsonObject | None:
-    """A server message after every response hook: what the client gets, or None (dropped)."""
-    for hook in hooks:
-        changed = hook(call, message)
+def hook(run: ResponseHook, *kinds: Kind, methods: Sequence[str] | None = None) -> Hook:
+    return Hook(run, frozenset(kinds), frozenset(methods) if methods is not None else None)
+
+
+class Hooks:
+    """A flow's response hooks in order; each message passes only those about it (worked out once
+    per kind and method, not per message)."""
+
+    def __init__(self, hooks: Sequence[Hook]) -> None:
+        self.hooks = tuple(hooks)
+        self._chosen: dict[tuple[Kind, str | None], tuple[ResponseHook, ...]] = {}
+
+    def about(self, kind: Kind, method: str | None) -> tuple[ResponseHook, ...]:
+        chosen = self._chosen.get((kind, method))
+        if chosen is None:
+            chosen = tuple(
+                h.run for h in self.hooks if kind in h.kinds and (h.methods is None or method in h.methods)
+            )
+            if len(self._chosen) < 1024:  # (methods a client names are bounded by what the proxy knows)
+                self._chosen[(kind, method)] = chosen
+        return chosen
+
+
+Entered = list[tuple["Around[Any]", Exchange]]  # Around stages entered, with the phase each entered
+
+
+async def enter_stages(phase: C, stages: Sequence[Check[C] | Around[C]], entered: Entered) -> Reply | None:
+    """Run `stages` in order; an Around stage that takes something is added to `entered` (the
+    runner leaves them all, in reverse, however the flow ends). The early answer, if any."""
+    for stage in stages:
+        if isinstance(stage, Around):
+            if await stage.enter(phase):
+                entered.append((stage, phase))
+        else:
+            await stage(phase)
+        if phase.reply is not None:
+            return phase.reply
+    return None
+
+
+def leave_stages(entered: Entered, failure: BaseException | None) -> BaseException | None:
+    """Leave the entered Around stages in reverse order; what ended the flow, or what a stage's way
+    out raised instead."""
+    while entered:
+        stage, phase = entered.pop()
+        try:
+            stage.leave(phase, failure)
+        except BaseException as raised:  # a stage's way out failed: that goes on up
+            failure = raised
+    return failure
+
+
+def deliver(call: Call, message: ServerMessage, hooks: Hooks) -> JsonObject | None:
+    """A server message after the response hooks about it: what the client gets, or None (dropped)."""
+    method = message.answers.method if message.answers is not None else message.method
+    for run in hooks.about(message.kind, method):
+        changed = run(call, message)
         if changed is None:
             return None
         message = changed

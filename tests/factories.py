@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy.config import ProxyConfig
-from proxy.flow import Exchange, Request
+from proxy.flow import Exchange, Request, authenticated, parsed
 from proxy.protocol.jsonrpc import parse_message
 from proxy.runtime import Runtime, Services
 from proxy.types import Era, TenantContext
@@ -166,9 +166,11 @@ def make_request(
     exchange = make_exchange(config)
     ctx = TenantContext(tenant, subject, "dev", frozenset(), time.time() + 3600)
     message = parse_message(json.dumps(body or {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).encode())
-    return Request.of(
-        exchange, ctx=ctx, tenant=exchange.runtime.tenants[tenant], message=message, era=era, **fields
-    )
+    call = authenticated(exchange, ctx, exchange.runtime.tenants[tenant])
+    request = parsed(call, message, era, None)
+    for name, value in fields.items():
+        setattr(request, name, value)
+    return request
 
 
 def write(path: Path, content: str | bytes) -> Path:

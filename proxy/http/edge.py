@@ -82,7 +82,7 @@ async def check_origin(exchange: Exchange) -> None:
 def error_reply(exchange: Exchange, error: ProxyError) -> web.Response:
     """The answer to a refused or failed exchange: the error's status and a JSON-RPC error body."""
     exchange.refused(error.status, error.code)
-    request_id = exchange.parsed.id if exchange.parsed is not None else None
+    request_id = exchange.message.id if exchange.message is not None else None
     response = web.Response(
         status=error.status,
         body=dumps(error.to_jsonrpc(request_id)),

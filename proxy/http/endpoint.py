@@ -8,7 +8,6 @@ to the layer's own package and naming it here.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -22,12 +21,15 @@ from proxy.flow import (
     Call,
     Check,
     DoneHook,
+    Entered,
     Exchange,
+    Hooks,
+    Kind,
     Reply,
     Request,
-    ResponseHook,
-    around,
-    run_stages,
+    enter_stages,
+    hook,
+    leave_stages,
 )
 from proxy.http import relay
 from proxy.http.edge import check_origin, error_reply
@@ -52,8 +54,8 @@ class Flow(Generic[C]):
     admitted: Sequence[Check[Call] | Around[Call]]  # before the body is read: refusals stay cheap
     parse: Callable[[Call], Awaitable[C]]
     stages: Sequence[Check[C] | Around[C]]
-    forward: Callable[[C, Sequence[ResponseHook]], Awaitable[Reply]]
-    hooks: Sequence[ResponseHook]  # every message coming back, in this order
+    forward: Callable[[C, Hooks], Awaitable[Reply]]
+    hooks: Hooks  # every message coming back passes those about it, in this order
     done: Sequence[DoneHook]  # after the answer has left
 
 
@@ -62,34 +64,48 @@ async def as_is(call: Call) -> Call:
     return call
 
 
-HOOKS: Sequence[ResponseHook] = (
-    relay.sanitize_answer,  # an upstream error keeps its code, never its internals
-    capabilities.server_requests,  # roots/sampling/elicitation the policy answers itself
-    sessions.track,  # answered requests forgotten, server requests owed an answer
-    data_access.learn,  # the tenant's catalog follows tools/prompts lists
-    capabilities.settle_input,  # input_required: the policy's answers and a sealed requestState
-    data_access.filter_lists,  # lists filtered, tenant arguments hidden
-    recent_activity.offer,  # proxy_recent_activity on the first tools/list page
-    cache.store,  # a cacheable answer stored; its followers answered
-    cache.invalidate,  # list_changed and resources/updated drop cached copies
+ANSWER, NOTIFICATION, SERVER_REQUEST = Kind.ANSWER, Kind.NOTIFICATION, Kind.SERVER_REQUEST
+LISTS = ("tools/list", "prompts/list")
+LIST_CHANGED = ("notifications/tools/list_changed", "notifications/prompts/list_changed")
+HOOKS = Hooks(
+    (
+        # an upstream error keeps its code, never its internals
+        hook(relay.sanitize_answer, ANSWER),
+        # roots/sampling/elicitation the policy answers itself
+        hook(capabilities.server_requests, SERVER_REQUEST),
+        # answered requests forgotten, server requests owed an answer
+        hook(sessions.track, ANSWER, SERVER_REQUEST),
+        # the tenant's catalog follows tools/prompts lists
+        hook(data_access.learn, ANSWER, NOTIFICATION, methods=(*LISTS, *LIST_CHANGED)),
+        # input_required: the policy's answers and a sealed requestState
+        hook(capabilities.settle_input, ANSWER, methods=("tools/call", "prompts/get", "resources/read")),
+        # lists filtered, tenant arguments hidden
+        hook(data_access.filter_lists, ANSWER, methods=data_access.FILTERED),
+        # proxy_recent_activity on the first tools/list page
+        hook(recent_activity.offer, ANSWER, methods=("tools/list",)),
+        # a cacheable answer stored; its followers answered
+        hook(cache.store, ANSWER),
+        # list_changed and resources/updated drop cached copies
+        hook(cache.invalidate, NOTIFICATION, methods=cache.INVALIDATING),
+    )
 )
 DONE: Sequence[DoneHook] = (audit_record, observe, request_line)
 
 POST: Flow[Request] = Flow(
     edge=(check_origin,),
     authenticate=authenticate,
-    admitted=(around(limits.admission),),
+    admitted=(limits.admission,),
     parse=parse,  # -> Request: one JSON-RPC message, its era and version
     stages=(
-        around(sessions.bind),
+        sessions.bind,
         capabilities.open_request_state,
         recent_activity.answer,
         data_access.check_mirrored_headers,
         data_access.enforce_policy,
         capabilities.restrict,
         data_access.render_mirrored_headers,
-        around(cache.lookup),
-        around(limits.circuit),
+        cache.lookup,
+        limits.circuit,
     ),
     forward=relay.forward_post,
     hooks=HOOKS,
@@ -100,7 +116,7 @@ GET: Flow[Call] = Flow(
     authenticate=authenticate,
     admitted=(),
     parse=as_is,
-    stages=(require_event_stream, around(sessions.bind)),
+    stages=(require_event_stream, sessions.bind),
     forward=relay.relay_get,
     hooks=HOOKS,
     done=DONE,
@@ -110,52 +126,56 @@ DELETE: Flow[Call] = Flow(
     authenticate=authenticate,
     admitted=(),
     parse=as_is,
-    stages=(around(sessions.bind),),
+    stages=(sessions.bind,),
     forward=relay.forward_delete,
-    hooks=(),
+    hooks=Hooks(()),
     done=DONE,
 )
 
 
 async def serve(exchange: Exchange, flow: Flow[C]) -> Reply:
-    """Run one exchange through its flow; whatever happens, it ends with its report."""
-    current: list[Exchange] = [exchange]  # the latest phase: what the report reads
-
-    async def after_admission(call: Call) -> Reply:
-        parsed = await flow.parse(call)
-        current[0] = parsed
-        return await run_stages(parsed, flow.stages, partial(_forward, flow))
-
+    """Run one exchange through its flow, in one coroutine (the await chain to the upstream stays
+    short); whatever happens, every Around stage entered is left, and the report follows."""
+    entered: Entered = []
+    failure: BaseException | None = None
     try:
         for check in flow.edge:
             await check(exchange)
         call = await flow.authenticate(exchange)
-        current[0] = call
-        return await run_stages(call, flow.admitted, after_admission)
+        reply = await enter_stages(call, flow.admitted, entered)
+        if reply is None:
+            parsed = await flow.parse(call)
+            reply = await enter_stages(parsed, flow.stages, entered)
+            if reply is None:
+                reply = await flow.forward(parsed, flow.hooks)
     except ProxyError as error:
-        return error_reply(current[0], error)
-    except asyncio.CancelledError:  # the client went away (or the proxy is stopping)
-        if not current[0].delivered:
-            current[0].outcome = "cancelled"
+        failure = error
+        reply = error_reply(exchange, error)
+    except asyncio.CancelledError as error:  # the client went away (or the proxy is stopping)
+        failure = error
+        if not exchange.delivered:
+            exchange.outcome = "cancelled"
+        raise
+    except BaseException as error:
+        failure = error
         raise
     finally:
-        finish(current[0], flow.done)
-
-
-async def _forward(flow: Flow[C], call: C) -> Reply:
-    return await flow.forward(call, flow.hooks)
+        raised = leave_stages(entered, failure)
+        finish(exchange, flow.done)
+        if raised is not failure and raised is not None:
+            raise raised
+    return reply
 
 
 def finish(exchange: Exchange, done: Sequence[DoneHook]) -> None:
     """The report (audit record, metrics, one log line, never any content) follows the answer."""
-    exchange.ended = time.perf_counter()
-    exchange.ended_at = time.time()
+    exchange.finished()
     exchange.services.reports.add(partial(_report, exchange, done))
 
 
 def _report(exchange: Exchange, done: Sequence[DoneHook]) -> None:
-    for hook in done:
-        hook(exchange)
+    for report in done:
+        report(exchange)
 
 
 async def handle_mcp(request: web.Request) -> web.StreamResponse:

@@ -14,7 +14,7 @@ import functools
 
 from aiohttp import StreamReader, hdrs
 
-from proxy.flow import Call, Request
+from proxy.flow import Call, Request, parsed
 from proxy.http.edge import single_header
 from proxy.protocol.errors import (
     BadRequest,
@@ -135,7 +135,8 @@ async def parse(call: Call) -> Request:
         mirrored_name = name_header_for(message)
         if mirrored_name is not None:
             headers[NAME_HEADER] = mirrored_name
-    return Request.of(call, message=message, era=era, protocol_version=version, upstream_headers=headers)
+    call.upstream_headers = headers
+    return parsed(call, message, era, version)
 
 
 async def require_event_stream(call: Call) -> None:

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 import structlog
 from aiohttp import web
 
-from proxy.flow import Call, Kind, Reply, Request, ResponseHook, ServerMessage, deliver
+from proxy.flow import Call, Hooks, Kind, Reply, Request, ServerMessage, deliver
 from proxy.http.edge import NO_STORE, single_header
 from proxy.http.keys import RUNTIME
 from proxy.layers.sessions.stage import SESSION_HEADER, end_upstream_session, open_session
@@ -45,6 +46,7 @@ from proxy.upstreams.base import (
     UpstreamResponse,
     answer_to,
     incoming,
+    parse_upstream,
     same_id,
 )
 
@@ -94,7 +96,7 @@ def sanitize_answer(call: Call, message: ServerMessage) -> ServerMessage | None:
     return message
 
 
-def _out(call: Call, message: ServerMessage, hooks: Sequence[ResponseHook]) -> bytes | None:
+def _out(call: Call, message: ServerMessage, hooks: Hooks) -> bytes | None:
     """A message after every hook, serialised; an answer's result is what the audit records."""
     if deliver(call, message, hooks) is None:
         return None
@@ -114,7 +116,7 @@ def _waited(call: Call) -> Callable[[float], None]:
 
 def _upstream_headers(call: Call, accept: str) -> dict[str, str]:
     headers = {"Accept": accept, **call.upstream_headers}
-    session = call.bound_session
+    session = call.session
     if session is not None and session.upstream_session_id is not None:
         headers[SESSION_HEADER] = session.upstream_session_id
     return headers
@@ -123,7 +125,7 @@ def _upstream_headers(call: Call, accept: str) -> dict[str, str]:
 # --- POST ------------------------------------------------------------------------------------------
 
 
-async def forward_post(call: Request, hooks: Sequence[ResponseHook]) -> Reply:
+async def forward_post(call: Request, hooks: Hooks) -> Reply:
     """Send the request upstream and relay what comes back; the upstream's own faults are noted."""
     headers = _upstream_headers(call, ACCEPT_BOTH)
     headers["Content-Type"] = JSON
@@ -156,13 +158,13 @@ async def forward_post(call: Request, hooks: Sequence[ResponseHook]) -> Reply:
     return reply
 
 
-async def _relay_post(call: Request, response: UpstreamResponse, hooks: Sequence[ResponseHook]) -> Reply:
+async def _relay_post(call: Request, response: UpstreamResponse, hooks: Hooks) -> Reply:
     message = call.message
     if message.kind is not MessageKind.REQUEST:
         if response.status < 300:
             return web.Response(status=202)
-    elif response.status == 404 and call.bound_session is not None:
-        await call.services.sessions.remove(call.bound_session)  # the upstream forgot it: so do we
+    elif response.status == 404 and call.session is not None:
+        await call.services.sessions.remove(call.session)  # the upstream forgot it: so do we
         raise SessionNotFound()
     elif message.method == "initialize" and response.status == 200:
         return await _relay_initialize(call, response, hooks)
@@ -174,10 +176,13 @@ async def _relay_post(call: Request, response: UpstreamResponse, hooks: Sequence
     raise UpstreamError(f"The upstream MCP server answered with HTTP {response.status}")
 
 
-async def _relay_json(call: Request, response: UpstreamResponse, hooks: Sequence[ResponseHook]) -> Reply:
-    batch = await anext(incoming(response, _waited(call)))
-    body = batch[0].message
-    assert body is not None
+async def _relay_json(call: Request, response: UpstreamResponse, hooks: Hooks) -> Reply:
+    started = time.perf_counter()
+    try:
+        raw = await response.read_json()
+    finally:
+        call.upstream_seconds += time.perf_counter() - started
+    body = parse_upstream(raw)
     if response.status >= 400:
         if not isinstance(body.get("error"), dict):
             call.upstream_fault = response.status >= 500
@@ -194,9 +199,7 @@ async def _relay_json(call: Request, response: UpstreamResponse, hooks: Sequence
     return web.Response(body=out, content_type=JSON, headers=NO_STORE)
 
 
-async def _relay_post_stream(
-    call: Request, response: UpstreamResponse, hooks: Sequence[ResponseHook]
-) -> Reply:
+async def _relay_post_stream(call: Request, response: UpstreamResponse, hooks: Hooks) -> Reply:
     stream = web.StreamResponse(status=200, headers=SSE_HEADERS)
     await stream.prepare(call.request)
     answered = False
@@ -234,12 +237,12 @@ async def _relay_post_stream(
     return stream
 
 
-def _relay_item(call: Call, item: Incoming, hooks: Sequence[ResponseHook], out: list[bytes]) -> bool:
+def _relay_item(call: Call, item: Incoming, hooks: Hooks, out: list[bytes]) -> bool:
     """One upstream event onto the client's stream; True when it was this call's answer."""
     if item.keepalive:
         out.append(KEEPALIVE_BYTES)
         return False
-    session = call.bound_session
+    session = call.session
     event_id = session.issue_event_id(item.event_id) if session is not None else None
     if item.message is None:  # an id or a retry only (a priming event): relayed under the proxy's id
         if event_id is not None:
@@ -264,9 +267,7 @@ async def _drain(events: AsyncIterator[object]) -> None:
                 pass
 
 
-async def _relay_initialize(
-    call: Request, response: UpstreamResponse, hooks: Sequence[ResponseHook]
-) -> Reply:
+async def _relay_initialize(call: Request, response: UpstreamResponse, hooks: Hooks) -> Reply:
     """A session exists only once the upstream has answered initialize successfully.
 
     The answer is read in full first (it comes at once) so that the Mcp-Session-Id header is only
@@ -296,7 +297,7 @@ async def _relay_initialize(
         # A reload moved (or removed) the tenant while this initialize was on its way: the session
         # would hold the old upstream's session id. End both sides; the client initializes again.
         await call.services.sessions.remove(session)
-        call.bound_session = None
+        call.session = None
         await _abandon_upstream_session(call, response)
         raise UpstreamError("The tenant's upstream changed while the session was created; initialize again")
     out = _out(call, answer, hooks)  # settles the version the server chose
@@ -315,9 +316,9 @@ async def _abandon_upstream_session(call: Call, response: UpstreamResponse) -> N
 # --- GET: the session's own stream -----------------------------------------------------------------
 
 
-async def relay_get(call: Call, hooks: Sequence[ResponseHook]) -> Reply:
+async def relay_get(call: Call, hooks: Hooks) -> Reply:
     """Handshake era: the session's own server-to-client stream, resumable with proxy event ids."""
-    session = call.bound_session
+    session = call.session
     assert session is not None  # (sessions.bind binds one for every GET or refuses it)
     if session.get_stream_open:
         raise Conflict("Conflict: this session already has an open GET stream")
@@ -364,13 +365,13 @@ async def relay_get(call: Call, hooks: Sequence[ResponseHook]) -> Reply:
         session.get_stream_open = False
 
 
-def _relay_get_item(call: Call, item: Incoming, hooks: Sequence[ResponseHook], out: list[bytes]) -> None:
+def _relay_get_item(call: Call, item: Incoming, hooks: Hooks, out: list[bytes]) -> None:
     """An item of the GET stream. An answer to a request of this session whose own stream was lost
     (replayed on resumption) is delivered as that request's answer."""
     if item.keepalive:
         out.append(KEEPALIVE_BYTES)
         return
-    session = call.bound_session
+    session = call.session
     assert session is not None
     event_id = session.issue_event_id(item.event_id)
     delivered: bytes | None = None
@@ -378,7 +379,7 @@ def _relay_get_item(call: Call, item: Incoming, hooks: Sequence[ResponseHook], o
     if body is not None:
         request = session.forwarded.get(body["id"]) if "method" not in body and "id" in body else None
         if request is not None:  # judged as that request's call would be
-            resumed = Call.of(call, message=request)
+            resumed = dataclasses.replace(call, message=request)
             message = classify(resumed, body, request)
             delivered = _out(resumed, message, hooks) if message is not None else None
         else:
@@ -418,8 +419,8 @@ async def _until(events: AsyncIterator[T], *stops: asyncio.Event) -> AsyncIterat
 # --- DELETE --------------------------------------------------------------------------------------
 
 
-async def forward_delete(call: Call, hooks: Sequence[ResponseHook]) -> Reply:
-    session = call.bound_session
+async def forward_delete(call: Call, hooks: Hooks) -> Reply:
+    session = call.session
     assert session is not None  # (sessions.bind binds one for every DELETE or refuses it)
     status = await end_upstream_session(call.tenant.upstream, session)
     if status == 405:

@@ -113,7 +113,7 @@ MAX_METHOD_CHARS = 128  # a client-chosen method is bounded like every other str
 
 def request_line(exchange: Exchange) -> None:
     """The done hook: one structured line per exchange (names, outcome, timing; never content)."""
-    message, ctx, era = exchange.parsed, exchange.caller, exchange.protocol_era
+    message, ctx, era = exchange.message, exchange.ctx, exchange.era
     method = message.method if message is not None else None
     _requests_log.info(
         "mcp_request",

@@ -174,7 +174,7 @@ class Metrics:
 def observe(exchange: Exchange) -> None:
     """The done hook: what one exchange adds to the metrics (a refusal before any tenant was known
     counts by status only)."""
-    metrics, ctx, message = exchange.services.metrics, exchange.caller, exchange.parsed
+    metrics, ctx, message = exchange.services.metrics, exchange.ctx, exchange.message
     if ctx is None:
         metrics.rejected.labels(str(exchange.status)).inc()
         return

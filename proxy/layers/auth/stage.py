@@ -5,7 +5,7 @@ from __future__ import annotations
 import structlog
 from aiohttp import hdrs
 
-from proxy.flow import Call, Exchange
+from proxy.flow import Call, Exchange, authenticated
 
 
 async def authenticate(exchange: Exchange) -> Call:
@@ -14,4 +14,4 @@ async def authenticate(exchange: Exchange) -> Call:
         exchange.request.headers.getall(hdrs.AUTHORIZATION, [])
     )
     structlog.contextvars.bind_contextvars(tenant=ctx.tenant)
-    return Call.of(exchange, ctx=ctx, tenant=exchange.runtime.tenants[ctx.tenant])
+    return authenticated(exchange, ctx, exchange.runtime.tenants[ctx.tenant])

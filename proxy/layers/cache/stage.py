@@ -12,7 +12,7 @@ import asyncio
 
 from aiohttp import web
 
-from proxy.flow import Call, Kind, Next, Reply, Request, ServerMessage
+from proxy.flow import Around, Call, Kind, Reply, Request, ServerMessage
 from proxy.layers.cache.store import LIST_CHANGED, CacheKey, CachePlan, plan_for
 from proxy.protocol.jsonrpc import Kind as MessageKind
 from proxy.protocol.jsonrpc import answer_bytes
@@ -20,51 +20,60 @@ from proxy.types import Era
 
 NO_STORE = {"Cache-Control": "no-store"}
 _PLAN = "cache.plan"
+INVALIDATING = (*LIST_CHANGED, "notifications/resources/updated")  # notifications invalidate handles
 _FLIGHT = "cache.flight"
 
 
-async def lookup(call: Request, call_next: Next) -> Reply:
-    """Answer from the tenant's cache, or wait for an identical call already on its way upstream."""
-    cache, message, tenant = call.services.cache, call.message, call.tenant
-    if cache is None or message.kind is not MessageKind.REQUEST:
-        return await call_next()
-    plan = plan_for(
-        call.ctx.tenant,
-        call.ctx.subject,
-        tenant.cache_identity,
-        call.protocol_version or "",
-        call.era is Era.MODERN,
-        message.method or "",
-        message.params,
-        tenant.policy.cache_ttl_seconds if tenant.policy is not None else None,
-    )
-    if plan is None:
-        return await call_next()
-    call.slots[_PLAN] = plan
-    for key in plan.lookup_keys:
-        result = await cache.fetch(key)
-        if result is not None:
-            return _answer_from_cache(call, result)
-    pending = cache.join(plan.flight_key)
-    if pending is not None:
-        try:
-            result = await asyncio.wait_for(
-                asyncio.shield(pending), tenant.config.upstream.read_timeout_seconds
-            )
-        except TimeoutError:
-            result = None
-        if result is not None:
-            return _answer_from_cache(call, result)
+class Lookup(Around[Request]):
+    """Answer from the tenant's cache, or wait for an identical call already on its way upstream;
+    a miss leads the flight for its key until the exchange ends (its answer settles it at once when
+    stored, or else on the way out: the followers then go upstream themselves)."""
+
+    async def enter(self, call: Request) -> bool:
+        message, tenant, cache = call.message, call.tenant, call.services.cache
+        if cache is None or message.kind is not MessageKind.REQUEST:
+            return False
+        plan = plan_for(
+            call.ctx.tenant,
+            call.ctx.subject,
+            tenant.cache_identity,
+            call.protocol_version or "",
+            call.era is Era.MODERN,
+            message.method or "",
+            message.params,
+            tenant.policy.cache_ttl_seconds if tenant.policy is not None else None,
+        )
+        if plan is None:
+            return False  # never answered from the cache: bypass
+        call.slots[_PLAN] = plan
+        for key in plan.lookup_keys:
+            result = await cache.fetch(key)
+            if result is not None:
+                call.reply = _answer_from_cache(call, result)
+                return False
+        pending = cache.join(plan.flight_key)
+        if pending is not None:  # an identical call leads: wait for what it stores
+            try:
+                timeout = tenant.config.upstream.read_timeout_seconds
+                result = await asyncio.wait_for(asyncio.shield(pending), timeout)
+            except TimeoutError:
+                result = None
+            if result is not None:
+                call.reply = _answer_from_cache(call, result)
+            else:
+                call.cache_state = "miss"
+            return False
         call.cache_state = "miss"
-        return await call_next()
-    call.cache_state = "miss"
-    call.slots[_FLIGHT] = plan.flight_key
-    try:
-        return await call_next()
-    finally:
+        call.slots[_FLIGHT] = plan.flight_key
+        return True
+
+    def leave(self, call: Request, failure: BaseException | None) -> None:
         flight: CacheKey | None = call.slots.pop(_FLIGHT, None)
-        if flight is not None:  # nothing was stored: followers go upstream themselves
-            cache.settle(flight, None)
+        if flight is not None and call.services.cache is not None:
+            call.services.cache.settle(flight, None)  # nothing was stored: followers go upstream
+
+
+lookup = Lookup()
 
 
 def _answer_from_cache(call: Request, result: bytes) -> Reply:

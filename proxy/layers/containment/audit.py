@@ -92,17 +92,17 @@ def bounded_method(method: str | None) -> str | None:
 
 def summarize(exchange: Exchange) -> AuditRecord | None:
     """The audit record of one exchange, or None when no tenant was established."""
-    ctx = exchange.caller
+    ctx = exchange.ctx
     if ctx is None:
         return None
-    message = exchange.parsed
+    message = exchange.message
     name = message.name if message is not None else None
     return AuditRecord(
         exchange.ended_at if exchange.ended_at is not None else time.time(),
         ctx.tenant,
         ctx.subject,
         exchange.session.audit_id if exchange.session is not None else None,
-        exchange.protocol_era.value if exchange.protocol_era is not None else None,
+        exchange.era.value if exchange.era is not None else None,
         exchange.request.method,
         bounded_method(message.method if message is not None else None),
         name[:256] if name is not None else None,

@@ -140,7 +140,7 @@ def server_requests(call: Call, message: ServerMessage) -> ServerMessage | None:
 
 def _answer_upstream_soon(call: Call, answer: JsonObject) -> None:
     """Send the proxy's own answer to a server-to-client request, on the call's session."""
-    session = call.bound_session
+    session = call.session
     if session is None or session.upstream_session_id is None:
         return
     headers = {

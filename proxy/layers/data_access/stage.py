@@ -40,6 +40,8 @@ _LIST_CHANGED: dict[str, CatalogKind] = {
     "notifications/prompts/list_changed": "prompts",
 }
 _ENTRY = "data_access.entry"
+# Answers whose results filter_lists narrows for the caller's tenant (engine.filter_result).
+FILTERED = ("tools/list", "prompts/list", "resources/list", "resources/templates/list", "resources/read")
 
 
 async def catalog_entry(call: Request, fetch: bool) -> Entry | None:
@@ -54,7 +56,7 @@ async def catalog_entry(call: Request, fetch: bool) -> Entry | None:
         return None
     entry = call.tenant.catalog.cached(kind, name)
     if entry is None and fetch:
-        session = call.bound_session
+        session = call.session
         route = (
             SessionRoute(session.upstream_session_id, session.protocol_version)
             if session is not None and session.upstream_session_id is not None

@@ -11,55 +11,81 @@ from __future__ import annotations
 
 import time
 
-from proxy.flow import Call, Next, Reply, Request
+from proxy.flow import Around, Call, Request
+from proxy.layers.limits.limiter import Admission as Admitted
+from proxy.layers.limits.limiter import TenantLimits
 from proxy.protocol.errors import ProxyError, UpstreamTimeout
 
-
-async def admission(call: Call, call_next: Next) -> Reply:
-    """The tenant's rate and concurrency limits; a refusal makes no upstream call."""
-    limiter, tenant = call.services.limiter, call.ctx.tenant
-    try:
-        admitted = await limiter.admit(tenant, call.tenant.limits)
-    except ProxyError as refusal:
-        kind = refusal.data.get("limit", "other") if isinstance(refusal.data, dict) else "other"
-        call.services.metrics.limited.labels(tenant, kind).inc()
-        call.outcome = "denied"
-        raise
-    try:
-        return await call_next()
-    finally:
-        limiter.release(tenant, admitted)
+_ADMITTED = "limits.admitted"  # the exchange's place under its tenant's limits
+_LIMITS = "limits.tenant"  # this process's view of the tenant's limits (its circuit breaker)
+_TRIAL = "limits.trial"  # the exchange is the half-open circuit's trial, not yet decided
 
 
-async def circuit(call: Request, call_next: Next) -> Reply:
+class Admission(Around[Call]):
+    """The tenant's rate and concurrency limits: a place for the whole exchange, or a refusal
+    (429 with Retry-After) that makes no upstream call."""
+
+    async def enter(self, call: Call) -> bool:
+        tenant = call.ctx.tenant
+        try:
+            admitted = await call.services.limiter.admit(tenant, call.tenant.limits)
+        except ProxyError as refusal:
+            kind = refusal.data.get("limit", "other") if isinstance(refusal.data, dict) else "other"
+            call.services.metrics.limited.labels(tenant, kind).inc()
+            call.outcome = "denied"
+            raise
+        call.slots[_ADMITTED] = admitted
+        return True
+
+    def leave(self, call: Call, failure: BaseException | None) -> None:
+        call.services.limiter.release(call.ctx.tenant, call.slots.pop(_ADMITTED))
+
+
+class Circuit(Around[Request]):
     """Fail fast while the tenant's upstream circuit is open; tell the breaker how the call went."""
-    limits = call.services.limiter.of(call.ctx.tenant, call.tenant.limits)
-    breaking = bool(limits.settings.circuit_failures)
-    try:
-        trial = limits.admit_upstream() if breaking else False
-    except ProxyError:
-        call.services.metrics.limited.labels(call.ctx.tenant, "circuit").inc()
-        raise
-    pending = [trial]
 
-    def answered(status: int) -> None:
-        # The upstream answers again: decide the trial now, not when a long stream ends, so the
-        # tenant's other requests need not wait for it (its outcome still counts below).
-        if pending[0] and status < 500:
-            limits.breaker.record(True, time.monotonic())
-            pending[0] = False
+    async def enter(self, call: Request) -> bool:
+        admitted: Admitted | None = call.slots.get(_ADMITTED)
+        limits = (
+            admitted.limits
+            if admitted is not None
+            else call.services.limiter.of(call.ctx.tenant, call.tenant.limits)
+        )
+        call.slots[_LIMITS] = limits
+        if not limits.settings.circuit_failures:
+            return True
+        try:
+            trial = limits.admit_upstream()
+        except ProxyError:
+            call.services.metrics.limited.labels(call.ctx.tenant, "circuit").inc()
+            raise
+        if trial:
+            call.slots[_TRIAL] = True
 
-    call.on_upstream_status.append(answered)
-    try:
-        return await call_next()
-    finally:
+            def answered(status: int) -> None:
+                # The upstream answers again: decide the trial now, not when a long stream ends, so
+                # the tenant's other requests need not wait for it (its outcome still counts below).
+                if status < 500 and call.slots.pop(_TRIAL, False):
+                    limits.breaker.record(True, time.monotonic())
+
+            call.on_upstream_status.append(answered)
+        return True
+
+    def leave(self, call: Request, failure: BaseException | None) -> None:
+        limits: TenantLimits = call.slots[_LIMITS]
         fault = call.upstream_fault
         if fault:
             kind = "timeout" if call.error_code == UpstreamTimeout.code else "error"
             call.services.metrics.upstream_errors.labels(call.ctx.tenant, kind).inc()
-        if not breaking:
-            pass
-        elif fault is not None:
+        if not limits.settings.circuit_failures:
+            return
+        if fault is not None:
             limits.breaker.record(not fault, time.monotonic())
-        elif pending[0]:  # the trial ended without a verdict (client gone): let another request try
+        elif call.slots.pop(
+            _TRIAL, False
+        ):  # the trial ended without a verdict (client gone): another may try
             limits.breaker.abandon()
+
+
+admission = Admission()
+circuit = Circuit()

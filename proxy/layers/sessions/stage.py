@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from proxy.flow import Call, Kind, Next, Reply, Request, ServerMessage
+from proxy.flow import Around, Call, Kind, Request, ServerMessage
 from proxy.http.edge import single_header
 from proxy.layers.sessions.registry import Session
 from proxy.protocol.errors import BadRequest, MethodNotAllowed, MissingSession, UpstreamError
@@ -23,66 +23,75 @@ from proxy.types import DEFAULT_HANDSHAKE_VERSION, HANDSHAKE_VERSIONS, Era
 from proxy.upstreams.base import Upstream, UpstreamRequest
 
 SESSION_HEADER = "Mcp-Session-Id"
-_RESERVATION = "sessions.reservation"
+_RESERVATION = "sessions.reservation"  # an initialize's place under the tenant's cap
+_BUSY = "sessions.busy"  # the session this exchange keeps from idling
 
 
-async def bind(call: Call, call_next: Next) -> Reply:
-    """Handshake era: the session must be the caller's own; initialize must fit under the cap."""
-    post = call.request.method == "POST"
-    if not post:
-        session_id = single_header(call, SESSION_HEADER)
-        if session_id is None:
-            version = call.request.headers.get(PROTOCOL_VERSION_HEADER)
-            if version in HANDSHAKE_VERSIONS:
-                raise MissingSession()
-            raise MethodNotAllowed(
-                "Method not allowed: without a session only POST is served", headers={"Allow": "POST"}
+class Bind(Around[Call]):
+    """Handshake era: the session must be the caller's own (404 exactly as for an unknown id); an
+    initialize holds a place under the tenant's cap until the upstream has answered it; a session
+    answering a request is never idle. 2026-07-28 requests have no session and pass."""
+
+    async def enter(self, call: Call) -> bool:
+        post = call.request.method == "POST"
+        if post and call.era is not Era.HANDSHAKE:
+            return False
+        if not post:
+            session_id = single_header(call, SESSION_HEADER)
+            if session_id is None:
+                version = call.request.headers.get(PROTOCOL_VERSION_HEADER)
+                if version in HANDSHAKE_VERSIONS:
+                    raise MissingSession()
+                raise MethodNotAllowed(
+                    "Method not allowed: without a session only POST is served", headers={"Allow": "POST"}
+                )
+            call.era = Era.HANDSHAKE
+        else:
+            session_id = call.request.headers.get(SESSION_HEADER)
+        registry = call.services.sessions
+        if session_id is None:  # initialize: a place under the cap, until the upstream has answered
+            call.slots[_RESERVATION] = await registry.reserve(call.ctx)
+            return True
+        session = await registry.lookup(session_id, call.ctx)
+        message = call.message
+        if message is not None and message.method == "initialize":
+            # Never forwarded: it would re-initialize the upstream session (a shared stdio child's too).
+            raise BadRequest(
+                "Invalid request: initialize starts a new session; send it without Mcp-Session-Id"
             )
-        call.era = Era.HANDSHAKE
-    elif call.era is not Era.HANDSHAKE:
-        return await call_next()
-    else:
-        session_id = call.request.headers.get(SESSION_HEADER)
-    registry = call.services.sessions
-    if session_id is None:  # initialize: a place under the cap, until the upstream has answered
-        call.slots[_RESERVATION] = await registry.reserve(call.ctx)
-        try:
-            return await call_next()
-        finally:
-            reservation = call.slots.pop(_RESERVATION, None)
-            if reservation is not None:  # no session came of it
-                registry.release(call.ctx.tenant, reservation)
-    session = await registry.lookup(session_id, call.ctx)
-    message = call.message
-    if message is not None and message.method == "initialize":
-        # Never forwarded: it would re-initialize the upstream session (a shared stdio child's too).
-        raise BadRequest("Invalid request: initialize starts a new session; send it without Mcp-Session-Id")
-    call.bound_session = session
-    if call.protocol_version is None:
-        call.protocol_version = session.protocol_version
-    if message is not None and message.kind is MessageKind.RESPONSE:
-        assert message.id is not None
-        if not await registry.take_answer(session, message.id):
-            raise BadRequest("Invalid request: this session has no pending server request with that id")
-    if not post:
-        return await call_next()
-    session.busy += 1
-    forwarded = message if message is not None and message.kind is MessageKind.REQUEST else None
-    if forwarded is not None:
-        session.forward(forwarded)
-    abandoned = False
-    try:
-        return await call_next()
-    except asyncio.CancelledError:
-        # The client went away: an answer still on its way may be replayed on the session's GET
-        # stream (resumption), where it is delivered as this request's answer.
-        abandoned = call.upstream_contacted
-        raise
-    finally:
+        call.session = session
+        if call.protocol_version is None:
+            call.protocol_version = session.protocol_version
+        if message is not None and message.kind is MessageKind.RESPONSE:
+            assert message.id is not None
+            if not await registry.take_answer(session, message.id):
+                raise BadRequest("Invalid request: this session has no pending server request with that id")
+        if not post:
+            return False
+        session.busy += 1
+        call.slots[_BUSY] = session
+        if message is not None and message.kind is MessageKind.REQUEST:
+            session.forward(message)
+        return True
+
+    def leave(self, call: Call, failure: BaseException | None) -> None:
+        reservation = call.slots.pop(_RESERVATION, None)
+        if reservation is not None:  # an initialize that no session came of
+            call.services.sessions.release(call.ctx.tenant, reservation)
+        session: Session | None = call.slots.pop(_BUSY, None)
+        if session is None:
+            return
         session.busy -= 1
         session.last_seen = time.monotonic()
-        if forwarded is not None and not abandoned:
-            session.answered(forwarded.id)
+        message = call.message
+        # A client that went away may still get the answer replayed on the session's GET stream
+        # (resumption), where it is delivered as this request's answer: the request stays known.
+        abandoned = isinstance(failure, asyncio.CancelledError) and call.upstream_contacted
+        if message is not None and message.kind is MessageKind.REQUEST and not abandoned:
+            session.answered(message.id)
+
+
+bind = Bind()
 
 
 async def open_session(call: Request, upstream_session_id: str | None) -> Session:
@@ -95,7 +104,7 @@ async def open_session(call: Request, upstream_session_id: str | None) -> Sessio
         call.slots[_RESERVATION],
     )
     del call.slots[_RESERVATION]
-    call.bound_session = session
+    call.session = session
     return session
 
 
@@ -103,7 +112,7 @@ def track(call: Call, message: ServerMessage) -> ServerMessage | None:
     """What the session must know of a message coming back: an answered request is forgotten, the
     protocol version the server chose is kept, a server-to-client request may be answered later
     (by this session only); none reaches a client outside a handshake session."""
-    session = call.bound_session
+    session = call.session
     if message.kind is Kind.SERVER_REQUEST:
         if call.era is not Era.HANDSHAKE or session is None:
             return None  # the modern era has no back channel; never deliver one elsewhere
