@@ -353,6 +353,27 @@ async def test_a_compressed_body_is_decoded(encoding: str) -> None:
         await client.close()
 
 
+@pytest.mark.parametrize("encoding", [None, "gzip"])
+async def test_a_reader_that_falls_behind_pauses_the_socket_and_loses_nothing(encoding: str | None) -> None:
+    body = bytes(range(256)) * 8192  # 2 MiB: far above the reader's high-water mark
+    sent = gzip.compress(body) if encoding else body
+    extra = [f"Content-Encoding: {encoding}"] if encoding else []
+
+    async with serve(keep_answering(lambda: server, sent, *extra)) as server:
+        client = pool(server.url(), read_timeout=0.3)
+        response = await client.request("POST", {}, b"{}")
+        await asyncio.sleep(0.5)  # longer than the read timeout: a wait of ours is not the server's
+        received = bytearray()
+        while chunk := await response.content.readany():
+            received += chunk
+            await asyncio.sleep(0)
+        response.release()
+        assert received == body
+        await read_all(await client.request("POST", {}, b"{}"))
+        assert server.connections == 1
+        await client.close()
+
+
 async def test_a_body_cut_short_by_the_server_is_an_error() -> None:
     async def cut(peer: Peer) -> None:
         await peer.request()
