@@ -130,7 +130,7 @@ class HttpUpstream:
         except (HttpClientError, OSError) as exc:
             raise UpstreamError("The upstream MCP server is unreachable") from exc
         if 300 <= response.status < 400:
-            response.release()  # its body is unread: the connection is closed, not kept
+            response.release()  # kept only when the answer was received to its end
             raise UpstreamError("The upstream MCP server answered with a redirect, which is never followed")
         return HttpUpstreamResponse(response, MAX_JSON_RESPONSE_BYTES)
 
