@@ -2,7 +2,8 @@
 
 Decoding uses httpx-sse's WHATWG line and event decoders (the maintained implementation of the
 "interpreting an event stream" algorithm); the package imports httpx at import time, which is why
-httpx is a dependency although the proxy's HTTP client is aiohttp.
+httpx is a dependency although the proxy's HTTP client is its own (upstreams/http_client.py). The byte
+stream is aiohttp's StreamReader, which that client's parser fills as the upstream writes.
 """
 
 from __future__ import annotations

@@ -1,24 +1,21 @@
 """A tenant's streamable-HTTP upstream (the Upstream protocol of upstreams/base.py).
 
-The HTTP implementation owns one aiohttp ClientSession per tenant, so connection
-pools, cookies and credentials are never shared between tenants. Redirects are never followed,
+It owns one connection pool per tenant (upstreams/http_client.py, HTTP/1.1 on aiohttp's own
+parser), so connections and credentials are never shared between tenants. Redirects are never followed,
 cookies are never kept, and only headers the proxy built itself go out: the client's token and any
 client-sent tenant header never do.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping
-
-import aiohttp
-import yarl
 
 from proxy import __version__
 from proxy.config import UpstreamConfig
 from proxy.protocol.errors import UpstreamError, UpstreamTimeout
 from proxy.protocol.sse import Comment, Event, read_event_batches
 from proxy.upstreams.base import UpstreamRequest
+from proxy.upstreams.http_client import ConnectionPool, HttpClientError, HttpResponse
 
 MAX_JSON_RESPONSE_BYTES = 32 * 1024 * 1024
 MAX_EVENT_BYTES = 32 * 1024 * 1024
@@ -27,7 +24,7 @@ MAX_EVENT_BYTES = 32 * 1024 * 1024
 class HttpUpstreamResponse:
     """One upstream HTTP answer; the caller reads it once and closes it."""
 
-    def __init__(self, response: aiohttp.ClientResponse, max_bytes: int) -> None:
+    def __init__(self, response: HttpResponse, max_bytes: int) -> None:
         self._response = response
         self._max_bytes = max_bytes
         self.status = response.status
@@ -45,9 +42,9 @@ class HttpUpstreamResponse:
                 if size > self._max_bytes:
                     raise UpstreamError("The upstream MCP server sent an oversized response")
                 chunks.append(chunk)
-        except TimeoutError as exc:  # aiohttp's read timeout is also a ClientError: check it first
+        except TimeoutError as exc:
             raise UpstreamTimeout() from exc
-        except (aiohttp.ClientError, ConnectionError) as exc:
+        except (HttpClientError, ConnectionError) as exc:
             raise UpstreamError("The upstream MCP server closed the connection mid-response") from exc
         return b"".join(chunks)
 
@@ -57,7 +54,7 @@ class HttpUpstreamResponse:
                 yield batch
         except TimeoutError as exc:
             raise UpstreamTimeout() from exc
-        except (aiohttp.ClientError, ConnectionError) as exc:
+        except (HttpClientError, ConnectionError) as exc:
             raise UpstreamError("The upstream MCP server closed the stream") from exc
 
     def close(self) -> None:
@@ -72,60 +69,43 @@ class HttpUpstream:
         assert config.url is not None
         self.tenant = tenant
         self.url = config.url
-        self._url = yarl.URL(config.url)  # parsed once, not on every request
         self.identity = f"http:{config.url}"
         self.config = config
-        base = {"User-Agent": f"mcp-tenant-proxy/{__version__}", **config.headers}
+        base = {
+            "User-Agent": f"mcp-tenant-proxy/{__version__}",
+            "Accept-Encoding": "gzip, deflate",  # what aiohttp's client asked for: answers may be compressed
+            **config.headers,
+        }
         if config.tenant_header:
             base[config.tenant_header] = tenant
         self._base_headers: Mapping[str, str] = base
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=config.connect_timeout_seconds,
-            sock_read=config.read_timeout_seconds,
+        self._pool = ConnectionPool(
+            config.url,
+            max_connections=config.max_connections,
+            keepalive_seconds=config.keepalive_seconds,
+            connect_timeout=config.connect_timeout_seconds,
+            read_timeout=config.read_timeout_seconds,
         )
-        self._session: aiohttp.ClientSession | None = None
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
-                    limit=self.config.max_connections,
-                    keepalive_timeout=self.config.keepalive_seconds,
-                    ttl_dns_cache=60,
-                ),
-                cookie_jar=aiohttp.DummyCookieJar(),
-                timeout=self._timeout,
-                auto_decompress=True,
-                # No skip_auto_headers: the base headers carry User-Agent, and aiohttp's skip
-                # list costs a sorted copy of the headers on every request.
-            )
-        return self._session
+    @property
+    def connections_in_use(self) -> int:
+        return self._pool.in_use
 
     async def send(self, request: UpstreamRequest) -> HttpUpstreamResponse:
         headers = {**request.headers, **self._base_headers}
         try:
-            response = await self._client().request(
-                request.http_method,
-                self._url,
-                data=request.body,
-                headers=headers,
-                allow_redirects=False,
-            )
+            response = await self._pool.request(request.http_method, headers, request.body)
         except TimeoutError as exc:
             raise UpstreamTimeout() from exc
-        except (aiohttp.ClientError, OSError) as exc:
+        except (HttpClientError, OSError) as exc:
             raise UpstreamError("The upstream MCP server is unreachable") from exc
         if 300 <= response.status < 400:
-            response.close()
+            response.release()  # kept only when the answer was received to its end
             raise UpstreamError("The upstream MCP server answered with a redirect, which is never followed")
         return HttpUpstreamResponse(response, MAX_JSON_RESPONSE_BYTES)
 
     async def sweep(self) -> None:
-        """Nothing to do: aiohttp's connector expires idle connections itself."""
+        """Nothing to do: the pool closes idle connections itself."""
 
     async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-            # Let aiohttp's connector finish closing its transports before the loop moves on.
-            await asyncio.sleep(0)
+        await self._pool.close()

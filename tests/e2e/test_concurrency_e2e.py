@@ -70,17 +70,11 @@ def runtime_of(running: RunningProxy) -> Any:
 def upstream_connections_in_use(running: RunningProxy) -> int:
     """Connections the tenants' upstream pools have handed out and not had back.
 
-    aiohttp's TCPConnector keeps every connection a request holds in `_acquired` (placeholders
-    while connecting included) until the response is released or closed; idle keep-alive
-    connections wait in `_conns` and are not in use. A response the proxy forgot to close stays
-    acquired forever, so this is the count that must return to its baseline.
+    A pool counts every connection a request holds (while connecting included) until the response
+    is released or closed; idle keep-alive connections are not in use. A response the proxy forgot
+    to close stays in use forever, so this is the count that must return to its baseline.
     """
-    total = 0
-    for tenant in runtime_of(running).tenants.values():
-        session = getattr(tenant.upstream, "_session", None)
-        if session is not None and not session.closed:
-            total += len(session.connector._acquired)
-    return total
+    return sum(getattr(t.upstream, "connections_in_use", 0) for t in runtime_of(running).tenants.values())
 
 
 async def settle(measure: Callable[[], int], target: int, timeout: float = 5.0) -> int:
