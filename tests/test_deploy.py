@@ -1,4 +1,4 @@
-"""deploy/: the Kubernetes examples are safe as shipped.
+"""deploy/: the Kubernetes examples, the Dockerfile and its lock file are safe as shipped.
 
 Every rule is a function returning the problems it finds. The shipped files must have none, and
 each rule is shown to catch a breakage of them (test_a_rule_catches_its_breakage), so no rule
@@ -14,6 +14,7 @@ import secrets
 import shlex
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -664,3 +666,198 @@ def test_a_rule_catches_its_breakage(breakage: Breakage) -> None:
 
 def test_every_rule_is_shown_to_catch_a_breakage() -> None:
     assert {b.rule for b in BREAKAGES} == set(MANIFEST_RULES)
+    assert {rule for rule, _, _ in DOCKER_BREAKAGES} == set(DOCKER_RULES)
+
+
+# --- the image --------------------------------------------------------------------------------------
+
+
+def instructions(dockerfile: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments), continuation lines joined, comments dropped."""
+    lines = [line for line in dockerfile.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    result = []
+    for line in joined.splitlines():
+        if line.strip():
+            word, _, rest = line.strip().partition(" ")
+            result.append((word.upper(), " ".join(rest.split())))
+    return result
+
+
+def stages(dockerfile: str) -> list[list[tuple[str, str]]]:
+    found: list[list[tuple[str, str]]] = []
+    for instruction in instructions(dockerfile):
+        if instruction[0] == "FROM":
+            found.append([])
+        found[-1].append(instruction)
+    return found
+
+
+def base_images_pinned(dockerfile: str, lock: str) -> list[str]:
+    problems = []
+    for _, image in (i for i in instructions(dockerfile) if i[0] == "FROM"):
+        image = image.split(" AS ")[0].split(" as ")[0]
+        if not re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+[\w.-]*(@sha256:[0-9a-f]{64})?", image):
+            problems.append(f"FROM {image} is not pinned to a release (x.y.z)")
+    return problems
+
+
+def dependencies_install_from_the_lock_before_the_code(dockerfile: str, lock: str) -> list[str]:
+    build = stages(dockerfile)[0]
+    copies = [(i, args) for i, (word, args) in enumerate(build) if word == "COPY"]
+    lock_copy = next((i for i, args in copies if "deploy/requirements.lock" in args), None)
+    code_copy = next((i for i, args in copies if re.search(r"(^| )proxy( |$)", args)), None)
+    if lock_copy is None or code_copy is None or lock_copy > code_copy:
+        return ["the lock file is not copied before the code"]
+    sources = build[lock_copy][1].split()[:-1]
+    problems = []
+    if set(sources) - {"pyproject.toml", "deploy/requirements.lock"}:
+        problems.append(f"the dependency layer copies more than pyproject.toml and the lock: {sources}")
+    installs = [args for word, args in build[lock_copy:code_copy] if word == "RUN" and "pip install" in args]
+    if not any(
+        "--require-hashes" in args and "--no-deps" in args and re.search(r"-r \S*requirements\.lock", args)
+        for args in installs
+    ):
+        problems.append("no `pip install --require-hashes --no-deps -r requirements.lock` before the code")
+    if not any(
+        word == "RUN" and re.search(r"pip install [^&]*--no-deps[^&]* \.( |$)", args)
+        for word, args in build[code_copy:]
+    ):
+        problems.append("the project is not installed with `pip install --no-deps .` after the code")
+    return problems
+
+
+def runs_as_a_numeric_user(dockerfile: str, lock: str) -> list[str]:
+    users = [args for word, args in stages(dockerfile)[-1] if word == "USER"]
+    if not users or not re.fullmatch(r"[1-9]\d*(:\d+)?", users[-1]):
+        return [f"the final stage's USER is not a numeric non-root id: {users}"]
+    return []
+
+
+def final_image_has_no_build_tools(dockerfile: str, lock: str) -> list[str]:
+    final = stages(dockerfile)[-1]
+    problems = [
+        f"the final stage runs `{args}`"
+        for word, args in final
+        if word == "RUN" and re.search(r"apt-get|apk |gcc|build-essential|pip install", args)
+    ]
+    if not any(word == "COPY" and "--from=" in args for word, args in final):
+        problems.append("the final stage does not copy the built environment from the build stage")
+    return problems
+
+
+def lock_pins_every_package_with_hashes(dockerfile: str, lock: str) -> list[str]:
+    problems = []
+    entries = re.sub(r"\\\n\s*", " ", re.sub(r"(?m)^\s*#.*\n", "", lock)).splitlines()
+    pinned: dict[str, str] = {}
+    for entry in filter(str.strip, entries):
+        requirement, *hashes = entry.split(" --hash=")
+        match = re.fullmatch(r"([A-Za-z0-9._-]+)==([\w.+!-]+)( ; .+)?", requirement.strip())
+        if not match:
+            problems.append(f"not an exact pin: {requirement.strip()}")
+            continue
+        if not hashes or not all(re.fullmatch(r"sha256:[0-9a-f]{64}", h.strip()) for h in hashes):
+            problems.append(f"{match.group(1)} has no sha256 hashes")
+        pinned[match.group(1).lower().replace("_", "-")] = match.group(2)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wanted = [
+        *project["project"]["dependencies"],
+        *project["project"]["optional-dependencies"]["redis"],
+        *project["project"]["optional-dependencies"]["speed"],
+        *project["build-system"]["requires"],  # the image builds the project without fetching
+    ]
+    for line in wanted:
+        requirement = Requirement(line)
+        name = requirement.name.lower().replace("_", "-")
+        if name not in pinned:
+            problems.append(f"{name} (pyproject.toml) is not in the lock")
+        elif not requirement.specifier.contains(pinned[name], prereleases=True):
+            problems.append(f"{name}=={pinned[name]} does not satisfy {line!r}: regenerate the lock")
+    return problems
+
+
+DOCKER_RULES: dict[str, Callable[[str, str], list[str]]] = {
+    rule.__name__: rule
+    for rule in (
+        base_images_pinned,
+        dependencies_install_from_the_lock_before_the_code,
+        runs_as_a_numeric_user,
+        final_image_has_no_build_tools,
+        lock_pins_every_package_with_hashes,
+    )
+}
+
+
+def dockerfile_and_lock() -> tuple[str, str]:
+    return (DEPLOY / "Dockerfile").read_text(), (DEPLOY / "requirements.lock").read_text()
+
+
+@pytest.mark.parametrize("rule", DOCKER_RULES)
+def test_the_image_follows_the_rule(rule: str) -> None:
+    assert DOCKER_RULES[rule](*dockerfile_and_lock()) == []
+
+
+def swap(old: str, new: str, in_lock: bool = False) -> Callable[[str, str], tuple[str, str]]:
+    def edit(dockerfile: str, lock: str) -> tuple[str, str]:
+        text = lock if in_lock else dockerfile
+        assert old in text, old
+        text = text.replace(old, new, 1)
+        return (dockerfile, text) if in_lock else (text, lock)
+
+    return edit
+
+
+def drop_from_lock(package: str) -> Callable[[str, str], tuple[str, str]]:
+    def edit(dockerfile: str, lock: str) -> tuple[str, str]:
+        edited = re.sub(rf"(?m)^{package}==.*\\\n(\s+--hash=\S+( \\)?\n)+", "", lock)
+        assert edited != lock
+        return dockerfile, edited
+
+    return edit
+
+
+CODE_COPY = "COPY proxy ./proxy\n"
+DEPS_COPY = "COPY pyproject.toml deploy/requirements.lock ./\n"
+VENV_COPY = "COPY --from=build /opt/venv /opt/venv\n"
+
+# fmt: off
+DOCKER_BREAKAGES: list[tuple[str, str, Callable[[str, str], tuple[str, str]]]] = [
+    ("base_images_pinned", "python:3.11-slim", swap("3.11.15-slim-bookworm AS", "3.11-slim AS")),
+    ("base_images_pinned", "python:latest", swap("python:3.11.15-slim-bookworm\n", "python:latest\n")),
+    ("dependencies_install_from_the_lock_before_the_code", "the code first",
+     lambda d, lock: (d.replace(CODE_COPY, "").replace(DEPS_COPY, CODE_COPY + DEPS_COPY), lock)),
+    ("dependencies_install_from_the_lock_before_the_code", "everything copied at once",
+     swap(DEPS_COPY, "COPY . ./\n")),
+    ("dependencies_install_from_the_lock_before_the_code", "the README in the dependency layer",
+     swap(DEPS_COPY, "COPY pyproject.toml README.md deploy/requirements.lock ./\n")),
+    ("dependencies_install_from_the_lock_before_the_code", "no --require-hashes",
+     swap("--require-hashes ", "")),
+    ("dependencies_install_from_the_lock_before_the_code", "dependencies resolved with the project",
+     swap("pip install --no-deps --no-build-isolation --no-index .", "pip install .")),
+    ("runs_as_a_numeric_user", "a user name", swap("USER 10001:10001", "USER proxy")),
+    ("runs_as_a_numeric_user", "root", swap("USER 10001:10001", "USER 0")),
+    ("runs_as_a_numeric_user", "no USER", swap("USER 10001:10001\n", "")),
+    ("final_image_has_no_build_tools", "a compiler",
+     swap(VENV_COPY, VENV_COPY + "RUN apt-get update && apt-get install -y gcc\n")),
+    ("final_image_has_no_build_tools", "nothing from the build stage", swap(VENV_COPY, "")),
+    ("lock_pins_every_package_with_hashes", "a range", swap("\naiohttp==", "\naiohttp>=", in_lock=True)),
+    ("lock_pins_every_package_with_hashes", "no hashes", lambda d, lock: (
+        d, re.sub(r"(?m)^(pyyaml==\S+) \\\n(\s+--hash=\S+( \\)?\n)+", r"\1\n", lock))),
+    ("lock_pins_every_package_with_hashes", "hiredis missing", drop_from_lock("hiredis")),
+    ("lock_pins_every_package_with_hashes", "uvloop missing", drop_from_lock("uvloop")),
+    ("lock_pins_every_package_with_hashes", "setuptools missing", drop_from_lock("setuptools")),
+    ("lock_pins_every_package_with_hashes", "a pin pyproject.toml excludes",
+     lambda d, lock: (d, re.sub(r"(?m)^aiohttp==\S+", "aiohttp==3.9.0", lock))),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    ("rule", "breakage"),
+    [pytest.param(rule, breakage, id=f"{rule}-{what}") for rule, what, breakage in DOCKER_BREAKAGES],
+)
+def test_an_image_rule_catches_its_breakage(
+    rule: str, breakage: Callable[[str, str], tuple[str, str]]
+) -> None:
+    shipped = dockerfile_and_lock()
+    assert set(DOCKER_RULES[rule](*breakage(*shipped))) - set(DOCKER_RULES[rule](*shipped))
