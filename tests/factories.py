@@ -21,7 +21,8 @@ from proxy.protocol.jsonrpc import parse_message
 from proxy.runtime import Runtime, Services
 from proxy.types import Era, TenantContext
 
-DEV_SECRET = "test-secret-0123456789-abcdefghijklmnop"
+# secrets.token_urlsafe(32) output, fixed: the proxy refuses placeholder-looking and guessable secrets.
+DEV_SECRET = "2J62pYnh2W7iBSwidviF-WWuH3SbNbv3MaIQROukDFI"
 DEV_SECRET_ENV = "MCP_PROXY_TEST_SECRET"
 RESOURCE = "http://127.0.0.1:8080/mcp"
 # A handshake-era initialize as a test client sends it (posted as is; never mutated).

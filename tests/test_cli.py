@@ -124,6 +124,29 @@ def test_run_with_an_invalid_config_exits_2(tmp_path: Path) -> None:
     assert "listen.surprise: unknown key" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["check-config", "run"])
+@pytest.mark.parametrize(
+    ("secret", "problem"),
+    [
+        ("replace-me-with-32-or-more-random-bytes-0123456789", "holds a placeholder ('replace')"),
+        ("z" * 48, "holds one character repeated"),
+        ("abcdefghijklmnopqrstuvwxyz0123456789", "holds a guessable secret"),
+    ],
+)
+def test_a_placeholder_or_guessable_hmac_secret_is_refused_before_serving(
+    tmp_path: Path, command: str, secret: str, problem: str
+) -> None:
+    path = write_config(tmp_path, config_dict({"acme": "http://127.0.0.1:9001/mcp"}))
+    result = cli(command, "--config", str(path), env={DEV_SECRET_ENV: secret}, timeout=30)
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert "\n" not in line
+    assert line.startswith(
+        f"{path}: auth.issuers.0.secret_env: environment variable {DEV_SECRET_ENV} {problem}"
+    )
+    assert secret not in line
+
+
 def test_mint_token_signs_with_the_configured_secret(tmp_path: Path) -> None:
     path = write_config(tmp_path, config_dict({"acme": "http://127.0.0.1:9001/mcp"}))
     result = cli(

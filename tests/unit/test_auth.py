@@ -13,7 +13,9 @@ import functools
 import hashlib
 import hmac
 import json
+import random
 import re
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,13 +29,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from jwt import PyJWKClient
 
 from proxy.config import ConfigError, ProxyConfig
-from proxy.layers.auth.authenticator import MAX_TOKEN_CHARS, Authenticator, metadata_url, mint_token
+from proxy.layers.auth.authenticator import (
+    MAX_TOKEN_CHARS,
+    Authenticator,
+    hmac_secret_problem,
+    metadata_url,
+    mint_token,
+)
 from proxy.protocol.errors import BadRequest, Forbidden, InsufficientScope, ProxyError, Unauthenticated
 from proxy.types import TenantContext
 from tests.factories import DEV_SECRET, DEV_SECRET_ENV, RESOURCE, RsaKeys, make_config, unsigned_token
 
 OTHER_SECRET_ENV = "MCP_PROXY_TEST_OTHER_SECRET"
-OTHER_SECRET = "another-secret-abcdefghijklmnopqrstuvwxyz-0123"
+OTHER_SECRET = "nVSkjQcadEc63gL5oMTVzu3q22ur0ORCMmVmzjpyTQQ"  # secrets.token_urlsafe(32), fixed
 RSA_ISS = "https://rsa.idp.test"
 JWKS_ISS = "https://jwks.idp.test"
 MIXED_ISS = "https://mixed.idp.test"
@@ -664,6 +672,62 @@ def test_hmac_secret_must_be_long_enough(config: ProxyConfig, secret: str) -> No
         Authenticator(config, env={**ENV, DEV_SECRET_ENV: secret})
     assert info.value.key_path == "auth.issuers.0.secret_env"
     assert DEV_SECRET_ENV in info.value.problem
+
+
+@pytest.mark.parametrize(
+    ("secret", "problem"),
+    [
+        ("replace-me-with-32-or-more-random-bytes-0123456789", "placeholder ('replace')"),
+        ("CHANGEME-" + "Kq3vX9pLm2RtY7wZ4nB8cF1hJ6sD0gA5", "placeholder ('changeme')"),
+        ("change-me-Kq3vX9pLm2RtY7wZ4nB8cF1hJ6sD0gA5", "placeholder ('change-me')"),
+        ("my-Jwt-Secret-Kq3vX9pLm2RtY7wZ4nB8cF1hJ6sD0gA5", "placeholder ('secret')"),
+        ("Kq3vX9pLm2RtY7wZ4nB8cF1hJ6sD0gA5-example", "placeholder ('example')"),
+        ("Password1-Kq3vX9pLm2RtY7wZ4nB8cF1hJ6sD0gA5", "placeholder ('password')"),
+        ("<placeholder>Kq3vX9pLm2RtY7wZ4nB8cF1hJ6sD0gA5", "placeholder ('placeholder')"),
+        ("TODO: Kq3vX9pLm2RtY7wZ4nB8cF1hJ6sD0gA5", "placeholder ('todo')"),
+        ("xxx-Kq3vX9pLm2RtY7wZ4nB8cF1hJ6sD0gA5", "placeholder ('xxx')"),
+        ("sk-live-" + "x" * 32, "placeholder ('xxx')"),
+        ("a" * 64, "one character repeated"),
+        ("abababababababababababababababab12", "only 4 distinct characters"),
+        ("0123456789abcdefghijklmnopqrstuvwxyz", "guessable"),  # many characters, one step
+        ("q8Z!kP2@mN5#xR7$" * 3, "guessable"),  # a short secret, repeated
+        ("a" * 32 + "b1c2d3e4f5g6h7", "guessable"),  # one character most of the time
+        ("b7e833e1dd6e92144f936d0cc98a5b4a", "guessable"),  # 32 hex digits: 128 bits, HS256 wants 256
+    ],
+)
+def test_hmac_secret_must_not_be_a_placeholder_or_guessable(
+    config: ProxyConfig, secret: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        Authenticator(config, env={**ENV, DEV_SECRET_ENV: secret})
+    assert info.value.key_path == "auth.issuers.0.secret_env"
+    assert info.value.problem.startswith(f"environment variable {DEV_SECRET_ENV} holds ")
+    assert problem in info.value.problem
+    assert "secrets.token_urlsafe(32)" in info.value.problem  # how to make a good one
+    assert secret not in str(info.value)  # the refused value is not echoed to the log
+    with pytest.raises(ValueError, match="environment variable"):  # mint-token refuses it too
+        mint_token(config, "dev", "acme", "alice", env={DEV_SECRET_ENV: secret})
+
+
+def test_generated_secrets_always_pass() -> None:
+    # The generators operators are told to use, over many samples. Seeded, so the run is repeatable;
+    # a few real secrets.token_urlsafe(32) besides. (A generated secret that happens to hold a
+    # placeholder word is refused about once in a million: no seed here draws one.)
+    rng = random.Random(20240611)
+    samples = [
+        *(base64.urlsafe_b64encode(rng.randbytes(32)).rstrip(b"=").decode() for _ in range(20_000)),
+        *(base64.urlsafe_b64encode(rng.randbytes(24)).decode() for _ in range(5_000)),  # token_urlsafe(24)
+        *(rng.randbytes(32).hex() for _ in range(2_000)),  # token_hex(32), openssl rand -hex 32
+        *(base64.b64encode(rng.randbytes(32)).decode() for _ in range(2_000)),  # openssl rand -base64 32
+        *(secrets.token_urlsafe(32) for _ in range(200)),
+    ]
+    refused = {secret: problem for secret in samples if (problem := hmac_secret_problem(secret))}
+    assert refused == {}
+
+
+def test_the_test_secrets_pass() -> None:
+    assert hmac_secret_problem(DEV_SECRET) is None
+    assert hmac_secret_problem(OTHER_SECRET) is None
 
 
 def test_missing_hmac_secret_names_the_issuer(config: ProxyConfig) -> None:

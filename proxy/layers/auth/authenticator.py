@@ -8,18 +8,21 @@ The tenant is decided here, from verified claims only:
     -> `tenant_claim` (dotted path) must be a string equal to a configured tenant id, byte for byte
     -> TenantContext(tenant, subject, scopes, expiry)
 
-Keys: HS* from the environment variable `secret_env`; asymmetric keys from `public_key_file`, or
-from `jwks_url` through PyJWKClient (set cached; an unknown kid refetches at most once per
-cooldown; the last good set is kept through an outage; fetches run off the event loop).
+Keys: HS* from the environment variable `secret_env` (refused when short, a placeholder or
+guessable: hmac_secret_problem); asymmetric keys from `public_key_file`, or from `jwks_url` through
+PyJWKClient (set cached; an unknown kid refetches at most once per cooldown; the last good set is
+kept through an outage; fetches run off the event loop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 import os
 import re
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,17 @@ from proxy.protocol.errors import BadRequest, Forbidden, InsufficientScope, Unau
 from proxy.types import JsonObject, TenantContext
 
 MIN_HMAC_SECRET_BYTES = 32
+MIN_HMAC_SECRET_BITS = 128  # the estimate (_estimated_bits) must exceed this
+MIN_HMAC_SECRET_DISTINCT_CHARS = 8
+HMAC_SECRET_ADVICE = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"  # noqa: S105 - a command
+# Words operators leave in place of a secret. The long ones count anywhere in the secret; "todo" and
+# runs of x only as a word of their own (and x-runs in one case), or as 8+ x's: a generated secret
+# (secrets.token_urlsafe(32)) matches any of these about once in a million, and then a fresh one will
+# not. Substrings of a random secret this rare cost nothing; shorter words anywhere would.
+_PLACEHOLDER = re.compile(
+    r"(?i:change[-_ ]?me|replace|placeholder|secret|example|password|x{8,})"
+    r"|(?<![A-Za-z0-9])(?:(?i:todo)|x{3,}|X{3,})(?![A-Za-z0-9])"
+)
 MAX_TOKEN_CHARS = 8192
 VERIFIED_TOKENS_KEPT = 10_000
 # Header parameters that point at keys chosen by the token's author: never honoured, always refused.
@@ -109,6 +123,81 @@ class JwksKeys:
         return key.key
 
 
+def _period(text: str) -> int:
+    """The length of the shortest unit `text` repeats (len(text) when it does not repeat)."""
+    border = [0] * len(text)  # Knuth-Morris-Pratt prefix function: linear however long the secret
+    for i in range(1, len(text)):
+        k = border[i - 1]
+        while k and text[i] != text[k]:
+            k = border[k - 1]
+        border[i] = k + 1 if text[i] == text[k] else k
+    return len(text) - border[-1] if text else 0
+
+
+def _bits_per_symbol(symbols: Iterable[object]) -> float:
+    """Shannon entropy of the symbols' frequencies, Miller-Madow corrected for a short sample."""
+    counts = Counter(symbols)
+    total = sum(counts.values())
+    if total == 0:
+        return 0.0
+    plain = -sum(n / total * math.log2(n / total) for n in counts.values())
+    return plain + (len(counts) - 1) / (2 * total * math.log(2))
+
+
+def _alphabet_bits(text: str) -> float:
+    """log2 of the alphabet `text` seems drawn from: hex digits, or the character classes it uses."""
+    if all(c in "0123456789abcdef" for c in text) or all(c in "0123456789ABCDEF" for c in text):
+        return 4.0
+    size = 0
+    size += 10 if any(c.isdigit() for c in text) else 0
+    size += 26 if any(c.islower() for c in text) else 0
+    size += 26 if any(c.isupper() for c in text) else 0
+    size += 33 if any(not c.isalnum() for c in text) else 0
+    return math.log2(max(size, 2))
+
+
+def _estimated_bits(secret: str) -> float:
+    """A conservative estimate of the secret's entropy: its repeating unit's length times the least
+    of the bits per character its alphabet allows, its character frequencies give, and the steps
+    between neighbouring characters give (0123..., abcd... and qwqw... have few distinct steps)."""
+    unit = secret[: _period(secret)]
+    if len(unit) < 2:
+        return 0.0
+    steps = [ord(b) - ord(a) for a, b in itertools.pairwise(unit)]
+    return len(unit) * min(_alphabet_bits(unit), _bits_per_symbol(unit), _bits_per_symbol(steps))
+
+
+def hmac_secret_problem(secret: str) -> str | None:
+    """Why `secret` must not sign or verify HS* tokens, or None when it may.
+
+    Refused: under 32 bytes; a placeholder word (change-me, replace, placeholder, secret, example,
+    password, todo, xxx); fewer than 8 distinct characters; an estimated entropy of 128 bits or
+    less. secrets.token_urlsafe(32) (190 bits estimated at the least) passes, but for the rare
+    placeholder word drawn by chance (see _PLACEHOLDER); so do token_urlsafe(24), token_hex(32) and
+    `openssl rand -base64 32`; 32 hex digits (128 bits, half the key HS256 wants) do not.
+    """
+    if len(secret.encode()) < MIN_HMAC_SECRET_BYTES:
+        return f"must hold a secret of at least {MIN_HMAC_SECRET_BYTES} bytes"
+    advice = f"generate one, e.g. {HMAC_SECRET_ADVICE}"
+    placeholder = _PLACEHOLDER.search(secret)
+    if placeholder is not None:
+        word = placeholder.group(0).lower()
+        word = "xxx" if set(word) == {"x"} else word
+        return f"holds a placeholder ({word!r}), not a secret: {advice}"
+    distinct = len(set(secret))
+    if distinct == 1:
+        return f"holds one character repeated, not a secret: {advice}"
+    if distinct < MIN_HMAC_SECRET_DISTINCT_CHARS:
+        return f"holds a secret of only {distinct} distinct characters: {advice}"
+    bits = _estimated_bits(secret)
+    if bits <= MIN_HMAC_SECRET_BITS:
+        return (
+            f"holds a guessable secret (about {int(bits)} bits of entropy estimated, more than "
+            f"{MIN_HMAC_SECRET_BITS} needed): {advice}"
+        )
+    return None
+
+
 def _claim_at(claims: Mapping[str, Any], dotted: str) -> Any:
     node: Any = claims
     for part in dotted.split("."):
@@ -157,12 +246,12 @@ class Authenticator:
             where = f"auth.issuers.{index}"
             if issuer.secret_env is not None:
                 secret = environ.get(issuer.secret_env, "")
-                if len(secret.encode()) < MIN_HMAC_SECRET_BYTES:
+                problem = hmac_secret_problem(secret)
+                if problem is not None:
                     raise ConfigError(
                         config.source,
                         f"{where}.secret_env",
-                        f"environment variable {issuer.secret_env} must hold a secret of at least "
-                        f"{MIN_HMAC_SECRET_BYTES} bytes",
+                        f"environment variable {issuer.secret_env} {problem}",
                     )
                 self._static_keys[issuer.issuer] = secret.encode()
             elif issuer.public_key_file is not None:
@@ -349,11 +438,9 @@ def mint_token(
         secret = environ.get(issuer.secret_env)
         if not secret:
             raise ValueError(f"environment variable {issuer.secret_env} is not set")
-        if len(secret.encode()) < MIN_HMAC_SECRET_BYTES:  # `run` would refuse it: no token it never accepts
-            raise ValueError(
-                f"environment variable {issuer.secret_env} must hold a secret of at least "
-                f"{MIN_HMAC_SECRET_BYTES} bytes"
-            )
+        problem = hmac_secret_problem(secret)
+        if problem is not None:  # `run` would refuse it: no token it never accepts
+            raise ValueError(f"environment variable {issuer.secret_env} {problem}")
         return jwt.encode(claims, secret, algorithm=issuer.algorithms[0])
     if issuer.private_key_file is None:
         raise ValueError(f"issuer {issuer_name!r} has no secret_env or private_key_file to sign with")
