@@ -137,6 +137,11 @@ def add_test_tools(server: MCPServer, canary: str) -> None:
         return Completion(values=[f"{named}-{argument.name}-{canary}"])
 
     @server.tool()
+    async def ask_org(topic: str, choice: Annotated[OrgChoice, Resolve(_elicit_org)]) -> dict[str, Any]:
+        """Asks the user (elicitation) which organisation's notes to use: a tenant-trusting server."""
+        return {"topic": topic, "org_id": choice.org_id, "canary": canary}
+
+    @server.tool()
     async def ask_user(
         topic: str, choice: Annotated[ColourChoice, Resolve(_elicit_colour)]
     ) -> dict[str, Any]:
@@ -150,6 +155,14 @@ TOOL_EVENTS: dict[str, list[str]] = {}
 
 class ColourChoice(BaseModel):
     colour: str
+
+
+class OrgChoice(BaseModel):
+    org_id: str
+
+
+def _elicit_org(topic: str) -> Elicit[OrgChoice]:
+    return Elicit(f"Which organisation's notes about {topic}?", OrgChoice)
 
 
 def _list_roots() -> ListRoots:

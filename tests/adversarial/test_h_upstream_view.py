@@ -281,3 +281,57 @@ async def test_denied_sampling_never_reaches_the_client(share: ShareProxy, mode:
             answer = refused.error.message
     assert asked == []
     assert "sampled" not in answer
+
+
+# --- found by the black-box attack pass ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_an_elicitation_answer_naming_another_tenant_never_reaches_the_upstream(
+    share: ShareProxy, shared_upstream: Any, mode: str
+) -> None:
+    running = await share(policy("reject"))
+    answered: list[Any] = []
+
+    async def elicit(context: Any, params: Any) -> Any:
+        from mcp_types import ElicitResult
+
+        answered.append(params)
+        return ElicitResult(action="accept", content={"org_id": "globex"})
+
+    async with client_for(running.url, running.token("acme"), mode, elicitation_callback=elicit) as client:
+        try:
+            answer = text_of(await client.call_tool("ask_org", {"topic": "merger"}))
+        except MCPError as refused:
+            answer = refused.error.message
+    assert answered  # the client was asked, and answered with another tenant
+    assert '"org_id": "globex"' not in answer and '"org_id":"globex"' not in answer
+    for record in shared_upstream.recorder.snapshot():
+        assert "globex" not in record.text  # neither inputResponses nor the answer POST carried it
+
+
+async def test_meta_naming_another_tenant_is_refused_and_null_arguments_are_filled(
+    share: ShareProxy, shared_upstream: Any
+) -> None:
+    running = await share(policy("reject"))
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "tenant_id": "globex",
+    }
+    headers = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": "list_notes"}
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "list_notes", "_meta": meta},
+    }
+    status, _, raw = await running.post(body, token=running.token("acme"), headers=headers)
+    assert status == 403
+    assert json.loads(raw)["error"]["code"] == -32005
+    del meta["tenant_id"]
+    body["params"]["arguments"] = None
+    status, _, raw = await running.post(body, token=running.token("acme"), headers=headers)
+    assert status == 200, raw
+    assert json.loads(raw)["result"]["structuredContent"]["tenant_id"] == "acme"
+    assert all("globex" not in r.text for r in shared_upstream.recorder.snapshot())

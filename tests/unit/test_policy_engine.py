@@ -499,3 +499,70 @@ def test_client_capabilities_as_the_upstream_sees_them() -> None:
     assert not listed.allows("sampling/createMessage") and not listed.allows("roots/list")
     allowed = compile_client_capabilities(ClientCapabilitiesSpec(roots="allow"))
     assert allowed.filter(sent) == sent and allowed.allows("roots/list")
+
+
+# --- found by the black-box attack pass (tenant-argument layer) -----------------------------------
+
+
+@pytest.mark.parametrize("depth", [300, 5000])
+def test_a_json_string_too_deep_for_the_proxy_to_read_is_refused(depth: int) -> None:
+    document = '{"tenant_id":"globex","pad":' + "[" * depth + "]" * depth + "}"
+    for mode in (REJECT, REWRITE):
+        decision = evaluate(
+            mode, "acme", "tools/call", call({"query": document}, "search_notes"), QUERY_SCHEMA
+        )
+        assert decision.action is Action.DENY
+        assert (decision.argument or "").startswith("query")
+        assert "nested too deeply" in decision.reason
+
+
+def test_a_document_python_cannot_parse_but_javascript_can_is_still_checked() -> None:
+    document = '{"tenant_id": "globex", "n": ' + "9" * 5000 + "}"  # past Python's int digit limit
+    decision = evaluate(REWRITE, "acme", "tools/call", call({"q": document}))
+    assert decision.action is Action.DENY  # cannot be rewritten faithfully: refused even in rewrite mode
+    assert decision.spoof
+
+
+def test_meta_and_input_responses_are_client_data_the_upstream_reads() -> None:
+    params = {"name": "list_notes", "arguments": {}, "_meta": {"tenant_id": "globex"}}
+    assert evaluate(REJECT, "acme", "tools/call", params).argument == "_meta.tenant_id"
+    assert evaluate(REJECT, "acme", "tools/list", {"_meta": {"org_id": "globex"}}).action is Action.DENY
+    rewritten = evaluate(REWRITE, "acme", "tools/call", copy.deepcopy(params))
+    assert apply(params, rewritten)["_meta"]["tenant_id"] == "acme"
+    retry = {
+        "name": "book",
+        "arguments": {},
+        "inputResponses": {"who": {"action": "accept", "content": {"org_id": "globex"}}},
+    }
+    assert evaluate(REJECT, "acme", "tools/call", retry).action is Action.DENY
+    both = {"name": "list_notes", "arguments": {"tenant_id": "globex"}, "_meta": {"tenantId": "initech"}}
+    decision = evaluate(REWRITE, "acme", "tools/call", copy.deepcopy(both))
+    assert "globex" not in json.dumps(apply(both, decision)) and "initech" not in json.dumps(
+        apply(both, decision)
+    )
+
+
+def test_a_clients_answer_naming_another_tenant_is_a_spoof() -> None:
+    from proxy.layers.data_access.engine import evaluate_answer
+
+    elicited = {"jsonrpc": "2.0", "id": 3, "result": {"action": "accept", "content": {"org_id": "globex"}}}
+    decision = evaluate_answer(REJECT, "acme", elicited)
+    assert (decision.action, decision.argument, decision.spoof) == (
+        Action.DENY,
+        "result.content.org_id",
+        True,
+    )
+    sampled = {
+        "jsonrpc": "2.0",
+        "id": 4,
+        "result": {"content": {"type": "text", "text": '{"tenant_id": "globex"}'}},
+    }
+    assert evaluate_answer(REJECT, "acme", sampled).action is Action.DENY
+    own = {"jsonrpc": "2.0", "id": 5, "result": {"action": "accept", "content": {"org_id": "acme"}}}
+    assert evaluate_answer(REJECT, "acme", own).action is Action.FORWARD
+
+
+def test_null_arguments_are_filled_like_absent_ones() -> None:
+    params: dict[str, Any] = {"name": "list_notes", "arguments": None}
+    decision = evaluate(REJECT, "acme", "tools/call", params, SCHEMA_PATHS)
+    assert apply(params, decision)["arguments"] == {"tenant_id": "acme"}

@@ -14,24 +14,19 @@ MRTR request state that carries a multi-round-trip request through the client (2
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
 import structlog
 from aiohttp import web
 
 from proxy.flow import Call, Kind, Request, ServerMessage
 from proxy.layers.containment.request_state import RequestState
 from proxy.layers.data_access.policy import DEFAULT_CLIENT_CAPABILITIES, ClientCapabilities
-from proxy.protocol.errors import InvalidParams, PolicyDenied, ProxyError
+from proxy.layers.sessions.stage import send_on_session_soon
+from proxy.protocol.errors import InvalidParams, PolicyDenied
 from proxy.protocol.headers import CLIENT_CAPABILITIES_META
 from proxy.protocol.jsonrpc import Kind as MessageKind
-from proxy.protocol.jsonrpc import dumps
 from proxy.types import Era, JsonObject
-from proxy.upstreams.base import UpstreamRequest
 
 log = structlog.get_logger("proxy.layers.containment")
-_ANSWERS_TO_UPSTREAM: set[asyncio.Task[None]] = set()
 
 
 def capabilities_of(call: Call) -> ClientCapabilities:
@@ -134,30 +129,8 @@ def server_requests(call: Call, message: ServerMessage) -> ServerMessage | None:
     answer = own_answer(call, message.body)
     if answer is None:
         return message
-    _answer_upstream_soon(call, answer)
+    send_on_session_soon(call, answer)
     return None
-
-
-def _answer_upstream_soon(call: Call, answer: JsonObject) -> None:
-    """Send the proxy's own answer to a server-to-client request, on the call's session."""
-    session = call.session
-    if session is None or session.upstream_session_id is None:
-        return
-    headers = {
-        "Content-Type": "application/json",
-        "Accept": "application/json, text/event-stream",
-        "Mcp-Session-Id": session.upstream_session_id,
-        "MCP-Protocol-Version": session.protocol_version,
-    }
-    upstream = call.tenant.upstream
-
-    async def send() -> None:
-        with contextlib.suppress(ProxyError):
-            (await upstream.send(UpstreamRequest("POST", headers, dumps(answer)))).close()
-
-    task = asyncio.get_running_loop().create_task(send())
-    _ANSWERS_TO_UPSTREAM.add(task)
-    task.add_done_callback(_ANSWERS_TO_UPSTREAM.discard)
 
 
 def settle_input(call: Call, message: ServerMessage) -> ServerMessage | None:

@@ -382,7 +382,43 @@ def evaluate(
 ) -> Decision:
     """The decision for one client request. `schema`: the input schema the tool (or prompt)
     declares, as a dict or a SchemaIndex: it says where the upstream decodes JSON from strings and
-    which tenant arguments are filled in when absent."""
+    which tenant arguments are filled in when absent. Whatever the method, the request's `_meta`
+    and the `inputResponses` of a multi-round-trip retry are client data an upstream may read too."""
+    decision = _evaluate_method(policy, tenant, method, params, schema)
+    if decision.action not in (Action.FORWARD, Action.REWRITE):
+        return decision
+    for extra in ("_meta", "inputResponses"):
+        if extra in params:
+            decision = _combine(decision, _check_arguments(policy, tenant, params, (extra,), None))
+            if decision.action is Action.DENY:
+                return decision
+    return decision
+
+
+def evaluate_answer(policy: Policy, tenant: str, answer: JsonObject) -> Decision:
+    """The decision for a client's answer to a server-to-client request (an elicitation form, a
+    sampled message): the upstream acts on it as on arguments. Paths are under the answer itself."""
+    return _check_arguments(policy, tenant, answer, ("result",), None)
+
+
+def _combine(first: Decision, second: Decision) -> Decision:
+    """Two decisions on one request: a denial wins; rewrites add up."""
+    if second.action is Action.FORWARD:
+        return first
+    if second.action is not Action.REWRITE or first.action is Action.FORWARD:
+        return second
+    return Decision(
+        Action.REWRITE,
+        first.rule or second.rule,
+        first.argument or second.argument,
+        first.rewrites + second.rewrites,
+        spoof=first.spoof or second.spoof,
+    )
+
+
+def _evaluate_method(
+    policy: Policy, tenant: str, method: str | None, params: JsonObject, schema: Any
+) -> Decision:
     index = schema if isinstance(schema, SchemaIndex) or schema is None else SchemaIndex(schema)
     if method == "tools/call":
         name = params.get("name")

@@ -18,8 +18,9 @@ from aiohttp import web
 from proxy.flow import Call, Kind, Request, ServerMessage
 from proxy.layers.data_access.catalog import Entry, SessionRoute
 from proxy.layers.data_access.catalog import Kind as CatalogKind
-from proxy.layers.data_access.engine import Action, Decision, Path, evaluate, filter_result
+from proxy.layers.data_access.engine import Action, Decision, Path, evaluate, evaluate_answer, filter_result
 from proxy.layers.data_access.schemas import SchemaIndex
+from proxy.layers.sessions.stage import send_on_session_soon
 from proxy.protocol.errors import InvalidParams, PolicyDenied
 from proxy.protocol.headers import (
     PARAM_HEADER_PREFIX,
@@ -140,21 +141,29 @@ def _record(call: Request, decision: Decision) -> None:
 async def enforce_policy(call: Request) -> None:
     """Layer 1: whatever reaches the upstream names only the caller's tenant."""
     message, policy = call.message, call.tenant.policy
-    if policy is None or message.kind is not MessageKind.REQUEST:
+    if policy is None or message.kind is MessageKind.NOTIFICATION:
         return
-    schema: SchemaIndex | None = None
-    name = message.name
-    if message.method in _CATALOG_KIND and name is not None and policy.denying_rule(name) is None:
-        entry = await catalog_entry(call, fetch=True)
-        if entry is not None:
-            schema = entry.schema
-    decision = evaluate(policy, call.ctx.tenant, message.method, message.params, schema)
+    if message.kind is MessageKind.RESPONSE:  # the client's answer to the upstream's question
+        decision = evaluate_answer(policy, call.ctx.tenant, message.body)
+        target = message.body
+    else:
+        schema: SchemaIndex | None = None
+        name = message.name
+        if message.method in _CATALOG_KIND and name is not None and policy.denying_rule(name) is None:
+            entry = await catalog_entry(call, fetch=True)
+            if entry is not None:
+                schema = entry.schema
+        decision = evaluate(policy, call.ctx.tenant, message.method, message.params, schema)
+        target = message.body.setdefault("params", {}) if decision.action is Action.REWRITE else {}
     if decision.action is Action.FORWARD:
         return
     if decision.rule is not None:
         _record(call, decision)
     if decision.action is Action.DENY:
-        raise PolicyDenied(f"Denied by policy: {decision.reason}", data={"rule": decision.rule})
+        refusal = PolicyDenied(f"Denied by policy: {decision.reason}", data={"rule": decision.rule})
+        if message.kind is MessageKind.RESPONSE:  # the upstream's question is not left hanging
+            send_on_session_soon(call, refusal.to_jsonrpc(message.id))
+        raise refusal
     if decision.action is Action.HIDE_RESOURCE:
         # Exactly what an upstream says of a resource it does not have: no existence probing.
         raise InvalidParams(
@@ -167,9 +176,8 @@ async def enforce_policy(call: Request) -> None:
         body = {"jsonrpc": "2.0", "id": message.id, "result": result}
         call.reply = web.Response(body=dumps(body), content_type="application/json")
         return
-    params = message.body.setdefault("params", {})
     for rewrite in decision.rewrites:
-        _set(params, rewrite.path, rewrite.value)
+        _set(target, rewrite.path, rewrite.value)
 
 
 def learn(call: Call, message: ServerMessage) -> ServerMessage | None:

@@ -11,15 +11,17 @@ answered; a session answering a request is never idle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from proxy.flow import Around, Call, Kind, Request, ServerMessage
 from proxy.http.edge import single_header
 from proxy.layers.sessions.registry import Session
-from proxy.protocol.errors import BadRequest, MethodNotAllowed, MissingSession, UpstreamError
+from proxy.protocol.errors import BadRequest, MethodNotAllowed, MissingSession, ProxyError, UpstreamError
 from proxy.protocol.headers import PROTOCOL_VERSION_HEADER
 from proxy.protocol.jsonrpc import Kind as MessageKind
-from proxy.types import DEFAULT_HANDSHAKE_VERSION, HANDSHAKE_VERSIONS, Era
+from proxy.protocol.jsonrpc import dumps
+from proxy.types import DEFAULT_HANDSHAKE_VERSION, HANDSHAKE_VERSIONS, Era, JsonObject
 from proxy.upstreams.base import Upstream, UpstreamRequest
 
 SESSION_HEADER = "Mcp-Session-Id"
@@ -139,3 +141,29 @@ async def end_upstream_session(upstream: Upstream, session: Session) -> int:
         return 0
     response.close()
     return response.status
+
+
+_SENT_SOON: set[asyncio.Task[None]] = set()
+
+
+def send_on_session_soon(call: Call, message: JsonObject) -> None:
+    """Send a message of the proxy's own to the upstream on the call's session (an answer to a
+    server-to-client request the policy answers or refuses), without the exchange waiting for it."""
+    session = call.session
+    if session is None or session.upstream_session_id is None:
+        return
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream",
+        SESSION_HEADER: session.upstream_session_id,
+        "MCP-Protocol-Version": session.protocol_version,
+    }
+    upstream = call.tenant.upstream
+
+    async def send() -> None:
+        with contextlib.suppress(ProxyError):
+            (await upstream.send(UpstreamRequest("POST", headers, dumps(message)))).close()
+
+    task = asyncio.get_running_loop().create_task(send())
+    _SENT_SOON.add(task)
+    task.add_done_callback(_SENT_SOON.discard)
