@@ -172,7 +172,7 @@ class Around(Generic[E_in]):
 Stage = Check[E] | Around[E]
 
 
-class Kind(enum.Enum):
+class ServerKind(enum.Enum):
     """What an upstream message is, for the response hooks."""
 
     ANSWER = "answer"  # the answer to the request this exchange forwarded
@@ -186,7 +186,7 @@ class ServerMessage:
 
     __slots__ = ("_raw", "_raw_of", "answers", "body", "kind")
 
-    def __init__(self, kind: Kind, body: JsonObject, answers: Message | None = None) -> None:
+    def __init__(self, kind: ServerKind, body: JsonObject, answers: Message | None = None) -> None:
         self.kind = kind
         self.body = body
         self.answers = answers  # for an answer: the client request it answers
@@ -203,7 +203,7 @@ class ServerMessage:
         body = self.body
         if self._raw_of is not body:
             result = body.get("result")
-            if self.kind is not Kind.ANSWER or not isinstance(result, dict):
+            if self.kind is not ServerKind.ANSWER or not isinstance(result, dict):
                 return None
             self._raw, self._raw_of = dumps(result), body
         return self._raw
@@ -226,11 +226,11 @@ class Hook:
     of the request it answers; for the others, the message's own). None: every method."""
 
     run: ResponseHook
-    kinds: frozenset[Kind]
+    kinds: frozenset[ServerKind]
     methods: frozenset[str] | None = None
 
 
-def hook(run: ResponseHook, *kinds: Kind, methods: Sequence[str] | None = None) -> Hook:
+def hook(run: ResponseHook, *kinds: ServerKind, methods: Sequence[str] | None = None) -> Hook:
     return Hook(run, frozenset(kinds), frozenset(methods) if methods is not None else None)
 
 
@@ -240,9 +240,9 @@ class Hooks:
 
     def __init__(self, hooks: Sequence[Hook]) -> None:
         self.hooks = tuple(hooks)
-        self._chosen: dict[tuple[Kind, str | None], tuple[ResponseHook, ...]] = {}
+        self._chosen: dict[tuple[ServerKind, str | None], tuple[ResponseHook, ...]] = {}
 
-    def about(self, kind: Kind, method: str | None) -> tuple[ResponseHook, ...]:
+    def about(self, kind: ServerKind, method: str | None) -> tuple[ResponseHook, ...]:
         chosen = self._chosen.get((kind, method))
         if chosen is None:
             chosen = tuple(

@@ -19,12 +19,15 @@ from urllib.parse import urlsplit
 from proxy.backends.redis.client import RedisState
 from proxy.config import ConfigError, LimitsConfig, ProxyConfig, TenantConfig
 from proxy.layers.auth.authenticator import Authenticator
-from proxy.layers.cache.store import Cache, ResponseCache
+from proxy.layers.cache.backend import Cache
+from proxy.layers.cache.store import ResponseCache
 from proxy.layers.containment.audit import AuditLog
 from proxy.layers.containment.request_state import RequestStateSeal
 from proxy.layers.data_access.catalog import Catalog
 from proxy.layers.data_access.policy import Policy, load_policy
-from proxy.layers.limits.limiter import Limiter
+from proxy.layers.limits.backend import Limiter
+from proxy.layers.limits.limiter import LocalLimiter
+from proxy.layers.sessions.backend import SessionStore
 from proxy.layers.sessions.registry import SessionRegistry
 from proxy.ops.metrics import Metrics
 from proxy.ops.reports import Reports
@@ -187,7 +190,7 @@ class RuntimeRef:
 class Services:
     """State that outlives a config: in this process, or (state.backend: redis) shared by replicas."""
 
-    sessions: SessionRegistry
+    sessions: SessionStore
     metrics: Metrics
     cache: Cache | None
     audit: AuditLog
@@ -202,6 +205,7 @@ class Services:
         metrics = Metrics()
         sessions, caching, audit = config.sessions, config.cache, config.audit
         if config.state.backend == "redis":
+            from proxy.backends.redis.audit import RedisAuditSink
             from proxy.backends.redis.cache import RedisResponseCache
             from proxy.backends.redis.limits import RedisLimiter
             from proxy.backends.redis.sessions import RedisSessionRegistry
@@ -211,7 +215,7 @@ class Services:
                 RedisSessionRegistry(shared, sessions.idle_timeout_seconds, sessions.max_per_tenant),
                 metrics,
                 RedisResponseCache(shared, caching.max_entry_bytes) if caching.enabled else None,
-                AuditLog(audit.dir, audit.max_file_bytes, audit.backups, shared),
+                AuditLog(audit.dir, audit.max_file_bytes, audit.backups, RedisAuditSink(shared)),
                 RequestStateSeal(),  # until the replicas' common key is fetched: see `connect`
                 RedisLimiter(shared),
                 asyncio.Event(),
@@ -223,7 +227,7 @@ class Services:
             ResponseCache(caching.max_bytes, caching.max_entry_bytes) if caching.enabled else None,
             AuditLog(audit.dir, audit.max_file_bytes, audit.backups),
             RequestStateSeal(),
-            Limiter(),
+            LocalLimiter(),
             asyncio.Event(),
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 from collections.abc import Mapping
@@ -17,9 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy.config import ProxyConfig
 from proxy.flow import Exchange, Request, authenticated, parsed
+from proxy.layers.data_access.catalog import Catalog
 from proxy.protocol.jsonrpc import parse_message
 from proxy.runtime import Runtime, Services
 from proxy.types import Era, TenantContext
+from proxy.upstreams.base import Upstream
 
 # secrets.token_urlsafe(32) output, fixed: the proxy refuses placeholder-looking and guessable secrets.
 DEV_SECRET = "2J62pYnh2W7iBSwidviF-WWuH3SbNbv3MaIQROukDFI"
@@ -181,3 +184,13 @@ def write(path: Path, content: str | bytes) -> Path:
     else:
         path.write_text(content)
     return path
+
+
+def with_upstreams(runtime: Runtime, upstreams: Mapping[str, Upstream]) -> Runtime:
+    """The runtime with these tenants served by the given upstreams (a MockUpstream, say), each with
+    a catalog of its own that lists through it."""
+    for tenant, upstream in upstreams.items():
+        runtime.tenants[tenant] = dataclasses.replace(
+            runtime.tenants[tenant], upstream=upstream, catalog=Catalog(upstream)
+        )
+    return runtime

@@ -24,9 +24,9 @@ from proxy.flow import (
     Entered,
     Exchange,
     Hooks,
-    Kind,
     Reply,
     Request,
+    ServerKind,
     enter_stages,
     hook,
     leave_stages,
@@ -64,7 +64,7 @@ async def as_is(call: Call) -> Call:
     return call
 
 
-ANSWER, NOTIFICATION, SERVER_REQUEST = Kind.ANSWER, Kind.NOTIFICATION, Kind.SERVER_REQUEST
+ANSWER, NOTIFICATION, SERVER_REQUEST = ServerKind.ANSWER, ServerKind.NOTIFICATION, ServerKind.SERVER_REQUEST
 LISTS = ("tools/list", "prompts/list")
 LIST_CHANGED = ("notifications/tools/list_changed", "notifications/prompts/list_changed")
 HOOKS = Hooks(

@@ -33,7 +33,7 @@ from proxy.protocol.headers import (
     check_modern_envelope,
     name_header_for,
 )
-from proxy.protocol.jsonrpc import KNOWN_METHODS, Kind, Message, parse_message
+from proxy.protocol.jsonrpc import KNOWN_METHODS, Message, MessageKind, parse_message
 from proxy.types import DEFAULT_HANDSHAKE_VERSION, HANDSHAKE_VERSIONS, MODERN_VERSIONS, Era
 
 SESSION_HEADER = "Mcp-Session-Id"
@@ -118,7 +118,7 @@ async def parse(call: Call) -> Request:
     for name in _SINGLE_HEADERS:
         single_header(call, name)
     era, version = era_of(call, message)
-    if message.kind is Kind.RESPONSE:
+    if message.kind is MessageKind.RESPONSE:
         if era is Era.MODERN:
             raise BadRequest(
                 "Invalid request: the 2026-07-28 protocol has no server-to-client requests to answer"

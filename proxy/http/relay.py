@@ -22,7 +22,7 @@ from typing import TypeVar
 import structlog
 from aiohttp import web
 
-from proxy.flow import Call, Hooks, Kind, Reply, Request, ServerMessage, deliver
+from proxy.flow import Call, Hooks, Reply, Request, ServerKind, ServerMessage, deliver
 from proxy.http.edge import NO_STORE, single_header
 from proxy.http.keys import RUNTIME
 from proxy.layers.sessions.stage import SESSION_HEADER, end_upstream_session, open_session
@@ -34,8 +34,7 @@ from proxy.protocol.errors import (
     UpstreamError,
     sanitize_error,
 )
-from proxy.protocol.jsonrpc import Kind as MessageKind
-from proxy.protocol.jsonrpc import Message, dumps
+from proxy.protocol.jsonrpc import Message, MessageKind, dumps
 from proxy.protocol.sse import KEEPALIVE_BYTES, encode_event
 from proxy.types import JsonObject
 from proxy.upstreams.base import (
@@ -74,19 +73,19 @@ def classify(call: Call, body: JsonObject, answered: Message | None = None) -> S
             and request.kind is MessageKind.REQUEST
             and same_id(body.get("id"), request.id)
         ):
-            return ServerMessage(Kind.ANSWER, body, request)
+            return ServerMessage(ServerKind.ANSWER, body, request)
         log.warning(
             "upstream_message_dropped", reason="response to an unknown request id", tenant=call.ctx.tenant
         )
         return None
     if not isinstance(method, str):
         return None
-    return ServerMessage(Kind.SERVER_REQUEST if "id" in body else Kind.NOTIFICATION, body)
+    return ServerMessage(ServerKind.SERVER_REQUEST if "id" in body else ServerKind.NOTIFICATION, body)
 
 
 def sanitize_answer(call: Call, message: ServerMessage) -> ServerMessage | None:
     """An error answer keeps its code and a bounded, printable message; never upstream internals."""
-    if message.kind is not Kind.ANSWER or message.answers is None:
+    if message.kind is not ServerKind.ANSWER or message.answers is None:
         return message
     if "error" in message.body or not isinstance(message.body.get("result"), dict):
         error = sanitize_error(message.body.get("error"))
@@ -100,7 +99,7 @@ def _out(call: Call, message: ServerMessage, hooks: Hooks) -> bytes | None:
     """A message after every hook, serialised; an answer's result is what the audit records."""
     if deliver(call, message, hooks) is None:
         return None
-    if message.kind is Kind.ANSWER:
+    if message.kind is ServerKind.ANSWER:
         raw = message.result_bytes()
         if raw is not None:
             call.record_result(raw)
@@ -192,7 +191,7 @@ async def _relay_json(call: Request, response: UpstreamResponse, hooks: Hooks) -
         reply = {"jsonrpc": "2.0", "id": call.message.id, "error": error}
         return web.Response(status=response.status, body=dumps(reply), content_type=JSON, headers=NO_STORE)
     answer = classify(call, body)
-    if answer is None or answer.kind is not Kind.ANSWER:
+    if answer is None or answer.kind is not ServerKind.ANSWER:
         raise UpstreamError("The upstream MCP server answered a different request id")
     out = _out(call, answer, hooks)
     assert out is not None  # an answer is always delivered
@@ -254,7 +253,7 @@ def _relay_item(call: Call, item: Incoming, hooks: Hooks, out: list[bytes]) -> b
     delivered = _out(call, message, hooks)
     if delivered is not None:
         out.append(encode_event(delivered, event_id, item.retry))
-        return message.kind is Kind.ANSWER
+        return message.kind is ServerKind.ANSWER
     return False
 
 
@@ -281,7 +280,7 @@ async def _relay_initialize(call: Request, response: UpstreamResponse, hooks: Ho
     if body is None:
         await _abandon_upstream_session(call, response)
         raise UpstreamError("The upstream MCP server did not answer initialize")
-    answer = ServerMessage(Kind.ANSWER, body, call.message)
+    answer = ServerMessage(ServerKind.ANSWER, body, call.message)
     if not isinstance(body.get("result"), dict):
         await _abandon_upstream_session(call, response)
         out = _out(call, answer, hooks)

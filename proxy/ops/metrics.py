@@ -12,8 +12,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from proxy.protocol.jsonrpc import KNOWN_METHODS
-from proxy.protocol.jsonrpc import Kind as MessageKind
+from proxy.protocol.jsonrpc import KNOWN_METHODS, MessageKind
 
 if TYPE_CHECKING:
     from proxy.flow import Exchange

@@ -69,7 +69,7 @@ NAME_BEARING_METHODS: Final = {"tools/call": "name", "prompts/get": "name", "res
 METHOD_NOT_FOUND: Final = -32601
 
 
-class Kind(enum.Enum):
+class MessageKind(enum.Enum):
     REQUEST = "request"
     NOTIFICATION = "notification"
     RESPONSE = "response"  # a client's answer to a server-to-client request
@@ -79,7 +79,7 @@ class Kind(enum.Enum):
 class Message:
     """One parsed JSON-RPC message from a client; `body` is the object the proxy will forward."""
 
-    kind: Kind
+    kind: MessageKind
     body: JsonObject
     method: str | None
     id: RequestId | None
@@ -194,12 +194,12 @@ def parse_message(raw: bytes) -> Message:
         if "result" in body or "error" in body:
             raise BadRequest("Invalid request: a request cannot carry result or error")
         if "id" not in body:
-            return Message(Kind.NOTIFICATION, body, method, None)
+            return Message(MessageKind.NOTIFICATION, body, method, None)
         if not _valid_id(body["id"]):
             raise BadRequest('Invalid request: "id" must be a string or an integer')
-        return Message(Kind.REQUEST, body, method, body["id"])
+        return Message(MessageKind.REQUEST, body, method, body["id"])
     if _valid_id(body.get("id")) and (("result" in body) != ("error" in body)):
-        return Message(Kind.RESPONSE, body, None, body["id"])
+        return Message(MessageKind.RESPONSE, body, None, body["id"])
     raise BadRequest("Invalid request: not a JSON-RPC request, notification or response")
 
 

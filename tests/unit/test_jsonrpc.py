@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from proxy.protocol.errors import BadRequest, InvalidParams, ParseError, ProxyError
-from proxy.protocol.jsonrpc import Kind, dumps, error_body, loads_strict, loads_upstream, parse_message
+from proxy.protocol.jsonrpc import MessageKind, dumps, error_body, loads_strict, loads_upstream, parse_message
 
 
 def body(**fields: Any) -> bytes:
@@ -27,24 +27,29 @@ def refused(raw: bytes) -> ProxyError:
 @pytest.mark.parametrize(
     ("raw", "kind", "method", "request_id"),
     [
-        (body(id=1, method="tools/list"), Kind.REQUEST, "tools/list", 1),
-        (body(id=0, method="ping"), Kind.REQUEST, "ping", 0),
-        (body(id=-7, method="ping"), Kind.REQUEST, "ping", -7),
-        (body(id="abc", method="tools/call", params={"name": "x"}), Kind.REQUEST, "tools/call", "abc"),
-        (body(id="", method="ping"), Kind.REQUEST, "ping", ""),
-        (body(method="notifications/initialized"), Kind.NOTIFICATION, "notifications/initialized", None),
+        (body(id=1, method="tools/list"), MessageKind.REQUEST, "tools/list", 1),
+        (body(id=0, method="ping"), MessageKind.REQUEST, "ping", 0),
+        (body(id=-7, method="ping"), MessageKind.REQUEST, "ping", -7),
+        (body(id="abc", method="tools/call", params={"name": "x"}), MessageKind.REQUEST, "tools/call", "abc"),
+        (body(id="", method="ping"), MessageKind.REQUEST, "ping", ""),
+        (
+            body(method="notifications/initialized"),
+            MessageKind.NOTIFICATION,
+            "notifications/initialized",
+            None,
+        ),
         (
             body(method="notifications/cancelled", params={"requestId": 1}),
-            Kind.NOTIFICATION,
+            MessageKind.NOTIFICATION,
             "notifications/cancelled",
             None,
         ),
-        (body(id=5, result={}), Kind.RESPONSE, None, 5),
-        (body(id="s-1", result={"roots": []}), Kind.RESPONSE, None, "s-1"),
-        (body(id=6, error={"code": -1, "message": "no"}), Kind.RESPONSE, None, 6),
+        (body(id=5, result={}), MessageKind.RESPONSE, None, 5),
+        (body(id="s-1", result={"roots": []}), MessageKind.RESPONSE, None, "s-1"),
+        (body(id=6, error={"code": -1, "message": "no"}), MessageKind.RESPONSE, None, 6),
     ],
 )
-def test_kinds(raw: bytes, kind: Kind, method: str | None, request_id: Any) -> None:
+def test_kinds(raw: bytes, kind: MessageKind, method: str | None, request_id: Any) -> None:
     message = parse_message(raw)
     assert message.kind is kind
     assert message.id == request_id
@@ -264,7 +269,7 @@ def test_moderate_nesting_is_fine() -> None:
     for _ in range(200):
         nested = {"n": nested}
     message = parse_message(body(id=1, method="tools/call", params={"arguments": nested}))
-    assert message.kind is Kind.REQUEST
+    assert message.kind is MessageKind.REQUEST
 
 
 def test_loads_strict_keeps_escaped_lone_surrogates_as_text() -> None:

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from proxy.config import LimitsConfig
-from proxy.layers.limits.limiter import CircuitBreaker, Limiter, TenantLimits, TokenBucket
+from proxy.layers.limits.limiter import CircuitBreaker, LocalLimiter, TenantLimits, TokenBucket
 from proxy.protocol.errors import TooManyRequests, UpstreamUnavailable
 
 
@@ -76,7 +76,7 @@ def test_rate_refusal_names_the_limit() -> None:
 
 
 def test_limiter_keeps_state_per_tenant_until_settings_change() -> None:
-    limiter = Limiter()
+    limiter = LocalLimiter()
     settings = LimitsConfig(max_concurrent=1)
     acme = limiter.of("acme", settings)
     acme.admit()

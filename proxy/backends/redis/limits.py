@@ -15,7 +15,7 @@ import secrets
 
 from proxy.backends.redis.client import RedisState, StateUnavailable
 from proxy.config import LimitsConfig
-from proxy.layers.limits.limiter import Admission, Limiter
+from proxy.layers.limits.limiter import Admission, LocalLimiter, TenantLimits
 from proxy.protocol.errors import TooManyRequests
 
 STALE_SECONDS = 600
@@ -55,9 +55,12 @@ return {0, '0'}
 """
 
 
-class RedisLimiter(Limiter):
+class RedisLimiter:
+    """The Limiter (layers/limits/backend.py) across replicas: one Lua script on Redis's clock per
+    admission; this replica's LocalLimiter keeps the circuit view and stands in while Redis is away."""
+
     def __init__(self, state: RedisState) -> None:
-        super().__init__()
+        self.local = LocalLimiter()
         self.state = state
         self._admit = state.client.register_script(_ADMIT)
         # Slots whose release did not reach Redis (it stalled): given back with the tenant's next
@@ -65,7 +68,7 @@ class RedisLimiter(Limiter):
         self._owed: dict[str, set[str]] = {}
 
     async def admit(self, tenant: str, settings: LimitsConfig) -> Admission:
-        limits = self.of(tenant, settings)
+        limits = self.local.of(tenant, settings)
         rate, most = settings.requests_per_second, settings.max_concurrent
         if not rate and not most:
             return Admission(limits)
@@ -78,7 +81,7 @@ class RedisLimiter(Limiter):
             verdict, wait = await self.state.call("limit_admit", self._admit(keys=keys, args=args))
         except StateUnavailable:
             self._owe(tenant, owed)
-            return await super().admit(tenant, settings)  # this replica's own counters meanwhile
+            return await self.local.admit(tenant, settings)  # this replica's own counters meanwhile
         if verdict == 1:
             raise TooManyRequests(
                 "Too many requests: this tenant is over its request rate",
@@ -93,8 +96,17 @@ class RedisLimiter(Limiter):
             )
         return Admission(limits, shared_slot=slot)
 
+    def of(self, tenant: str, settings: LimitsConfig) -> TenantLimits:
+        return self.local.of(tenant, settings)
+
+    def forget(self, tenant: str) -> None:
+        self.local.forget(tenant)
+
+    def circuit_open(self, tenant: str) -> bool:
+        return self.local.circuit_open(tenant)
+
     def release(self, tenant: str, admission: Admission) -> None:
-        super().release(tenant, admission)
+        self.local.release(tenant, admission)
         if admission.shared_slot is not None:
             inflight, slot = self.state.key(tenant, "inflight"), admission.shared_slot
             self.state.defer(

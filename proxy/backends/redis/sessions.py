@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from proxy.backends.redis.client import RedisState, StateUnavailable
-from proxy.layers.sessions.registry import Session, SessionRegistry
+from proxy.layers.sessions.registry import LocalViews, Session, too_many_sessions
 from proxy.protocol.errors import SessionNotFound, SessionStoreUnavailable
 from proxy.types import RequestId, TenantContext
 
@@ -50,9 +50,14 @@ return {record['protocol_version'], record['upstream_session_id']}
 """
 
 
-class RedisSessionRegistry(SessionRegistry):
+class RedisSessionRegistry:
+    """The SessionStore (layers/sessions/backend.py) shared by replicas: the records in Redis, this
+    replica's views of the sessions it serves in a LocalViews."""
+
     def __init__(self, state: RedisState, idle_timeout_seconds: float, max_per_tenant: int) -> None:
-        super().__init__(idle_timeout_seconds, max_per_tenant)
+        self.idle_timeout_seconds = idle_timeout_seconds
+        self.max_per_tenant = max_per_tenant
+        self.views = LocalViews()
         self.state = state
         self._reserve = state.client.register_script(_RESERVE)
         self._lookup = state.client.register_script(_LOOKUP)
@@ -60,6 +65,15 @@ class RedisSessionRegistry(SessionRegistry):
     @property
     def shared(self) -> bool:
         return True
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def count(self, tenant: str) -> int:
+        return self.views.count(tenant)
+
+    def all(self) -> list[Session]:
+        return self.views.all()
 
     def _keys(self, tenant: str, session_id: str) -> tuple[str, str, str]:
         record = self.state.key(tenant, "session", session_id)
@@ -79,7 +93,7 @@ class RedisSessionRegistry(SessionRegistry):
         except StateUnavailable:
             raise SessionStoreUnavailable() from None
         if not placed:
-            raise self._too_many()
+            raise too_many_sessions()
         return reservation
 
     def release(self, tenant: str, reservation: str) -> None:
@@ -108,7 +122,7 @@ class RedisSessionRegistry(SessionRegistry):
             await self.state.call("session_create", pipeline.execute())
         except StateUnavailable:  # the reservation is given back when the request finishes
             raise SessionStoreUnavailable() from None
-        self._keep(session)
+        self.views.keep(session)
         return session
 
     async def lookup(self, session_id: str, ctx: TenantContext) -> Session:
@@ -125,10 +139,10 @@ class RedisSessionRegistry(SessionRegistry):
             )
         except StateUnavailable:
             raise SessionNotFound() from None  # a session that cannot be verified is nobody's
-        local = self._local(session_id, ctx)
+        local = self.views.find(session_id, ctx)
         if found is None:
             if local is not None:
-                self._forget(local)
+                self.views.forget(local)
             raise SessionNotFound()
         if local is None:  # created on another replica: this one now holds a local view of it
             version, upstream_id = (part.decode() for part in found)
@@ -139,12 +153,12 @@ class RedisSessionRegistry(SessionRegistry):
                 protocol_version=version,
                 upstream_session_id=upstream_id or None,
             )
-            self._keep(local)
+            self.views.keep(local)
         local.last_seen = time.monotonic()
         return local
 
     async def remove(self, session: Session) -> None:
-        self._forget(session)
+        self.views.forget(session)
         record, live, pending = self._keys(session.tenant, session.id)
         pipeline = self.state.client.pipeline(transaction=True)
         pipeline.delete(record, pending)
@@ -158,7 +172,7 @@ class RedisSessionRegistry(SessionRegistry):
         A busy or streaming view keeps its record alive from here; an idle one past the timeout
         is kept (and refreshed) while its record lives, since another replica may be using it."""
         moment = time.monotonic() if now is None else now
-        views = list(self._sessions.values())
+        views = self.views.all()
         gone: list[Session] = []
         for start in range(0, len(views), 500):
             chunk = views[start : start + 500]

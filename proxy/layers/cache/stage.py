@@ -12,10 +12,9 @@ import asyncio
 
 from aiohttp import web
 
-from proxy.flow import Around, Call, Kind, Reply, Request, ServerMessage
+from proxy.flow import Around, Call, Reply, Request, ServerKind, ServerMessage
 from proxy.layers.cache.store import LIST_CHANGED, CacheKey, CachePlan, plan_for
-from proxy.protocol.jsonrpc import Kind as MessageKind
-from proxy.protocol.jsonrpc import answer_bytes
+from proxy.protocol.jsonrpc import MessageKind, answer_bytes
 from proxy.types import Era
 
 NO_STORE = {"Cache-Control": "no-store"}
@@ -87,7 +86,7 @@ def store(call: Call, message: ServerMessage) -> ServerMessage | None:
     """A cacheable answer goes into the tenant's cache; waiting followers get it at once."""
     cache = call.services.cache
     plan: CachePlan | None = call.slots.get(_PLAN)
-    if message.kind is not Kind.ANSWER or cache is None or plan is None:
+    if message.kind is not ServerKind.ANSWER or cache is None or plan is None:
         return message
     result = message.body.get("result")
     target = plan.store_key_and_ttl(result) if isinstance(result, dict) else None
@@ -104,7 +103,7 @@ def store(call: Call, message: ServerMessage) -> ServerMessage | None:
 def invalidate(call: Call, message: ServerMessage) -> ServerMessage | None:
     """A list changed or a resource was updated: the tenant's cached copies go."""
     cache, method = call.services.cache, message.method
-    if cache is None or message.kind is not Kind.NOTIFICATION or method is None:
+    if cache is None or message.kind is not ServerKind.NOTIFICATION or method is None:
         return message
     if method in LIST_CHANGED:
         cache.invalidate(call.ctx.tenant, LIST_CHANGED[method])

@@ -17,7 +17,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from cachetools import TLRUCache
 
@@ -56,7 +56,7 @@ def params_digest(params: JsonObject) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Entry:
+class StoredResult:
     result: bytes  # the serialised JSON-RPC result object, exactly as the tenant was sent it
     ttl_seconds: float
 
@@ -92,7 +92,7 @@ class ResponseCache(SingleFlight):
     def __init__(self, max_bytes: int, max_entry_bytes: int) -> None:
         super().__init__()
         self.max_entry_bytes = max_entry_bytes
-        self._store: TLRUCache[CacheKey, Entry] = TLRUCache(
+        self._store: TLRUCache[CacheKey, StoredResult] = TLRUCache(
             maxsize=max(max_bytes, 1),
             ttu=lambda _key, entry, now: now + entry.ttl_seconds,
             getsizeof=lambda entry: len(entry.result) + ENTRY_OVERHEAD_BYTES,
@@ -117,7 +117,7 @@ class ResponseCache(SingleFlight):
         size = len(result) + ENTRY_OVERHEAD_BYTES
         if ttl_seconds <= 0 or len(result) > self.max_entry_bytes or size > self._store.maxsize:
             return False
-        self._store[key] = Entry(result, ttl_seconds)
+        self._store[key] = StoredResult(result, ttl_seconds)
         return True
 
     def invalidate(self, tenant: str, methods: Iterable[str] | None = None, name: str | None = None) -> int:
@@ -131,23 +131,6 @@ class ResponseCache(SingleFlight):
         for key in doomed:
             self._store.pop(key, None)
         return len(doomed)
-
-
-class Cache(Protocol):
-    """What the proxy needs of a response cache, in process or shared (Redis)."""
-
-    max_entry_bytes: int
-
-    @property
-    def size_bytes(self) -> int: ...
-    def __len__(self) -> int: ...
-    async def fetch(self, key: CacheKey) -> bytes | None: ...
-    def put(self, key: CacheKey, result: bytes, ttl_seconds: float) -> bool: ...
-    def invalidate(
-        self, tenant: str, methods: Iterable[str] | None = None, name: str | None = None
-    ) -> int: ...
-    def join(self, key: CacheKey) -> asyncio.Future[bytes | None] | None: ...
-    def settle(self, key: CacheKey, result: bytes | None) -> None: ...
 
 
 def hinted_ttl(result: Any) -> tuple[float, bool] | None:

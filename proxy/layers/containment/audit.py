@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import logging.handlers
 import os
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple, TextIO
 
 import structlog
 
-from proxy.backends.redis.client import RedisState, StateUnavailable
+from proxy.layers.containment.backend import AuditSink
 from proxy.ops.log import ascii_json
 from proxy.types import JsonObject
 
@@ -123,10 +122,10 @@ def audit_record(exchange: Exchange) -> None:
 
 class AuditLog:
     def __init__(
-        self, directory: Path | None, max_file_bytes: int, backups: int, shared: RedisState | None = None
+        self, directory: Path | None, max_file_bytes: int, backups: int, sink: AuditSink | None = None
     ) -> None:
         self.directory = directory
-        self.shared = shared  # with Redis: every record also goes to the tenant's stream there
+        self.sink = sink  # shared state (Redis): every record also goes there, for every replica to read
         self.max_file_bytes = max_file_bytes
         self.backups = backups
         self._recent: dict[str, deque[AuditRecord]] = {}
@@ -145,7 +144,7 @@ class AuditLog:
         if summary is None:
             return
         self._recent.setdefault(summary.tenant, deque(maxlen=RECENT_PER_TENANT)).append(summary)
-        if self._thread is None and self.shared is None:
+        if self._thread is None and self.sink is None:
             return
         self._pending.append(summary)
         if len(self._pending) == 1:  # the first of a batch: hand the batch over shortly
@@ -160,31 +159,16 @@ class AuditLog:
             batch, self._pending = self._pending, []
             if self._thread is not None:
                 self._queue.put(batch)
-            if self.shared is not None:
-                self._to_streams(self.shared, batch)
-
-    @staticmethod
-    def _to_streams(shared: RedisState, batch: list[AuditRecord]) -> None:
-        """{prefix}:{tenant}:audit streams, each trimmed to about state.audit_max_records."""
-        pipeline = shared.client.pipeline(transaction=False)
-        for record in batch:
-            line = ascii_json(record.as_dict())
-            key = shared.key(record.tenant, "audit")
-            pipeline.xadd(key, {"record": line}, maxlen=shared.audit_max_records, approximate=True)
-        shared.spawn("audit_append", pipeline.execute())
+            if self.sink is not None:
+                self.sink.write(batch)
 
     async def recent(self, tenant: str, limit: int) -> list[JsonObject]:
-        """The tenant's own latest records, newest first (across replicas when they share Redis)."""
-        if self.shared is not None:
+        """The tenant's own latest records, newest first (across replicas when they share a sink)."""
+        if self.sink is not None:
             self._hand_over()
-            await self.shared.written()  # this replica's own records are in the stream before the read
-            try:
-                stream = self.shared.key(tenant, "audit")
-                read = self.shared.client.xrevrange(stream, count=limit)
-                entries = await self.shared.call("audit_recent", read)
-                return [json.loads(fields[b"record"]) for _, fields in entries]
-            except StateUnavailable:
-                pass  # this replica's own records meanwhile
+            shared = await self.sink.recent(tenant, limit)
+            if shared is not None:
+                return shared
         records = self._recent.get(tenant, ())
         return [record.as_dict() for record in reversed(list(records)[-limit:])]
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 import structlog
 from aiohttp import web
 
-from proxy.flow import Call, Kind, Request, ServerMessage
+from proxy.flow import Call, Request, ServerKind, ServerMessage
 from proxy.layers.containment.request_state import RequestState
 from proxy.layers.data_access.policy import DEFAULT_CLIENT_CAPABILITIES, ClientCapabilities
 from proxy.layers.sessions.stage import send_on_session_soon
 from proxy.protocol.errors import InvalidParams, PolicyDenied
 from proxy.protocol.headers import CLIENT_CAPABILITIES_META
-from proxy.protocol.jsonrpc import Kind as MessageKind
+from proxy.protocol.jsonrpc import MessageKind
 from proxy.types import Era, JsonObject
 
 log = structlog.get_logger("proxy.layers.containment")
@@ -124,7 +124,7 @@ def own_answer(call: Call, request: JsonObject) -> JsonObject | None:
 
 def server_requests(call: Call, message: ServerMessage) -> ServerMessage | None:
     """A server-to-client request the policy answers itself never reaches the client."""
-    if message.kind is not Kind.SERVER_REQUEST:
+    if message.kind is not ServerKind.SERVER_REQUEST:
         return message
     answer = own_answer(call, message.body)
     if answer is None:
@@ -140,7 +140,7 @@ def settle_input(call: Call, message: ServerMessage) -> ServerMessage | None:
     result = message.body.get("result")
     request = message.answers
     if (
-        message.kind is not Kind.ANSWER
+        message.kind is not ServerKind.ANSWER
         or request is None
         or not isinstance(result, dict)
         or result.get("resultType") != "input_required"

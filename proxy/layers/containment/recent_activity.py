@@ -11,7 +11,7 @@ import json
 
 from aiohttp import web
 
-from proxy.flow import Call, Kind, Request, ServerMessage
+from proxy.flow import Call, Request, ServerKind, ServerMessage
 from proxy.protocol.jsonrpc import answer_bytes, dumps
 from proxy.types import Era, JsonObject
 
@@ -70,7 +70,7 @@ def offer(call: Call, message: ServerMessage) -> ServerMessage | None:
     policy, request = call.tenant.policy, message.answers
     result = message.body.get("result")
     if (
-        message.kind is Kind.ANSWER
+        message.kind is ServerKind.ANSWER
         and policy is not None
         and policy.recent_activity_records
         and request is not None

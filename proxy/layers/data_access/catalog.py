@@ -22,14 +22,14 @@ from proxy.protocol.jsonrpc import dumps
 from proxy.types import LATEST_MODERN_VERSION, JsonObject
 from proxy.upstreams.base import Upstream, UpstreamRequest, answer_to
 
-Kind = Literal["tools", "prompts"]
+Listing = Literal["tools", "prompts"]
 MAX_PAGES = 50
 REFETCH_AFTER_SECONDS = 60.0
 _ids = itertools.count(1)
 
 
 @dataclass(frozen=True)
-class Entry:
+class CatalogEntry:
     """A tool (inputSchema) or prompt (arguments, as an equivalent flat schema) of the upstream."""
 
     name: str
@@ -42,16 +42,18 @@ class Entry:
         return SchemaIndex(self.input_schema)
 
 
-def entry_of(kind: Kind, item: Any) -> Entry | None:
+def entry_of(kind: Listing, item: Any) -> CatalogEntry | None:
     if not isinstance(item, dict) or not isinstance(item.get("name"), str):
         return None
     if kind == "tools":
         schema = item.get("inputSchema")
         schema = schema if isinstance(schema, dict) else {}
-        return Entry(item["name"], schema, param_headers_of(schema))
+        return CatalogEntry(item["name"], schema, param_headers_of(schema))
     arguments = item.get("arguments")
     names = [a["name"] for a in arguments or [] if isinstance(a, dict) and isinstance(a.get("name"), str)]
-    return Entry(item["name"], {"type": "object", "properties": {n: {"type": "string"} for n in names}}, ())
+    return CatalogEntry(
+        item["name"], {"type": "object", "properties": {n: {"type": "string"} for n in names}}, ()
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +67,11 @@ class SessionRoute:
 class Catalog:
     def __init__(self, upstream: Upstream) -> None:
         self._upstream = upstream
-        self._entries: dict[Kind, dict[str, Entry]] = {"tools": {}, "prompts": {}}
-        self._fetched_at: dict[Kind, float] = {"tools": 0.0, "prompts": 0.0}
+        self._entries: dict[Listing, dict[str, CatalogEntry]] = {"tools": {}, "prompts": {}}
+        self._fetched_at: dict[Listing, float] = {"tools": 0.0, "prompts": 0.0}
         self._lock = asyncio.Lock()
 
-    def learn(self, kind: Kind, result: Any) -> None:
+    def learn(self, kind: Listing, result: Any) -> None:
         """Record the tools or prompts of a list result page the upstream sent."""
         items = result.get(kind) if isinstance(result, dict) else None
         for item in items if isinstance(items, list) else []:
@@ -77,15 +79,17 @@ class Catalog:
             if entry is not None:
                 self._entries[kind][entry.name] = entry
 
-    def forget(self, kind: Kind) -> None:
+    def forget(self, kind: Listing) -> None:
         """The upstream's list changed (list_changed, reload): it must be learned again."""
         self._entries[kind] = {}
         self._fetched_at[kind] = 0.0
 
-    def cached(self, kind: Kind, name: str) -> Entry | None:
+    def cached(self, kind: Listing, name: str) -> CatalogEntry | None:
         return self._entries[kind].get(name)
 
-    async def lookup(self, kind: Kind, name: str, route: SessionRoute | None = None) -> Entry | None:
+    async def lookup(
+        self, kind: Listing, name: str, route: SessionRoute | None = None
+    ) -> CatalogEntry | None:
         """The entry, listing the upstream when the name is unknown (at most once a minute per kind)."""
         entry = self._entries[kind].get(name)
         if entry is not None:
@@ -98,9 +102,9 @@ class Catalog:
                 entry = self._entries[kind].get(name)
         return entry
 
-    async def _fetch_all(self, kind: Kind, route: SessionRoute | None) -> None:
+    async def _fetch_all(self, kind: Listing, route: SessionRoute | None) -> None:
         cursor: str | None = None
-        fresh: dict[str, Entry] = {}
+        fresh: dict[str, CatalogEntry] = {}
         for _ in range(MAX_PAGES):
             result = await self._list_page(kind, cursor, route)
             for item in result.get(kind) or []:
@@ -113,7 +117,7 @@ class Catalog:
             cursor = next_cursor
         self._entries[kind] = fresh
 
-    async def _list_page(self, kind: Kind, cursor: str | None, route: SessionRoute | None) -> JsonObject:
+    async def _list_page(self, kind: Listing, cursor: str | None, route: SessionRoute | None) -> JsonObject:
         method = f"{kind}/list"
         request_id = f"mcp-tenant-proxy-catalog-{next(_ids)}"
         params: JsonObject = {} if cursor is None else {"cursor": cursor}

@@ -15,9 +15,8 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from proxy.flow import Call, Kind, Request, ServerMessage
-from proxy.layers.data_access.catalog import Entry, SessionRoute
-from proxy.layers.data_access.catalog import Kind as CatalogKind
+from proxy.flow import Call, Request, ServerKind, ServerMessage
+from proxy.layers.data_access.catalog import CatalogEntry, Listing, SessionRoute
 from proxy.layers.data_access.engine import Action, Decision, Path, evaluate, evaluate_answer, filter_result
 from proxy.layers.data_access.schemas import SchemaIndex
 from proxy.layers.sessions.stage import send_on_session_soon
@@ -28,15 +27,14 @@ from proxy.protocol.headers import (
     check_param_headers,
     render_param_headers,
 )
-from proxy.protocol.jsonrpc import Kind as MessageKind
-from proxy.protocol.jsonrpc import dumps
+from proxy.protocol.jsonrpc import MessageKind, dumps
 from proxy.types import Era, JsonObject
 
 log = structlog.get_logger("proxy.layers.data_access")
 
-_CATALOG_KIND: dict[str, CatalogKind] = {"tools/call": "tools", "prompts/get": "prompts"}
-_LISTS: dict[str, CatalogKind] = {"tools/list": "tools", "prompts/list": "prompts"}
-_LIST_CHANGED: dict[str, CatalogKind] = {
+_CATALOG_KIND: dict[str, Listing] = {"tools/call": "tools", "prompts/get": "prompts"}
+_LISTS: dict[str, Listing] = {"tools/list": "tools", "prompts/list": "prompts"}
+_LIST_CHANGED: dict[str, Listing] = {
     "notifications/tools/list_changed": "tools",
     "notifications/prompts/list_changed": "prompts",
 }
@@ -45,10 +43,10 @@ _ENTRY = "data_access.entry"
 FILTERED = ("tools/list", "prompts/list", "resources/list", "resources/templates/list", "resources/read")
 
 
-async def catalog_entry(call: Request, fetch: bool) -> Entry | None:
+async def catalog_entry(call: Request, fetch: bool) -> CatalogEntry | None:
     """The tool or prompt a tools/call or prompts/get names (learned, or listed now when `fetch`)."""
     if _ENTRY in call.slots:
-        entry: Entry | None = call.slots[_ENTRY]
+        entry: CatalogEntry | None = call.slots[_ENTRY]
         if entry is not None or not fetch:
             return entry
     kind = _CATALOG_KIND.get(call.message.method or "")
@@ -183,12 +181,12 @@ async def enforce_policy(call: Request) -> None:
 def learn(call: Call, message: ServerMessage) -> ServerMessage | None:
     """The tenant's catalog follows its upstream: list results teach it, list_changed resets it."""
     catalog = call.tenant.catalog
-    if message.kind is Kind.ANSWER and message.answers is not None:
+    if message.kind is ServerKind.ANSWER and message.answers is not None:
         kind = _LISTS.get(message.answers.method or "")
         result = message.body.get("result")
         if kind is not None and isinstance(result, dict):
             catalog.learn(kind, result)
-    elif message.kind is Kind.NOTIFICATION and message.method in _LIST_CHANGED:
+    elif message.kind is ServerKind.NOTIFICATION and message.method in _LIST_CHANGED:
         catalog.forget(_LIST_CHANGED[message.method])
     return message
 
@@ -198,7 +196,7 @@ def filter_lists(call: Call, message: ServerMessage) -> ServerMessage | None:
     policy = call.tenant.policy
     result = message.body.get("result")
     if (
-        message.kind is not Kind.ANSWER
+        message.kind is not ServerKind.ANSWER
         or policy is None
         or message.answers is None
         or not isinstance(result, dict)

@@ -128,8 +128,10 @@ class Admission:
     shared_slot: str | None = None  # holds a place in the shared (Redis) concurrency set
 
 
-class Limiter:
-    """Every tenant's limits; a tenant's state survives a reload unless its settings changed."""
+class LocalLimiter:
+    """Every tenant's limits in this process (the Limiter of one process, and each replica's
+    fallback and circuit view with Redis); a tenant's state survives a reload unless its settings
+    changed."""
 
     def __init__(self) -> None:
         self._tenants: dict[str, TenantLimits] = {}

@@ -100,19 +100,14 @@ class Session:
             self.forwarded.pop(request_id, None)
 
 
-class SessionRegistry:
-    """All live handshake-era sessions of this process, with idle expiry and a per-tenant cap.
+class LocalViews:
+    """The Session objects this process holds, by id, with a count per tenant. The in-process
+    registry keeps every session here; the Redis one keeps its replica's views of shared sessions
+    (what belongs to one replica: an open GET stream, event ids, requests in flight)."""
 
-    The methods a request waits on are coroutines because the shared (Redis) registry, which keeps
-    the same local Session objects for what belongs to one replica, does I/O in them.
-    """
-
-    def __init__(self, idle_timeout_seconds: float, max_per_tenant: int) -> None:
-        self.idle_timeout_seconds = idle_timeout_seconds
-        self.max_per_tenant = max_per_tenant
+    def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
         self._per_tenant: dict[str, int] = {}
-        self._reserved: dict[str, int] = {}  # initializes on their way upstream, per tenant
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -120,46 +115,12 @@ class SessionRegistry:
     def count(self, tenant: str) -> int:
         return self._per_tenant.get(tenant, 0)
 
-    def _too_many(self) -> TooManyRequests:
-        return TooManyRequests(
-            "Too many sessions: this tenant has reached its limit of open sessions; "
-            "end an unused session (DELETE) or retry later",
-            headers={"Retry-After": "30"},
-        )
-
-    async def reserve(self, ctx: TenantContext) -> str:
-        """Hold a place under the tenant's cap for an initialize, before any upstream call; the
-        place becomes the session (`create`) or is given back (`release`)."""
-        reserved = self._reserved.get(ctx.tenant, 0)
-        if self.count(ctx.tenant) + reserved >= self.max_per_tenant:
-            raise self._too_many()
-        self._reserved[ctx.tenant] = reserved + 1
-        return secrets.token_hex(8)
-
-    def release(self, tenant: str, reservation: str) -> None:
-        reserved = self._reserved.get(tenant, 0) - 1
-        if reserved > 0:
-            self._reserved[tenant] = reserved
-        else:
-            self._reserved.pop(tenant, None)
-
-    def _new(self, ctx: TenantContext, protocol_version: str, upstream_session_id: str | None) -> Session:
-        session = Session.issue(ctx, protocol_version, upstream_session_id)
-        self._keep(session)
-        return session
-
-    def _keep(self, session: Session) -> None:
+    def keep(self, session: Session) -> None:
         self._sessions[session.id] = session
         self._per_tenant[session.tenant] = self.count(session.tenant) + 1
 
-    async def create(
-        self, ctx: TenantContext, protocol_version: str, upstream_session_id: str | None, reservation: str
-    ) -> Session:
-        """The session for an initialize that reserved its place."""
-        self.release(ctx.tenant, reservation)
-        return self._new(ctx, protocol_version, upstream_session_id)
-
-    def _local(self, session_id: str, ctx: TenantContext) -> Session | None:
+    def find(self, session_id: str, ctx: TenantContext) -> Session | None:
+        """The caller's own live view, compared in constant time; anyone else's is None."""
         session = self._sessions.get(session_id)
         if (
             session is None
@@ -170,16 +131,7 @@ class SessionRegistry:
             return None
         return session
 
-    async def lookup(self, session_id: str, ctx: TenantContext) -> Session:
-        """The caller's own live session, or SessionNotFound exactly as for an unknown id."""
-        session = self._local(session_id, ctx)
-        now = time.monotonic()
-        if session is None or session.idle_for(now) > self.idle_timeout_seconds:
-            raise SessionNotFound()
-        session.last_seen = now
-        return session
-
-    def _forget(self, session: Session) -> None:
+    def forget(self, session: Session) -> None:
         for gone in (session, self._sessions.get(session.id)):
             if gone is not None and gone.ended is not None:
                 gone.ended.set()  # an open GET stream of the session ends now (DELETE, reload, expiry)
@@ -191,19 +143,84 @@ class SessionRegistry:
             else:
                 self._per_tenant.pop(session.tenant, None)
 
+    def all(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    def of_tenant(self, tenant: str) -> list[Session]:
+        return [s for s in self._sessions.values() if s.tenant == tenant]
+
+
+def too_many_sessions() -> TooManyRequests:
+    return TooManyRequests(
+        "Too many sessions: this tenant has reached its limit of open sessions; "
+        "end an unused session (DELETE) or retry later",
+        headers={"Retry-After": "30"},
+    )
+
+
+class SessionRegistry:
+    """The SessionStore (backend.py) of one process: every live handshake-era session, with idle
+    expiry and a per-tenant cap."""
+
+    def __init__(self, idle_timeout_seconds: float, max_per_tenant: int) -> None:
+        self.idle_timeout_seconds = idle_timeout_seconds
+        self.max_per_tenant = max_per_tenant
+        self.views = LocalViews()
+        self._reserved: dict[str, int] = {}  # initializes on their way upstream, per tenant
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def count(self, tenant: str) -> int:
+        return self.views.count(tenant)
+
+    async def reserve(self, ctx: TenantContext) -> str:
+        """Hold a place under the tenant's cap for an initialize, before any upstream call; the
+        place becomes the session (`create`) or is given back (`release`)."""
+        reserved = self._reserved.get(ctx.tenant, 0)
+        if self.count(ctx.tenant) + reserved >= self.max_per_tenant:
+            raise too_many_sessions()
+        self._reserved[ctx.tenant] = reserved + 1
+        return secrets.token_hex(8)
+
+    def release(self, tenant: str, reservation: str) -> None:
+        reserved = self._reserved.get(tenant, 0) - 1
+        if reserved > 0:
+            self._reserved[tenant] = reserved
+        else:
+            self._reserved.pop(tenant, None)
+
+    async def create(
+        self, ctx: TenantContext, protocol_version: str, upstream_session_id: str | None, reservation: str
+    ) -> Session:
+        """The session for an initialize that reserved its place."""
+        self.release(ctx.tenant, reservation)
+        session = Session.issue(ctx, protocol_version, upstream_session_id)
+        self.views.keep(session)
+        return session
+
+    async def lookup(self, session_id: str, ctx: TenantContext) -> Session:
+        """The caller's own live session, or SessionNotFound exactly as for an unknown id."""
+        session = self.views.find(session_id, ctx)
+        now = time.monotonic()
+        if session is None or session.idle_for(now) > self.idle_timeout_seconds:
+            raise SessionNotFound()
+        session.last_seen = now
+        return session
+
     async def remove(self, session: Session) -> None:
-        self._forget(session)
+        self.views.forget(session)
 
     async def expired(self, now: float | None = None) -> list[Session]:
         moment = time.monotonic() if now is None else now
-        return [s for s in self._sessions.values() if s.idle_for(moment) > self.idle_timeout_seconds]
+        return [s for s in self.views.all() if s.idle_for(moment) > self.idle_timeout_seconds]
 
     async def of_tenant(self, tenant: str) -> list[Session]:
-        return [s for s in self._sessions.values() if s.tenant == tenant]
+        return self.views.of_tenant(tenant)
 
     def all(self) -> list[Session]:
         """The sessions this process holds (ended with it, unless they are shared)."""
-        return list(self._sessions.values())
+        return self.views.all()
 
     @property
     def shared(self) -> bool:

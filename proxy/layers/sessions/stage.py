@@ -14,13 +14,12 @@ import asyncio
 import contextlib
 import time
 
-from proxy.flow import Around, Call, Kind, Request, ServerMessage
+from proxy.flow import Around, Call, Request, ServerKind, ServerMessage
 from proxy.http.edge import single_header
 from proxy.layers.sessions.registry import Session
 from proxy.protocol.errors import BadRequest, MethodNotAllowed, MissingSession, ProxyError, UpstreamError
 from proxy.protocol.headers import PROTOCOL_VERSION_HEADER
-from proxy.protocol.jsonrpc import Kind as MessageKind
-from proxy.protocol.jsonrpc import dumps
+from proxy.protocol.jsonrpc import MessageKind, dumps
 from proxy.types import DEFAULT_HANDSHAKE_VERSION, HANDSHAKE_VERSIONS, Era, JsonObject
 from proxy.upstreams.base import Upstream, UpstreamRequest
 
@@ -115,12 +114,12 @@ def track(call: Call, message: ServerMessage) -> ServerMessage | None:
     protocol version the server chose is kept, a server-to-client request may be answered later
     (by this session only); none reaches a client outside a handshake session."""
     session = call.session
-    if message.kind is Kind.SERVER_REQUEST:
+    if message.kind is ServerKind.SERVER_REQUEST:
         if call.era is not Era.HANDSHAKE or session is None:
             return None  # the modern era has no back channel; never deliver one elsewhere
         call.services.sessions.expect_answer(session, message.body["id"])
         return message
-    if message.kind is Kind.ANSWER and session is not None and message.answers is not None:
+    if message.kind is ServerKind.ANSWER and session is not None and message.answers is not None:
         session.answered(message.answers.id)
         result = message.body.get("result")
         if message.answers.method == "initialize" and isinstance(result, dict):

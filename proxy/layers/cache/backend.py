@@ -1,0 +1,37 @@
+"""What the cache layer needs of a store: `store.ResponseCache` in this process, or
+`backends/redis/cache.py` shared by replicas. Both take `store.SingleFlight` for joining identical
+misses (a flight never spans replicas: each replica leads its own)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Protocol
+
+from proxy.layers.cache.store import CacheKey
+
+
+class Cache(Protocol):
+    max_entry_bytes: int
+
+    @property
+    def size_bytes(self) -> int: ...
+    def __len__(self) -> int: ...
+
+    async def fetch(self, key: CacheKey) -> bytes | None:
+        """The stored result under `key`, or None (a miss, or the store cannot be reached)."""
+        ...
+
+    def put(self, key: CacheKey, result: bytes, ttl_seconds: float) -> bool:
+        """Store a result; False when it is not stored (too large, too short-lived)."""
+        ...
+
+    def invalidate(self, tenant: str, methods: Iterable[str] | None = None, name: str | None = None) -> int:
+        """Drop a tenant's entries (of these methods, of this name)."""
+        ...
+
+    def join(self, key: CacheKey) -> asyncio.Future[bytes | None] | None:
+        """A leader's pending result to wait for, or None: the caller leads and must `settle`."""
+        ...
+
+    def settle(self, key: CacheKey, result: bytes | None) -> None: ...

@@ -1,0 +1,30 @@
+"""What the limits layer needs of a backend: `LocalLimiter` (limiter.py) keeps every tenant's
+limits in this process; `backends/redis/limits.py` shares rate and concurrency across replicas."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from proxy.config import LimitsConfig
+from proxy.layers.limits.limiter import Admission, TenantLimits
+
+
+class Limiter(Protocol):
+    async def admit(self, tenant: str, settings: LimitsConfig) -> Admission:
+        """A place for one request of `tenant`, or TooManyRequests (no upstream call)."""
+        ...
+
+    def release(self, tenant: str, admission: Admission) -> None:
+        """Give the place back (the exchange ended, however it ended)."""
+        ...
+
+    def of(self, tenant: str, settings: LimitsConfig) -> TenantLimits:
+        """This process's view of the tenant's limits: its circuit breaker judges this replica's
+        path to the upstream."""
+        ...
+
+    def forget(self, tenant: str) -> None:
+        """The tenant is gone (reload)."""
+        ...
+
+    def circuit_open(self, tenant: str) -> bool: ...
