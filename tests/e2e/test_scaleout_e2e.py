@@ -75,6 +75,14 @@ class Replica:
         return self.app[SERVICES]
 
 
+async def written(replica: Replica) -> None:
+    """Wait until every write the replica has sent to Redis in the background has completed."""
+    shared = replica.services.shared
+    assert shared is not None
+    shared.flush_deferred()
+    await shared.written()
+
+
 @dataclass
 class Replicas:
     a: Replica
@@ -402,7 +410,7 @@ async def test_a_result_cached_by_one_replica_is_served_by_the_other_to_the_same
     acme, globex = replicas.token("acme"), replicas.token("globex")
 
     first = await post(replicas.a.url, modern_call("whoami"), acme, version=MODERN)
-    await asyncio.sleep(0.2)  # the store into Redis completes in the background
+    await written(replicas.a)  # the store into Redis completes in the background
     again = await post(replicas.b.url, modern_call("whoami", request_id=7), acme, version=MODERN)
     assert tool_json(first) == tool_json(again)
     assert tool_json(again)["canary"] == upstreams["acme"].canary
@@ -478,7 +486,10 @@ async def test_audit_records_of_both_replicas_go_to_the_tenants_own_stream_as_su
             secret = f"{tenant}-private-text-{replica.url[-9:-4]}"
             body = modern_call("add_note", {"tenant_id": tenant, "text": secret})
             assert (await post(replica.url, body, bearer, version=MODERN)).status == 200
-    await asyncio.sleep(0.3)  # batches reach Redis in the background
+    for replica in (replicas.a, replicas.b):  # batches reach Redis in the background
+        replica.services.reports.run_now()
+        replica.services.audit._hand_over()
+        await written(replica)
     keys = await replicas.keys()
     for tenant in TENANTS:
         stream = keys[f"{replicas.prefix}:{tenant}:audit"]

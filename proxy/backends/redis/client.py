@@ -161,6 +161,11 @@ class RedisState:
             return False
         return True
 
+    def flush_deferred(self) -> None:
+        """Send the writes deferred to the end of this event-loop turn now."""
+        if self._deferred:
+            self._flush()
+
     async def written(self) -> None:
         """Wait for the writes spawned so far (each bounded by the client's timeouts), so that a
         read after them sees them: Redis orders commands per connection, not across the pool."""
@@ -168,8 +173,7 @@ class RedisState:
             await asyncio.wait(set(self._tasks), timeout=self.timeout_seconds * 2)
 
     async def close(self) -> None:
-        if self._deferred:
-            self._flush()
+        self.flush_deferred()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=2)
         await self.client.aclose()
