@@ -103,6 +103,10 @@ class ListenConfig(StrictModel):
     public_url: str | None = None
     allowed_origins: tuple[str, ...] = ()
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Checked before a body is parsed (cheaply): more members and elements in all, or deeper
+    # nesting, is refused with -32700 at a cost proportional to what was accepted.
+    max_json_members: int = Field(default=20_000, ge=16)
+    max_json_depth: int = Field(default=64, ge=4, le=512)
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     # A connection with no complete request for this long is closed (slow or idle headers).
@@ -237,6 +241,11 @@ class LimitsConfig(StrictModel):
     max_concurrent: int = Field(default=0, ge=0)
     circuit_failures: int = Field(default=5, ge=0)  # consecutive upstream failures that open the circuit
     circuit_open_seconds: float = Field(default=30.0, gt=0)
+    # Request bodies in flight at once, in bytes (charged before the body is read or parsed).
+    max_bytes_in_flight: int = Field(default=16 * 1024 * 1024, ge=0)
+    bytes_per_second: float = Field(default=0.0, ge=0)  # request body bytes a second, when set
+    # Long-lived streams open at once: GET streams and subscriptions/listen (per replica).
+    max_streams: int = Field(default=100, ge=0)
 
 
 class TenantLimitsConfig(StrictModel):
@@ -245,6 +254,9 @@ class TenantLimitsConfig(StrictModel):
     max_concurrent: int | None = Field(default=None, ge=0)
     circuit_failures: int | None = Field(default=None, ge=0)
     circuit_open_seconds: float | None = Field(default=None, gt=0)
+    max_bytes_in_flight: int | None = Field(default=None, ge=0)
+    bytes_per_second: float | None = Field(default=None, ge=0)
+    max_streams: int | None = Field(default=None, ge=0)
 
 
 class TenantConfig(StrictModel):

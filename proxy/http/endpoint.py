@@ -98,6 +98,7 @@ POST: Flow[Request] = Flow(
     parse=parse,  # -> Request: one JSON-RPC message, its era and version
     stages=(
         sessions.bind,
+        limits.streams,  # subscriptions/listen: a long-lived stream
         capabilities.open_request_state,
         recent_activity.answer,
         data_access.check_mirrored_headers,
@@ -116,7 +117,7 @@ GET: Flow[Call] = Flow(
     authenticate=authenticate,
     admitted=(),
     parse=as_is,
-    stages=(require_event_stream, sessions.bind),
+    stages=(require_event_stream, sessions.bind, limits.streams),
     forward=relay.relay_get,
     hooks=HOOKS,
     done=DONE,

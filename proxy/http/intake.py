@@ -34,6 +34,7 @@ from proxy.protocol.headers import (
     name_header_for,
 )
 from proxy.protocol.jsonrpc import KNOWN_METHODS, Message, MessageKind, parse_message
+from proxy.protocol.structure import check_structure
 from proxy.types import DEFAULT_HANDSHAKE_VERSION, HANDSHAKE_VERSIONS, MODERN_VERSIONS, Era
 
 SESSION_HEADER = "Mcp-Session-Id"
@@ -70,6 +71,8 @@ async def read_message(call: Call) -> Message:
             raise BodyTooLarge(f"Request body too large: the limit is {limit} bytes")
     else:
         body = await _read_body(content, limit, call.runtime.config.listen.body_timeout_seconds)
+    listen = call.runtime.config.listen
+    check_structure(body, listen.max_json_members, listen.max_json_depth)
     return parse_message(body)
 
 

@@ -67,11 +67,11 @@ class RedisLimiter:
         # admission, so a stall cannot hold a tenant's concurrency for STALE_SECONDS.
         self._owed: dict[str, set[str]] = {}
 
-    async def admit(self, tenant: str, settings: LimitsConfig) -> Admission:
+    async def admit(self, tenant: str, settings: LimitsConfig, body_bytes: int = 0) -> Admission:
         limits = self.local.of(tenant, settings)
         rate, most = settings.requests_per_second, settings.max_concurrent
         if not rate and not most:
-            return Admission(limits)
+            return await self.local.admit(tenant, settings, body_bytes)  # bytes: this replica's
         slot = secrets.token_hex(8) if most else None
         capacity = settings.burst or max(1, math.ceil(rate))
         keys = [self.state.key(tenant, "ratelimit"), self.state.key(tenant, "inflight")]
@@ -81,7 +81,7 @@ class RedisLimiter:
             verdict, wait = await self.state.call("limit_admit", self._admit(keys=keys, args=args))
         except StateUnavailable:
             self._owe(tenant, owed)
-            return await self.local.admit(tenant, settings)  # this replica's own counters meanwhile
+            return await self.local.admit(tenant, settings, body_bytes)  # this replica's own meanwhile
         if verdict == 1:
             raise TooManyRequests(
                 "Too many requests: this tenant is over its request rate",
@@ -94,7 +94,14 @@ class RedisLimiter:
                 data={"limit": "concurrency"},
                 headers={"Retry-After": "1"},
             )
-        return Admission(limits, shared_slot=slot)
+        admission = Admission(limits, shared_slot=slot)
+        try:  # bytes in flight are charged in this replica (the body is read here)
+            limits.admit_bytes(body_bytes)
+        except TooManyRequests:
+            self.release(tenant, admission)
+            raise
+        admission.body_bytes = body_bytes
+        return admission
 
     def of(self, tenant: str, settings: LimitsConfig) -> TenantLimits:
         return self.local.of(tenant, settings)

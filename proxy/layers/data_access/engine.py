@@ -16,6 +16,8 @@ from urllib.parse import unquote
 
 from proxy.layers.data_access.policy import TENANT_VARIABLE, Policy
 from proxy.layers.data_access.schemas import SchemaIndex, hide_tenant_properties
+from proxy.protocol.errors import ParseError
+from proxy.protocol.structure import check_structure
 from proxy.types import JsonObject
 
 Path = tuple[str | int, ...]  # a location inside params: keys and list indices
@@ -63,6 +65,7 @@ UNCHANGED = Decision(Action.FORWARD)
 JSON_STRING: Final = "<json>"  # a path part: what follows is inside a JSON document held in a string
 MAX_JSON_NESTING: Final = 3  # JSON in a string in JSON in a string ...: refused beyond this
 MAX_ARGUMENT_DEPTH: Final = 128
+MAX_DOCUMENT_MEMBERS: Final = 20_000  # members and elements of one JSON document held in a string
 
 
 def describe(path: Path) -> str:
@@ -108,6 +111,10 @@ def _decode_document(text: str, names: frozenset[str]) -> tuple[Any, bool]:
             result[key] = _DUPLICATE if key in result and key in names else value
         return result
 
+    try:  # bounded before it is parsed, as a request body is: refused, never passed on unchecked
+        check_structure(stripped.encode("utf-8", "surrogatepass"), MAX_DOCUMENT_MEMBERS, MAX_ARGUMENT_DEPTH)
+    except ParseError:
+        raise _Undecidable() from None
     rewritable = True
     try:
         decoded = json.loads(stripped, object_pairs_hook=pairs)

@@ -10,8 +10,9 @@ from proxy.layers.limits.limiter import Admission, TenantLimits
 
 
 class Limiter(Protocol):
-    async def admit(self, tenant: str, settings: LimitsConfig) -> Admission:
-        """A place for one request of `tenant`, or TooManyRequests (no upstream call)."""
+    async def admit(self, tenant: str, settings: LimitsConfig, body_bytes: int = 0) -> Admission:
+        """A place for one request of `tenant` and its body (bytes are charged in this replica),
+        or TooManyRequests (no upstream call)."""
         ...
 
     def release(self, tenant: str, admission: Admission) -> None:

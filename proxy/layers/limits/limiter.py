@@ -22,14 +22,14 @@ class TokenBucket:
     def __post_init__(self) -> None:
         self.tokens = self.capacity
 
-    def take(self, now: float) -> float:
-        """0 when a token was taken, else the seconds until one will be there."""
+    def take(self, now: float, count: float = 1.0) -> float:
+        """0 when `count` tokens were taken, else the seconds until they will be there."""
         self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+        if self.tokens >= count:
+            self.tokens -= count
             return 0.0
-        return (1 - self.tokens) / self.rate
+        return (count - self.tokens) / self.rate
 
 
 @dataclass
@@ -79,6 +79,10 @@ class TenantLimits:
         rate = settings.requests_per_second
         self.bucket = TokenBucket(rate, float(settings.burst or max(1, math.ceil(rate)))) if rate else None
         self.in_flight = 0
+        self.bytes_in_flight = 0
+        self.streams = 0
+        byte_rate = settings.bytes_per_second
+        self.byte_bucket = TokenBucket(byte_rate, max(byte_rate, 1.0)) if byte_rate else None
         self.breaker = CircuitBreaker(settings.circuit_failures, settings.circuit_open_seconds)
 
     def admit_upstream(self) -> bool:
@@ -96,8 +100,8 @@ class TenantLimits:
             )
         return trial
 
-    def admit(self) -> None:
-        """Take a slot for one request, or refuse it (no upstream call)."""
+    def admit(self, body_bytes: int = 0) -> None:
+        """Take a slot for one request and its body, or refuse it (no upstream call, body unread)."""
         now = time.monotonic()
         if self.bucket is not None:
             wait = self.bucket.take(now)
@@ -113,10 +117,47 @@ class TenantLimits:
                 data={"limit": "concurrency"},
                 headers={"Retry-After": "1"},
             )
+        self.admit_bytes(body_bytes, now)
         self.in_flight += 1
+
+    def admit_bytes(self, body_bytes: int, now: float | None = None) -> None:
+        """Charge a request body to the tenant's bytes in flight (and bytes per second)."""
+        settings = self.settings
+        if settings.max_bytes_in_flight and self.bytes_in_flight + body_bytes > settings.max_bytes_in_flight:
+            raise TooManyRequests(
+                "Too many requests: this tenant has too many request bytes in flight",
+                data={"limit": "bytes"},
+                headers={"Retry-After": "1"},
+            )
+        if self.byte_bucket is not None and body_bytes:
+            moment = time.monotonic() if now is None else now
+            wait = self.byte_bucket.take(moment, min(body_bytes, self.byte_bucket.capacity))
+            if wait:
+                raise TooManyRequests(
+                    "Too many requests: this tenant is over its request bytes per second",
+                    data={"limit": "bytes_per_second"},
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                )
+        self.bytes_in_flight += body_bytes
 
     def release(self) -> None:
         self.in_flight = max(0, self.in_flight - 1)
+
+    def release_bytes(self, body_bytes: int) -> None:
+        self.bytes_in_flight = max(0, self.bytes_in_flight - body_bytes)
+
+    def open_stream(self) -> None:
+        """A long-lived stream (GET, subscriptions/listen) opens, or is refused (429)."""
+        if self.settings.max_streams and self.streams >= self.settings.max_streams:
+            raise TooManyRequests(
+                "Too many requests: this tenant has too many open streams",
+                data={"limit": "streams"},
+                headers={"Retry-After": "5"},
+            )
+        self.streams += 1
+
+    def close_stream(self) -> None:
+        self.streams = max(0, self.streams - 1)
 
 
 @dataclass
@@ -124,6 +165,7 @@ class Admission:
     """One request's place under its tenant's limits, given back when the request ends."""
 
     limits: TenantLimits  # this process's view: its circuit breaker decides upstream calls
+    body_bytes: int = 0  # the request body's bytes, charged to the tenant's bytes in flight
     local_slot: bool = False  # holds a place in this process's concurrency counter
     shared_slot: str | None = None  # holds a place in the shared (Redis) concurrency set
 
@@ -136,16 +178,19 @@ class LocalLimiter:
     def __init__(self) -> None:
         self._tenants: dict[str, TenantLimits] = {}
 
-    async def admit(self, tenant: str, settings: LimitsConfig) -> Admission:
-        """A place for one request of `tenant`, or TooManyRequests (no upstream call)."""
+    async def admit(self, tenant: str, settings: LimitsConfig, body_bytes: int = 0) -> Admission:
+        """A place for one request of `tenant` (and its body), or TooManyRequests (no upstream call)."""
         limits = self.of(tenant, settings)
-        limits.admit()
-        return Admission(limits, local_slot=True)
+        limits.admit(body_bytes)
+        return Admission(limits, body_bytes, local_slot=True)
 
     def release(self, tenant: str, admission: Admission) -> None:
         if admission.local_slot:
             admission.limits.release()
             admission.local_slot = False
+        if admission.body_bytes:
+            admission.limits.release_bytes(admission.body_bytes)
+            admission.body_bytes = 0
 
     def of(self, tenant: str, settings: LimitsConfig) -> TenantLimits:
         limits = self._tenants.get(tenant)

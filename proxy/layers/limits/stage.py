@@ -19,6 +19,7 @@ from proxy.protocol.errors import ProxyError, UpstreamTimeout
 _ADMITTED = "limits.admitted"  # the exchange's place under its tenant's limits
 _LIMITS = "limits.tenant"  # this process's view of the tenant's limits (its circuit breaker)
 _TRIAL = "limits.trial"  # the exchange is the half-open circuit's trial, not yet decided
+_STREAM = "limits.stream"  # the tenant's limits a stream of this exchange is counted against
 
 
 class Admission(Around[Call]):
@@ -27,8 +28,12 @@ class Admission(Around[Call]):
 
     async def enter(self, call: Call) -> bool:
         tenant = call.ctx.tenant
+        body_bytes = 0
+        if call.request.method == "POST":  # charged before the body is read (unknown length: the most)
+            length = call.request.content_length
+            body_bytes = length if length is not None else call.runtime.config.listen.max_body_bytes
         try:
-            admitted = await call.services.limiter.admit(tenant, call.tenant.limits)
+            admitted = await call.services.limiter.admit(tenant, call.tenant.limits, body_bytes)
         except ProxyError as refusal:
             kind = refusal.data.get("limit", "other") if isinstance(refusal.data, dict) else "other"
             call.services.metrics.limited.labels(tenant, kind).inc()
@@ -87,5 +92,30 @@ class Circuit(Around[Request]):
             limits.breaker.abandon()
 
 
+class Streams(Around[Call]):
+    """Long-lived streams (a session's GET stream, subscriptions/listen) have their own per-tenant
+    cap, `limits.max_streams` (per replica: a stream is held by the replica that serves it)."""
+
+    async def enter(self, call: Call) -> bool:
+        if call.request.method == "POST" and (
+            call.message is None or call.message.method != "subscriptions/listen"
+        ):
+            return False
+        limits = call.services.limiter.of(call.ctx.tenant, call.tenant.limits)
+        try:
+            limits.open_stream()
+        except ProxyError:
+            call.services.metrics.limited.labels(call.ctx.tenant, "streams").inc()
+            call.outcome = "denied"
+            raise
+        call.slots[_STREAM] = limits
+        return True
+
+    def leave(self, call: Call, failure: BaseException | None) -> None:
+        limits: TenantLimits = call.slots.pop(_STREAM)
+        limits.close_stream()
+
+
 admission = Admission()
 circuit = Circuit()
+streams = Streams()
