@@ -115,7 +115,7 @@ class Exchange:
         """The caller as logs may name them: a hash, not the subject claim itself."""
         if self.ctx is None:
             return None
-        return hashlib.sha256(f"{self.ctx.tenant}\0{self.ctx.subject}".encode()).hexdigest()[:16]
+        return hashlib.sha256(f"{self.ctx.tenant}\0{self.ctx.principal}".encode()).hexdigest()[:16]
 
 
 if TYPE_CHECKING:  # the phases, as the type checker sees them; at run time they are the Exchange

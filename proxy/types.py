@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -31,3 +32,9 @@ class TenantContext:
     issuer: str
     scopes: frozenset[str]
     expires_at: float
+
+    @property
+    def principal(self) -> str:
+        """Who binds sessions, tasks, private cache entries and request state: the subject as its
+        issuer knows it (one `sub` from two issuers of a tenant is two principals)."""
+        return json.dumps([self.issuer, self.subject], ensure_ascii=False, separators=(",", ":"))

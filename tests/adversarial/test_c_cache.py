@@ -171,7 +171,9 @@ async def test_private_list_results_are_cached_per_subject(
     assert lists("acme") == 2  # one per subject; the second round came from the proxy's cache
     cache = cached.app[SERVICES].cache
     assert cache is not None
-    assert {key[1] for key in cache._store if key[4] == "tools/list"} == {"alice", "bob"}
+    assert {key[1] for key in cache._store if key[4] == "tools/list"} == {
+        json.dumps(["dev", subject], separators=(",", ":")) for subject in ("alice", "bob")
+    }  # the principal: issuer and subject
 
 
 async def test_handshake_era_calls_share_the_tenant_entry_and_keep_their_ids(

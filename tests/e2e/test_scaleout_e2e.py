@@ -614,7 +614,7 @@ async def test_shared_sessions_expire_in_redis_cap_across_replicas_and_local_vie
     try:
         first = await new(one, ctx())
         seen = await two.lookup(first.id, ctx())
-        assert (seen.tenant, seen.subject, seen.upstream_session_id) == ("acme", "alice", "up-1")
+        assert (seen.tenant, seen.subject, seen.upstream_session_id) == ("acme", ctx().principal, "up-1")
         with pytest.raises(SessionNotFound):
             await two.lookup(first.id, ctx("globex"))
         with pytest.raises(SessionNotFound):

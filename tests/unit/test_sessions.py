@@ -38,7 +38,7 @@ async def new(reg: SessionRegistry, who: TenantContext | None = None) -> Session
 async def test_create_binds_the_session_to_the_caller() -> None:
     reg = registry()
     session = await new(reg)
-    assert (session.tenant, session.subject) == ("acme", "alice")
+    assert (session.tenant, session.subject) == ("acme", ctx().principal)
     assert session.upstream_session_id == "upstream-sid"
     assert session.id != "upstream-sid"
     assert len(session.id) >= 32  # 24 random bytes, url-safe
@@ -324,3 +324,12 @@ async def test_removing_a_session_ends_its_open_get_stream() -> None:
     upstream_events.put_nowait("two")
     assert seen == ["one"]
     assert not shutdown.is_set()
+
+
+async def test_the_same_subject_from_another_issuer_is_another_principal() -> None:
+    reg = registry()
+    session = await new(reg)
+    other_issuer = TenantContext("acme", "alice", "https://other-idp.test", frozenset(), 0.0)
+    with pytest.raises(SessionNotFound):
+        await reg.lookup(session.id, other_issuer)
+    assert await reg.lookup(session.id, ctx()) is session

@@ -110,7 +110,7 @@ class RedisSessionRegistry:
             record,
             mapping={
                 "tenant": ctx.tenant,
-                "subject": ctx.subject,
+                "subject": ctx.principal,
                 "protocol_version": protocol_version,
                 "upstream_session_id": upstream_session_id or "",
             },
@@ -134,7 +134,7 @@ class RedisSessionRegistry:
                 "session_lookup",
                 self._lookup(
                     keys=[record, live, pending],
-                    args=[ctx.subject, self._idle_ms, time.time(), session_id, ctx.tenant],
+                    args=[ctx.principal, self._idle_ms, time.time(), session_id, ctx.tenant],
                 ),
             )
         except StateUnavailable:
@@ -149,7 +149,7 @@ class RedisSessionRegistry:
             local = Session(
                 id=session_id,
                 tenant=ctx.tenant,
-                subject=ctx.subject,
+                subject=ctx.principal,
                 protocol_version=version,
                 upstream_session_id=upstream_id or None,
             )

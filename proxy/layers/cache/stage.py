@@ -34,7 +34,7 @@ class Lookup(Around[Request]):
             return False
         plan = plan_for(
             call.ctx.tenant,
-            call.ctx.subject,
+            call.ctx.principal,
             tenant.cache_identity,
             call.protocol_version or "",
             call.era is Era.MODERN,

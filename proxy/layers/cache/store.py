@@ -151,7 +151,7 @@ class CachePlan:
     """How one request may be answered from, and stored into, the cache."""
 
     tenant: str
-    subject: str
+    subject: str  # the principal private entries belong to (issuer and subject)
     upstream: str
     version: str
     method: str

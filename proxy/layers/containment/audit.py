@@ -57,6 +57,7 @@ class AuditRecord(NamedTuple):
     ts: float
     tenant: str
     subject: str
+    issuer: str
     session: str | None
     era: str | None
     http_method: str
@@ -79,7 +80,7 @@ class AuditRecord(NamedTuple):
 
 
 _FIELD_ORDER = (
-    "ts", "tenant", "subject", "session", "era", "http_method", "method", "name", "argument_keys",
+    "ts", "tenant", "subject", "issuer", "session", "era", "http_method", "method", "name", "argument_keys",
     "outcome", "cache", "error_code", "result_bytes", "result_sha256", "duration_ms",
 )  # fmt: skip
 
@@ -100,6 +101,7 @@ def summarize(exchange: Exchange) -> AuditRecord | None:
         exchange.ended_at if exchange.ended_at is not None else time.time(),
         ctx.tenant,
         ctx.subject,
+        ctx.issuer,
         exchange.session.audit_id if exchange.session is not None else None,
         exchange.era.value if exchange.era is not None else None,
         exchange.request.method,

@@ -1,5 +1,6 @@
 """`proxy_recent_activity`: a tool the proxy itself offers (policy `recent_activity`), answering from
-the caller's own tenant's audit summaries and nothing else.
+the audit summaries of the caller (by default) or of the caller's tenant (`scope: tenant`), and
+nothing else; names the tenant's catalog does not know are never echoed.
 
     answer         check: a call of the tool is answered here, never forwarded
     offer          response hook: the first page of tools/list lists the tool
@@ -12,10 +13,14 @@ import json
 from aiohttp import web
 
 from proxy.flow import Call, Request, ServerKind, ServerMessage
+from proxy.layers.containment.audit import RECENT_PER_TENANT
+from proxy.layers.data_access.catalog import Listing
 from proxy.protocol.jsonrpc import answer_bytes, dumps
 from proxy.types import Era, JsonObject
 
 RECENT_ACTIVITY_TOOL = "proxy_recent_activity"
+HIDDEN_NAME = "(not shown)"
+_LISTINGS: dict[str, Listing] = {"tools/call": "tools", "prompts/get": "prompts"}
 _ACTIVITY_FIELDS = ("ts", "method", "name", "outcome", "cache", "duration_ms", "result_bytes")
 
 
@@ -49,10 +54,18 @@ async def answer(call: Request) -> None:
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= most:
         limit = most
     call.services.reports.run_now()  # the caller's own answered requests are all there
-    records = [
-        {field: record.get(field) for field in _ACTIVITY_FIELDS}
-        for record in await call.services.audit.recent(call.ctx.tenant, limit)
-    ]
+    records = []
+    for record in await call.services.audit.recent(call.ctx.tenant, RECENT_PER_TENANT):
+        if not policy.recent_activity_tenant_wide and (
+            record.get("subject"),
+            record.get("issuer"),
+        ) != (call.ctx.subject, call.ctx.issuer):
+            continue
+        shown = {field: record.get(field) for field in _ACTIVITY_FIELDS}
+        shown["name"] = _shown_name(call, record)
+        records.append(shown)
+        if len(records) >= limit:
+            break
     result: JsonObject = {
         "content": [{"type": "text", "text": json.dumps(records, indent=1)}],
         "structuredContent": {"records": records},
@@ -63,6 +76,23 @@ async def answer(call: Request) -> None:
     raw = dumps(result)
     call.record_result(raw)
     call.reply = web.Response(body=answer_bytes(message.id, raw), content_type="application/json")
+
+
+def _shown_name(call: Request, record: JsonObject) -> str | None:
+    """A record's name as the tool shows it: only names the tenant's catalog knows (tools, prompts)
+    or resources that were read; what was refused or unknown is a fixed marker, so no client can
+    plant text in a colleague's context through a name."""
+    name, method = record.get("name"), record.get("method")
+    if not isinstance(name, str):
+        return None
+    if record.get("outcome") not in ("ok", "error"):
+        return HIDDEN_NAME
+    if name == RECENT_ACTIVITY_TOOL:
+        return name
+    listing = _LISTINGS.get(method) if isinstance(method, str) else None
+    if listing is not None:
+        return name if call.tenant.catalog.cached(listing, name) is not None else HIDDEN_NAME
+    return name if method == "resources/read" else HIDDEN_NAME
 
 
 def offer(call: Call, message: ServerMessage) -> ServerMessage | None:

@@ -97,8 +97,13 @@ class ClientCapabilitiesSpec(StrictModel):
 
 
 class RecentActivitySpec(StrictModel):
-    enabled: bool = False
-    max_records: int = Field(default=20, ge=1, le=200)
+    enabled: bool = Field(default=False, description="Offer the proxy_recent_activity tool.")
+    max_records: int = Field(default=20, ge=1, le=200, description="The most records one call returns.")
+    scope: Literal["own", "tenant"] = Field(
+        default="own",
+        description="own: the caller's own records (same issuer and subject); tenant: every user of the "
+        "caller's tenant.",
+    )
 
 
 class PolicyFile(StrictModel):
@@ -219,6 +224,7 @@ class Policy:
     cache_ttl_seconds: Mapping[str, float]
     uri_templates: tuple[UriTemplate, ...]
     recent_activity_records: int  # 0: the proxy_recent_activity tool is off
+    recent_activity_tenant_wide: bool = False  # scope: tenant
     json_document_tools: re.Pattern[str] = re.compile(r"(?!)")
     client_capabilities: ClientCapabilities = field(default_factory=lambda: DEFAULT_CLIENT_CAPABILITIES)
 
@@ -252,6 +258,7 @@ def compile_policy(name: str, spec: PolicyFile) -> Policy:
         cache_ttl_seconds=dict(spec.tools.cache_ttl_seconds),
         uri_templates=tuple(compile_uri_template(t) for t in spec.resources.tenant_uri_templates),
         recent_activity_records=spec.recent_activity.max_records if spec.recent_activity.enabled else 0,
+        recent_activity_tenant_wide=spec.recent_activity.scope == "tenant",
         json_document_tools=_globs(spec.tenant_arguments.json_document_tools),
         client_capabilities=compile_client_capabilities(spec.client_capabilities),
     )

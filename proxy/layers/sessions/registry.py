@@ -1,7 +1,8 @@
-"""Handshake-era sessions: proxy-issued ids bound to (tenant, subject), per-session state only.
+"""Handshake-era sessions: proxy-issued ids bound to (tenant, principal), per-session state only.
 
 The client only ever sees the proxy's id (>= 192 random bits); the upstream's session id stays in
-here. A lookup succeeds only for the same tenant and subject that created the session; any other
+here. A lookup succeeds only for the same tenant and principal (issuer and subject) that created
+the session; any other
 caller gets exactly the answer an id that never existed gets (404).
 """
 
@@ -27,7 +28,7 @@ MAX_PENDING_SERVER_REQUESTS = 256
 class Session:
     id: str
     tenant: str
-    subject: str
+    subject: str  # the principal: issuer and subject (TenantContext.principal)
     protocol_version: str
     upstream_session_id: str | None = None
     last_seen: float = field(default_factory=time.monotonic)
@@ -50,7 +51,7 @@ class Session:
         return cls(
             id=secrets.token_urlsafe(24),
             tenant=ctx.tenant,
-            subject=ctx.subject,
+            subject=ctx.principal,
             protocol_version=protocol_version,
             upstream_session_id=upstream_session_id,
         )
@@ -126,7 +127,7 @@ class LocalViews:
             session is None
             or session.closed
             or not secrets.compare_digest(session.tenant, ctx.tenant)
-            or not secrets.compare_digest(session.subject.encode(), ctx.subject.encode())
+            or not secrets.compare_digest(session.subject.encode(), ctx.principal.encode())
         ):
             return None
         return session
