@@ -36,7 +36,7 @@ from proxy.protocol.errors import (
 )
 from proxy.protocol.jsonrpc import Message, MessageKind, dumps
 from proxy.protocol.sse import KEEPALIVE_BYTES, encode_event
-from proxy.types import JsonObject
+from proxy.types import HANDSHAKE_VERSIONS, JsonObject
 from proxy.upstreams.base import (
     EVENT_STREAM,
     JSON,
@@ -286,8 +286,12 @@ async def _relay_initialize(call: Request, response: UpstreamResponse, hooks: Ho
         out = _out(call, answer, hooks)
         assert out is not None
         return web.Response(body=out, content_type=JSON, headers=NO_STORE)
+    chosen = body["result"].get("protocolVersion")
+    if chosen not in HANDSHAKE_VERSIONS:  # what the session will speak must be a version the proxy speaks
+        await _abandon_upstream_session(call, response)
+        raise UpstreamError("The upstream MCP server chose a protocol version the proxy does not speak")
     try:
-        session = await open_session(call, response.session_id)
+        session = await open_session(call, response.session_id, chosen)
     except ProxyError:  # the shared session store failed: no session, so no upstream one either
         await _abandon_upstream_session(call, response)
         raise

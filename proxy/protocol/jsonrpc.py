@@ -89,6 +89,15 @@ class Message:
         params = self.body.get("params")
         return params if isinstance(params, dict) else {}
 
+    def summary(self) -> Message:
+        """What a session keeps of a request in flight (its id, method and name), not its body."""
+        params: JsonObject = {}
+        key = NAME_BEARING_METHODS.get(self.method or "")
+        if key is not None and self.name is not None:
+            params[key] = self.name
+        body: JsonObject = {"jsonrpc": "2.0", "id": self.id, "method": self.method, "params": params}
+        return Message(self.kind, body, self.method, self.id)
+
     @property
     def name(self) -> str | None:
         """The tool or prompt name, or resource URI, this request is about."""
@@ -172,8 +181,13 @@ def dumps(value: Any) -> bytes:
         return json.dumps(value, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 
+MAX_ID_CHARS: Final = 200  # a request id ends up in session state and logs: bounded like any key
+
+
 def _valid_id(value: Any) -> bool:
-    return isinstance(value, str | int) and not isinstance(value, bool)
+    if isinstance(value, str):
+        return len(value) <= MAX_ID_CHARS
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
 
 
 def parse_message(raw: bytes) -> Message:
@@ -196,7 +210,10 @@ def parse_message(raw: bytes) -> Message:
         if "id" not in body:
             return Message(MessageKind.NOTIFICATION, body, method, None)
         if not _valid_id(body["id"]):
-            raise BadRequest('Invalid request: "id" must be a string or an integer')
+            raise BadRequest(
+                f'Invalid request: "id" must be a string of at most {MAX_ID_CHARS} characters '
+                "or a 64-bit integer"
+            )
         return Message(MessageKind.REQUEST, body, method, body["id"])
     if _valid_id(body.get("id")) and (("result" in body) != ("error" in body)):
         return Message(MessageKind.RESPONSE, body, None, body["id"])

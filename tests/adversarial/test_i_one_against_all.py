@@ -130,3 +130,48 @@ async def test_the_fifth_stream_under_max_streams_four_is_refused(
             await asyncio.sleep(0.05)
         else:
             pytest.fail("the closed streams never gave their places back")
+
+
+async def test_abandoned_handshake_calls_leave_only_a_summary_of_each_request(
+    proxy: RunningProxy, upstreams: dict[str, Any]
+) -> None:
+    token = proxy.token("acme")
+    session_id = await initialize(proxy, token)
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Content-Type": "application/json",
+        "Accept": MCP_ACCEPT,
+        **session_headers(session_id),
+    }
+    pad = "p" * 200_000
+    async with aiohttp.ClientSession() as http:
+        for index in range(5):  # a slow tool, abandoned by the client while the upstream works on it
+            body = {
+                "jsonrpc": "2.0",
+                "id": 100 + index,
+                "method": "tools/call",
+                "params": {"name": "countdown", "arguments": {"n": 50, "delay": 0.1, "pad": pad}},
+            }
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(_post_and_read(http, proxy.url, body, headers), 0.3)
+        for index in range(3):  # answered ones leave nothing
+            body = {
+                "jsonrpc": "2.0",
+                "id": 200 + index,
+                "method": "tools/call",
+                "params": {"name": "whoami", "arguments": {}},
+            }
+            async with http.post(proxy.url, json=body, headers=headers) as response:
+                assert response.status == 200
+                await response.read()
+    from proxy.http.keys import SERVICES
+
+    session = proxy.app[SERVICES].sessions.all()[0]
+    forwarded = list(session.forwarded.values())
+    assert {message.id for message in forwarded} <= {100, 101, 102, 103, 104}  # no answered request
+    assert all(len(json.dumps(message.body)) < 200 for message in forwarded)  # id, method, name: no body
+
+
+async def _post_and_read(http: aiohttp.ClientSession, url: str, body: Any, headers: dict[str, str]) -> bytes:
+    async with http.post(url, json=body, headers=headers) as response:
+        return await response.read()

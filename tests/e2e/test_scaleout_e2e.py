@@ -683,3 +683,24 @@ async def test_a_slot_whose_release_missed_redis_is_given_back_with_the_next_adm
         assert await state.client.zcard(inflight) == 0
     finally:
         await state.close()
+
+
+async def test_a_long_requested_version_never_reaches_redis_and_replicas_see_the_negotiated_one(
+    start_replicas: StartReplicas, upstreams: dict[str, Any]
+) -> None:
+    replicas = await start_replicas(upstreams)
+    acme = replicas.token("acme")
+    odd = "2025-11-25-" + "x" * 20_000  # a version nobody speaks: the server answers with its own
+    body = {**INITIALIZE, "params": {**INITIALIZE["params"], "protocolVersion": odd}}
+    answer = await post(replicas.a.url, body, acme)
+    assert answer.status == 200, answer.body
+    negotiated = answer.message["result"]["protocolVersion"]
+    assert negotiated in ("2025-03-26", "2025-06-18", "2025-11-25")
+    session = answer.headers["Mcp-Session-Id"]
+    keys = await replicas.keys()
+    record = json.loads(keys[f"{replicas.prefix}:acme:session:{session}"])
+    assert record["protocol_version"] == negotiated
+    assert all(len(value) < 2_000 for value in keys.values())  # nothing the client chose, stored whole
+    listed = await post(replicas.b.url, call("whoami"), acme, session, negotiated)
+    assert listed.status == 200, listed.body
+    assert replicas.b.services.sessions.all()[0].protocol_version == negotiated

@@ -105,12 +105,16 @@ def test_bad_jsonrpc_member(raw: bytes) -> None:
     assert error.message == 'Invalid request: "jsonrpc" must be "2.0"'
 
 
-@pytest.mark.parametrize("bad_id", [True, False, None, 1.5, 1.0, [1], {"a": 1}])
+@pytest.mark.parametrize(
+    "bad_id", [True, False, None, 1.5, 1.0, [1], {"a": 1}, "x" * 201, 2**63, -(2**63) - 1]
+)
 def test_bad_request_ids(bad_id: Any) -> None:
     error = refused(body(id=bad_id, method="ping"))
     assert type(error) is BadRequest
     assert error.code == -32600
-    assert error.message == 'Invalid request: "id" must be a string or an integer'
+    assert error.message == (
+        'Invalid request: "id" must be a string of at most 200 characters or a 64-bit integer'
+    )
 
 
 @pytest.mark.parametrize("bad_id", [True, None, 2.5, [1]])

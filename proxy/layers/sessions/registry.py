@@ -92,7 +92,7 @@ class Session:
 
     def forward(self, request: Message) -> None:
         if request.id is not None:
-            self.forwarded[request.id] = request
+            self.forwarded[request.id] = request.summary()  # id, method and name only
             if len(self.forwarded) > MAX_PENDING_SERVER_REQUESTS:
                 self.forwarded.popitem(last=False)
 

@@ -20,7 +20,7 @@ from proxy.layers.sessions.registry import Session
 from proxy.protocol.errors import BadRequest, MethodNotAllowed, MissingSession, ProxyError, UpstreamError
 from proxy.protocol.headers import PROTOCOL_VERSION_HEADER
 from proxy.protocol.jsonrpc import MessageKind, dumps
-from proxy.types import DEFAULT_HANDSHAKE_VERSION, HANDSHAKE_VERSIONS, Era, JsonObject
+from proxy.types import HANDSHAKE_VERSIONS, Era, JsonObject
 from proxy.upstreams.base import Upstream, UpstreamRequest
 
 SESSION_HEADER = "Mcp-Session-Id"
@@ -95,14 +95,11 @@ class Bind(Around[Call]):
 bind = Bind()
 
 
-async def open_session(call: Request, upstream_session_id: str | None) -> Session:
-    """The session an initialize answered by the upstream becomes (its reservation is used up)."""
-    requested = call.message.params.get("protocolVersion")
+async def open_session(call: Request, upstream_session_id: str | None, version: str) -> Session:
+    """The session an initialize answered by the upstream becomes (its reservation is used up). It
+    keeps the version the server chose, one the proxy speaks: never a string the client chose."""
     session = await call.services.sessions.create(
-        call.ctx,
-        requested if isinstance(requested, str) else DEFAULT_HANDSHAKE_VERSION,
-        upstream_session_id,
-        call.slots[_RESERVATION],
+        call.ctx, version, upstream_session_id, call.slots[_RESERVATION]
     )
     del call.slots[_RESERVATION]
     call.session = session
