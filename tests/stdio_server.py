@@ -64,6 +64,16 @@ def main() -> None:
         return f"slow {tag} done"
 
     @server.tool()
+    async def chatter(tag: str, n: int, every: float, ctx: Context) -> str:
+        """Logs n lines, `every` seconds apart, and goes on doing so after a cancellation (as a tool
+        that does not check for one would): its late lines name no request."""
+        with anyio.CancelScope(shield=True):
+            for index in range(n):
+                await ctx.info(f"chatter {tag} {index}")
+                await anyio.sleep(every)
+        return f"chatter {tag} done"
+
+    @server.tool()
     def slow_events(tag: str) -> list[str]:
         """What happened to the slow calls with this tag, in this process."""
         return events.get(tag, [])

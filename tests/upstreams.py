@@ -125,6 +125,14 @@ def add_test_tools(server: MCPServer, canary: str) -> None:
         return {"model": answer.model, "text": text, "canary": canary}
 
     @server.tool()
+    async def announce(uri: str, ctx: Context) -> str:
+        """Tells the caller's session that a resource changed, and logs it: an upstream broadcasting
+        what it knows to whoever is connected (as a careless shared server does)."""
+        await ctx.session.send_resource_updated(uri)
+        await ctx.info(f"updated {uri}")
+        return "announced"
+
+    @server.tool()
     async def show_roots(roots: Annotated[ListRootsResult, Resolve(_list_roots)]) -> dict[str, Any]:
         """The client's roots, as a filesystem server would adopt them."""
         return {"roots": [str(root.uri) for root in roots.roots], "canary": canary}

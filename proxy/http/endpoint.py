@@ -73,6 +73,8 @@ HOOKS = Hooks(
         hook(relay.sanitize_answer, ANSWER),
         # roots/sampling/elicitation the policy answers itself
         hook(capabilities.server_requests, SERVER_REQUEST),
+        # a notification naming another tenant's resource is dropped, on every stream
+        hook(data_access.screen_notifications, NOTIFICATION),
         # answered requests forgotten, server requests owed an answer
         hook(sessions.track, ANSWER, SERVER_REQUEST),
         # the tenant's catalog follows tools/prompts lists

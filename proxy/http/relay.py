@@ -132,7 +132,8 @@ async def forward_post(call: Request, hooks: Hooks) -> Reply:
     call.services.reports.while_waiting()
     started = time.perf_counter()
     try:
-        response = await call.tenant.upstream.send(UpstreamRequest("POST", headers, dumps(call.message.body)))
+        request = UpstreamRequest("POST", headers, dumps(call.message.body), call.ctx.principal)
+        response = await call.tenant.upstream.send(request)
     except UpstreamError as error:
         call.upstream_fault, call.error_code = True, error.code
         raise

@@ -31,6 +31,9 @@ class UpstreamRequest:
     http_method: str  # POST, GET or DELETE
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes | None = None
+    # Who asks (TenantContext.principal): a shared stdio child attributes what it says by it; it is
+    # never sent to an HTTP upstream.
+    principal: str | None = None
 
 
 class UpstreamResponse(Protocol):

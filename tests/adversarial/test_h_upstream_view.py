@@ -335,3 +335,28 @@ async def test_meta_naming_another_tenant_is_refused_and_null_arguments_are_fill
     assert status == 200, raw
     assert json.loads(raw)["result"]["structuredContent"]["tenant_id"] == "acme"
     assert all("globex" not in r.text for r in shared_upstream.recorder.snapshot())
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_notification_naming_another_tenants_resource_never_reaches_the_client(
+    share: ShareProxy, mode: str
+) -> None:
+    running = await share(policy("reject"))
+    seen: list[str] = []
+
+    async def on_message(message: Any) -> None:
+        seen.append(repr(message))
+
+    async def on_log(params: Any) -> None:
+        seen.append(str(params.data))
+
+    async with client_for(
+        running.url, running.token("acme"), mode, message_handler=on_message, logging_callback=on_log,
+        log_level="debug",
+    ) as client:  # fmt: skip
+        await client.call_tool("announce", {"uri": "notes://acme/own-plan"})
+        await client.call_tool("announce", {"uri": "notes://globex/merger-plan-with-initech"})
+        await client.call_tool("whoami", {})  # anything still on its way has arrived by now
+    assert not [line for line in seen if "globex" in line]
+    if mode == "legacy":  # (the handshake era has the session channel the updates travel on)
+        assert [line for line in seen if "notes://acme/own-plan" in line]  # the caller's own pass

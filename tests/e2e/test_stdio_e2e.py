@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -355,3 +356,40 @@ async def test_resource_updates_on_a_shared_child_reach_the_subscribed_sessions_
             warnings.simplefilter("ignore")
             await bob.unsubscribe_resource(uri)
         assert structured(await carol.call_tool("subscriptions", {}))["result"] == []
+
+
+async def test_a_cancelled_users_late_log_lines_never_reach_another_users_call(
+    make_proxy: StartProxy,
+) -> None:
+    """A shared child (per_tenant; every 2026-07-28 request shares one too, on the same code path)
+    logs for a call its caller has cancelled: lines that name no request go to no other user's call."""
+    mode, isolation = "legacy", "per_tenant"
+    running = await make_proxy(
+        dict.fromkeys(TENANTS, "http://unused.invalid/mcp"), tenants=stdio_tenants(isolation)
+    )
+    heard: dict[str, list[str]] = {"alice": [], "bob": []}
+    first_line = asyncio.Event()
+
+    def listener(name: str) -> Any:
+        async def on_log(params: Any) -> None:
+            heard[name].append(str(params.data))
+            if name == "alice":
+                first_line.set()
+
+        return on_log
+
+    async with (
+        client_for(
+            running.url, running.token("acme", "alice"), mode, logging_callback=listener("alice")
+        ) as alice,
+        client_for(running.url, running.token("acme", "bob"), mode, logging_callback=listener("bob")) as bob,
+    ):
+        await bob.list_tools()
+        chatty = asyncio.create_task(alice.call_tool("chatter", {"tag": "alice", "n": 30, "every": 0.04}))
+        await asyncio.wait_for(first_line.wait(), 30)
+        chatty.cancel()  # alice gives up; her tool goes on logging
+        with contextlib.suppress(asyncio.CancelledError, MCPError):
+            await chatty
+        result = await bob.call_tool("slow", {"tag": "bob", "seconds": 0.6})
+        assert "slow bob done" in result.content[0].text  # type: ignore[union-attr]
+    assert not [line for line in heard["bob"] if "chatter alice" in line]

@@ -341,6 +341,30 @@ def foreign_uri(policy: Policy, tenant: str, uri: Any) -> bool:
     return scoped and named != tenant
 
 
+def mentions_foreign_uri(policy: Policy, tenant: str, value: Any, budget: int = 2_000) -> bool:
+    """Whether any string in `value` (a notification's params) is, or mentions, a URI of a
+    tenant-scoped scheme that names anyone but `tenant`. Bounded: past `budget` strings the answer
+    is True (such a message is dropped rather than read to its end)."""
+    pattern = policy.scoped_uri_mentions
+    if pattern is None:
+        return False
+    stack: list[Any] = [value]
+    seen = 0
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, str) and ":" in node:
+            seen += 1
+            if seen > budget:
+                return True
+            if any(foreign_uri(policy, tenant, found.group()) for found in pattern.finditer(node)):
+                return True
+    return False
+
+
 def _template_variable(segment: str | None) -> str | None:
     if segment and segment.startswith("{") and segment.endswith("}"):
         name = segment[1:-1].lstrip("+#./;?&")

@@ -6,6 +6,7 @@ Globs and URI templates are compiled once; a bad file is a ConfigError naming th
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -235,6 +236,14 @@ class Policy:
     @property
     def scoped_schemes(self) -> frozenset[str]:
         return frozenset(t.scheme for t in self.uri_templates)
+
+    @functools.cached_property
+    def scoped_uri_mentions(self) -> re.Pattern[str] | None:
+        """URIs of a tenant-scoped scheme wherever they stand in a text (a log line naming one)."""
+        if not self.uri_templates:
+            return None
+        schemes = "|".join(re.escape(scheme) for scheme in sorted(self.scoped_schemes))
+        return re.compile(rf"(?i)(?<![A-Za-z0-9+.-])(?:{schemes}):[^\s\"'<>`]*")
 
     def tool_allowed(self, name: str) -> bool:
         return self.tool_allow.match(name) is not None and self.tool_deny.match(name) is None

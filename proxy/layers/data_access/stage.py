@@ -17,7 +17,15 @@ from aiohttp import web
 
 from proxy.flow import Call, Request, ServerKind, ServerMessage
 from proxy.layers.data_access.catalog import CatalogEntry, Listing, SessionRoute
-from proxy.layers.data_access.engine import Action, Decision, Path, evaluate, evaluate_answer, filter_result
+from proxy.layers.data_access.engine import (
+    Action,
+    Decision,
+    Path,
+    evaluate,
+    evaluate_answer,
+    filter_result,
+    mentions_foreign_uri,
+)
 from proxy.layers.data_access.schemas import SchemaIndex
 from proxy.layers.sessions.stage import send_on_session_soon
 from proxy.protocol.errors import InvalidParams, PolicyDenied
@@ -176,6 +184,22 @@ async def enforce_policy(call: Request) -> None:
         return
     for rewrite in decision.rewrites:
         _set(target, rewrite.path, rewrite.value)
+
+
+def screen_notifications(call: Call, message: ServerMessage) -> ServerMessage | None:
+    """A notification on any stream passes the tenant URI rules lists and reads pass: one naming
+    (or mentioning) another tenant's resource is dropped, whatever the upstream sent it to."""
+    policy = call.tenant.policy
+    if policy is None or not mentions_foreign_uri(policy, call.ctx.tenant, message.body.get("params")):
+        return message
+    call.services.metrics.policy_denials.labels(call.ctx.tenant, "resources.tenant_uri_templates").inc()
+    log.warning(
+        "notification_dropped",
+        tenant=call.ctx.tenant,
+        method=(message.method or "")[:100],
+        rule="resources.tenant_uri_templates",
+    )
+    return None
 
 
 def learn(call: Call, message: ServerMessage) -> ServerMessage | None:

@@ -63,6 +63,7 @@ class Pending:
     session: VirtualSession | None
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     original_token: Any = None
+    principal: str | None = None  # who asked (TenantContext.principal)
 
     def deliver(self, message: JsonObject) -> None:
         _offer(self.queue, message)
@@ -105,6 +106,9 @@ class Connection:
         self.last_used = time.monotonic()
         self.stopping = False
         self._ids = itertools.count(1)
+        # Whose requests were cancelled lately (principal -> when): the child may go on with such a
+        # request for a while, so a notification naming no request may still be theirs.
+        self._cancelled: dict[str, float] = {}
 
     @property
     def alive(self) -> bool:
@@ -118,12 +122,14 @@ class Connection:
         )
         await self.child.start()
 
-    async def request(self, message: JsonObject, session: VirtualSession | None) -> Pending:
+    async def request(
+        self, message: JsonObject, session: VirtualSession | None, principal: str | None = None
+    ) -> Pending:
         """Send a client request under a proxy id; its answer and notifications arrive on the Pending."""
         if self.child is None:
             raise UpstreamError("The stdio MCP server is not running")
         proxy_id = next(self._ids)
-        pending = Pending(proxy_id, message["id"], session)
+        pending = Pending(proxy_id, message["id"], session, principal=principal)
         outgoing = {**message, "id": proxy_id}
         params = message.get("params")
         meta = params.get("_meta") if isinstance(params, dict) else None
@@ -141,10 +147,20 @@ class Connection:
             raise
         return pending
 
+    def _cancelled_by(self, principal: str | None) -> None:
+        if principal is None:
+            return  # the proxy's own requests (readiness, catalog) log nothing for anyone
+        now = time.monotonic()
+        self._cancelled[principal] = now
+        horizon = now - self.upstream.config.read_timeout_seconds
+        for stale in [who for who, when in self._cancelled.items() if when < horizon]:
+            del self._cancelled[stale]
+
     def cancel(self, pending: Pending) -> None:
         """The client went away before the answer: tell the child, forget the request."""
         if pending.proxy_id not in self.pending:
             return
+        self._cancelled_by(pending.principal)  # the child may go on with it for a while
         self._forget(pending.proxy_id)
         self._send_soon(
             {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": pending.proxy_id}}
@@ -163,6 +179,7 @@ class Connection:
                 and pending.original_id == wanted
             ):
                 self._forget(pending.proxy_id)
+                self._cancelled_by(pending.principal)  # the child may go on with it for a while
                 cancel: JsonObject = {"requestId": pending.proxy_id}
                 if isinstance(params.get("reason"), str):
                     cancel["reason"] = params["reason"]
@@ -233,10 +250,13 @@ class Connection:
                     subscriber.deliver(message)  # to the sessions that subscribed to it, no other
             return
         if "id" not in message and len(self.pending) == 1:
-            # A notification naming no request (a log message, say) while exactly one request of
-            # this tenant is in flight: it can only be that request's.
-            next(iter(self.pending.values())).deliver(message)
-            return
+            # A notification naming no request (a log message, say) while exactly one request is in
+            # flight: it is that request's, unless someone else's request was cancelled lately
+            # (the child may still be running it, and logging).
+            only = next(iter(self.pending.values()))
+            if all(who == only.principal for who in self._cancelled):
+                only.deliver(message)
+                return
         if "id" in message:
             self._send_soon(
                 {
@@ -353,7 +373,7 @@ class StdioUpstream:
         version = request.headers.get("MCP-Protocol-Version")
         if session_id is None and version in MODERN_VERSIONS:
             connection = await self._shared_connection("modern")
-            return await self._forward(connection, message, None)
+            return await self._forward(connection, message, None, request.principal)
         if session_id is None and message.get("method") == "initialize":
             return await self._initialize(message)
         session = self._sessions.get(session_id or "")
@@ -362,7 +382,7 @@ class StdioUpstream:
         shared_handshake = session.connection.era == "handshake" and not session.dedicated
         if shared_handshake and message.get("method") == "notifications/initialized":
             return StdioResponse(202)  # the proxy initialized the shared child itself
-        return await self._forward(session.connection, message, session)
+        return await self._forward(session.connection, message, session, request.principal)
 
     async def close(self) -> None:
         self._closed = True
@@ -376,7 +396,11 @@ class StdioUpstream:
     # --- routing -----------------------------------------------------------------------------
 
     async def _forward(
-        self, connection: Connection, message: JsonObject, session: VirtualSession | None
+        self,
+        connection: Connection,
+        message: JsonObject,
+        session: VirtualSession | None,
+        principal: str | None = None,
     ) -> StdioResponse:
         assert connection.child is not None
         method = message.get("method")
@@ -393,7 +417,7 @@ class StdioUpstream:
             local = self._track_subscription(connection, message, session)
             if local is not None:
                 return local
-        pending = await connection.request(message, session)
+        pending = await connection.request(message, session, principal)
         return self._answer_stream(connection, pending)
 
     def _track_subscription(
