@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from proxy import __version__
 from proxy.config import UpstreamConfig
-from proxy.protocol.errors import ProxyError
+from proxy.protocol.errors import ProxyError, UpstreamTimeout
 from proxy.protocol.headers import (
     CLIENT_CAPABILITIES_META,
     METHOD_HEADER,
@@ -310,8 +310,10 @@ class McpClient:
 
 
 def _why(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
+    """The transport's error as this client's: it may be the proxy, not an upstream, that failed."""
+    if isinstance(exc, TimeoutError | UpstreamTimeout):
         return "no answer in time"
+    text = str(exc).removeprefix("The upstream MCP server ").rstrip(".")
     cause = exc.__cause__
     detail = f" ({cause})" if cause is not None and str(cause) else ""
-    return f"{exc}{detail}"
+    return f"the server {text}{detail}"

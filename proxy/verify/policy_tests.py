@@ -128,16 +128,17 @@ def _outcome(decision: Decision, params: JsonObject) -> Outcome:
         Action.FORWARD: "allow", Action.REWRITE: "rewrite", Action.DENY: "deny",
         Action.HIDE_RESOURCE: "deny", Action.ANSWER: "answer",
     }[decision.action]  # fmt: skip
-    reason = decision.reason if decision.rule else None
+    rule, reason = decision.rule, decision.reason if decision.rule else None
+    if decision.action is Action.REWRITE and rule is None:
+        rule = "tenant_arguments"
+        reason = "tenant arguments the schema declares and the request left out are filled in"
     if decision.action is Action.HIDE_RESOURCE:
         reason = f"{decision.uri!r} names another tenant: answered exactly as an unknown resource"
     apply_rewrites(params, decision.rewrites)
     rewrites = tuple(
         f"{'.'.join(str(p) for p in r.path)} <- {json.dumps(r.value)}" for r in decision.rewrites
     )
-    return Outcome(
-        kind, decision.rule, reason, params, decision.answer, decision.spoof, decision.argument, rewrites
-    )
+    return Outcome(kind, rule, reason, params, decision.answer, decision.spoof, decision.argument, rewrites)
 
 
 def mismatch(expected: Expectation, outcome: Outcome) -> str | None:

@@ -64,7 +64,7 @@ class Deployment:
 
     async def open(self, tenant: str, era: Era | None = None) -> McpClient:
         transport = proxy_transport(self.url, self.tokens[tenant], self.request_timeout)
-        client = McpClient(transport, f"tenant {tenant}", self.request_timeout)
+        client = McpClient(transport, f"tenant {tenant} at {self.url}", self.request_timeout)
         self._clients.append(client)
         await client.connect(era)
         return client

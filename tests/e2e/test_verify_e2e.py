@@ -14,6 +14,7 @@ import yaml
 
 from proxy.verify.report import Report
 from proxy.verify.run import tokens_for, verify
+from proxy.verify.suggest import inspect_upstream, suggest_policy
 from tests.conftest import RunningProxy, StartProxy
 from tests.ledger_upstream import start_ledger_upstream
 
@@ -150,3 +151,28 @@ async def test_session_replay_probe_catches_a_deployment_that_trusts_session_ids
     } <= replays
     through_proxy = await run_verify(proxy, probes=True)
     assert ids(through_proxy, "probe-session-replay") == set()
+
+
+async def test_a_stdio_tenant_gets_a_policy_from_its_own_process_and_no_client_capabilities(
+    ledger: Any, make_proxy: StartProxy
+) -> None:
+    stdio_server = str(ROOT / "tests" / "stdio_server.py")
+    tenants = {
+        "acme": {"upstream": {"url": ledger.url}},
+        "globex": {"upstream": {"command": [sys.executable, stdio_server, "globex", "STDIO-CANARY"]}},
+    }
+    proxy = await make_proxy({"acme": ledger, "globex": ledger}, tenants=tenants)
+    view = await inspect_upstream(proxy.config, "globex", 20)  # the process itself, not the proxy
+    suggested = yaml.safe_load(suggest_policy(view))
+    assert suggested["tenant_arguments"]["names"] == ["tenant_id"]
+    assert suggested["resources"]["tenant_uri_templates"] == ["notes://{tenant}/{name}"]
+    assert suggested["client_capabilities"]["sampling"] == "deny"
+    report = await run_verify(proxy)
+    assert "stdio-client-capability:globex:client_capabilities" in ids(report, "stdio-client-capability")
+    assert "open-tenant-argument:globex:search_notes:query.tenant_id" in ids(report, "open-tenant-argument")
+    protected = await make_proxy(
+        {"acme": ledger, "globex": ledger}, policies={"globex": suggested}, tenants=tenants
+    )
+    after = await run_verify(protected)
+    globex = {f.id for f in after.open_findings if f.tenant == "globex"}
+    assert not {i for i in globex if i.startswith(("open-tenant", "stdio-client"))}, after.text()
