@@ -117,6 +117,10 @@ async def read_back(party: Party, report: Report) -> None:
         reply = await _read(party, uri, report)
         if reply is not None and party.canary in reply.text:
             party.resource_readers.append(uri)
+    if party.view.inventory.tool(RECENT_ACTIVITY_TOOL) is not None:  # the audit kept the marker call
+        reply = await party.call(RECENT_ACTIVITY_TOOL, {}, report)
+        if reply is not None and party.marker in reply.text:
+            party.readers[RECENT_ACTIVITY_TOOL] = {}
 
 
 def _resource_uris(party: Party, tenant: str) -> list[str]:
@@ -172,8 +176,8 @@ async def cross_read(victim: Party, attacker: Party, report: Report) -> None:
         report.add(_leak("probe-cross-tenant-read", victim, attacker, name, title, seen, fix))
     for name, arguments in victim.readers.items():
         found = any(f.tenant == attacker.tenant and f.target == name for f in report.findings)
-        if attacker.view.inventory.tool(name) is None or found:
-            continue
+        if attacker.view.inventory.tool(name) is None or found or name == RECENT_ACTIVITY_TOOL:
+            continue  # the proxy's activity tool has a probe of its own
         reply = await attacker.call(name, arguments, report)
         if _leaked(victim, reply):
             title = (

@@ -131,11 +131,18 @@ async def test_probes_show_a_real_leak_and_none_once_protected(
         "tenant_arguments": {"names": ["org_id"], "hide_from_schema": True},
         "tools": {"deny": ["recent_entries"]},
         "resources": {"tenant_uri_templates": ["ledger://{tenant}/entries"]},
+        "recent_activity": {"enabled": True},
     }
-    protected = await make_proxy({"acme": ledger, "globex": ledger}, policies=dict.fromkeys(TENANTS, policy))
+    protected = await make_proxy(
+        {"acme": ledger, "globex": ledger},
+        policies=dict.fromkeys(TENANTS, policy),
+        audit={"dir": str(tmp_path / "audit")},
+    )
     report = await run_verify(protected, probes=True)
     assert [f.id for f in report.open_findings if f.check.startswith("probe-")] == [], report.text()
-    assert any("read back through: find_entries" in note for note in report.notes), report.notes
+    for tenant in TENANTS:  # what each could read of its own, the other could not
+        read_back = next(note for note in report.notes if note.startswith(f"{tenant}: wrote canary"))
+        assert "read back through: find_entries, proxy_recent_activity, ledger://" in read_back
 
 
 async def test_session_replay_probe_catches_a_deployment_that_trusts_session_ids(

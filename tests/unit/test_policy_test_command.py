@@ -174,3 +174,9 @@ def test_explain_shows_a_rewrite_with_the_tools_schema(
     assert explained["decision"] == "rewrite"
     assert explained["rewrites"] == ['arguments.query.tenant_id <- "acme"']
     assert explained["params"]["arguments"] == {"query": {"text": "plan", "tenant_id": "acme"}}
+
+
+def test_the_shipped_policies_pass_their_own_cases(capsys: pytest.CaptureFixture[str]) -> None:
+    shipped = sorted((Path(__file__).resolve().parents[2] / "policies" / "tests").glob("*_test.yaml"))
+    assert len(shipped) == 2
+    assert main(["policy", "test", *map(str, shipped)]) == 0, capsys.readouterr().out
