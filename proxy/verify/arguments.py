@@ -90,6 +90,12 @@ def _description(parts: Iterable[JsonObject]) -> str | None:
     return None
 
 
+def _with_refs(refs: tuple[str, ...], parts: list[JsonObject]) -> tuple[str, ...]:
+    """The $refs followed so far, and those among `parts`."""
+    found = [p["$ref"] for p in parts if isinstance(p.get("$ref"), str)]
+    return refs + tuple(dict.fromkeys(ref for ref in found if ref not in refs))
+
+
 def declared_arguments(schema: Any) -> list[Argument]:
     """Every argument the schema declares, at any depth, in the order a reader expects."""
     index = SchemaIndex(schema)
@@ -103,9 +109,7 @@ def declared_arguments(schema: Any) -> list[Argument]:
         if key in seen or depth > MAX_DEPTH:
             continue
         seen.add(key)
-        refs = refs + tuple(
-            p["$ref"] for p in parts if isinstance(p.get("$ref"), str) and p["$ref"] not in refs
-        )
+        refs = _with_refs(refs, parts)
         children: list[tuple[str, str, list[Any]]] = []
         names: list[str] = []
         for part in parts:
@@ -123,18 +127,13 @@ def declared_arguments(schema: Any) -> list[Argument]:
             children.append((f"{path}[]", "", items))
         for child_path, name, child_schemas in children:
             child_parts = index.applicable(child_schemas)
-            child_refs = refs + tuple(
-                p["$ref"] for p in child_parts if isinstance(p.get("$ref"), str) and p["$ref"] not in refs
+            description, loose, container = (
+                _description(child_parts),
+                _free_form(child_parts),
+                _container(child_parts),
             )
             found.append(
-                Argument(
-                    child_path,
-                    name,
-                    _description(child_parts),
-                    child_refs,
-                    _free_form(child_parts),
-                    _container(child_parts),
-                )
+                Argument(child_path, name, description, _with_refs(refs, child_parts), loose, container)
             )
             pending.append((child_path, child_schemas, refs, depth + 1))
     return found

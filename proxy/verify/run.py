@@ -99,7 +99,7 @@ async def verify(
         for tenant, view in views.items():
             clients[tenant] = await reached.open(tenant)
             view.inventory = await take_inventory(clients[tenant])
-            policy = view.policy_file or "none (tenants.<id>.policy not set)"
+            policy = view.policy_file or f"none (tenants.{tenant}.policy is not set)"
             report.checked.append(f"{tenant}: {view.inventory.summary()}; policy {policy}")
         for tenant, view in views.items():
             others = tuple(t for t in config.tenants if t != tenant)

@@ -105,14 +105,11 @@ def names_fix(view: TenantView, new_names: Iterable[str]) -> str:
     )
 
 
-def template_fix(view: TenantView, template: str | None, upstream_template: str) -> str:
+def template_fix(view: TenantView, template: str | None, todo: str) -> str:
+    """`template` added to the policy's; when there is none to add, `todo` says what to write."""
     existing = list(view.spec.resources.tenant_uri_templates)
     if template is None:
-        return (
-            "resources:\n"
-            f"  tenant_uri_templates: {flow(existing)}   # add {upstream_template} with its tenant variable "
-            "written {tenant}\n"
-        )
+        return f"resources:\n  tenant_uri_templates: {flow(existing)}   # add {todo}\n"
     return f"resources:\n  tenant_uri_templates: {flow([*existing, template])}\n"
 
 

@@ -34,9 +34,9 @@ from proxy.verify.snippets import (
     policy_template,
     template_covered,
     template_fix,
-    variables,
+    tenant_variable,
 )
-from proxy.verify.words import caller_hint, history_hint, tenant_word
+from proxy.verify.words import caller_hint, history_hint
 
 Check = Callable[[TenantView, tuple[str, ...]], list[Finding]]
 
@@ -103,7 +103,7 @@ def open_tenant_templates(view: TenantView, others: tuple[str, ...]) -> list[Fin
         template = item.get("uriTemplate")
         if not isinstance(template, str):
             continue
-        variable = next((n for _, n in variables(template) if tenant_word(n) is not None), None)
+        variable = tenant_variable(template)
         if variable is None or template_covered(view.policy, template, variable):
             continue
         findings.append(
@@ -115,7 +115,11 @@ def open_tenant_templates(view: TenantView, others: tuple[str, ...]) -> list[Fin
                 f"Resource template {template} takes {{{variable}}}, which looks tenant-identifying, and no "
                 "resources.tenant_uri_templates entry makes it the caller's: any tenant's URI can be read.",
                 (f"template {template!r} ({item.get('name', 'unnamed')}) offered to {view.tenant}",),
-                template_fix(view, policy_template(template, variable), template),
+                template_fix(
+                    view,
+                    policy_template(template, variable),
+                    f"{template} with {{tenant}} for {{{variable}}}",
+                ),
                 view.fix_file,
             )
         )
@@ -139,7 +143,7 @@ def foreign_resources(view: TenantView, others: tuple[str, ...]) -> list[Finding
                         uri,
                         f"resources/list offers {view.tenant} a resource whose URI names tenant {other}.",
                         (f"resources/list for {view.tenant} includes {uri!r}",),
-                        template_fix(view, None, uri),
+                        template_fix(view, None, f"the template of {uri}, with {{tenant}} where {other} is"),
                         view.fix_file,
                     )
                 )
