@@ -53,6 +53,15 @@ async def take_inventory(client: McpClient) -> Inventory:
     )
 
 
+def _server_of(config: TenantConfig) -> tuple[object, ...]:
+    """What makes two tenants' upstreams one server: the URL (whatever the credentials), or for
+    stdio the program with the environment and directory its state is likely to live in."""
+    upstream = config.upstream
+    if upstream.url is not None:
+        return (upstream.url,)
+    return (upstream.command, sorted(upstream.env.items()), upstream.cwd)
+
+
 @dataclass
 class TenantView:
     """One tenant: its config, its policy (None: the proxy enforces no data-access rules for it)
@@ -64,15 +73,19 @@ class TenantView:
     policy_file: Path | None
     spec: PolicyFile = field(default_factory=PolicyFile)  # the policy as written (its patterns)
     inventory: Inventory = field(default_factory=lambda: Inventory(Era.MODERN))
+    shares_upstream_with: tuple[str, ...] = ()  # other tenants whose upstream is this one's
 
     @classmethod
     def of(cls, config: ProxyConfig, tenant: str) -> TenantView:
         tenant_config = config.tenants[tenant]
+        server = _server_of(tenant_config)
+        shared = tuple(t for t, c in config.tenants.items() if t != tenant and _server_of(c) == server)
         if tenant_config.policy is None:
-            return cls(tenant, tenant_config, None, None)
+            return cls(tenant, tenant_config, None, None, shares_upstream_with=shared)
         path = config.policy_file(tenant_config.policy)
         policy = load_policy(path)  # a bad file is a ConfigError naming it
-        return cls(tenant, tenant_config, policy, path, PolicyFile.model_validate(read_yaml(path) or {}))
+        spec = PolicyFile.model_validate(read_yaml(path) or {})
+        return cls(tenant, tenant_config, policy, path, spec, shares_upstream_with=shared)
 
     @property
     def covered(self) -> frozenset[str]:
@@ -84,6 +97,11 @@ class TenantView:
         if self.policy_file is not None:
             return str(self.policy_file)
         return f"a new policy file, named by tenants.{self.tenant}.policy (none is set)"
+
+    @property
+    def where(self) -> str:
+        """The upstream, as the config names it (a URL or a command line)."""
+        return self.config.upstream.url or " ".join(self.config.upstream.command or ())
 
     @property
     def stdio(self) -> bool:

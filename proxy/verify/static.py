@@ -81,6 +81,10 @@ def open_tenant_arguments(view: TenantView, others: tuple[str, ...]) -> list[Fin
                 evidence.append(f"described as {argument.description[:160]!r}")
             covered = ", ".join(sorted(view.covered)) or "nothing (no policy)"
             evidence.append(f"tenant_arguments.names covers {covered}")
+            if view.shares_upstream_with:
+                evidence.append(
+                    f"the upstream ({view.where}) also serves {', '.join(view.shares_upstream_with)}"
+                )
             findings.append(
                 Finding(
                     "open-tenant-argument",

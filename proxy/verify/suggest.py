@@ -27,8 +27,7 @@ async def inspect_upstream(config: ProxyConfig, tenant: str, request_timeout: fl
     """The tenant's view, its inventory taken from its upstream directly."""
     view = TenantView.of(config, tenant)
     upstream = build_upstream(tenant, view.config)
-    where = view.config.upstream.url or " ".join(view.config.upstream.command or ())
-    client = McpClient(upstream, f"tenant {tenant}'s upstream ({where})", request_timeout)
+    client = McpClient(upstream, f"tenant {tenant}'s upstream ({view.where})", request_timeout)
     try:
         await client.connect()
         view.inventory = await take_inventory(client)
@@ -58,8 +57,7 @@ def suggest_policy(view: TenantView) -> str:
                 loose.append(f"{argument.path}: {kind} {name} ({argument.free_form})")
     names = list(spec.tenant_arguments.names) if spec is not None else []
     names.extend(name for name in sorted(by_name) if name not in names)
-    where = view.config.upstream.url or " ".join(view.config.upstream.command or ())
-    inventory = view.inventory
+    where, inventory = view.where, view.inventory
     lines = [
         f"# Policy for tenant {view.tenant}, suggested by `mcp-tenant-proxy policy suggest` from what its",
         f"# upstream ({where}) declares: {inventory.summary()}.",

@@ -79,6 +79,7 @@ async def test_verify_names_each_open_tenant_argument_and_exits_1(
         f for f in report["findings"] if f["id"] == "open-tenant-argument:acme:find_entries:filter.org_id"
     )
     assert any("$ref #/$defs/EntryFilter" in line for line in through_ref["evidence"])
+    assert f"the upstream ({ledger.url}) also serves globex" in through_ref["evidence"]
     assert 'names: ["org_id"]' in through_ref["fix"]
     assert report["probed"] is False
     assert not any(
