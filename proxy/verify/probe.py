@@ -2,7 +2,7 @@
 
     seed        each tenant calls each tool it is offered (none that looks destructive) with its
                 own tenant id in tenant-like arguments and its canary in every other string, and
-                calls a marker tool name only it ever uses (the proxy audits the name)
+                reads a marker URI only it ever uses (the proxy audits the URI)
     read back   each tenant calls each tool again, and reads its resources: what shows its own
                 canary is a reader (the deployment keeps what was written, and shows it)
     cross read  tenant B calls each tool with tenant A's id in tenant-like arguments
@@ -61,6 +61,10 @@ class Party:
     def tenant(self) -> str:
         return self.view.tenant
 
+    @property
+    def marker_uri(self) -> str:
+        return f"{self.marker}://probe"
+
     def probed_tools(self) -> list[JsonObject]:
         tools = []
         for tool in self.view.inventory.tools:
@@ -100,7 +104,7 @@ async def seed(party: Party, report: Report) -> None:
     """Write the party's canary wherever its tools take one."""
     for tool in party.probed_tools():
         await party.call(tool["name"], party.arguments(tool, party.tenant, party.canary, True), report)
-    await party.call(party.marker, {}, report)  # an unknown tool: refused, but its name is audited
+    await _read(party, party.marker_uri, report)  # an unknown resource: an error, but its URI is audited
     if party.skipped:
         report.notes.append(f"{party.tenant}: not probed (their names say they may destroy or send): "
                             f"{', '.join(party.skipped)}")  # fmt: skip
@@ -210,7 +214,7 @@ async def recent_activity(victim: Party, attacker: Party, report: Report) -> Non
     reply = await attacker.call(RECENT_ACTIVITY_TOOL, {}, report)
     if _leaked(victim, reply):
         title = f"{RECENT_ACTIVITY_TOOL} shows {attacker.tenant} a request only {victim.tenant} made."
-        seen = f"{victim.tenant} called the tool name {victim.marker}; {attacker.tenant}'s activity lists it"
+        seen = f"{victim.tenant} read {victim.marker_uri}; {attacker.tenant}'s activity lists it"
         fix = "# no policy setting: the proxy's own activity records crossed tenants; report it\n"
         report.add(_leak("probe-recent-activity", victim, attacker, RECENT_ACTIVITY_TOOL, title, seen, fix))
 
