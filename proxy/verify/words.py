@@ -40,9 +40,8 @@ _HISTORY_DESCRIPTION = re.compile(
 # Words that suggest a result depends on the caller (a user, a session, the moment), not only on
 # the arguments and the tenant: a result the tenant-wide tools/call cache would hand to the next caller.
 CALLER_WORDS: Final = frozenset(
-    {"me", "my", "mine", "whoami", "current", "session", "user", "users", "profile", "inbox",
-     "now", "today", "time", "random", "ask", "elicit", "sample", "interactive", "login", "token",
-     "recent", "latest", "history", "activity"}
+    {"me", "my", "mine", "whoami", "current", "session", "inbox", "now", "today", "time", "random",
+     "ask", "elicit", "sample", "interactive", "recent", "latest", "history", "activity"}
 )  # fmt: skip
 _CALLER_DESCRIPTION = re.compile(
     r"\b(your|the caller|current user|signed-in|logged-in|this session|right now|the user)\b", re.IGNORECASE
