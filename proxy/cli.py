@@ -1,4 +1,4 @@
-"""Commands: run, check-config, mint-token, demo (see CONTRACT.md)."""
+"""Commands: run, check-config, mint-token, demo, verify, policy (see CONTRACT.md)."""
 
 from __future__ import annotations
 
@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="run demo upstreams for three tenants and the proxy, and show isolation"
     )
     demo.set_defaults(handler=cmd_demo)
+
+    from proxy.verify.command import add_commands
+
+    add_commands(commands)  # verify, policy suggest|test|explain
     return parser
 
 

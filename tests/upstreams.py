@@ -125,7 +125,7 @@ def add_test_tools(server: MCPServer, canary: str) -> None:
         return {"model": answer.model, "text": text, "canary": canary}
 
     @server.tool()
-    async def announce(uri: str, ctx: Context) -> str:
+    async def broadcast_update(uri: str, ctx: Context) -> str:
         """Tells the caller's session that a resource changed, and logs it: an upstream broadcasting
         what it knows to whoever is connected (as a careless shared server does)."""
         await ctx.session.send_resource_updated(uri)

@@ -354,8 +354,8 @@ async def test_a_notification_naming_another_tenants_resource_never_reaches_the_
         running.url, running.token("acme"), mode, message_handler=on_message, logging_callback=on_log,
         log_level="debug",
     ) as client:  # fmt: skip
-        await client.call_tool("announce", {"uri": "notes://acme/own-plan"})
-        await client.call_tool("announce", {"uri": "notes://globex/merger-plan-with-initech"})
+        await client.call_tool("broadcast_update", {"uri": "notes://acme/own-plan"})
+        await client.call_tool("broadcast_update", {"uri": "notes://globex/merger-plan-with-initech"})
         await client.call_tool("whoami", {})  # anything still on its way has arrived by now
     assert not [line for line in seen if "globex" in line]
     if mode == "legacy":  # (the handshake era has the session channel the updates travel on)

@@ -91,11 +91,10 @@ def test_rewrite_mode_replaces_every_variant_with_the_caller(case: str, argument
 
 
 def apply(params: dict[str, Any], decision: Decision) -> dict[str, Any]:
-    from proxy.layers.data_access.stage import _set
+    from proxy.layers.data_access.engine import apply_rewrites
 
     result = copy.deepcopy(params)
-    for rewrite in decision.rewrites:
-        _set(result, rewrite.path, rewrite.value)
+    apply_rewrites(result, decision.rewrites)
     return result
 
 

@@ -62,6 +62,18 @@ class Decision:
 UNCHANGED = Decision(Action.FORWARD)
 
 
+def apply_rewrites(params: JsonObject, rewrites: tuple[Rewrite, ...]) -> None:
+    """Give `params` a decision's rewrites, in place; an absent (or null) object on a rewrite's path
+    is created, as when a tenant argument is filled into arguments the client left out."""
+    for rewrite in rewrites:
+        node: Any = params
+        for part in rewrite.path[:-1]:
+            if isinstance(node, dict) and node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        node[rewrite.path[-1]] = rewrite.value
+
+
 JSON_STRING: Final = "<json>"  # a path part: what follows is inside a JSON document held in a string
 MAX_JSON_NESTING: Final = 3  # JSON in a string in JSON in a string ...: refused beyond this
 MAX_ARGUMENT_DEPTH: Final = 128

@@ -10,8 +10,6 @@ caller's tenant, and whatever comes back shows only what the caller's tenant may
 
 from __future__ import annotations
 
-from typing import Any
-
 import structlog
 from aiohttp import web
 
@@ -20,7 +18,7 @@ from proxy.layers.data_access.catalog import CatalogEntry, Listing, SessionRoute
 from proxy.layers.data_access.engine import (
     Action,
     Decision,
-    Path,
+    apply_rewrites,
     evaluate,
     evaluate_answer,
     filter_result,
@@ -36,7 +34,7 @@ from proxy.protocol.headers import (
     render_param_headers,
 )
 from proxy.protocol.jsonrpc import MessageKind, dumps
-from proxy.types import Era, JsonObject
+from proxy.types import Era
 
 log = structlog.get_logger("proxy.layers.data_access")
 
@@ -113,15 +111,6 @@ async def render_mirrored_headers(call: Request) -> None:
         call.upstream_headers.update(render_param_headers(entry.param_headers, arguments_of(call.message)))
 
 
-def _set(params: JsonObject, path: Path, value: Any) -> None:
-    node: Any = params
-    for part in path[:-1]:
-        if isinstance(node, dict) and node.get(part) is None:  # absent, or null: filled in as an object
-            node[part] = {}
-        node = node[part]
-    node[path[-1]] = value
-
-
 def _record(call: Request, decision: Decision) -> None:
     """Count and log a denial or spoof attempt: names and rules only, never argument values."""
     rule = decision.rule or "policy"
@@ -182,8 +171,7 @@ async def enforce_policy(call: Request) -> None:
         body = {"jsonrpc": "2.0", "id": message.id, "result": result}
         call.reply = web.Response(body=dumps(body), content_type="application/json")
         return
-    for rewrite in decision.rewrites:
-        _set(target, rewrite.path, rewrite.value)
+    apply_rewrites(target, decision.rewrites)
 
 
 def screen_notifications(call: Call, message: ServerMessage) -> ServerMessage | None:
