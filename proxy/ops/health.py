@@ -76,15 +76,19 @@ async def readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME].current
     readiness = request.app[READINESS]
     mode = runtime.config.readiness.upstreams
-    ready = readiness.ready(mode)
+    shared = request.app[SERVICES].shared
+    problem = shared.problem if shared is not None else None
+    ready = readiness.ready(mode) and problem is None
     body: dict[str, object] = {
         "status": "ready" if ready else "not_ready",
         "upstreams": {"reachable": readiness.reachable, "total": readiness.total, "required": mode},
         "checked": readiness.checked_at is not None,
     }
-    shared = request.app[SERVICES].shared
-    if shared is not None:  # reported, not required: what needs no shared state is still served
-        body["state"] = {"backend": "redis", "up": shared.up}
+    if shared is not None:  # an outage is reported, not required: what needs no shared state is served
+        state: dict[str, object] = {"backend": "redis", "up": shared.up}
+        if problem is not None:  # never reached, or the credentials are refused: not ready
+            state["problem"] = problem
+        body["state"] = state
     return web.json_response(body, status=200 if ready else 503)
 
 

@@ -704,3 +704,35 @@ async def test_a_long_requested_version_never_reaches_redis_and_replicas_see_the
     listed = await post(replicas.b.url, call("whoami"), acme, session, negotiated)
     assert listed.status == 200, listed.body
     assert replicas.b.services.sessions.all()[0].protocol_version == negotiated
+
+
+async def test_a_redis_that_refuses_the_credentials_is_not_ready_with_the_reason(
+    tmp_path: Path, rsa_keys: RsaKeys, redis_server: RedisServer, upstreams: dict[str, Any]
+) -> None:
+    admin = redis_asyncio.Redis.from_url(redis_server.url)
+    user = f"proxy-{secrets.token_hex(3)}"
+    await admin.execute_command("ACL", "SETUSER", user, "on", ">right-password", "~*", "+@all")
+    host_port = redis_server.url.split("//", 1)[1]
+    data = proxy_config(PUBLIC, upstreams, tmp_path, rsa_keys)
+    data["listen"].update(host="127.0.0.1", port=free_port(), path="/mcp")
+    data["readiness"] = {"upstreams": "ignore", "check_interval_seconds": 0.1}
+    data["state"] = {
+        "backend": "redis",
+        "url": f"redis://{user}:wrong-password@{host_port}",
+        "key_prefix": "pw",
+    }
+    runner, port = await start_server(ProxyConfig.model_validate(data, context={}))
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as ready:
+                assert ready.status == 503
+                state = (await ready.json())["state"]
+            assert state["up"] is False and "credentials" in state["problem"]
+        answer = await post(
+            f"http://127.0.0.1:{port}/mcp", INITIALIZE, token(tenant="acme", sub="a", aud=PUBLIC)
+        )
+        assert answer.status == 503  # no session can be created: the store refuses us
+    finally:
+        await runner.cleanup()
+        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.aclose()

@@ -33,6 +33,7 @@ class RedisState:
     def __init__(self, config: StateConfig, metrics: Metrics, source: str) -> None:
         try:
             import redis.asyncio as redis_asyncio
+            import redis.exceptions as redis_exceptions
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
         except ImportError:
@@ -63,8 +64,17 @@ class RedisState:
             TimeoutError,
         )
         self._refused: tuple[type[BaseException], ...] = (redis_asyncio.RedisError,)
+        self._credentials_refused: tuple[type[BaseException], ...] = (
+            redis_exceptions.AuthenticationError,
+            redis_exceptions.AuthorizationError,
+            redis_exceptions.AuthenticationWrongNumberOfArgsError,
+        )
         self._metrics = metrics
         self.up = True
+        # Why this replica cannot serve what needs shared state at all (None: it can, or could once):
+        # Redis was never reached, or it refuses the credentials. /readyz says not ready for these,
+        # while a later outage is only reported (every replica shares one Redis).
+        self.problem: str | None = "the shared state store (Redis) has not answered yet"
         self._retry_at = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._deferred: list[Callable[[Any], object]] = []
@@ -85,6 +95,10 @@ class RedisState:
             raise StateUnavailable(operation)
         try:
             result = await awaitable
+        except self._credentials_refused as exc:
+            self.problem = "the shared state store (Redis) refuses the configured credentials"
+            self._failed(operation, exc)
+            raise StateUnavailable(operation) from None
         except self._unreachable as exc:
             self._failed(operation, exc)
             raise StateUnavailable(operation) from None
@@ -92,6 +106,7 @@ class RedisState:
             log.error("state_backend_refused", operation=operation, error=type(exc).__name__)
             self._metrics.state_errors.labels(operation).inc()
             raise StateUnavailable(operation) from None
+        self.problem = None
         if not self.up:
             log.info("state_backend_back")
             self.up = True
