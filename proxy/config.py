@@ -274,6 +274,12 @@ class CacheConfig(StrictModel):
 class SessionsConfig(StrictModel):
     idle_timeout_seconds: float = Field(default=900.0, gt=0)
     max_per_tenant: int = Field(default=1000, ge=1)
+    answer_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long an upstream waits for a client's answer to its request (sampling, "
+        "elicitation, roots) before the proxy answers it with an error.",
+    )
 
 
 class AuditConfig(StrictModel):

@@ -212,7 +212,12 @@ class Services:
 
             shared = RedisState(config.state, metrics, config.source)
             return cls(
-                RedisSessionRegistry(shared, sessions.idle_timeout_seconds, sessions.max_per_tenant),
+                RedisSessionRegistry(
+                    shared,
+                    sessions.idle_timeout_seconds,
+                    sessions.max_per_tenant,
+                    sessions.answer_timeout_seconds,
+                ),
                 metrics,
                 RedisResponseCache(shared, caching.max_entry_bytes) if caching.enabled else None,
                 AuditLog(audit.dir, audit.max_file_bytes, audit.backups, RedisAuditSink(shared)),
@@ -222,7 +227,9 @@ class Services:
                 shared,
             )
         return cls(
-            SessionRegistry(sessions.idle_timeout_seconds, sessions.max_per_tenant),
+            SessionRegistry(
+                sessions.idle_timeout_seconds, sessions.max_per_tenant, sessions.answer_timeout_seconds
+            ),
             metrics,
             ResponseCache(caching.max_bytes, caching.max_entry_bytes) if caching.enabled else None,
             AuditLog(audit.dir, audit.max_file_bytes, audit.backups),

@@ -25,7 +25,7 @@ from aiohttp import web
 from proxy.flow import Call, Hooks, Reply, Request, ServerKind, ServerMessage, deliver
 from proxy.http.edge import NO_STORE, single_header
 from proxy.http.keys import RUNTIME
-from proxy.layers.sessions.stage import SESSION_HEADER, end_upstream_session, open_session
+from proxy.layers.sessions.stage import SESSION_HEADER, end_upstream_session, open_session, settled
 from proxy.protocol.errors import (
     Conflict,
     MethodNotAllowed,
@@ -214,9 +214,11 @@ async def _relay_post_stream(call: Request, response: UpstreamResponse, hooks: H
                         break
             except ProxyError:  # what was good before a bad event still goes out, and first
                 if out:
+                    await settled(call)
                     await stream.write(b"".join(out))
                 raise
             if out:
+                await settled(call)
                 await stream.write(b"".join(out))
             if answered:
                 break
@@ -358,6 +360,7 @@ async def relay_get(call: Call, hooks: Hooks) -> Reply:
                     for item in batch:
                         _relay_get_item(call, item, hooks, out)
                     if out:
+                        await settled(call)
                         await stream.write(b"".join(out))
             except ProxyError as error:
                 log.info("upstream_stream_ended", tenant=call.ctx.tenant, reason=error.message)

@@ -198,8 +198,11 @@ async def post(
         return Answer(response.status, dict(response.headers), await response.read())
 
 
-async def initialize(url: str, bearer: str) -> str:
-    answer = await post(url, INITIALIZE, bearer)
+async def initialize(url: str, bearer: str, capabilities: dict[str, Any] | None = None) -> str:
+    body = INITIALIZE
+    if capabilities is not None:
+        body = {**INITIALIZE, "params": {**INITIALIZE["params"], "capabilities": capabilities}}  # type: ignore[dict-item]
+    answer = await post(url, body, bearer)
     assert answer.status == 200, answer.body
     session = answer.headers["Mcp-Session-Id"]
     done = {"jsonrpc": "2.0", "method": "notifications/initialized"}
@@ -397,7 +400,10 @@ async def test_a_session_created_on_one_replica_continues_on_the_other_for_its_o
     for key, value in keys.items():
         parts = key.split(":")
         assert parts[0] == replicas.prefix
-        assert key == f"{replicas.prefix}:seal-key" or parts[1] in TENANTS, key
+        if key == f"{replicas.prefix}:session-tenants":  # where a sweep looks for orphans
+            assert set(value.split()) <= {t.encode() for t in TENANTS}, value
+        else:
+            assert key == f"{replicas.prefix}:seal-key" or parts[1] in TENANTS, key
         assert alice.encode() not in value
     assert not any(session in key for key in keys)  # deleted, and nothing left behind
 
@@ -625,17 +631,68 @@ async def test_shared_sessions_expire_in_redis_cap_across_replicas_and_local_vie
             await one.reserve(ctx("acme", "carol"))
         await new(one, ctx("globex"))  # another tenant's cap is its own
 
-        await two.remove(seen)  # ended through the other replica
-        assert first in await one.expired()  # so this replica's view of it goes too
-        await one.remove(first)
+        await two.remove(seen)  # ended (upstream too) through the other replica
+        assert first not in await one.expired()  # so this replica's view of it only goes
+        assert first.closed and one.count("acme") == 0
         third = await new(one, ctx("acme", "carol"))  # its place under the cap is free again
 
         await asyncio.sleep(0.9)  # nobody uses it: Redis lets it go after the idle timeout
         with pytest.raises(SessionNotFound):
             await two.lookup(third.id, ctx("acme", "carol"))
-        assert third in await one.expired()
+        assert third in await one.expired()  # to be ended upstream by this replica alone
+        assert third not in await two.expired() and third not in await one.expired()
     finally:
         for state in states:
+            await state.close()
+
+
+async def test_a_dead_replicas_sessions_are_ended_upstream_once_by_whichever_replica_sweeps(
+    redis_server: RedisServer,
+) -> None:
+    """Orphans: a replica dies holding sessions (and an initialize's reservation); after the idle
+    timeout the survivors' sweeps find them, and exactly one of them gets each to end upstream."""
+    import time
+
+    from proxy.backends.redis.client import RedisState
+    from proxy.backends.redis.sessions import RedisSessionRegistry
+    from proxy.config import StateConfig
+    from proxy.ops.metrics import Metrics
+    from proxy.types import TenantContext
+
+    config = StateConfig(backend="redis", url=redis_server.url, key_prefix=f"t{secrets.token_hex(4)}")
+    states = [RedisState(config, Metrics(), "test") for _ in range(3)]
+    dead, one, two = (RedisSessionRegistry(s, idle_timeout_seconds=0.5, max_per_tenant=3) for s in states)
+    for registry in (one, two):
+        registry.clock_margin_seconds = 0.0
+
+    def ctx(tenant: str, subject: str = "alice") -> TenantContext:
+        return TenantContext(tenant, subject, "dev", frozenset(), time.time() + 600)
+
+    try:
+        lost = await dead.create(ctx("acme"), HANDSHAKE, "up-acme", await dead.reserve(ctx("acme")))
+        other = await dead.create(ctx("globex"), HANDSHAKE, None, await dead.reserve(ctx("globex")))
+        await dead.reserve(ctx("acme", "bob"))  # an initialize that died with its replica
+        await states[0].close()  # the replica is gone: nobody holds these sessions
+        assert await one.expired() == [] and await two.expired() == []  # not idle yet: nothing
+
+        await asyncio.sleep(0.7)
+        ended = [*(await one.expired()), *(await two.expired())]
+        assert sorted((s.id, s.tenant, s.upstream_session_id) for s in ended) == sorted(
+            [(lost.id, "acme", "up-acme"), (other.id, "globex", None)]
+        )
+        assert next(s for s in ended if s.id == lost.id).protocol_version == HANDSHAKE
+        assert await one.expired() == [] and await two.expired() == []  # each once only
+        # Nothing of them is left, and the tenant's whole cap is free again.
+        client = redis_asyncio.Redis.from_url(redis_server.url)
+        try:
+            assert await client.zcard(f"{config.key_prefix}:acme:sessions") == 0
+            assert await client.hlen(f"{config.key_prefix}:acme:upstream-sessions") == 0
+        finally:
+            await client.aclose()
+        for subject in ("carol", "dave", "erin"):
+            await one.reserve(ctx("acme", subject))
+    finally:
+        for state in states[1:]:
             await state.close()
 
 
@@ -736,3 +793,142 @@ async def test_a_redis_that_refuses_the_credentials_is_not_ready_with_the_reason
         await runner.cleanup()
         await admin.execute_command("ACL", "DELUSER", user)
         await admin.aclose()
+
+
+async def test_a_killed_replicas_session_is_ended_upstream_by_a_surviving_replica(
+    start_replicas: StartReplicas, upstreams: dict[str, Any], tmp_path: Path, rsa_keys: RsaKeys
+) -> None:
+    """SIGKILL: the replica holding a session dies without ending it; once the session has been idle
+    past the timeout a surviving replica's sweep ends it upstream, exactly once."""
+    from tests.adversarial.proxy_process import ProxyProcess
+
+    sessions = {"idle_timeout_seconds": 1.0}
+    replicas = await start_replicas(upstreams, sessions=sessions)
+    for replica in (replicas.a, replicas.b):
+        replica.services.sessions.clock_margin_seconds = 0.0  # type: ignore[attr-defined]
+    port = free_port()
+    data = proxy_config(PUBLIC, upstreams, tmp_path, rsa_keys, sessions=sessions)
+    data["listen"].update(host="127.0.0.1", port=port, path="/mcp")
+    data["state"] = {"backend": "redis", "url": replicas.redis.url, "key_prefix": replicas.prefix}
+    (tmp_path / "doomed.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(data))))
+    doomed = ProxyProcess(tmp_path / "doomed.yaml", tmp_path / "doomed.stderr", port)
+    doomed.start()
+    recorder = upstreams["acme"].recorder
+    try:
+        alice = replicas.token("acme", "alice")
+        session = await initialize(doomed.url, alice)
+        assert (await post(doomed.url, call("whoami"), alice, session, HANDSHAKE)).status == 200
+        upstream_id = next(
+            r.headers["mcp-session-id"] for r in recorder.snapshot() if "mcp-session-id" in r.headers
+        )
+        assert doomed.process is not None
+        doomed.process.kill()
+        doomed.process.wait(10)
+
+        def ends() -> list[Any]:
+            return [
+                r
+                for r in recorder.snapshot()
+                if r.method == "DELETE" and r.headers.get("mcp-session-id") == upstream_id
+            ]
+
+        deadline = asyncio.get_running_loop().time() + 30
+        while not ends():
+            assert asyncio.get_running_loop().time() < deadline, "the orphan was never ended upstream"
+            await asyncio.sleep(0.1)
+        for replica in (replicas.a, replicas.b):  # every replica's next sweep has run: still once
+            replica.services.sessions.clock_margin_seconds = 0.0  # type: ignore[attr-defined]
+            assert await replica.services.sessions.expired() == []
+        assert len(ends()) == 1
+        assert (await post(replicas.a.url, call("whoami"), alice, session, HANDSHAKE)).status == 404
+    finally:
+        doomed.stop()
+
+
+async def _ask_and_read(
+    url: str, bearer: str, session: str, on_request: Callable[[dict[str, Any]], Awaitable[None]]
+) -> dict[str, Any]:
+    """tools/call ask_user on `url` as a stream: each server request on it goes to `on_request`
+    while the stream stays open; returns the call's answer."""
+    headers = {
+        "Accept": MCP_ACCEPT,
+        "Content-Type": "application/json",
+        "Authorization": f"Bearer {bearer}",
+        "Mcp-Session-Id": session,
+        "MCP-Protocol-Version": HANDSHAKE,
+    }
+    body = call("ask_user", {"topic": "kitchen"}, request_id=9)
+    async with aiohttp.ClientSession() as http, http.post(url, json=body, headers=headers) as response:
+        assert response.status == 200
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or not line[5:].strip():
+                continue
+            message = json.loads(line[5:])
+            if "method" in message and "id" in message:
+                await on_request(message)
+            elif message.get("id") == 9:
+                return dict(message)
+    raise AssertionError("the stream ended without the call's answer")
+
+
+async def test_an_answer_to_a_server_request_is_good_on_the_other_replica_however_slow_redis_is(
+    start_replicas: StartReplicas, upstreams: dict[str, Any]
+) -> None:
+    """The replica relaying a server request records that an answer is owed (in Redis) before the
+    request leaves: with that write slowed, the client's answer reaching the other replica at once
+    still finds it, and the upstream's call completes."""
+    replicas = await start_replicas(upstreams)
+    shared = replicas.a.services.shared
+    assert shared is not None
+    original = shared.call
+
+    async def slowed(operation: str, awaitable: Awaitable[Any]) -> Any:
+        if operation == "session_expect_answer":
+            await asyncio.sleep(0.3)
+        return await original(operation, awaitable)
+
+    shared.call = slowed  # type: ignore[method-assign]
+    alice = replicas.token("acme", "alice")
+    session = await initialize(replicas.a.url, alice, {"elicitation": {"form": {}}})
+    answered: list[int] = []
+
+    async def answer_on_b(request: dict[str, Any]) -> None:
+        assert request["method"] == "elicitation/create"
+        reply = {
+            "jsonrpc": "2.0",
+            "id": request["id"],
+            "result": {"action": "accept", "content": {"colour": "teal"}},
+        }
+        answered.append((await post(replicas.b.url, reply, alice, session, HANDSHAKE)).status)
+
+    result = await asyncio.wait_for(_ask_and_read(replicas.a.url, alice, session, answer_on_b), 60)
+    assert answered == [202], result
+    assert json.loads(result["result"]["content"][0]["text"])["colour"] == "teal"
+
+
+async def test_an_upstream_waiting_for_an_answer_that_never_comes_gets_an_error_in_time(
+    start_replicas: StartReplicas, upstreams: dict[str, Any]
+) -> None:
+    """sessions.answer_timeout_seconds bounds the wait: the upstream is told the client did not
+    answer (-32001), so its call ends instead of hanging; a late answer is then refused."""
+    replicas = await start_replicas(upstreams, sessions={"answer_timeout_seconds": 0.5})
+    alice = replicas.token("acme", "alice")
+    session = await initialize(replicas.a.url, alice, {"elicitation": {"form": {}}})
+    asked: list[dict[str, Any]] = []
+
+    async def never_answer(request: dict[str, Any]) -> None:
+        asked.append(request)
+
+    result = await asyncio.wait_for(_ask_and_read(replicas.a.url, alice, session, never_answer), 60)
+    assert [r["method"] for r in asked] == ["elicitation/create"]
+    told = [
+        json.loads(r.text)
+        for r in upstreams["acme"].recorder.snapshot()
+        if r.method == "POST" and '"error"' in r.text
+    ]
+    assert [(m["id"], m["error"]["code"]) for m in told] == [(asked[0]["id"], -32001)]
+    assert "error" in result or result["result"].get("isError"), result
+    late = {"jsonrpc": "2.0", "id": asked[0]["id"], "result": {"action": "cancel"}}
+    for replica in (replicas.a, replicas.b):
+        assert (await post(replica.url, late, alice, session, HANDSHAKE)).status == 400

@@ -4,6 +4,7 @@ own views (registry.LocalViews) of what belongs to it."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Protocol
 
 from proxy.layers.sessions.registry import Session
@@ -13,6 +14,7 @@ from proxy.types import RequestId, TenantContext
 class SessionStore(Protocol):
     idle_timeout_seconds: float
     max_per_tenant: int
+    answer_timeout_seconds: float  # how long an upstream waits for a client's answer
 
     def __len__(self) -> int: ...
 
@@ -46,10 +48,17 @@ class SessionStore(Protocol):
     async def of_tenant(self, tenant: str) -> list[Session]: ...
     def all(self) -> list[Session]: ...
 
-    def expect_answer(self, session: Session, request_id: RequestId) -> None:
-        """A server-to-client request was relayed to this session: its answer may come back."""
+    def expect_answer(self, session: Session, request_id: RequestId) -> Awaitable[None] | None:
+        """A server-to-client request is being relayed to this session: its answer may come back.
+        What it returns (a shared store's write) is awaited before the request leaves, so that the
+        answer finds it on whichever replica it reaches."""
         ...
 
     async def take_answer(self, session: Session, request_id: RequestId) -> bool:
         """True (and forgotten) when request_id is a server request this session owes an answer."""
+        ...
+
+    async def give_up_answer(self, session: Session, request_id: RequestId) -> bool:
+        """True (and forgotten) when the answer is still owed, so the waiting upstream is told it
+        will not come; False when the client answered (through any replica)."""
         ...

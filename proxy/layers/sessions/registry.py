@@ -163,9 +163,12 @@ class SessionRegistry:
     """The SessionStore (backend.py) of one process: every live handshake-era session, with idle
     expiry and a per-tenant cap."""
 
-    def __init__(self, idle_timeout_seconds: float, max_per_tenant: int) -> None:
+    def __init__(
+        self, idle_timeout_seconds: float, max_per_tenant: int, answer_timeout_seconds: float = 300.0
+    ) -> None:
         self.idle_timeout_seconds = idle_timeout_seconds
         self.max_per_tenant = max_per_tenant
+        self.answer_timeout_seconds = answer_timeout_seconds
         self.views = LocalViews()
         self._reserved: dict[str, int] = {}  # initializes on their way upstream, per tenant
 
@@ -234,4 +237,7 @@ class SessionRegistry:
 
     async def take_answer(self, session: Session, request_id: RequestId) -> bool:
         """True (and forgotten) when request_id is a server request this session still owes an answer."""
+        return session.take_answer(request_id)
+
+    async def give_up_answer(self, session: Session, request_id: RequestId) -> bool:
         return session.take_answer(request_id)

@@ -5,7 +5,9 @@ answered; a session answering a request is never idle.
     bind            Around: the caller's own session (404 exactly as for an unknown id), or for
                     initialize a reservation given back unless it became a session (open_session)
     track           response hook: answers settle the session's bookkeeping, server-to-client
-                    requests are remembered so that only this session can answer them
+                    requests are remembered so that only this session can answer them (the shared
+                    store's write is awaited by the relay, `settled`, before the request leaves),
+                    and the upstream is told when no answer came in sessions.answer_timeout_seconds
 """
 
 from __future__ import annotations
@@ -13,19 +15,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable
+
+import structlog
 
 from proxy.flow import Around, Call, Request, ServerKind, ServerMessage
 from proxy.http.edge import single_header
+from proxy.layers.sessions.backend import SessionStore
 from proxy.layers.sessions.registry import Session
 from proxy.protocol.errors import BadRequest, MethodNotAllowed, MissingSession, ProxyError, UpstreamError
 from proxy.protocol.headers import PROTOCOL_VERSION_HEADER
 from proxy.protocol.jsonrpc import MessageKind, dumps
-from proxy.types import HANDSHAKE_VERSIONS, Era, JsonObject
+from proxy.types import HANDSHAKE_VERSIONS, Era, JsonObject, RequestId
 from proxy.upstreams.base import Upstream, UpstreamRequest
+
+log = structlog.get_logger("proxy.sessions")
 
 SESSION_HEADER = "Mcp-Session-Id"
 _RESERVATION = "sessions.reservation"  # an initialize's place under the tenant's cap
 _BUSY = "sessions.busy"  # the session this exchange keeps from idling
+_WRITES = "sessions.writes"  # shared-store writes a message about to leave depends on
+ANSWER_TIMEOUT_CODE = -32001  # what the SDKs call a request timeout
 
 
 class Bind(Around[Call]):
@@ -114,7 +124,11 @@ def track(call: Call, message: ServerMessage) -> ServerMessage | None:
     if message.kind is ServerKind.SERVER_REQUEST:
         if call.era is not Era.HANDSHAKE or session is None:
             return None  # the modern era has no back channel; never deliver one elsewhere
-        call.services.sessions.expect_answer(session, message.body["id"])
+        store, request_id = call.services.sessions, message.body["id"]
+        write = store.expect_answer(session, request_id)
+        if write is not None:
+            call.slots.setdefault(_WRITES, []).append(write)
+        _answer_deadline(call.tenant.upstream, store, session, request_id)
         return message
     if message.kind is ServerKind.ANSWER and session is not None and message.answers is not None:
         session.answered(message.answers.id)
@@ -124,6 +138,33 @@ def track(call: Call, message: ServerMessage) -> ServerMessage | None:
             if isinstance(version, str):  # the session speaks what the server chose
                 session.protocol_version = version
     return message
+
+
+async def settled(call: Call) -> None:
+    """Wait for the shared-store writes the messages about to leave depend on (a server request's
+    answer must find it pending on whichever replica it reaches)."""
+    writes: list[Awaitable[None]] | None = call.slots.pop(_WRITES, None)
+    for write in writes or ():
+        await write
+
+
+def _answer_deadline(
+    upstream: Upstream, store: SessionStore, session: Session, request_id: RequestId
+) -> None:
+    """After sessions.answer_timeout_seconds, an answer still owed is given up: the upstream gets an
+    error instead of waiting for ever (the client went away, or never answers)."""
+
+    async def give_up() -> None:
+        if session.closed or not await store.give_up_answer(session, request_id):
+            return
+        log.info("server_request_unanswered", tenant=session.tenant, session=session.audit_id)
+        waited = f"{store.answer_timeout_seconds:g}"
+        message = f"Request timed out: the client did not answer within {waited} s"
+        error = {"code": ANSWER_TIMEOUT_CODE, "message": message}
+        await _send_on_session(upstream, session, {"jsonrpc": "2.0", "id": request_id, "error": error})
+
+    loop = asyncio.get_running_loop()
+    loop.call_later(store.answer_timeout_seconds, lambda: _spawn(give_up()))
 
 
 async def end_upstream_session(upstream: Upstream, session: Session) -> int:
@@ -145,8 +186,12 @@ _SENT_SOON: set[asyncio.Task[None]] = set()
 def send_on_session_soon(call: Call, message: JsonObject) -> None:
     """Send a message of the proxy's own to the upstream on the call's session (an answer to a
     server-to-client request the policy answers or refuses), without the exchange waiting for it."""
-    session = call.session
-    if session is None or session.upstream_session_id is None:
+    if call.session is not None:
+        _spawn(_send_on_session(call.tenant.upstream, call.session, message))
+
+
+async def _send_on_session(upstream: Upstream, session: Session, message: JsonObject) -> None:
+    if session.upstream_session_id is None:
         return
     headers = {
         "Content-Type": "application/json",
@@ -154,12 +199,11 @@ def send_on_session_soon(call: Call, message: JsonObject) -> None:
         SESSION_HEADER: session.upstream_session_id,
         "MCP-Protocol-Version": session.protocol_version,
     }
-    upstream = call.tenant.upstream
+    with contextlib.suppress(ProxyError):
+        (await upstream.send(UpstreamRequest("POST", headers, dumps(message)))).close()
 
-    async def send() -> None:
-        with contextlib.suppress(ProxyError):
-            (await upstream.send(UpstreamRequest("POST", headers, dumps(message)))).close()
 
-    task = asyncio.get_running_loop().create_task(send())
+def _spawn(work: Awaitable[None]) -> None:
+    task = asyncio.ensure_future(work)
     _SENT_SOON.add(task)
     task.add_done_callback(_SENT_SOON.discard)
