@@ -99,10 +99,10 @@ class Exchange:
         self.result_bytes = len(result)
         self.result_sha256 = hashlib.sha256(result).hexdigest()
 
-    def refused(self, status: int, code: int) -> None:
+    def refused(self, status: int, code: int, denied: bool = False) -> None:
         """An error answer is going out: the report says so (a denial outcome set earlier stays)."""
         if self.outcome == "ok":
-            self.outcome = "denied" if status in (401, 403) else "error"
+            self.outcome = "denied" if denied else "error"
         self.error_code = code
         self.status = status
 
