@@ -29,6 +29,7 @@ from proxy.layers.sessions.registry import SessionRegistry
 from proxy.ops.metrics import Metrics
 from proxy.ops.reports import Reports
 from proxy.upstreams.base import Upstream
+from proxy.upstreams.eras import UpstreamEras
 from proxy.upstreams.http import HttpUpstream
 from proxy.upstreams.stdio.upstream import StdioUpstream
 
@@ -46,6 +47,8 @@ class TenantRuntime:
     # an entry a failed invalidation left) is never found by requests on a newer one.
     # Deterministic, so replicas sharing Redis agree.
     cache_identity: str = ""
+    # The protocol eras the upstream speaks, learned on first use: a reload learns them again.
+    eras: UpstreamEras = field(default_factory=UpstreamEras)
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}

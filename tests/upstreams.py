@@ -80,8 +80,19 @@ class Recorder:
             self.requests.clear()
 
     def snapshot(self) -> list[Recorded]:
+        """The requests received for clients: the proxy's own era probe (one server/discover per
+        upstream and runtime, upstreams/eras.py) is left out; `probes()` has it."""
         with self.lock:
-            return list(self.requests)
+            return [r for r in self.requests if not is_era_probe(r.body)]
+
+    def probes(self) -> list[Recorded]:
+        with self.lock:
+            return [r for r in self.requests if is_era_probe(r.body)]
+
+
+def is_era_probe(body: bytes | bytearray) -> bool:
+    """The proxy's server/discover probe of an upstream's protocol eras."""
+    return b'"id":"mcp-tenant-proxy-discover-' in body
 
 
 def add_test_tools(server: MCPServer, canary: str) -> None:

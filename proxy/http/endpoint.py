@@ -45,6 +45,7 @@ from proxy.layers.sessions import stage as sessions
 from proxy.ops.log import request_line
 from proxy.ops.metrics import observe
 from proxy.protocol.errors import MethodNotAllowed, ProxyError
+from proxy.upstreams import eras
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ POST: Flow[Request] = Flow(
     parse=parse,  # -> Request: one JSON-RPC message, its era and version
     stages=(
         sessions.bind,
+        eras.speaks_modern,  # a handshake-only upstream: -32022 at once, so the client falls back
         capabilities.open_request_state,
         recent_activity.answer,
         data_access.check_mirrored_headers,
