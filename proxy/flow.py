@@ -89,6 +89,9 @@ class Exchange:
     on_upstream_status: list[Callable[[int], None]] = field(default_factory=list)
     # Whether the upstream itself failed this call (None: it was not asked, or nothing is known).
     upstream_fault: bool | None = None
+    # A task this exchange created or saw finish (audit): a hash of its id, and what happened.
+    task: str | None = None
+    task_event: str | None = None  # created | completed | failed | cancelled
 
     def finished(self) -> None:
         self.duration_seconds = time.perf_counter() - self.started

@@ -26,6 +26,7 @@ from proxy.layers.data_access.catalog import Catalog
 from proxy.layers.data_access.policy import Policy, load_policy
 from proxy.layers.limits.limiter import Limiter
 from proxy.layers.sessions.registry import SessionRegistry
+from proxy.layers.sessions.task_store import TaskStore
 from proxy.ops.metrics import Metrics
 from proxy.ops.reports import Reports
 from proxy.upstreams.base import Upstream
@@ -199,6 +200,7 @@ class Services:
     shutting_down: asyncio.Event
     shared: RedisState | None = None
     reports: Reports = field(default_factory=Reports)  # log lines, audit records, metrics
+    tasks: TaskStore = field(default_factory=TaskStore)  # whose tasks the upstreams' task ids are
 
     @classmethod
     def build(cls, config: ProxyConfig) -> Services:
@@ -208,6 +210,7 @@ class Services:
             from proxy.backends.redis.cache import RedisResponseCache
             from proxy.backends.redis.limits import RedisLimiter
             from proxy.backends.redis.sessions import RedisSessionRegistry
+            from proxy.backends.redis.tasks import RedisTaskStore
 
             shared = RedisState(config.state, metrics, config.source)
             return cls(
@@ -219,6 +222,7 @@ class Services:
                 RedisLimiter(shared),
                 asyncio.Event(),
                 shared,
+                tasks=RedisTaskStore(shared),
             )
         return cls(
             SessionRegistry(sessions.idle_timeout_seconds, sessions.max_per_tenant),
