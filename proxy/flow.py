@@ -92,6 +92,8 @@ class Exchange:
     # A task this exchange created or saw finish (audit): a hash of its id, and what happened.
     task: str | None = None
     task_event: str | None = None  # created | completed | failed | cancelled
+    # The upstream ended a resumable stream before answering: the answer may come on a resumed GET.
+    awaiting_resumption: bool = False
 
     def finished(self) -> None:
         self.duration_seconds = time.perf_counter() - self.started

@@ -340,6 +340,27 @@ def start_test_upstream(
     return Upstream(tenant, canary, port, recorder)
 
 
+def start_resumable_upstream(runner: UpstreamThread, tenant: str, canary: str) -> Upstream:
+    """A notes upstream that polls (SEP-1699): its streams start with a priming event and a retry
+    of 100 ms, and `close_then_finish` closes its POST stream mid-call, answering on the resumed GET."""
+    server = build_notes_server(tenant, canary)
+
+    @server.tool()
+    async def close_then_finish(ctx: Context, seconds: float = 0.3) -> str:
+        """Reports progress, closes this request's stream, works on, reports again and answers."""
+        await ctx.report_progress(1, 2)
+        await ctx.close_sse_stream()
+        await anyio.sleep(seconds)
+        await ctx.report_progress(2, 2)
+        return f"finished after the stream was closed {canary}"
+
+    app = server.streamable_http_app(host="127.0.0.1", event_store=MemoryEventStore(), retry_interval=100)
+    recorder = Recorder(app)
+    port = free_port()
+    runner.serve(recorder, port)
+    return Upstream(tenant, canary, port, recorder)
+
+
 # --- an upstream in a process of its own, so that a test can kill it for real ---------------------
 
 

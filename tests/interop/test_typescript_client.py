@@ -1,17 +1,20 @@
 """The TypeScript SDK client (1.32, handshake era) in front of the proxy, the reference server
 @modelcontextprotocol/server-everything behind it, over streamable HTTP and over stdio: the client
 gets through the proxy what it gets from the server directly (tools, progress, resources, prompts),
-and a tool the tenant's policy denies is an MCP error it can handle, not a broken transport.
+and a tool the tenant's policy denies is an MCP error it can handle, not a broken transport. Behind
+it too, a server that closes a call's stream to be polled: the client resumes it through the proxy.
 """
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import pytest
 
 from tests.conftest import StartProxy
 from tests.interop.conftest import node_package, sdk_client
+from tests.upstreams import start_resumable_upstream
 
 pytestmark = pytest.mark.e2e
 
@@ -66,3 +69,19 @@ async def test_the_typescript_client_gets_through_the_proxy_what_it_gets_directl
     assert refusal["name"] == "McpError", refusal  # an MCP error, not "Error POSTing to endpoint"
     assert refusal["code"] == -32005 and "tools.deny" in refusal["message"]
     assert not any("POSTing" in error for error in proxied["transportErrors"]), proxied["transportErrors"]
+
+
+async def test_the_typescript_client_resumes_a_stream_the_upstream_closed_mid_call(
+    make_proxy: StartProxy, upstream_runner: Any
+) -> None:
+    """SEP-1699 polling: the Python SDK's server closes the POST stream (ctx.close_sse_stream()) after
+    a priming event with retry; the TypeScript client resumes it by itself with GET + Last-Event-ID."""
+    upstream = start_resumable_upstream(upstream_runner, "acme", f"CANARY-acme-{secrets.token_hex(6)}")
+    running = await make_proxy({"acme": upstream})
+    step = {"do": "callTool", "name": "close_then_finish", "arguments": {"seconds": 0.2}, "progress": True}
+    answers = await sdk_client(running.url, running.token("acme"), [step])
+    assert not answers.get("connectError"), answers
+    called = answers["steps"][0]["ok"]
+    assert called["result"]["content"][0]["text"] == f"finished after the stream was closed {upstream.canary}"
+    assert called["progress"] == [[1, 2], [2, 2]]
+    assert any(r.method == "GET" and "last-event-id" in r.headers for r in upstream.recorder.snapshot())
