@@ -71,3 +71,15 @@ async def test_an_unreachable_upstream_is_asked_again_later_and_a_verdict_is_kep
     assert await learned.speaks_modern(legacy) is False
     assert await learned.speaks_modern(legacy) is False
     assert len(legacy.requests) == 1  # learned once
+
+
+def test_a_reload_learns_the_eras_again_even_for_an_upstream_it_keeps() -> None:
+    from proxy.runtime import Runtime
+    from tests.factories import make_config
+
+    config = make_config()
+    before = Runtime.build(config)
+    before.tenants["acme"].eras.modern = False
+    after = Runtime.build(config, before)
+    assert after.tenants["acme"].upstream is before.tenants["acme"].upstream  # connections kept
+    assert after.tenants["acme"].eras.modern is None  # but what it speaks is asked again
