@@ -89,6 +89,11 @@ class Exchange:
     on_upstream_status: list[Callable[[int], None]] = field(default_factory=list)
     # Whether the upstream itself failed this call (None: it was not asked, or nothing is known).
     upstream_fault: bool | None = None
+    # A task this exchange created or saw finish (audit): a hash of its id, and what happened.
+    task: str | None = None
+    task_event: str | None = None  # created | completed | failed | cancelled
+    # The upstream ended a resumable stream before answering: the answer may come on a resumed GET.
+    awaiting_resumption: bool = False
 
     def finished(self) -> None:
         self.duration_seconds = time.perf_counter() - self.started
@@ -99,10 +104,10 @@ class Exchange:
         self.result_bytes = len(result)
         self.result_sha256 = hashlib.sha256(result).hexdigest()
 
-    def refused(self, status: int, code: int) -> None:
+    def refused(self, status: int, code: int, denied: bool = False) -> None:
         """An error answer is going out: the report says so (a denial outcome set earlier stays)."""
         if self.outcome == "ok":
-            self.outcome = "denied" if status in (401, 403) else "error"
+            self.outcome = "denied" if denied else "error"
         self.error_code = code
         self.status = status
 

@@ -29,9 +29,11 @@ from proxy.layers.limits.backend import Limiter
 from proxy.layers.limits.limiter import LocalLimiter
 from proxy.layers.sessions.backend import SessionStore
 from proxy.layers.sessions.registry import SessionRegistry
+from proxy.layers.sessions.task_store import TaskStore
 from proxy.ops.metrics import Metrics
 from proxy.ops.reports import Reports
 from proxy.upstreams.base import Upstream
+from proxy.upstreams.eras import UpstreamEras
 from proxy.upstreams.http import HttpUpstream
 from proxy.upstreams.stdio.upstream import StdioUpstream
 
@@ -49,6 +51,8 @@ class TenantRuntime:
     # an entry a failed invalidation left) is never found by requests on a newer one.
     # Deterministic, so replicas sharing Redis agree.
     cache_identity: str = ""
+    # The protocol eras the upstream speaks, learned on first use: a reload learns them again.
+    eras: UpstreamEras = field(default_factory=UpstreamEras)
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -199,6 +203,7 @@ class Services:
     shutting_down: asyncio.Event
     shared: RedisState | None = None
     reports: Reports = field(default_factory=Reports)  # log lines, audit records, metrics
+    tasks: TaskStore = field(default_factory=TaskStore)  # whose tasks the upstreams' task ids are
 
     @classmethod
     def build(cls, config: ProxyConfig) -> Services:
@@ -209,6 +214,7 @@ class Services:
             from proxy.backends.redis.cache import RedisResponseCache
             from proxy.backends.redis.limits import RedisLimiter
             from proxy.backends.redis.sessions import RedisSessionRegistry
+            from proxy.backends.redis.tasks import RedisTaskStore
 
             shared = RedisState(config.state, metrics, config.source)
             return cls(
@@ -225,6 +231,7 @@ class Services:
                 RedisLimiter(shared),
                 asyncio.Event(),
                 shared,
+                tasks=RedisTaskStore(shared),
             )
         return cls(
             SessionRegistry(

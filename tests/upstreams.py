@@ -80,8 +80,19 @@ class Recorder:
             self.requests.clear()
 
     def snapshot(self) -> list[Recorded]:
+        """The requests received for clients: the proxy's own era probe (one server/discover per
+        upstream and runtime, upstreams/eras.py) is left out; `probes()` has it."""
         with self.lock:
-            return list(self.requests)
+            return [r for r in self.requests if not is_era_probe(r.body)]
+
+    def probes(self) -> list[Recorded]:
+        with self.lock:
+            return [r for r in self.requests if is_era_probe(r.body)]
+
+
+def is_era_probe(body: bytes | bytearray) -> bool:
+    """The proxy's server/discover probe of an upstream's protocol eras."""
+    return b'"id":"mcp-tenant-proxy-discover-' in body
 
 
 def add_test_tools(server: MCPServer, canary: str) -> None:
@@ -331,6 +342,27 @@ def start_test_upstream(
     )
     if post_delay:
         app = Delayed(app, post_delay)
+    recorder = Recorder(app)
+    port = free_port()
+    runner.serve(recorder, port)
+    return Upstream(tenant, canary, port, recorder)
+
+
+def start_resumable_upstream(runner: UpstreamThread, tenant: str, canary: str) -> Upstream:
+    """A notes upstream that polls (SEP-1699): its streams start with a priming event and a retry
+    of 100 ms, and `close_then_finish` closes its POST stream mid-call, answering on the resumed GET."""
+    server = build_notes_server(tenant, canary)
+
+    @server.tool()
+    async def close_then_finish(ctx: Context, seconds: float = 0.3) -> str:
+        """Reports progress, closes this request's stream, works on, reports again and answers."""
+        await ctx.report_progress(1, 2)
+        await ctx.close_sse_stream()
+        await anyio.sleep(seconds)
+        await ctx.report_progress(2, 2)
+        return f"finished after the stream was closed {canary}"
+
+    app = server.streamable_http_app(host="127.0.0.1", event_store=MemoryEventStore(), retry_interval=100)
     recorder = Recorder(app)
     port = free_port()
     runner.serve(recorder, port)

@@ -19,7 +19,7 @@ from aiohttp import hdrs, web
 
 from proxy.flow import Exchange
 from proxy.http.keys import REQUEST_ID
-from proxy.protocol.errors import BadRequest, Forbidden, ProxyError
+from proxy.protocol.errors import BadRequest, Forbidden, ProxyError, http_status
 from proxy.protocol.jsonrpc import dumps, error_body
 from proxy.upstreams.base import JSON
 
@@ -80,11 +80,13 @@ async def check_origin(exchange: Exchange) -> None:
 
 
 def error_reply(exchange: Exchange, error: ProxyError) -> web.Response:
-    """The answer to a refused or failed exchange: the error's status and a JSON-RPC error body."""
-    exchange.refused(error.status, error.code)
+    """The answer to a refused or failed exchange: a JSON-RPC error body, under the error's status
+    in the exchange's era (a refusal of a well-formed request is an answer: errors.http_status)."""
+    status = http_status(error, exchange.era)
+    exchange.refused(status, error.code, denied=error.status in (401, 403))
     request_id = exchange.message.id if exchange.message is not None else None
     response = web.Response(
-        status=error.status,
+        status=status,
         body=dumps(error.to_jsonrpc(request_id)),
         content_type=JSON,
         headers={**NO_STORE, **error.headers},

@@ -37,14 +37,16 @@ from proxy.http.intake import parse, require_event_stream
 from proxy.http.keys import RUNTIME, SERVICES
 from proxy.layers.auth.stage import authenticate
 from proxy.layers.cache import stage as cache
-from proxy.layers.containment import capabilities, recent_activity
+from proxy.layers.containment import capabilities, extensions, recent_activity
 from proxy.layers.containment.audit import audit_record
 from proxy.layers.data_access import stage as data_access
 from proxy.layers.limits import stage as limits
 from proxy.layers.sessions import stage as sessions
+from proxy.layers.sessions import tasks
 from proxy.ops.log import request_line
 from proxy.ops.metrics import observe
 from proxy.protocol.errors import MethodNotAllowed, ProxyError
+from proxy.upstreams import eras
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,13 @@ HOOKS = Hooks(
         hook(capabilities.server_requests, SERVER_REQUEST),
         # a notification naming another tenant's resource is dropped, on every stream
         hook(data_access.screen_notifications, NOTIFICATION),
+        # extensions the proxy does not enforce are not offered
+        hook(extensions.offer, ANSWER, methods=extensions.OFFERING_METHODS),
+        # task ids: the proxy's own, bound to their caller; other callers' tasks never shown
+        hook(tasks.created, ANSWER, methods=tasks.CREATING_METHODS),
+        hook(tasks.answered, ANSWER, methods=tasks.ANSWERED_METHODS),
+        hook(tasks.notified, NOTIFICATION, methods=tasks.NOTIFICATIONS),
+        hook(tasks.untie, SERVER_REQUEST),
         # answered requests forgotten, server requests owed an answer
         hook(sessions.track, ANSWER, SERVER_REQUEST),
         # the tenant's catalog follows tools/prompts lists
@@ -101,6 +110,8 @@ POST: Flow[Request] = Flow(
     stages=(
         sessions.bind,
         limits.streams,  # subscriptions/listen: a long-lived stream
+        eras.speaks_modern,  # a handshake-only upstream: -32022 at once, so the client falls back
+        tasks.resolve,  # task ids name the caller's own tasks (else: an unknown task, no upstream call)
         capabilities.open_request_state,
         recent_activity.answer,
         data_access.check_mirrored_headers,

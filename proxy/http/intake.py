@@ -121,15 +121,14 @@ async def parse(call: Call) -> Request:
     for name in _SINGLE_HEADERS:
         single_header(call, name)
     era, version = era_of(call, message)
+    call.era = era  # a refusal from here on goes out as that era answers it
     if message.kind is MessageKind.RESPONSE:
         if era is Era.MODERN:
             raise BadRequest(
                 "Invalid request: the 2026-07-28 protocol has no server-to-client requests to answer"
             )
     elif message.method not in KNOWN_METHODS[era]:
-        raise MethodNotFound(
-            f"Method not found: {str(message.method)[:100]!r}", status=404 if era is Era.MODERN else 200
-        )
+        raise MethodNotFound(f"Method not found: {str(message.method)[:100]!r}")
     headers: dict[str, str] = {}
     if version is not None:
         headers[PROTOCOL_VERSION_HEADER] = version

@@ -25,6 +25,7 @@ from aiohttp import web
 from proxy.flow import Call, Hooks, Reply, Request, ServerKind, ServerMessage, deliver
 from proxy.http.edge import NO_STORE, single_header
 from proxy.http.keys import RUNTIME
+from proxy.layers.sessions.registry import PostStream, Session
 from proxy.layers.sessions.stage import SESSION_HEADER, end_upstream_session, open_session, settled
 from proxy.protocol.errors import (
     Conflict,
@@ -36,7 +37,7 @@ from proxy.protocol.errors import (
 )
 from proxy.protocol.jsonrpc import Message, MessageKind, dumps
 from proxy.protocol.sse import KEEPALIVE_BYTES, encode_event
-from proxy.types import HANDSHAKE_VERSIONS, JsonObject
+from proxy.types import HANDSHAKE_VERSIONS, JsonObject, RequestId
 from proxy.upstreams.base import (
     EVENT_STREAM,
     JSON,
@@ -203,12 +204,14 @@ async def _relay_post_stream(call: Request, response: UpstreamResponse, hooks: H
     stream = web.StreamResponse(status=200, headers=SSE_HEADERS)
     await stream.prepare(call.request)
     answered = False
+    primed = False  # an event id went out: the client can resume the stream (handshake era)
     events = incoming(response, _waited(call))
     try:
         async for batch in events:
             out: list[bytes] = []  # what arrived together goes out in one write
             try:
                 for item in batch:
+                    primed = primed or (bool(item.event_id) and call.session is not None)
                     answered = _relay_item(call, item, hooks, out) or answered
                     if answered:
                         break
@@ -228,7 +231,12 @@ async def _relay_post_stream(call: Request, response: UpstreamResponse, hooks: H
             call.upstream_fault = isinstance(error, UpstreamError)
             await stream.write(encode_event(dumps(error.to_jsonrpc(call.message.id))))
             answered = True
-    if not answered:
+    if not answered and primed:
+        # The upstream closed a resumable stream before answering (SEP-1699 polling): so does the
+        # proxy, and the client resumes it with GET + Last-Event-ID (relay_get), where the rest of
+        # it, the answer included, comes through the same hooks.
+        call.awaiting_resumption, call.upstream_fault = True, False
+    elif not answered:
         call.outcome, call.error_code = "error", UpstreamError.code
         call.upstream_fault = True
         lost = UpstreamError("The upstream MCP server ended the stream without answering")
@@ -245,7 +253,7 @@ def _relay_item(call: Call, item: Incoming, hooks: Hooks, out: list[bytes]) -> b
         out.append(KEEPALIVE_BYTES)
         return False
     session = call.session
-    event_id = session.issue_event_id(item.event_id) if session is not None else None
+    event_id = session.issue_event_id(item.event_id, call.message) if session is not None else None
     if item.message is None:  # an id or a retry only (a priming event): relayed under the proxy's id
         if event_id is not None:
             out.append(encode_event("", event_id, item.retry))
@@ -256,8 +264,17 @@ def _relay_item(call: Call, item: Incoming, hooks: Hooks, out: list[bytes]) -> b
     delivered = _out(call, message, hooks)
     if delivered is not None:
         out.append(encode_event(delivered, event_id, item.retry))
+        if message.kind is ServerKind.ANSWER and session is not None and event_id is not None:
+            _answered_at(session, message.answers.id if message.answers is not None else None, event_id)
         return message.kind is ServerKind.ANSWER
     return False
+
+
+def _answered_at(session: Session, request_id: RequestId | None, event_id: str) -> None:
+    """The event that carried a POST stream's answer: resuming after it replays nothing more."""
+    stream = session.post_streams.get(request_id) if request_id is not None else None
+    if stream is not None:
+        stream.answered_at = int(event_id)
 
 
 async def _drain(events: AsyncIterator[object]) -> None:
@@ -323,77 +340,145 @@ async def _abandon_upstream_session(call: Call, response: UpstreamResponse) -> N
 
 
 async def relay_get(call: Call, hooks: Hooks) -> Reply:
-    """Handshake era: the session's own server-to-client stream, resumable with proxy event ids."""
+    """Handshake era: the session's own server-to-client stream, resumable with proxy event ids; or,
+    when Last-Event-ID names an event of one of the session's POST streams, that stream resumed."""
     session = call.session
     assert session is not None  # (sessions.bind binds one for every GET or refuses it)
+    last_event_id = single_header(call, "Last-Event-ID")
+    upstream_id = session.upstream_event_id(last_event_id) if last_event_id is not None else None
+    resumed = session.post_stream_of(last_event_id) if last_event_id is not None else None
+    if last_event_id is not None and upstream_id is not None and resumed is not None:
+        return await _resume_post_stream(call, hooks, resumed, int(last_event_id), upstream_id)
     if session.get_stream_open:
         raise Conflict("Conflict: this session already has an open GET stream")
     headers = _upstream_headers(call, EVENT_STREAM)
     headers["MCP-Protocol-Version"] = session.protocol_version
-    last_event_id = single_header(call, "Last-Event-ID")
-    if last_event_id is not None:
-        upstream_id = session.upstream_event_id(last_event_id)
-        if upstream_id is not None:  # an id this session never issued replays nothing
-            headers["Last-Event-ID"] = upstream_id
+    if upstream_id is not None:  # an id this session never issued replays nothing
+        headers["Last-Event-ID"] = upstream_id
     session.get_stream_open = True
     if session.ended is None:
         session.ended = asyncio.Event()
     try:
         response = await call.tenant.upstream.send(UpstreamRequest("GET", headers))
         try:
-            if response.status == 404:
-                await call.services.sessions.remove(session)
-                raise SessionNotFound()
-            if response.status != 200 or response.content_type != EVENT_STREAM:
-                if response.status == 405:
-                    raise MethodNotAllowed("Method not allowed: the upstream MCP server offers no GET stream")
-                if response.status == 409:
-                    raise Conflict("Conflict: this session already has an open GET stream")
-                raise UpstreamError(
-                    f"The upstream MCP server answered the GET stream with HTTP {response.status}"
-                )
-            stream = web.StreamResponse(status=200, headers=SSE_HEADERS)
-            await stream.prepare(call.request)
-            try:
-                async for batch in _until(incoming(response), call.services.shutting_down, session.ended):
-                    out: list[bytes] = []
-                    for item in batch:
-                        _relay_get_item(call, item, hooks, out)
-                    if out:
-                        await settled(call)
-                        await stream.write(b"".join(out))
-            except ProxyError as error:
-                log.info("upstream_stream_ended", tenant=call.ctx.tenant, reason=error.message)
-            await stream.write_eof()
-            return stream
+            await _check_get_answer(call, response)
+            return await _relay_get_stream(call, response, hooks, None)
         finally:
             response.close()
     finally:
         session.get_stream_open = False
 
 
-def _relay_get_item(call: Call, item: Incoming, hooks: Hooks, out: list[bytes]) -> None:
-    """An item of the GET stream. An answer to a request of this session whose own stream was lost
-    (replayed on resumption) is delivered as that request's answer."""
-    if item.keepalive:
-        out.append(KEEPALIVE_BYTES)
-        return
+async def _resume_post_stream(
+    call: Call, hooks: Hooks, resumed: PostStream, after: int, upstream_id: str
+) -> Reply:
+    """SEP-1699: a POST stream the upstream closed before answering (or the client lost), its events
+    relayed under the proxy's ids (the priming event and retry included); the client's GET with
+    Last-Event-ID resumes it upstream from the matching event, and the rest comes through the hooks
+    as that request's, up to its answer."""
     session = call.session
     assert session is not None
-    event_id = session.issue_event_id(item.event_id)
+    if resumed.answered_at is not None and after >= resumed.answered_at:
+        # Nothing comes after the answer (the TypeScript SDK resumes even then, after an error).
+        raise MethodNotAllowed(
+            "Method not allowed: that stream has ended with its answer",
+            headers={"Allow": "GET, POST, DELETE"},
+        )
+    headers = _upstream_headers(call, EVENT_STREAM)
+    headers["MCP-Protocol-Version"] = session.protocol_version
+    headers["Last-Event-ID"] = upstream_id
+    if session.ended is None:
+        session.ended = asyncio.Event()
+    session.busy += 1  # a session waiting for an answer is never idle
+    try:
+        response = await call.tenant.upstream.send(UpstreamRequest("GET", headers))
+        try:
+            await _check_get_answer(call, response)
+            return await _relay_get_stream(call, response, hooks, resumed)
+        finally:
+            response.close()
+    finally:
+        session.busy -= 1
+        session.last_seen = time.monotonic()
+
+
+async def _check_get_answer(call: Call, response: UpstreamResponse) -> None:
+    if response.status == 404:
+        assert call.session is not None
+        await call.services.sessions.remove(call.session)
+        raise SessionNotFound()
+    if response.status != 200 or response.content_type != EVENT_STREAM:
+        if response.status == 405:
+            raise MethodNotAllowed("Method not allowed: the upstream MCP server offers no GET stream")
+        if response.status == 409:
+            raise Conflict("Conflict: this session already has an open GET stream")
+        raise UpstreamError(f"The upstream MCP server answered the GET stream with HTTP {response.status}")
+
+
+async def _relay_get_stream(
+    call: Call, response: UpstreamResponse, hooks: Hooks, resumed: PostStream | None
+) -> Reply:
+    """A GET stream to its end (the session's stream), or until the answer of `resumed` (a POST
+    stream resumed), or the session's end or the proxy's shutdown."""
+    session = call.session
+    assert session is not None and session.ended is not None
+    stream = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    await stream.prepare(call.request)
+    try:
+        async for batch in _until(incoming(response), call.services.shutting_down, session.ended):
+            out: list[bytes] = []
+            answered = False
+            for item in batch:
+                answered = _relay_get_item(call, item, hooks, out, resumed)
+                if answered:
+                    break
+            if out:
+                await settled(call)
+                await stream.write(b"".join(out))
+            if answered:
+                break
+    except ProxyError as error:
+        log.info("upstream_stream_ended", tenant=call.ctx.tenant, reason=error.message)
+    await stream.write_eof()
+    return stream
+
+
+def _relay_get_item(
+    call: Call, item: Incoming, hooks: Hooks, out: list[bytes], resumed: PostStream | None
+) -> bool:
+    """An item of a GET stream. An answer to a request of this session whose own stream was lost
+    is delivered as that request's answer, and what a resumed POST stream carries is its request's;
+    True when the item answers the resumed stream's request."""
+    if item.keepalive:
+        out.append(KEEPALIVE_BYTES)
+        return False
+    session = call.session
+    assert session is not None
+    event_id = session.issue_event_id(item.event_id, resumed.request if resumed is not None else None)
     delivered: bytes | None = None
+    answered = False
     body = item.message
     if body is not None:
-        request = session.forwarded.get(body["id"]) if "method" not in body and "id" in body else None
+        answer_id = body.get("id") if "method" not in body else None
+        request = session.forwarded.get(answer_id) if isinstance(answer_id, str | int) else None
+        if request is None and resumed is not None:
+            request = resumed.request
         if request is not None:  # judged as that request's call would be
-            resumed = dataclasses.replace(call, message=request)
-            message = classify(resumed, body, request)
-            delivered = _out(resumed, message, hooks) if message is not None else None
+            on_behalf = dataclasses.replace(call, message=request)
+            message = classify(on_behalf, body, request)
+            delivered = _out(on_behalf, message, hooks) if message is not None else None
+            answered = (
+                message is not None and message.kind is ServerKind.ANSWER and resumed is not None
+                and same_id(request.id, resumed.request.id)
+            )  # fmt: skip
+            if answered and event_id is not None:
+                _answered_at(session, request.id, event_id)
         else:
             message = classify(call, body)
             delivered = _out(call, message, hooks) if message is not None else None
     if delivered is not None or event_id is not None:
         out.append(encode_event(delivered or b"", event_id, item.retry))
+    return answered
 
 
 async def _until(events: AsyncIterator[T], *stops: asyncio.Event) -> AsyncIterator[T]:

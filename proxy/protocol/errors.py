@@ -4,6 +4,8 @@
     ├── BadRequest                      -32600  400  not a request we can take
     │   ├── ParseError                  -32700  400  malformed JSON, invalid UTF-8, duplicate keys
     │   ├── InvalidParams               -32602  400  params of the wrong shape
+    │   │   ├── UnknownResource       * -32602  400  a resource the caller's tenant may not see
+    │   │   └── UnknownTask           * -32602  400  a task id not issued to the caller (or gone)
     │   ├── HeaderMismatch              -32020  400  Mcp-Method, Mcp-Name, Mcp-Param-*, version
     │   ├── UnsupportedProtocolVersion  -32022  400  data.supported lists what we speak
     │   ├── MissingSession              -32600  400  handshake-era request without Mcp-Session-Id
@@ -13,11 +15,11 @@
     │   ├── UnsupportedMediaType        -32600  415
     │   └── NotAcceptable               -32600  406
     ├── MethodNotAllowed                -32600  405  (Allow header)
-    ├── MethodNotFound                  -32601  404  a method the proxy never forwards (200: handshake era)
+    ├── MethodNotFound                * -32601  404  a method the proxy never forwards
     ├── Unauthenticated                 -32001  401  (WWW-Authenticate: Bearer resource_metadata=...)
     ├── Forbidden                       -32003  403  tenant not configured, Origin not allowed
     │   ├── InsufficientScope           -32003  403  (WWW-Authenticate: Bearer error="insufficient_scope")
-    │   └── PolicyDenied                -32005  403  a policy rule refused the request (data.rule)
+    │   └── PolicyDenied              * -32005  403  a policy rule refused the request (data.rule)
     ├── SessionNotFound                 -32004  404  unknown, expired or foreign session: all look alike
     ├── Conflict                        -32600  409  a second GET stream for one session
     ├── TooManyRequests                 -32009  429  (Retry-After)
@@ -25,6 +27,12 @@
     └── UpstreamError                   -32010  502  the tenant's upstream failed this request
         ├── UpstreamTimeout             -32011  504
         └── UpstreamUnavailable         -32012  503  circuit open: failing fast (Retry-After)
+
+* An answer, not a transport failure: the refusal of a well-formed, authenticated request is the
+JSON-RPC error a server would answer with. In the handshake era it goes out as HTTP 200 (clients
+such as the TypeScript SDK take any other status for a broken transport); in 2026-07-28 its status
+is the one that revision's table gives its code (`http_status`: 400, 404 for -32601, else 200).
+Every other error keeps its status in both eras: the transport prescribes those.
 
 Codes of our own are in the implementation-defined range -32000..-32019 (-32020..-32099 belong
 to the MCP spec). Messages are fixed strings or name only what the client itself sent (a header
@@ -35,13 +43,14 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from proxy.types import JsonObject, RequestId
+from proxy.types import Era, JsonObject, RequestId
 
 
 class ProxyError(Exception):
     code: ClassVar[int] = -32603
     status: int = 500
     default_message: ClassVar[str] = "Internal proxy error"
+    answer: ClassVar[bool] = False  # a JSON-RPC refusal of a well-formed request (* in the tree)
 
     def __init__(
         self,
@@ -79,6 +88,20 @@ class ParseError(BadRequest):
 class InvalidParams(BadRequest):
     code = -32602
     default_message = "Invalid params"
+
+
+class UnknownResource(InvalidParams):
+    """Exactly what an upstream says of a resource it does not have: no existence probing."""
+
+    answer = True
+
+
+class UnknownTask(InvalidParams):
+    """A task id the proxy did not issue to this caller, or one its upstream no longer knows: the
+    answer is the same for all of them (no probing whose task an id is)."""
+
+    answer = True
+    default_message = "Failed to retrieve task: Task not found"
 
 
 class HeaderMismatch(BadRequest):
@@ -130,6 +153,7 @@ class MethodNotFound(ProxyError):
     code = -32601
     status = 404
     default_message = "Method not found"
+    answer = True
 
 
 class Unauthenticated(ProxyError):
@@ -151,6 +175,7 @@ class InsufficientScope(Forbidden):
 class PolicyDenied(Forbidden):
     code = -32005
     default_message = "Denied by policy"
+    answer = True
 
 
 class SessionNotFound(ProxyError):
@@ -196,6 +221,21 @@ class UpstreamUnavailable(UpstreamError):
     code = -32012
     status = 503
     default_message = "The upstream MCP server is unavailable"
+
+
+# The 2026-07-28 Streamable HTTP status of a JSON-RPC error code (as the SDKs map them); others: 200.
+MODERN_STATUS: dict[int, int] = {
+    -32700: 400, -32600: 400, -32602: 400, -32020: 400, -32021: 400, -32022: 400, -32601: 404,
+}  # fmt: skip
+
+
+def http_status(error: ProxyError, era: Era | None) -> int:
+    """The HTTP status an error goes out with in a protocol era (None: not known yet)."""
+    if not error.answer or era is None:
+        return error.status
+    if era is Era.HANDSHAKE:
+        return 200
+    return MODERN_STATUS.get(error.code, 200)
 
 
 # --- what a client may see of an upstream's errors -----------------------------------------------

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from proxy.protocol.errors import HeaderMismatch, InvalidParams, UnsupportedProtocolVersion
-from proxy.protocol.jsonrpc import NAME_BEARING_METHODS, Message
+from proxy.protocol.jsonrpc import NAME_BEARING_METHODS, TASK_ID_METHODS, Message
 from proxy.types import MODERN_VERSIONS, JsonObject
 
 PROTOCOL_VERSION_HEADER: Final = "MCP-Protocol-Version"
@@ -202,6 +202,11 @@ def check_modern_envelope(
         body_value = message.params.get(name_key)
         if body_value is not None and (name_header is None or decode_header_value(name_header) != body_value):
             raise HeaderMismatch(f"Header mismatch: {NAME_HEADER} does not match the body's {name_key!r}")
+    # A task request's Mcp-Name is the task id; clients that leave it out (fastmcp-tasks) are served,
+    # but one that disagrees with the body is refused like any other.
+    task_named = message.method in TASK_ID_METHODS and name_header is not None
+    if task_named and decode_header_value(name_header or "") != message.params.get("taskId"):
+        raise HeaderMismatch(f"Header mismatch: {NAME_HEADER} does not match the body's 'taskId'")
     if version_header not in MODERN_VERSIONS:
         raise UnsupportedProtocolVersion(
             data={"supported": sorted(MODERN_VERSIONS), "requested": version_header}

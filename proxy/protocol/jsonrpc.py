@@ -30,6 +30,10 @@ MODERN_REQUESTS: Final = frozenset(
         "resources/templates/list",
         "resources/read",
         "completion/complete",
+        # the tasks extension (io.modelcontextprotocol/tasks): ids bound by layers/sessions/tasks.py
+        "tasks/get",
+        "tasks/update",
+        "tasks/cancel",
     }
 )
 HANDSHAKE_REQUESTS: Final = frozenset(
@@ -47,6 +51,11 @@ HANDSHAKE_REQUESTS: Final = frozenset(
         "resources/subscribe",
         "resources/unsubscribe",
         "completion/complete",
+        # 2025-11-25 experimental tasks: ids bound by layers/sessions/tasks.py
+        "tasks/get",
+        "tasks/result",
+        "tasks/list",
+        "tasks/cancel",
     }
 )
 MODERN_NOTIFICATIONS: Final = frozenset({"notifications/cancelled"})
@@ -65,6 +74,8 @@ KNOWN_METHODS: Final = {
 
 # params key whose value is mirrored in the Mcp-Name header (modern era).
 NAME_BEARING_METHODS: Final = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+# Requests about one task, named by params.taskId (in Mcp-Name too, in the modern era).
+TASK_ID_METHODS: Final = frozenset({"tasks/get", "tasks/update", "tasks/cancel", "tasks/result"})
 
 METHOD_NOT_FOUND: Final = -32601
 

@@ -91,9 +91,13 @@ def encode_event(data: bytes | str, event_id: str | None = None, retry: int | No
         parts.append(f"id: {event_id}\n")
     if retry is not None:
         parts.append(f"retry: {retry}\n")
-    if text:  # an event without data only moves the client's last event id (a priming event)
+    if text:
         parts.append("event: message\n")
         parts.extend(f"data: {line}\n" for line in _LINE_BREAK.split(text))
+    elif parts:
+        # A priming event: an id (and retry) with empty data, written as the SDKs' servers write it;
+        # a client that drops events without a data field (the TypeScript SDK) would miss the id.
+        parts.append("data: \n")
     parts.append("\n")
     return "".join(parts).encode("utf-8")
 

@@ -517,7 +517,8 @@ async def sse_with_ids(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[
         elif line.startswith("data:"):
             data.append(line[5:].removeprefix(" "))
         elif not line:
-            yield event_id, json.loads("\n".join(data)) if data else None
+            text = "\n".join(data)
+            yield event_id, json.loads(text) if text else None  # (a priming event has empty data)
             data = []
 
 

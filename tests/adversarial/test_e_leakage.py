@@ -412,7 +412,7 @@ def modern_steps(tenant: str, secret: str) -> list[Step]:
     return [
         call("1", "add_note", {"tenant_id": tenant, "text": secret}, 200),
         call("2", "list_notes", {"tenant_id": tenant}, 200),
-        call("3", "list_notes", {"tenant_id": other}, 403, -32005),
+        call("3", "list_notes", {"tenant_id": other}, 200, -32005),  # a refusal is an answer
         Step(
             "4",
             modern_body("resources/read", {"uri": uri}),

@@ -64,8 +64,17 @@ class Fake:
             )
         if "id" not in message:
             return web.Response(status=202)
+        params = message.get("params") if isinstance(message.get("params"), dict) else {}
         if message.get("method") == "tools/list":
             result: dict[str, Any] = {"tools": [TOOL]}
+        elif message.get("method") in ("initialize", "server/discover"):  # as an SDK server answers
+            asked = params.get("protocolVersion")
+            result = {
+                "protocolVersion": asked if asked in ("2025-11-25", "2025-06-18") else "2025-11-25",
+                "supportedVersions": ["2026-07-28", "2025-11-25"],
+                "capabilities": {"tools": {}},
+                "serverInfo": {"name": "fake", "version": "1"},
+            }
         else:
             result = {"content": [{"type": "text", "text": f"CANARY-{self.tenant}"}], "isError": False}
         return web.json_response({"jsonrpc": "2.0", "id": message["id"], "result": result})

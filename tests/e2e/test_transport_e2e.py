@@ -90,7 +90,8 @@ async def sse_messages(response: aiohttp.ClientResponse) -> AsyncIterator[dict[s
         if line.startswith("data:"):
             data.append(line[5:].removeprefix(" "))
         elif not line and data:
-            yield json.loads("\n".join(data))
+            if any(data):  # (a priming event has empty data: no message)
+                yield json.loads("\n".join(data))
             data = []
 
 

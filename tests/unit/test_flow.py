@@ -112,7 +112,7 @@ async def test_a_spoofed_tenant_argument_is_refused_before_the_upstream(tmp_path
     runtime, services, upstream = proxy_with(tmp_path, {"tenant_arguments": {"names": ["tenant_id"]}})
     exchange = post(runtime, services, call_body({"tenant_id": "globex"}))
     reply = await serve(exchange, POST)
-    assert isinstance(reply, web.Response) and reply.status == 403
+    assert isinstance(reply, web.Response) and reply.status == 200  # an MCP error, not a transport failure
     assert json.loads(reply.body)["error"]["code"] == PolicyDenied.code  # type: ignore[arg-type]
     assert not [b for b in upstream.bodies() if b.get("method") == "tools/call"]
     assert exchange.outcome == "spoof"

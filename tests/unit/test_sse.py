@@ -187,7 +187,8 @@ async def test_events_just_under_the_limit_and_many_of_them_pass() -> None:
 def test_encode_event_format() -> None:
     assert encode_event(b'{"a":1}', "5", 100) == b'id: 5\nretry: 100\nevent: message\ndata: {"a":1}\n\n'
     assert encode_event("a\nb") == b"event: message\ndata: a\ndata: b\n\n"
-    assert encode_event("", "3") == b"id: 3\n\n"
+    assert encode_event("", "3") == b"id: 3\ndata: \n\n"  # a priming event, as the SDKs write it
+    assert encode_event("", "3", 250) == b"id: 3\nretry: 250\ndata: \n\n"
     assert encode_event("", None) == b"\n"
     assert KEEPALIVE_BYTES.startswith(b":")
 

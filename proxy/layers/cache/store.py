@@ -174,7 +174,9 @@ class CachePlan:
         return self.key(None if self.tool_ttl_seconds is not None else self.subject)
 
     def store_key_and_ttl(self, result: JsonObject) -> tuple[CacheKey, float] | None:
-        if result.get("isError") is True or result.get("resultType") == "input_required":
+        if result.get("isError") is True or result.get("resultType") in ("input_required", "task"):
+            return None
+        if "task" in result:  # a 2025-11-25 task handle: its id is its caller's alone
             return None
         if self.tool_ttl_seconds is not None:
             return self.key(None), self.tool_ttl_seconds
@@ -198,6 +200,8 @@ def plan_for(
     """The cache plan for a request, or None when it must bypass the cache."""
     if "requestState" in params or "inputResponses" in params:
         return None  # a multi-round-trip retry: its answer belongs to that exchange alone
+    if not modern and "task" in params:
+        return None  # a task-augmented request (2025-11-25) is answered with its own task
     name = params.get("name") if method != "resources/read" else params.get("uri")
     if method == "tools/call":
         ttl = (tool_ttls or {}).get(name) if isinstance(name, str) else None

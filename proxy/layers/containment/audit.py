@@ -3,7 +3,7 @@
 One JSON line per MCP request in `<audit.dir>/<tenant>.jsonl`, rendered by orjson (pure ASCII):
 
     ts, tenant, subject, session (hash), era, method, name, argument_keys, outcome, cache,
-    error_code, result_bytes, result_sha256, duration_ms
+    error_code, result_bytes, result_sha256, duration_ms, task (hash), task_event
 
 Never an argument value, never result content, never a token. JSON rendering escapes newlines and
 control characters, so no value can forge a line. Files are opened append-only, written by one
@@ -70,6 +70,8 @@ class AuditRecord(NamedTuple):
     result_bytes: int
     result_sha256: str | None
     duration_ms: float
+    task: str | None  # a hash of the task id this request created or saw finish, never the id
+    task_event: str | None  # created | completed | failed | cancelled
 
     def as_dict(self) -> JsonObject:
         record = self._asdict()
@@ -81,7 +83,7 @@ class AuditRecord(NamedTuple):
 
 _FIELD_ORDER = (
     "ts", "tenant", "subject", "issuer", "session", "era", "http_method", "method", "name", "argument_keys",
-    "outcome", "cache", "error_code", "result_bytes", "result_sha256", "duration_ms",
+    "outcome", "cache", "error_code", "result_bytes", "result_sha256", "duration_ms", "task", "task_event",
 )  # fmt: skip
 
 
@@ -114,6 +116,8 @@ def summarize(exchange: Exchange) -> AuditRecord | None:
         exchange.result_bytes,
         exchange.result_sha256,
         round(exchange.duration_seconds * 1000, 3),
+        exchange.task,
+        exchange.task_event,
     )
 
 

@@ -5,7 +5,8 @@ MRTR request state that carries a multi-round-trip request through the client (2
                          request; the upstream gets its own state back, and the inputResponses the
                          client was asked for plus the proxy's own answers
     restrict             check: the client's capabilities as the upstream sees them (initialize,
-                         and every 2026-07-28 request's _meta); roots list_changed dropped
+                         and every 2026-07-28 request's _meta; extensions as in extensions.py);
+                         roots list_changed dropped
     server_requests      response hook: a server-to-client request the policy does not let through
                          is answered by the proxy itself (roots) or refused, never relayed
     settle_input         response hook: an input_required result's requests handled the same way,
@@ -18,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from proxy.flow import Call, Request, ServerKind, ServerMessage
+from proxy.layers.containment.extensions import allowed, only_allowed
 from proxy.layers.containment.request_state import RequestState
 from proxy.layers.data_access.policy import DEFAULT_CLIENT_CAPABILITIES, ClientCapabilities
 from proxy.layers.sessions.stage import send_on_session_soon
@@ -45,7 +47,7 @@ async def open_request_state(call: Request) -> None:
         return
     params = message.params
     if "requestState" not in params:
-        if "inputResponses" in params:
+        if "inputResponses" in params and message.method != "tasks/update":  # (a task's: its id binds it)
             raise InvalidParams(
                 "Invalid params: inputResponses answer an input_required result; send its requestState too"
             )
@@ -82,13 +84,11 @@ async def restrict(call: Request) -> None:
         return
     params = message.body["params"]
     if message.method == "initialize" and "capabilities" in params:
-        params["capabilities"] = capabilities.filter(params["capabilities"])
+        params["capabilities"] = only_allowed(capabilities.filter(params["capabilities"]), allowed(call))
     meta = params.get("_meta")
     if call.era is Era.MODERN and isinstance(meta, dict) and CLIENT_CAPABILITIES_META in meta:
-        params["_meta"] = {
-            **meta,
-            CLIENT_CAPABILITIES_META: capabilities.filter(meta[CLIENT_CAPABILITIES_META]),
-        }
+        declared = capabilities.filter(meta[CLIENT_CAPABILITIES_META])
+        params["_meta"] = {**meta, CLIENT_CAPABILITIES_META: only_allowed(declared, allowed(call))}
 
 
 def _record(call: Call, method: str, capabilities: ClientCapabilities) -> str:

@@ -56,7 +56,12 @@ class RequestStateSeal:
         self.shared = True
 
     def _tag(self, body: str) -> str:
-        return _b64(hmac.new(self._key, body.encode("ascii"), hashlib.sha256).digest())
+        return _b64(self.mac(body.encode("ascii")))
+
+    def mac(self, message: bytes) -> bytes:
+        """HMAC-SHA256 under the proxy's sealing key (the replicas' common one with Redis); other
+        ids the proxy binds to a caller (tasks) use it too, with a domain of their own."""
+        return hmac.new(self._key, message, hashlib.sha256).digest()
 
     def seal(self, ctx: TenantContext, state: RequestState, now: float | None = None) -> str:
         expires = (time.time() if now is None else now) + self.ttl_seconds

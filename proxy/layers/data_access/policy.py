@@ -97,6 +97,18 @@ class ClientCapabilitiesSpec(StrictModel):
         return roots
 
 
+class ExtensionsSpec(StrictModel):
+    """MCP extensions (SEP-2133) offered to clients beyond those the proxy enforces."""
+
+    allow: tuple[str, ...] = Field(
+        default=(),
+        description="Extensions (e.g. io.modelcontextprotocol/ui) kept in the capabilities both sides "
+        "declare (server/discover, initialize, a request's clientCapabilities) although the proxy does "
+        "not enforce them; methods the proxy does not know stay refused. The extensions it enforces "
+        "(io.modelcontextprotocol/tasks) need no entry; any other is removed.",
+    )
+
+
 class RecentActivitySpec(StrictModel):
     enabled: bool = Field(default=False, description="Offer the proxy_recent_activity tool.")
     max_records: int = Field(default=20, ge=1, le=200, description="The most records one call returns.")
@@ -113,6 +125,7 @@ class PolicyFile(StrictModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     recent_activity: RecentActivitySpec = Field(default_factory=RecentActivitySpec)
     client_capabilities: ClientCapabilitiesSpec = Field(default_factory=ClientCapabilitiesSpec)
+    extensions: ExtensionsSpec = Field(default_factory=ExtensionsSpec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +241,7 @@ class Policy:
     recent_activity_tenant_wide: bool = False  # scope: tenant
     json_document_tools: re.Pattern[str] = re.compile(r"(?!)")
     client_capabilities: ClientCapabilities = field(default_factory=lambda: DEFAULT_CLIENT_CAPABILITIES)
+    extensions_allowed: frozenset[str] = frozenset()  # passed through though not enforced
 
     def json_documents_in(self, tool: str) -> bool:
         """Whether the tool's string arguments carry JSON documents the proxy leaves alone."""
@@ -270,6 +284,7 @@ def compile_policy(name: str, spec: PolicyFile) -> Policy:
         recent_activity_tenant_wide=spec.recent_activity.scope == "tenant",
         json_document_tools=_globs(spec.tenant_arguments.json_document_tools),
         client_capabilities=compile_client_capabilities(spec.client_capabilities),
+        extensions_allowed=frozenset(spec.extensions.allow),
     )
 
 

@@ -26,7 +26,7 @@ from proxy.layers.data_access.engine import (
 )
 from proxy.layers.data_access.schemas import SchemaIndex
 from proxy.layers.sessions.stage import send_on_session_soon
-from proxy.protocol.errors import InvalidParams, PolicyDenied
+from proxy.protocol.errors import PolicyDenied, UnknownResource
 from proxy.protocol.headers import (
     PARAM_HEADER_PREFIX,
     arguments_of,
@@ -160,10 +160,7 @@ async def enforce_policy(call: Request) -> None:
             send_on_session_soon(call, refusal.to_jsonrpc(message.id))
         raise refusal
     if decision.action is Action.HIDE_RESOURCE:
-        # Exactly what an upstream says of a resource it does not have: no existence probing.
-        raise InvalidParams(
-            f"Unknown resource: {decision.uri}", status=400 if call.era is Era.MODERN else 200
-        )
+        raise UnknownResource(f"Unknown resource: {decision.uri}")
     if decision.action is Action.ANSWER:
         result = dict(decision.answer or {})
         if call.era is Era.MODERN:

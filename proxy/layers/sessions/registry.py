@@ -22,6 +22,15 @@ from proxy.types import RequestId, TenantContext
 
 MAX_EVENT_IDS = 1024
 MAX_PENDING_SERVER_REQUESTS = 256
+MAX_RESUMABLE_STREAMS = 32
+
+
+@dataclass(eq=False, slots=True)
+class PostStream:
+    """A request's SSE stream that carried event ids, so its client may resume it (SEP-1699)."""
+
+    request: Message
+    answered_at: int | None = None  # the number of the proxy event id that carried the answer
 
 
 @dataclass(eq=False)
@@ -33,8 +42,11 @@ class Session:
     upstream_session_id: str | None = None
     last_seen: float = field(default_factory=time.monotonic)
     closed: bool = False
-    # SSE event ids the proxy issued on this session -> the upstream's event id, for resumption.
-    event_ids: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    # SSE event ids the proxy issued on this session -> the upstream's event id and the stream it
+    # belongs to (the id of the request whose POST stream it was, or None: the GET stream).
+    event_ids: OrderedDict[str, tuple[str, RequestId | None]] = field(default_factory=OrderedDict)
+    # The latest requests whose POST streams carried event ids: what a resumption replays is theirs.
+    post_streams: OrderedDict[RequestId, PostStream] = field(default_factory=OrderedDict)
     next_event: int = 0
     # Ids of server-to-client requests relayed to this session and not answered yet.
     pending_server_requests: OrderedDict[RequestId, None] = field(default_factory=OrderedDict)
@@ -67,19 +79,33 @@ class Session:
         """What logs may show of the session: a hash, never the id that grants access."""
         return hashlib.sha256(self.id.encode()).hexdigest()[:16]
 
-    def issue_event_id(self, upstream_event_id: str) -> str | None:
-        """A proxy event id standing for an upstream one; None when the upstream gave none."""
+    def issue_event_id(self, upstream_event_id: str, stream: Message | None = None) -> str | None:
+        """A proxy event id standing for an upstream one of `stream` (the request whose POST stream
+        it is on, or None: the GET stream); None when the upstream gave none."""
         if not upstream_event_id:
             return None
         self.next_event += 1
         proxy_id = str(self.next_event)
-        self.event_ids[proxy_id] = upstream_event_id
+        self.event_ids[proxy_id] = (upstream_event_id, stream.id if stream is not None else None)
         if len(self.event_ids) > MAX_EVENT_IDS:
             self.event_ids.popitem(last=False)
+        if stream is not None and stream.id is not None:
+            if stream.id not in self.post_streams:
+                self.post_streams[stream.id] = PostStream(stream)
+                if len(self.post_streams) > MAX_RESUMABLE_STREAMS:
+                    self.post_streams.popitem(last=False)
+            self.post_streams.move_to_end(stream.id)
         return proxy_id
 
     def upstream_event_id(self, proxy_event_id: str) -> str | None:
-        return self.event_ids.get(proxy_event_id)
+        origin = self.event_ids.get(proxy_event_id)
+        return origin[0] if origin is not None else None
+
+    def post_stream_of(self, proxy_event_id: str) -> PostStream | None:
+        """The POST stream an event id of this session was issued on (None: the GET stream's, an id
+        this session never issued, or a stream too old to be remembered)."""
+        origin = self.event_ids.get(proxy_event_id)
+        return self.post_streams.get(origin[1]) if origin is not None and origin[1] is not None else None
 
     def expect_answer(self, request_id: RequestId) -> None:
         self.pending_server_requests[request_id] = None

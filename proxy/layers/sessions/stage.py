@@ -95,10 +95,14 @@ class Bind(Around[Call]):
         session.busy -= 1
         session.last_seen = time.monotonic()
         message = call.message
-        # A client that went away may still get the answer replayed on the session's GET stream
-        # (resumption), where it is delivered as this request's answer: the request stays known.
+        # A client that went away, or whose stream the upstream closed to be resumed (SEP-1699), may
+        # still get the answer on a GET stream, delivered as this request's: the request stays known.
         abandoned = isinstance(failure, asyncio.CancelledError) and call.upstream_contacted
-        if message is not None and message.kind is MessageKind.REQUEST and not abandoned:
+        if (
+            message is not None
+            and message.kind is MessageKind.REQUEST
+            and not (abandoned or call.awaiting_resumption)
+        ):
             session.answered(message.id)
 
 

@@ -54,6 +54,15 @@ def _offer(queue: asyncio.Queue[Any], message: Any, final: bool = False) -> None
         queue.put_nowait(message)
 
 
+class NotModern(Exception):
+    """A stdio server answered the 2026-07-28 readiness probe with an error, or not at all (None):
+    it does not speak that era (upstreams/eras.py judges the answer)."""
+
+    def __init__(self, error: JsonObject | None) -> None:
+        super().__init__("not a 2026-07-28 server")
+        self.error = error
+
+
 @dataclass(eq=False)
 class Pending:
     """One client request in flight on a child, and the messages that belong to it."""
@@ -297,6 +306,7 @@ class StdioResponse:
         session_id: str | None = None,
         on_close: Callable[[], None] | None = None,
         read_timeout: float | None = None,
+        body: bytes = b"",
     ) -> None:
         self.status = status
         self.content_type = EVENT_STREAM if queue is not None else JSON
@@ -304,9 +314,10 @@ class StdioResponse:
         self._queue = queue
         self._on_close = on_close
         self._read_timeout = read_timeout
+        self._body = body
 
     async def read_json(self) -> bytes:
-        return b""
+        return self._body
 
     async def events(self) -> AsyncIterator[list[Event | Comment]]:
         if self._queue is None:
@@ -372,7 +383,13 @@ class StdioUpstream:
         message: JsonObject = json.loads(request.body or b"{}")
         version = request.headers.get("MCP-Protocol-Version")
         if session_id is None and version in MODERN_VERSIONS:
-            connection = await self._shared_connection("modern")
+            try:
+                connection = await self._shared_connection("modern")
+            except NotModern as refusal:  # its answer, as an HTTP server would give it
+                if refusal.error is None:
+                    return StdioResponse(400)
+                error = {"jsonrpc": "2.0", "id": message.get("id"), "error": refusal.error}
+                return StdioResponse(200, body=json.dumps(error).encode())
             return await self._forward(connection, message, None, request.principal)
         if session_id is None and message.get("method") == "initialize":
             return await self._initialize(message)
@@ -554,9 +571,14 @@ class StdioUpstream:
             answer = await asyncio.wait_for(pending.queue.get(), READY_TIMEOUT_SECONDS)
         except TimeoutError:
             await connection.stop()
+            if connection.era == "modern":  # the spec's probe rule: no answer is a handshake server
+                raise NotModern(None) from None
             raise UpstreamTimeout("The stdio MCP server did not become ready in time") from None
         if not isinstance(answer, dict) or not isinstance(answer.get("result"), dict):
             await connection.stop()
+            error = answer.get("error") if isinstance(answer, dict) else None
+            if connection.era == "modern" and isinstance(error, dict):
+                raise NotModern(error)  # it answered: it speaks the other era (upstreams/eras.py)
             raise UpstreamError("The stdio MCP server failed its readiness handshake")
         if connection.era == "handshake":
             connection.initialize_result = answer["result"]
