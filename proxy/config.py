@@ -257,6 +257,12 @@ class CacheConfig(StrictModel):
     enabled: bool = True
     max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     max_entry_bytes: int = Field(default=1024 * 1024, ge=0)
+    max_bytes_per_tenant: int | None = Field(
+        default=None,
+        ge=0,
+        description="each tenant's own budget: a tenant's store evicts only its own entries. Default: "
+        "max_bytes divided among the configured tenants, at least one entry's worth",
+    )
 
 
 class SessionsConfig(StrictModel):

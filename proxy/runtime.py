@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from proxy.backends.redis.client import RedisState
 from proxy.config import ConfigError, LimitsConfig, ProxyConfig, TenantConfig
 from proxy.layers.auth.authenticator import Authenticator
-from proxy.layers.cache.store import Cache, ResponseCache
+from proxy.layers.cache.store import Cache, ResponseCache, tenant_budget
 from proxy.layers.containment.audit import AuditLog
 from proxy.layers.containment.request_state import RequestStateSeal
 from proxy.layers.data_access.catalog import Catalog
@@ -46,6 +46,7 @@ class TenantRuntime:
     # an entry a failed invalidation left) is never found by requests on a newer one.
     # Deterministic, so replicas sharing Redis agree.
     cache_identity: str = ""
+    cache_budget: int | None = None  # the tenant's own share of the response cache, in bytes
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -125,6 +126,10 @@ class Runtime:
         }
         policy_digests = {name: _file_digest(config.policy_file(name)) for name in policies}
         tenants = {}
+        caching = config.cache
+        budget = tenant_budget(
+            caching.max_bytes, caching.max_entry_bytes, caching.max_bytes_per_tenant, len(config.tenants)
+        )
         for tenant_id, tenant_config in config.tenants.items():
             policy = policies[tenant_config.policy] if tenant_config.policy is not None else None
             before = previous.tenants.get(tenant_id) if previous is not None else None
@@ -141,7 +146,7 @@ class Runtime:
             scope = hashlib.sha256(json.dumps(scope_of, sort_keys=True).encode()).hexdigest()[:16]
             tenants[tenant_id] = TenantRuntime(
                 tenant_id, tenant_config, upstream, catalog, policy, config.limits_for(tenant_id),
-                f"{upstream.identity}#{scope}",
+                f"{upstream.identity}#{scope}", budget,
             )  # fmt: skip
         return cls(config, authenticator, tenants, OriginPolicy.from_config(config), _metrics_token(config))
 
@@ -210,7 +215,9 @@ class Services:
             return cls(
                 RedisSessionRegistry(shared, sessions.idle_timeout_seconds, sessions.max_per_tenant),
                 metrics,
-                RedisResponseCache(shared, caching.max_entry_bytes) if caching.enabled else None,
+                RedisResponseCache(shared, caching.max_entry_bytes, caching.max_bytes)
+                if caching.enabled
+                else None,
                 AuditLog(audit.dir, audit.max_file_bytes, audit.backups, shared),
                 RequestStateSeal(),  # until the replicas' common key is fetched: see `connect`
                 RedisLimiter(shared),

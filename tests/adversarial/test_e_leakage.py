@@ -366,7 +366,7 @@ async def test_resource_lists_of_a_shared_upstream_hold_only_the_callers_entries
         assert len(lists) == 2  # one per tenant: the cached answers were filtered all the same
         cache = running.app[SERVICES].cache
         assert cache is not None
-        listed = {key[0]: entry.result for key, entry in cache._store.items() if key[4] == "resources/list"}
+        listed = {key[0]: entry.result for key, entry in cache.entries() if key[4] == "resources/list"}
         assert set(listed) == set(TENANTS)
         for tenant, raw in listed.items():
             other = next(t for t in TENANTS if t != tenant)
