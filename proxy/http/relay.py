@@ -153,9 +153,18 @@ async def forward_post(call: Request, hooks: Hooks) -> Reply:
         raise
     finally:
         response.close()
-    if call.upstream_fault is None:
+        cancelled = _cancelled_by_client(call)
+        if cancelled:  # however it ended after that (no answer, an error), the client ended it
+            call.outcome, call.upstream_fault = "cancelled", None
+    if call.upstream_fault is None and not cancelled:
         call.upstream_fault = response.status >= 500
     return reply
+
+
+def _cancelled_by_client(call: Request) -> bool:
+    """Handshake era: the client cancelled this request (notifications/cancelled on its session)."""
+    session = call.session
+    return session is not None and session.cancelled_by_client(call.message.id)
 
 
 async def _relay_post(call: Request, response: UpstreamResponse, hooks: Hooks) -> Reply:
@@ -226,7 +235,7 @@ async def _relay_post_stream(call: Request, response: UpstreamResponse, hooks: H
             call.upstream_fault = isinstance(error, UpstreamError)
             await stream.write(encode_event(dumps(error.to_jsonrpc(call.message.id))))
             answered = True
-    if not answered:
+    if not answered and not _cancelled_by_client(call):  # (a cancelled request gets no answer)
         call.outcome, call.error_code = "error", UpstreamError.code
         call.upstream_fault = True
         lost = UpstreamError("The upstream MCP server ended the stream without answering")

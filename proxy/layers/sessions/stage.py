@@ -74,6 +74,8 @@ class Bind(Around[Call]):
         call.slots[_BUSY] = session
         if message is not None and message.kind is MessageKind.REQUEST:
             session.forward(message)
+        elif message is not None and message.method == "notifications/cancelled":
+            session.cancel(message.params.get("requestId"))  # its end is not the upstream failing
         return True
 
     def leave(self, call: Call, failure: BaseException | None) -> None:
@@ -89,8 +91,10 @@ class Bind(Around[Call]):
         # A client that went away may still get the answer replayed on the session's GET stream
         # (resumption), where it is delivered as this request's answer: the request stays known.
         abandoned = isinstance(failure, asyncio.CancelledError) and call.upstream_contacted
-        if message is not None and message.kind is MessageKind.REQUEST and not abandoned:
-            session.answered(message.id)
+        if message is not None and message.kind is MessageKind.REQUEST:
+            session.cancelled.discard(message.id)  # (the relay has judged how it ended)
+            if not abandoned:
+                session.answered(message.id)
 
 
 bind = Bind()

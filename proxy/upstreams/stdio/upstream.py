@@ -27,7 +27,7 @@ import structlog
 
 from proxy import __version__
 from proxy.config import UpstreamConfig
-from proxy.protocol.errors import ProxyError, UpstreamError, UpstreamTimeout
+from proxy.protocol.errors import ProxyError, UnsupportedProtocolVersion, UpstreamError, UpstreamTimeout
 from proxy.protocol.sse import Comment, Event
 from proxy.types import HANDSHAKE_VERSIONS, MODERN_VERSIONS, JsonObject, RequestId
 from proxy.upstreams.base import EVENT_STREAM, JSON, UpstreamRequest
@@ -317,6 +317,13 @@ class StdioResponse:
             self._on_close = None
 
 
+def _handshake_only() -> UnsupportedProtocolVersion:
+    return UnsupportedProtocolVersion(
+        "Unsupported protocol version: this tenant's MCP server speaks only the handshake era (initialize)",
+        data={"supported": sorted(HANDSHAKE_VERSIONS, reverse=True)},
+    )
+
+
 def _answered(request_id: Any, result: Any, session_id: str | None = None) -> StdioResponse:
     """An answer the proxy gives itself, shaped like one from the child."""
     queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -340,6 +347,9 @@ class StdioUpstream:
         self._backoff = BACKOFF_START_SECONDS
         self._next_start = 0.0
         self._closed = False
+        # The server answered server/discover with an error: modern requests are refused (-32022,
+        # the client falls back to initialize) without starting a process to ask it again.
+        self.handshake_only = False
 
     # --- the Upstream protocol ---------------------------------------------------------------
 
@@ -352,6 +362,8 @@ class StdioUpstream:
         message: JsonObject = json.loads(request.body or b"{}")
         version = request.headers.get("MCP-Protocol-Version")
         if session_id is None and version in MODERN_VERSIONS:
+            if self.handshake_only:
+                raise _handshake_only()
             connection = await self._shared_connection("modern")
             return await self._forward(connection, message, None)
         if session_id is None and message.get("method") == "initialize":
@@ -533,6 +545,9 @@ class StdioUpstream:
             raise UpstreamTimeout("The stdio MCP server did not become ready in time") from None
         if not isinstance(answer, dict) or not isinstance(answer.get("result"), dict):
             await connection.stop()
+            if connection.era == "modern" and isinstance(answer, dict) and "error" in answer:
+                self.handshake_only = True  # it answered: it just does not speak this era
+                raise _handshake_only()
             raise UpstreamError("The stdio MCP server failed its readiness handshake")
         if connection.era == "handshake":
             connection.initialize_result = answer["result"]
