@@ -75,7 +75,8 @@ async def _sweep(app: web.Application) -> None:
     """Expire idle sessions (ending them upstream too) and let upstreams tidy up (idle processes)."""
     services = app[SERVICES]
     while True:
-        await asyncio.sleep(max(0.5, min(30.0, services.sessions.idle_timeout_seconds / 4)))
+        idle_bounds = [services.sessions.idle_timeout_seconds, *_idle_stops(app[RUNTIME].current)]
+        await asyncio.sleep(max(0.5, min(30.0, min(idle_bounds) / 4)))
         runtime = app[RUNTIME].current
         for session in await services.sessions.expired():
             await services.sessions.remove(session)
@@ -85,6 +86,13 @@ async def _sweep(app: web.Application) -> None:
             log.info("session_expired", tenant=session.tenant, session=session.audit_id)
         for tenant in runtime.tenants.values():
             await tenant.upstream.sweep()
+
+
+def _idle_stops(runtime: Runtime) -> list[float]:
+    """How long stdio processes may idle: the sweep comes round often enough to stop them in time."""
+    return [
+        t.config.upstream.idle_stop_seconds for t in runtime.tenants.values() if t.config.upstream.command
+    ]
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:

@@ -31,6 +31,7 @@ from proxy.protocol.errors import (
     MethodNotAllowed,
     ProxyError,
     SessionNotFound,
+    TooManyRequests,
     UpstreamError,
     sanitize_error,
 )
@@ -136,6 +137,9 @@ async def forward_post(call: Request, hooks: Hooks) -> Reply:
         response = await call.tenant.upstream.send(UpstreamRequest("POST", headers, dumps(call.message.body)))
     except UpstreamError as error:
         call.upstream_fault, call.error_code = True, error.code
+        raise
+    except TooManyRequests:  # the upstream refused to start another process for the tenant
+        call.services.metrics.limited.labels(call.ctx.tenant, "processes").inc()
         raise
     finally:
         call.upstream_seconds += time.perf_counter() - started
