@@ -337,6 +337,7 @@ class Harness:
             "cache": {"enabled": cache},
             "sessions": {"idle_timeout_seconds": 3600, "max_per_tenant": max_sessions},
             "audit": {"dir": str(work / "audit")},
+            "metrics": {"listen": {"host": "127.0.0.1", "port": 0}},
             **(extra or {}),
         }
         config_path = work / "config.yaml"

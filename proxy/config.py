@@ -348,10 +348,24 @@ class StateConfig(StrictModel):
         return self
 
 
-class MetricsConfig(StrictModel):
-    """/metrics names every tenant: without a token anyone who reaches the listener can read it.
-    With `bearer_token_env`, it answers only `Authorization: Bearer <that variable's value>`."""
+class MetricsListenConfig(StrictModel):
+    host: str = Field(default="127.0.0.1", description="address of the metrics listener")
+    port: int = Field(default=9464, ge=0, le=65535, description="port of the metrics listener (0: any free)")
 
+
+class MetricsConfig(StrictModel):
+    """/metrics names every tenant: it is served on a listener of its own (by default on loopback),
+    never where tenants' clients connect unless `public` says so. With `bearer_token_env`, it answers
+    only `Authorization: Bearer <that variable's value>`, on either listener."""
+
+    listen: MetricsListenConfig | None = Field(
+        default_factory=MetricsListenConfig,
+        description="the metrics listener (GET /metrics); null: none",
+    )
+    public: bool = Field(
+        default=False,
+        description="also answer GET /metrics on the public listener (otherwise 404 there)",
+    )
     bearer_token_env: str | None = None
 
 

@@ -131,8 +131,7 @@ async def test_what_reports_produce_counts_every_request_answered_before_it_is_r
         assert status == 200
     (newest,) = json.loads(raw)["result"]["structuredContent"]["records"]
     assert newest["name"] == "proxy_recent_activity"
-    port = running.config.listen.port
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as response:
+    async with aiohttp.ClientSession() as http, http.get(running.metrics_url) as response:
         text = await response.text()
     assert re.search(r'mcp_proxy_requests_total\{method="tools/call",outcome="ok",tenant="acme"\} 4\.0', text)
 
