@@ -253,6 +253,7 @@ class Services:
 
     async def close(self) -> None:
         self.reports.run_now()
+        self.limiter.refusals.flush()
         self.audit.close()
         if self.shared is not None:
             await self.shared.close()

@@ -139,7 +139,7 @@ async def forward_post(call: Request, hooks: Hooks) -> Reply:
         call.upstream_fault, call.error_code = True, error.code
         raise
     except TooManyRequests:  # the upstream refused to start another process for the tenant
-        call.services.metrics.limited.labels(call.ctx.tenant, "processes").inc()
+        call.services.metrics.count_limited(call.ctx.tenant, "processes")
         raise
     finally:
         call.upstream_seconds += time.perf_counter() - started

@@ -30,8 +30,7 @@ class Admission(Around[Call]):
         try:
             admitted = await call.services.limiter.admit(tenant, call.tenant.limits)
         except ProxyError as refusal:
-            kind = refusal.data.get("limit", "other") if isinstance(refusal.data, dict) else "other"
-            call.services.metrics.limited.labels(tenant, kind).inc()
+            _refused(call, refusal.data.get("limit", "other") if isinstance(refusal.data, dict) else "other")
             call.outcome = "denied"
             raise
         call.slots[_ADMITTED] = admitted
@@ -57,7 +56,7 @@ class Circuit(Around[Request]):
         try:
             trial = limits.admit_upstream()
         except ProxyError:
-            call.services.metrics.limited.labels(call.ctx.tenant, "circuit").inc()
+            _refused(call, "circuit")
             raise
         if trial:
             call.slots[_TRIAL] = True
@@ -85,6 +84,13 @@ class Circuit(Around[Request]):
             _TRIAL, False
         ):  # the trial ended without a verdict (client gone): another may try
             limits.breaker.abandon()
+
+
+def _refused(call: Call, limit: str) -> None:
+    """Counted, and logged with the other refusals of its tenant and limit (never line by line)."""
+    call.limited = limit
+    call.services.metrics.count_limited(call.ctx.tenant, limit)
+    call.services.limiter.refusals.note(call.ctx.tenant, limit)
 
 
 admission = Admission()
