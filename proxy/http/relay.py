@@ -157,8 +157,10 @@ async def forward_post(call: Request, hooks: Hooks) -> Reply:
         raise
     finally:
         response.close()
-        cancelled = _cancelled_by_client(call)
-        if cancelled:  # however it ended after that (no answer, an error), the client ended it
+        # The client cancelled it and got no result: however it ended (no answer, an error), the
+        # client ended it. (A result that crossed the cancel was answered all the same.)
+        cancelled = call.result_sha256 is None and _cancelled_by_client(call)
+        if cancelled:
             call.outcome, call.upstream_fault = "cancelled", None
     if call.upstream_fault is None and not cancelled:
         call.upstream_fault = response.status >= 500
