@@ -140,6 +140,7 @@ async def forward_post(call: Request, hooks: Hooks) -> Reply:
         raise
     except TooManyRequests:  # the upstream refused to start another process for the tenant
         call.services.metrics.count_limited(call.ctx.tenant, "processes")
+        call.outcome = "denied"
         raise
     finally:
         call.upstream_seconds += time.perf_counter() - started

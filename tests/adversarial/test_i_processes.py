@@ -20,7 +20,7 @@ import pytest
 from mcp import MCPError
 
 from proxy.demo import client_for
-from proxy.http.keys import RUNTIME
+from proxy.http.keys import RUNTIME, SERVICES
 from tests.conftest import TENANTS, RunningProxy, StartProxy
 from tests.e2e.test_transport_e2e import error_of
 from tests.factories import HANDSHAKE_INITIALIZE
@@ -74,6 +74,10 @@ async def test_an_initialize_beyond_the_tenants_process_cap_is_refused_and_start
         assert error_of(body)["code"] == -32009
         assert int(headers["Retry-After"]) >= 1
     assert len(running_children(marker, "acme")) == 2
+    running.app[SERVICES].reports.run_now()
+    metrics = running.app[SERVICES].metrics.render().decode()
+    assert 'mcp_proxy_limited_total{limit="processes",tenant="acme"} 3.0' in metrics
+    assert 'mcp_proxy_requests_total{method="initialize",outcome="denied",tenant="acme"} 3.0' in metrics
     upstream = running.app[RUNTIME].current.tenants["acme"].upstream
     assert len(upstream.processes) == 2  # type: ignore[attr-defined]
 
