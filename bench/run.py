@@ -304,6 +304,7 @@ class Harness:
         core: int = SUT_CORE,
         extra: dict[str, Any] | None = None,
         wrap: list[str] | None = None,
+        tenant_limits: dict[str, dict[str, Any]] | None = None,
     ) -> Proxy:
         work = self._path("proxy")
         (work / "policies").mkdir(parents=True)
@@ -331,12 +332,18 @@ class Harness:
                 ],
             },
             "tenants": {
-                tenant: {"upstream": {"url": up}, "policy": "bench"} for tenant, up in tenants.items()
+                tenant: {
+                    "upstream": {"url": up},
+                    "policy": "bench",
+                    **({"limits": tenant_limits[tenant]} if tenant in (tenant_limits or {}) else {}),
+                }
+                for tenant, up in tenants.items()
             },
             "policies_dir": str(work / "policies"),
             "cache": {"enabled": cache},
             "sessions": {"idle_timeout_seconds": 3600, "max_per_tenant": max_sessions},
             "audit": {"dir": str(work / "audit")},
+            "metrics": {"listen": {"host": "127.0.0.1", "port": 0}},
             **(extra or {}),
         }
         config_path = work / "config.yaml"
@@ -617,6 +624,9 @@ class Target:
     body_suffix: str
     sessions: list[str] = field(default_factory=list)
     expect: str = '"result"'
+    status: int = 200  # the answer's expected HTTP status (s9: 429 for refused requests)
+    delay_ms: int = 0  # wrk: each connection waits this long after an answer (a paced load)
+    http_method: str = "POST"  # (s9's floor: GET /healthz, no body)
 
     def body(self, request_id: int = 1) -> bytes:
         return f"{self.body_prefix}{request_id}{self.body_suffix}".encode()
@@ -627,7 +637,7 @@ class Target:
         if self.sessions:
             headers["Mcp-Session-Id"] = self.sessions[0]
         status, _, body = http_request(self.url, self.body(), headers)
-        if status != 200 or self.expect.encode() not in body:
+        if status != self.status or self.expect.encode() not in body:
             raise RuntimeError(f"{self.name}: unexpected answer HTTP {status}: {body[:300]!r}")
         return body
 
@@ -643,6 +653,7 @@ local suffix = {_lua(self.body_suffix)}
 local sessions = {{ {sessions} }}
 local nsessions = #sessions
 local expect = {_lua(self.expect)}
+local expected_status = {self.status}
 local counter = 0
 bad = 0
 local threads = {{}}
@@ -660,10 +671,12 @@ function request()
 end
 
 function response(status, hdrs, body)
-  if status ~= 200 or not string.find(body, expect, 1, true) then
+  if status ~= expected_status or not string.find(body, expect, 1, true) then
     bad = bad + 1
   end
 end
+
+{"function delay() return " + str(self.delay_ms) + " end" if self.delay_ms else ""}
 
 function done(summary, latency, requests)
   local b = 0
@@ -1450,9 +1463,10 @@ def _instructions_per_request(proc: Proc, target: Target, count: int, output: Pa
 
     def send(first: int, how_many: int) -> None:
         for request_id in range(first, first + how_many):
-            connection.request("POST", parts.group(3), body=target.body(request_id), headers=target.headers)
+            body = target.body(request_id) if target.http_method == "POST" else None
+            connection.request(target.http_method, parts.group(3), body=body, headers=target.headers)
             response = connection.getresponse()
-            if response.status != 200 or target.expect.encode() not in response.read():
+            if response.status != target.status or target.expect.encode() not in response.read():
                 raise RuntimeError(f"{target.name}: unexpected answer HTTP {response.status}")
 
     try:
@@ -1509,6 +1523,100 @@ def s8_instructions(h: Harness) -> tuple[list[Row], dict[str, Any]]:
     return rows, {"instructions_per_request": counts, "counted_requests": h.settings.counted_requests}
 
 
+REFUSED_LIMITS = {"requests_per_second": 0.001, "burst": 1}  # after its first request: all 429
+FLOOD_CONNECTIONS, FLOOD_DELAY_MS = 8, 12  # about 600 refused requests a second, as in the report
+
+
+def _refused_call(px: Proxy, tenant: str) -> Target:
+    target = modern_call(f"refused-{tenant}", px.url, "lookup", {"key": "k1"}, px.token(tenant))
+    target.status, target.expect = 429, '"code":-32009'
+    return target
+
+
+def _flood(h: Harness, target: Target) -> Proc:
+    """A paced wrk load in the background (its summary is written when it is stopped with SIGINT)."""
+    script = h._path(f"wrk-{target.name}", ".lua")
+    script.write_text(target.lua())
+    argv = [
+        *(["taskset", "-c", str(GEN_CORE)] if h.settings.pin else []),
+        "wrk", "-t1", f"-c{FLOOD_CONNECTIONS}", "-d3600s", "--timeout", "10s", "-s", str(script), target.url,
+    ]  # fmt: skip
+    proc = Proc("flood", argv, h._path("flood", ".log"), h.env)
+    h.procs.append(proc)
+    return proc
+
+
+def _flood_result(proc: Proc) -> dict[str, Any]:
+    proc.popen.send_signal(signal.SIGINT)
+    proc.popen.wait(timeout=30)
+    match = re.search(r"^BENCHJSON (\{.*\})$", proc.log.read_text(errors="replace"), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"the flood generator wrote no summary:\n{proc.tail()}")
+    raw = json.loads(match.group(1))
+    seconds = raw["duration_us"] / 1e6
+    return {"requests": raw["requests"], "seconds": seconds, "rps": raw["requests"] / seconds,
+            "bad": raw["bad"], "p50_ms": raw["p50_us"] / 1000}  # fmt: skip
+
+
+def s9_refusals(h: Harness) -> tuple[list[Row], dict[str, Any]]:
+    """Refusals are cheap: tenant A's p50 at c=1 alone and while tenant B floods with requests its
+    rate limit refuses (429, about 600/s); instructions per refused request against a forwarded one
+    (callgrind, as in s8), static upstream."""
+    up = h.start_upstream("static")
+    tenants = {"acme": up.url, "globex": up.url}
+    px = h.start_proxy(tenants, tenant_limits={"globex": REFUSED_LIMITS})
+    victim = modern_call("victim-call", px.url, "lookup", {"key": "k1"}, px.token("acme"))
+    victim.probe()
+    with contextlib.suppress(RuntimeError):
+        modern_call("first", px.url, "lookup", {"key": "k1"}, px.token("globex")).probe()  # its burst
+    flood = _refused_call(px, "globex")
+    flood.probe()
+    flood.delay_ms = FLOOD_DELAY_MS
+    m: dict[str, Any] = {"flood_connections": FLOOD_CONNECTIONS, "flood_delay_ms": FLOOD_DELAY_MS}
+    rows: list[Row] = []
+    if h.settings.generator == "wrk":
+        m["layout"] = h.pin({up.proc: GEN_CORE, px.proc: SUT_CORE})
+        quiet = h.load(victim, 1, {"proxy": px.proc})
+        flooder = _flood(h, flood)
+        flooded = h.load(victim, 1, {"proxy": px.proc, "flood": flooder})
+        m.update(quiet=quiet, flooded=flooded, flood=_flood_result(flooder))
+        one = (quiet, flooded)
+        rows.append(Row("9 refusals", f"tenant A p50 c=1 (alone | B flooding, {m['flood']['rps']:.0f} 429/s)",
+                        quiet["p50_ms"], flooded["p50_ms"], "ms", "added", valid=_valid(*one)
+                        and m["flood"]["bad"] == 0, noisy=_noisy(*one)))  # fmt: skip
+        rows.append(Row("9 refusals", "proxy CPU while B floods (A alone | A and B's flood)",
+                        quiet["proxy_cpu_pct"], flooded["proxy_cpu_pct"], "%", "added"))  # fmt: skip
+    else:
+        rows.append(Row("9 refusals", "skipped: the paced flood needs wrk", None, None, "", ""))
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        rows.append(Row("9 refusals", "skipped: valgrind is not installed", None, None, "", ""))
+        return rows, m
+    counts: dict[str, float] = {}
+    for name in ("forwarded", "refused", "healthz"):
+        output = h.tmp / f"callgrind-s9-{name}.out"
+        wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={output}", "--instr-atstart=no"]
+        counted = h.start_proxy(tenants, tenant_limits={"globex": REFUSED_LIMITS}, wrap=wrap)
+        if name == "forwarded":
+            target = modern_call(
+                "forwarded-call", counted.url, "lookup", {"key": "k1"}, counted.token("acme")
+            )
+        elif name == "healthz":  # what any request costs aiohttp's server: the floor of a refusal
+            target = Target("healthz", counted.url.replace("/mcp", "/healthz"), {}, "", "", expect='"ok"')
+            target.http_method = "GET"
+        else:
+            with contextlib.suppress(RuntimeError):
+                _refused_call(counted, "globex").probe()  # (the first one is within its burst)
+            target = _refused_call(counted, "globex")
+        counts[name] = _instructions_per_request(counted.proc, target, h.settings.counted_requests, output)
+    m["instructions_per_request"] = counts
+    share = counts["refused"] / counts["forwarded"]
+    rows.append(Row("9 refusals", "instructions per request (forwarded | refused 429)", counts["forwarded"],
+                    counts["refused"], "", "ratio", "<= 0.2", share <= 0.2))  # fmt: skip
+    rows.append(Row("9 refusals", "instructions per request (forwarded | GET /healthz, aiohttp's floor)",
+                    counts["forwarded"], counts["healthz"], "", "ratio"))  # fmt: skip
+    return rows, m
+
+
 SCENARIOS: dict[str, Scenario] = {
     "s1_modern": s1_modern,
     "s2_handshake": s2_handshake,
@@ -1519,6 +1627,7 @@ SCENARIOS: dict[str, Scenario] = {
     "s6_sse": s6_sse,
     "s7_redis": s7_redis,
     "s8_instructions": s8_instructions,
+    "s9_refusals": s9_refusals,
 }
 
 

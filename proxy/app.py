@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 from collections.abc import AsyncIterator, Callable, Iterable
 from urllib.parse import urlsplit
 
@@ -15,12 +14,11 @@ from prometheus_client.core import GaugeMetricFamily
 from proxy.config import ProxyConfig
 from proxy.http.edge import edge, stamp_request_id
 from proxy.http.endpoint import handle_mcp
-from proxy.http.keys import READINESS, RETIRED, RUNTIME, SERVICES
+from proxy.http.keys import METRICS_LISTENER, READINESS, RETIRED, RUNTIME, SERVICES
 from proxy.layers.sessions.stage import end_upstream_session
 from proxy.ops.health import Readiness, healthz, keep_checking, readyz
-from proxy.ops.metrics import CONTENT_TYPE_LATEST
+from proxy.ops.metrics_endpoint import MetricsListener, add_public_route, stop_listener
 from proxy.ops.reload import watch_files
-from proxy.protocol.jsonrpc import dumps, error_body
 from proxy.runtime import Runtime, RuntimeRef, Services
 
 log = structlog.get_logger("proxy.app")
@@ -28,23 +26,6 @@ log = structlog.get_logger("proxy.app")
 
 async def protected_resource_metadata(request: web.Request) -> web.Response:
     return web.json_response(request.app[RUNTIME].current.authenticator.metadata)
-
-
-async def metrics(request: web.Request) -> web.Response:
-    token = request.app[RUNTIME].current.metrics_token
-    if token is not None:
-        sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(sent, b"Bearer " + token):
-            return web.Response(
-                status=401,
-                body=dumps(error_body(None, -32001, "Unauthorized: /metrics needs its bearer token")),
-                content_type="application/json",
-                headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
-            )
-    services = request.app[SERVICES]
-    services.reports.run_now()  # the exchanges answered so far count
-    body = services.metrics.render()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def _gauges(app: web.Application) -> Callable[[], Iterable[GaugeMetricFamily]]:
@@ -75,7 +56,8 @@ async def _sweep(app: web.Application) -> None:
     """Expire idle sessions (ending them upstream too) and let upstreams tidy up (idle processes)."""
     services = app[SERVICES]
     while True:
-        await asyncio.sleep(max(0.5, min(30.0, services.sessions.idle_timeout_seconds / 4)))
+        idle_bounds = [services.sessions.idle_timeout_seconds, *_idle_stops(app[RUNTIME].current)]
+        await asyncio.sleep(max(0.5, min(30.0, min(idle_bounds) / 4)))
         runtime = app[RUNTIME].current
         for session in await services.sessions.expired():
             await services.sessions.remove(session)
@@ -85,6 +67,13 @@ async def _sweep(app: web.Application) -> None:
             log.info("session_expired", tenant=session.tenant, session=session.audit_id)
         for tenant in runtime.tenants.values():
             await tenant.upstream.sweep()
+
+
+def _idle_stops(runtime: Runtime) -> list[float]:
+    """How long stdio processes may idle: the sweep comes round often enough to stop them in time."""
+    return [
+        t.config.upstream.idle_stop_seconds for t in runtime.tenants.values() if t.config.upstream.command
+    ]
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
@@ -135,6 +124,7 @@ def create_app(config: ProxyConfig, runtime: Runtime | None = None) -> web.Appli
     app[SERVICES] = services
     app[READINESS] = Readiness()
     app[RETIRED] = set()
+    app[METRICS_LISTENER] = MetricsListener(config.metrics, config.source)
     services.metrics.add_gauges(_gauges(app))
     path = config.listen.path
     app.router.add_route("*", path, handle_mcp)
@@ -148,8 +138,9 @@ def create_app(config: ProxyConfig, runtime: Runtime | None = None) -> web.Appli
         app.router.add_get(f"/.well-known/oauth-protected-resource{suffix}", protected_resource_metadata)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    add_public_route(app, config.metrics)
     app.on_response_prepare.append(stamp_request_id)
     app.on_shutdown.append(_begin_shutdown)
+    app.on_cleanup.append(stop_listener)
     app.cleanup_ctx.append(_background)
     return app

@@ -19,8 +19,9 @@ EXIT_CONFIG = 2
 
 
 async def start_server(config: ProxyConfig) -> tuple[web.AppRunner, int]:
-    """Start serving `config`; returns the runner and the bound port."""
+    """Start serving `config` (and its metrics listener); returns the runner and the bound port."""
     from proxy.app import create_app
+    from proxy.http.keys import METRICS_LISTENER
     from proxy.http.server import ProxyRunner
 
     app = create_app(config)
@@ -36,6 +37,11 @@ async def start_server(config: ProxyConfig) -> tuple[web.AppRunner, int]:
     server = site._server
     sockets = getattr(server, "sockets", None) or []
     port = sockets[0].getsockname()[1] if sockets else config.listen.port
+    try:
+        await app[METRICS_LISTENER].start(app)
+    except BaseException:
+        await runner.cleanup()
+        raise
     return runner, port
 
 

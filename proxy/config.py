@@ -178,6 +178,28 @@ class AuthConfig(StrictModel):
         return issuers
 
 
+class ChildLimits(StrictModel):
+    """What one stdio child may use (setrlimit in the child, before exec); 0 leaves a limit unset.
+    The process is refused more memory or files beyond them, and killed past its CPU time."""
+
+    memory_bytes: int = Field(
+        default=2 * 1024**3,
+        ge=0,
+        description="address space of the child (RLIMIT_AS); 0: no limit",
+    )
+    cpu_seconds: int = Field(
+        default=3600,
+        ge=0,
+        description="CPU time of the child (RLIMIT_CPU): past it the child is killed and restarted on "
+        "next use; 0: no limit",
+    )
+    open_files: int = Field(
+        default=1024,
+        ge=0,
+        description="open file descriptors of the child (RLIMIT_NOFILE); 0: the proxy's own limit",
+    )
+
+
 class UpstreamConfig(StrictModel):
     url: str | None = None
     headers: dict[HeaderName, str] = Field(default_factory=dict)
@@ -192,7 +214,22 @@ class UpstreamConfig(StrictModel):
     env: dict[str, str] = Field(default_factory=dict)
     cwd: Path | None = None
     isolation: Literal["per_tenant", "per_session"] | None = None
-    idle_stop_seconds: float = Field(default=300.0, gt=0)  # stdio: stop a shared child unused this long
+    idle_stop_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="stdio: a process nobody has sent a request for this long is stopped (a shared one, "
+        "or a per_session one whatever its session's idle timeout); the next use starts it again",
+    )
+    max_processes: int = Field(
+        default=8,
+        ge=1,
+        description="stdio: at most this many processes of the tenant at once; an initialize (or a "
+        "request needing a new process) beyond it gets 429 -32009 with Retry-After and starts nothing",
+    )
+    limits: ChildLimits = Field(
+        default_factory=ChildLimits,
+        description="stdio: resource limits set in each child before it runs the command (setrlimit)",
+    )
 
     _check_url = field_validator("url")(lambda v: None if v is None else _http_url(v))
     _paths = field_validator("cwd")(_resolve_path)
@@ -229,6 +266,14 @@ class UpstreamConfig(StrictModel):
             raise ValueError("headers and tenant_header apply only to HTTP upstreams")
         if self.command is None and (self.env or self.cwd or self.isolation):
             raise ValueError("env, cwd and isolation apply only to stdio upstreams")
+        defaults = type(self).model_fields
+        stdio_only = [
+            key
+            for key in ("max_processes", "limits")
+            if getattr(self, key) != defaults[key].get_default(call_default_factory=True)
+        ]
+        if self.command is None and stdio_only:
+            raise ValueError(f"{', '.join(stdio_only)} apply only to stdio upstreams")
         return self
 
 
@@ -269,6 +314,12 @@ class CacheConfig(StrictModel):
     enabled: bool = True
     max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     max_entry_bytes: int = Field(default=1024 * 1024, ge=0)
+    max_bytes_per_tenant: int | None = Field(
+        default=None,
+        ge=0,
+        description="each tenant's own budget: a tenant's store evicts only its own entries. Default: "
+        "max_bytes divided among the configured tenants, at least one entry's worth",
+    )
 
 
 class SessionsConfig(StrictModel):
@@ -315,10 +366,24 @@ class StateConfig(StrictModel):
         return self
 
 
-class MetricsConfig(StrictModel):
-    """/metrics names every tenant: without a token anyone who reaches the listener can read it.
-    With `bearer_token_env`, it answers only `Authorization: Bearer <that variable's value>`."""
+class MetricsListenConfig(StrictModel):
+    host: str = Field(default="127.0.0.1", description="address of the metrics listener")
+    port: int = Field(default=9464, ge=0, le=65535, description="port of the metrics listener (0: any free)")
 
+
+class MetricsConfig(StrictModel):
+    """/metrics names every tenant: it is served on a listener of its own (by default on loopback),
+    never where tenants' clients connect unless `public` says so. With `bearer_token_env`, it answers
+    only `Authorization: Bearer <that variable's value>`, on either listener."""
+
+    listen: MetricsListenConfig | None = Field(
+        default_factory=MetricsListenConfig,
+        description="the metrics listener (GET /metrics); null: none",
+    )
+    public: bool = Field(
+        default=False,
+        description="also answer GET /metrics on the public listener (otherwise 404 there)",
+    )
     bearer_token_env: str | None = None
 
 

@@ -70,6 +70,7 @@ def demo_config(
     (work_dir / "policies" / "demo.yaml").write_text(DEMO_POLICY)
     return {
         "listen": {"host": "127.0.0.1", "port": proxy_port, "path": "/mcp", "public_url": url},
+        "metrics": {"listen": None},  # the demo reads none: no second port to find free
         "auth": {
             "authorization_servers": ["http://127.0.0.1/demo-idp"],
             "issuers": [

@@ -66,6 +66,7 @@ class Exchange:
     outcome: str = "ok"  # ok | error | denied | spoof | cancelled
     cache_state: str = "bypass"
     error_code: int | None = None
+    limited: str | None = None  # the tenant's limit that refused it: logged in aggregate, not per line
     result_bytes: int = 0
     result_sha256: str | None = None
     upstream_seconds: float = 0.0  # time spent waiting for the upstream

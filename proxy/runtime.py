@@ -20,7 +20,7 @@ from proxy.backends.redis.client import RedisState
 from proxy.config import ConfigError, LimitsConfig, ProxyConfig, TenantConfig
 from proxy.layers.auth.authenticator import Authenticator
 from proxy.layers.cache.backend import Cache
-from proxy.layers.cache.store import ResponseCache
+from proxy.layers.cache.store import ResponseCache, tenant_budget
 from proxy.layers.containment.audit import AuditLog
 from proxy.layers.containment.request_state import RequestStateSeal
 from proxy.layers.data_access.catalog import Catalog
@@ -53,6 +53,7 @@ class TenantRuntime:
     cache_identity: str = ""
     # The protocol eras the upstream speaks, learned on first use: a reload learns them again.
     eras: UpstreamEras = field(default_factory=UpstreamEras)
+    cache_budget: int | None = None  # the tenant's own share of the response cache, in bytes
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -132,6 +133,10 @@ class Runtime:
         }
         policy_digests = {name: _file_digest(config.policy_file(name)) for name in policies}
         tenants = {}
+        caching = config.cache
+        budget = tenant_budget(
+            caching.max_bytes, caching.max_entry_bytes, caching.max_bytes_per_tenant, len(config.tenants)
+        )
         for tenant_id, tenant_config in config.tenants.items():
             policy = policies[tenant_config.policy] if tenant_config.policy is not None else None
             before = previous.tenants.get(tenant_id) if previous is not None else None
@@ -148,7 +153,7 @@ class Runtime:
             scope = hashlib.sha256(json.dumps(scope_of, sort_keys=True).encode()).hexdigest()[:16]
             tenants[tenant_id] = TenantRuntime(
                 tenant_id, tenant_config, upstream, catalog, policy, config.limits_for(tenant_id),
-                f"{upstream.identity}#{scope}",
+                f"{upstream.identity}#{scope}", cache_budget=budget,
             )  # fmt: skip
         return cls(config, authenticator, tenants, OriginPolicy.from_config(config), _metrics_token(config))
 
@@ -225,7 +230,9 @@ class Services:
                     sessions.answer_timeout_seconds,
                 ),
                 metrics,
-                RedisResponseCache(shared, caching.max_entry_bytes) if caching.enabled else None,
+                RedisResponseCache(shared, caching.max_entry_bytes, caching.max_bytes)
+                if caching.enabled
+                else None,
                 AuditLog(audit.dir, audit.max_file_bytes, audit.backups, RedisAuditSink(shared)),
                 RequestStateSeal(),  # until the replicas' common key is fetched: see `connect`
                 RedisLimiter(shared),
@@ -264,6 +271,7 @@ class Services:
 
     async def close(self) -> None:
         self.reports.run_now()
+        self.limiter.refusals.flush()
         self.audit.close()
         if self.shared is not None:
             await self.shared.close()

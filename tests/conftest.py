@@ -75,6 +75,13 @@ class RunningProxy:
     config: Any
     app: web.Application
 
+    @property
+    def metrics_url(self) -> str:
+        """/metrics on the proxy's own metrics listener."""
+        from proxy.http.keys import METRICS_LISTENER
+
+        return f"http://127.0.0.1:{self.app[METRICS_LISTENER].port}/metrics"
+
     def token(self, tenant: str = "acme", sub: str = "alice", **claims: Any) -> str:
         return token(tenant=tenant, sub=sub, aud=self.url, **claims)
 
@@ -130,8 +137,8 @@ def proxy_config(
     for tenant in upstreams:
         data["tenants"][tenant]["upstream"]["headers"] = {"Authorization": f"Bearer upstream-secret-{tenant}"}
     for key, value in overrides.items():
-        if key == "listen":  # listen keeps its address: only the given keys change
-            data["listen"].update(value)
+        if key in ("listen", "metrics"):  # they keep their addresses: only the given keys change
+            data[key].update(value)
         else:
             data[key] = value
     return data

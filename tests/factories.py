@@ -96,6 +96,8 @@ def config_dict(
         },
         "tenants": {tenant: {"upstream": {"url": url}} for tenant, url in upstreams.items()},
         "audit": {"dir": None},
+        # a free port: tests run side by side, and the default (9464) is one port for all of them
+        "metrics": {"listen": {"host": "127.0.0.1", "port": 0}},
     }
     data.update(overrides)
     return data

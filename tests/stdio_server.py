@@ -6,6 +6,7 @@ Run as `python tests/stdio_server.py TENANT CANARY`; it speaks MCP on stdin/stdo
 from __future__ import annotations
 
 import os
+import resource
 import sys
 from typing import Any
 
@@ -31,6 +32,35 @@ def main() -> None:
     def environment_names() -> list[str]:
         """The names (never the values) of the environment variables this process got."""
         return sorted(os.environ)
+
+    @server.tool()
+    def limits() -> dict[str, list[int]]:
+        """The resource limits this process runs under (soft, hard)."""
+        kinds = {"memory": resource.RLIMIT_AS, "cpu": resource.RLIMIT_CPU, "files": resource.RLIMIT_NOFILE}
+        return {name: list(resource.getrlimit(kind)) for name, kind in kinds.items()}
+
+    @server.tool()
+    def allocate(megabytes: int) -> str:
+        """Tries to hold that much memory at once."""
+        try:
+            held = bytearray(megabytes * 1024 * 1024)
+        except MemoryError:
+            return "refused"
+        return f"held {len(held)}"
+
+    @server.tool()
+    def open_files(count: int) -> int:
+        """How many more files this process could open, up to `count`."""
+        opened = []
+        try:
+            for _ in range(count):
+                opened.append(open(os.devnull))  # noqa: SIM115 - held open on purpose
+        except OSError:
+            pass
+        finally:
+            for handle in opened:
+                handle.close()
+        return len(opened)
 
     @server.tool()
     def crash() -> str:

@@ -305,6 +305,39 @@ def proxy_is_wired(m: Manifest) -> list[str]:
     return problems
 
 
+def metrics_are_scraped_on_their_own_port(m: Manifest) -> list[str]:
+    """/metrics names every tenant: scraped on the metrics listener, which no Service exposes."""
+    workload, _, proxy = m.proxy_pod()
+    metrics = m.config().get("metrics", {})
+    listen = metrics.get("listen", {})
+    if listen is None:
+        return ["metrics.listen is null: nothing to scrape"]
+    port, problems = listen.get("port", 9464), []
+    if metrics.get("public"):
+        problems.append("metrics.public: the public listener serves /metrics")
+    if listen.get("host", "127.0.0.1") in ("127.0.0.1", "localhost", "::1"):
+        problems.append("the metrics listener is on loopback: nothing outside the pod can scrape it")
+    ports = {p.get("name"): p["containerPort"] for p in proxy["ports"]}
+    if ports.get("metrics") != port:
+        problems.append(f"no container port named metrics is metrics.listen.port ({port})")
+    if port == m.config()["listen"]["port"]:
+        problems.append("metrics share the public port")
+    annotations = workload["spec"]["template"]["metadata"].get("annotations", {})
+    if annotations.get("prometheus.io/scrape") != "true":
+        problems.append("the pod is not annotated for scraping")
+    scraped = annotations.get("prometheus.io/port")
+    if scraped != str(port):
+        problems.append(f"the scrape annotation names port {scraped}, not metrics.listen.port {port}")
+    if annotations.get("prometheus.io/path", "/metrics") != "/metrics":
+        problems.append("the scrape annotation names another path")
+    for service in m.all("Service"):
+        if service["spec"]["selector"] == workload["spec"]["selector"]["matchLabels"]:
+            for exposed in service["spec"]["ports"]:
+                if exposed.get("targetPort") in ("metrics", port):
+                    problems.append(f"Service {service['metadata']['name']} exposes the metrics port")
+    return problems
+
+
 def redis_keeps_sessions(m: Manifest) -> list[str]:
     if m.config().get("state", {}).get("backend") != "redis":
         return []
@@ -431,6 +464,7 @@ MANIFEST_RULES: dict[str, Callable[[Manifest], list[str]]] = {
         proxy_writes_only_to_volumes,
         shutdown_is_graceful,
         proxy_is_wired,
+        metrics_are_scraped_on_their_own_port,
         redis_keeps_sessions,
         only_the_proxy_reaches_redis,
         replicas_stay_available,
@@ -618,6 +652,23 @@ BREAKAGES = [
              lambda d: box(d, PROXY)["livenessProbe"]["httpGet"].update(path="/readyz")),
     Breakage(REPLICAS, "proxy_is_wired", "a subPath config mount",
              lambda d: box(d, PROXY)["volumeMounts"][0].update(subPath="config.yaml")),
+    Breakage(SIDECAR, "metrics_are_scraped_on_their_own_port", "scraping the public port",
+             lambda d: doc(d, "Deployment", "notes-mcp")["spec"]["template"]["metadata"]["annotations"]
+             .update({"prometheus.io/port": "8080"})),
+    Breakage(REPLICAS, "metrics_are_scraped_on_their_own_port", "metrics.public",
+             lambda d: config(d, lambda c: c["metrics"].update(public=True))),
+    Breakage(REPLICAS, "metrics_are_scraped_on_their_own_port", "a loopback metrics listener",
+             lambda d: config(d, lambda c: c["metrics"]["listen"].update(host="127.0.0.1"))),
+    Breakage(SIDECAR, "metrics_are_scraped_on_their_own_port", "no metrics container port",
+             lambda d: box(d, PROXY)["ports"].pop()),
+    Breakage(REPLICAS, "metrics_are_scraped_on_their_own_port", "a listener on another port",
+             lambda d: config(d, lambda c: c["metrics"]["listen"].update(port=9100))),
+    Breakage(REPLICAS, "metrics_are_scraped_on_their_own_port", "a Service exposing metrics",
+             lambda d: doc(d, "Service", "mcp-tenant-proxy")["spec"]["ports"].append(
+                 {"name": "metrics", "port": 9464, "targetPort": "metrics"})),
+    Breakage(REPLICAS, "metrics_are_scraped_on_their_own_port", "no scrape annotation",
+             lambda d: doc(d, "Deployment", "mcp-tenant-proxy")["spec"]["template"]["metadata"].pop(
+                 "annotations")),
     Breakage(REPLICAS, "redis_keeps_sessions", "volatile-ttl eviction",
              lambda d: swap_arg(box(d, REDIS), "noeviction", "volatile-ttl")),
     Breakage(REPLICAS, "redis_keeps_sessions", "no eviction policy",

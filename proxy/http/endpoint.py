@@ -165,7 +165,7 @@ async def serve(exchange: Exchange, flow: Flow[C]) -> Reply:
     except ProxyError as error:
         failure = error
         reply = error_reply(exchange, error)
-    except asyncio.CancelledError as error:  # the client went away (or the proxy is stopping)
+    except (asyncio.CancelledError, ConnectionResetError) as error:  # the client went away (or we stop)
         failure = error
         if not exchange.delivered:
             exchange.outcome = "cancelled"

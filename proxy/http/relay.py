@@ -32,6 +32,7 @@ from proxy.protocol.errors import (
     MethodNotAllowed,
     ProxyError,
     SessionNotFound,
+    TooManyRequests,
     UpstreamError,
     sanitize_error,
 )
@@ -138,6 +139,10 @@ async def forward_post(call: Request, hooks: Hooks) -> Reply:
     except UpstreamError as error:
         call.upstream_fault, call.error_code = True, error.code
         raise
+    except TooManyRequests:  # the upstream refused to start another process for the tenant
+        call.services.metrics.count_limited(call.ctx.tenant, "processes")
+        call.outcome = "denied"
+        raise
     finally:
         call.upstream_seconds += time.perf_counter() - started
     for listener in call.on_upstream_status:
@@ -154,9 +159,20 @@ async def forward_post(call: Request, hooks: Hooks) -> Reply:
         raise
     finally:
         response.close()
-    if call.upstream_fault is None:
+        # The client cancelled it and got no result: however it ended (no answer, an error), the
+        # client ended it. (A result that crossed the cancel was answered all the same.)
+        cancelled = call.result_sha256 is None and _cancelled_by_client(call)
+        if cancelled:
+            call.outcome, call.upstream_fault = "cancelled", None
+    if call.upstream_fault is None and not cancelled:
         call.upstream_fault = response.status >= 500
     return reply
+
+
+def _cancelled_by_client(call: Request) -> bool:
+    """Handshake era: the client cancelled this request (notifications/cancelled on its session)."""
+    session = call.session
+    return session is not None and session.cancelled_by_client(call.message.id)
 
 
 async def _relay_post(call: Request, response: UpstreamResponse, hooks: Hooks) -> Reply:
@@ -236,7 +252,7 @@ async def _relay_post_stream(call: Request, response: UpstreamResponse, hooks: H
         # proxy, and the client resumes it with GET + Last-Event-ID (relay_get), where the rest of
         # it, the answer included, comes through the same hooks.
         call.awaiting_resumption, call.upstream_fault = True, False
-    elif not answered:
+    elif not answered and not _cancelled_by_client(call):  # (a cancelled request gets no answer)
         call.outcome, call.error_code = "error", UpstreamError.code
         call.upstream_fault = True
         lost = UpstreamError("The upstream MCP server ended the stream without answering")

@@ -112,7 +112,11 @@ MAX_METHOD_CHARS = 128  # a client-chosen method is bounded like every other str
 
 
 def request_line(exchange: Exchange) -> None:
-    """The done hook: one structured line per exchange (names, outcome, timing; never content)."""
+    """The done hook: one structured line per exchange (names, outcome, timing; never content).
+    Refusals by a tenant's limits are counted in aggregate instead (limits.RefusalLog): a flood of
+    them cannot flood the log."""
+    if exchange.limited is not None:
+        return
     message, ctx, era = exchange.message, exchange.ctx, exchange.era
     method = message.method if message is not None else None
     _requests_log.info(

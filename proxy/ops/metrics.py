@@ -84,6 +84,7 @@ class Metrics:
         self._requests: dict[tuple[str, str, str], int] = {}
         self._cache: dict[tuple[str, str], int] = {}
         self._latency: dict[tuple[str, str], _Histogram] = {}
+        self._limited: dict[tuple[str, str], int] = {}  # a flood of refusals counts for next to nothing
         registry.register(_GaugeCollector(self._request_families))
         self.policy_denials = Counter(
             "mcp_proxy_policy_denials_total", "Requests refused by a policy rule, by tenant and rule",
@@ -97,10 +98,6 @@ class Metrics:
         self.upstream_errors = Counter(
             "mcp_proxy_upstream_errors_total", "Upstream failures by tenant: error, timeout or circuit_open",
             ["tenant", "kind"], registry=registry,
-        )  # fmt: skip
-        self.limited = Counter(
-            "mcp_proxy_limited_total", "Requests refused by a per-tenant limit, by tenant and limit",
-            ["tenant", "limit"], registry=registry,
         )  # fmt: skip
         self.rejected = Counter(
             "mcp_proxy_rejected_total", "Requests refused before a tenant was known, by HTTP status",
@@ -135,6 +132,11 @@ class Metrics:
             cache_key = (tenant, cache_state)
             self._cache[cache_key] = self._cache.get(cache_key, 0) + 1
 
+    def count_limited(self, tenant: str, limit: str) -> None:
+        """A request refused by one of the tenant's limits (rate, concurrency, circuit, processes)."""
+        key = (tenant, limit)
+        self._limited[key] = self._limited.get(key, 0) + 1
+
     def _histogram(self, kind: str, tenant: str) -> _Histogram:
         histogram = self._latency.get((kind, tenant))
         if histogram is None:
@@ -156,6 +158,13 @@ class Metrics:
         for cache_labels, count in self._cache.items():
             cache.add_metric(list(cache_labels), count)
         yield cache
+        limited = CounterMetricFamily(
+            "mcp_proxy_limited", "Requests refused by a per-tenant limit, by tenant and limit",
+            labels=["tenant", "limit"],
+        )  # fmt: skip
+        for limited_labels, count in self._limited.items():
+            limited.add_metric(list(limited_labels), count)
+        yield limited
         for kind, (name, documentation) in _LATENCY_FAMILIES.items():
             family = HistogramMetricFamily(name, documentation, labels=["tenant"])
             for (histogram_kind, tenant), histogram in self._latency.items():

@@ -119,7 +119,7 @@ async def test_two_tenants_same_call_each_get_their_own_result_cold_and_warm(
     assert upstream_calls(counting_upstreams, "globex") == 1
     cache = cached.app[SERVICES].cache
     assert cache is not None
-    assert {key[0] for key in cache._store} == {"acme", "globex"}
+    assert {key[0] for key, _ in cache.entries()} == {"acme", "globex"}
 
 
 async def test_argument_order_is_canonical_but_number_forms_stay_distinct(
@@ -171,7 +171,7 @@ async def test_private_list_results_are_cached_per_subject(
     assert lists("acme") == 2  # one per subject; the second round came from the proxy's cache
     cache = cached.app[SERVICES].cache
     assert cache is not None
-    assert {key[1] for key in cache._store if key[4] == "tools/list"} == {
+    assert {key[1] for key, _ in cache.entries() if key[4] == "tools/list"} == {
         json.dumps(["dev", subject], separators=(",", ":")) for subject in ("alice", "bob")
     }  # the principal: issuer and subject
 
@@ -308,7 +308,7 @@ async def test_tenant_ids_that_would_collide_in_a_joined_key_each_get_their_own_
     assert sorted(shared_upstream.calls) == sorted(calls)  # one upstream call each, never shared
     cache = running.app[SERVICES].cache
     assert cache is not None
-    stored = {(key[0], key[5]): entry.result for key, entry in cache._store.items()}
+    stored = {(key[0], key[5]): entry.result for key, entry in cache.entries()}
     assert set(stored) == set(calls)
     for (tenant, _), raw in stored.items():
         assert f'SHARED-CANARY-{tenant}"'.encode() in raw

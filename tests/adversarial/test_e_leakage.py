@@ -131,8 +131,7 @@ async def test_what_reports_produce_counts_every_request_answered_before_it_is_r
         assert status == 200
     (newest,) = json.loads(raw)["result"]["structuredContent"]["records"]
     assert newest["name"] == "proxy_recent_activity"
-    port = running.config.listen.port
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as response:
+    async with aiohttp.ClientSession() as http, http.get(running.metrics_url) as response:
         text = await response.text()
     assert re.search(r'mcp_proxy_requests_total\{method="tools/call",outcome="ok",tenant="acme"\} 4\.0', text)
 
@@ -366,7 +365,7 @@ async def test_resource_lists_of_a_shared_upstream_hold_only_the_callers_entries
         assert len(lists) == 2  # one per tenant: the cached answers were filtered all the same
         cache = running.app[SERVICES].cache
         assert cache is not None
-        listed = {key[0]: entry.result for key, entry in cache._store.items() if key[4] == "resources/list"}
+        listed = {key[0]: entry.result for key, entry in cache.entries() if key[4] == "resources/list"}
         assert set(listed) == set(TENANTS)
         for tenant, raw in listed.items():
             other = next(t for t in TENANTS if t != tenant)

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import cachetools
 import pytest
 from aiohttp import web
 from mcp import MCPError
@@ -316,11 +315,7 @@ def cache_entries(running: RunningProxy) -> list[tuple[Any, bytes]]:
     """Every entry in the response cache, expired-but-not-yet-evicted ones included."""
     cache = running.app[SERVICES].cache
     assert cache is not None
-    store = cache._store
-    return [
-        (key, cachetools.Cache.__getitem__(store, key).result)
-        for key in list(cachetools.Cache.__iter__(store))
-    ]
+    return [(key, entry.result) for key, entry in cache.entries(stale=True)]
 
 
 # --- the soak -------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.cli import start_server
 from proxy.config import load_config
-from proxy.http.keys import SERVICES
+from proxy.http.keys import METRICS_LISTENER, SERVICES
 from proxy.ops.reload import reload_config
 from tests.conftest import MCP_ACCEPT, TENANTS, RunningProxy, StartProxy, proxy_config
 from tests.factories import DEV_SECRET, DEV_SECRET_ENV, HANDSHAKE_INITIALIZE
@@ -98,7 +98,7 @@ async def test_metrics_with_a_bearer_token_answer_only_that_token(
     monkeypatch.setenv("MCP_TEST_METRICS_TOKEN", "scraper-token-0123456789")
     running = await make_proxy(upstreams, metrics={"bearer_token_env": "MCP_TEST_METRICS_TOKEN"})
     assert (await call(running, "globex"))[0] == 200
-    url = base_url(running) + "/metrics"
+    url = running.metrics_url
     for sent in (None, "Bearer wrong", "Bearer scraper-token-012345678", running.token("acme")):
         headers = {"Authorization": sent} if sent is not None else {}
         async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as response:
@@ -110,7 +110,7 @@ async def test_metrics_with_a_bearer_token_answer_only_that_token(
         assert response.status == 200
         assert 'tenant="globex"' in await response.text()
     # A header that is not UTF-8 is refused like any wrong token, not a 500.
-    port = running.config.listen.port
+    port = running.app[METRICS_LISTENER].port
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(
         b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n"
@@ -147,7 +147,7 @@ async def test_metrics_parse_and_count_what_happened(proxy: RunningProxy) -> Non
     status, _ = await call(proxy, "acme", "whoami", {"x": 1})
     assert status == 200
     await proxy.post({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, token="not-a-token")
-    status, headers, text = await get(base_url(proxy) + "/metrics")
+    status, headers, text = await get(proxy.metrics_url)
     assert status == 200
     assert headers["Content-Type"].startswith("text/plain")
     requests = samples(text, "mcp_proxy_requests_total")
@@ -221,7 +221,7 @@ async def test_a_failing_upstream_opens_its_tenants_circuit_only(
     assert int(answer["headers"]["Retry-After"]) > 0
     assert time.perf_counter() - started < 0.2  # failing fast, no connect attempt
     assert (await call(running, "globex"))[0] == 200
-    _, _, text = await get(base_url(running) + "/metrics")
+    _, _, text = await get(running.metrics_url)
     assert samples(text, "mcp_proxy_circuit_open")[(("tenant", "acme"),)] == 1.0
     assert samples(text, "mcp_proxy_upstream_errors_total")[(("kind", "error"), ("tenant", "acme"))] == 2.0
 
@@ -473,7 +473,7 @@ async def test_an_invalid_reload_keeps_the_old_config_serving(
         path.write_text("listen: [this is not a mapping\n")
         await asyncio.sleep(0.5)  # the file watch notices, validates, refuses
         assert (await call(running, "acme"))[0] == 200
-        _, _, text = await get(base_url(running) + "/metrics")
+        _, _, text = await get(running.metrics_url)
         assert samples(text, "mcp_proxy_config_reloads_total")[(("result", "invalid"),)] >= 1.0
         assert not await reload_config(runner.app)
         assert (await call(running, "globex"))[0] == 200

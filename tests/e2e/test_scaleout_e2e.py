@@ -33,7 +33,7 @@ from proxy.http.keys import SERVICES
 from proxy.layers.containment.request_state import RequestState
 from proxy.runtime import Services
 from proxy.types import TenantContext
-from tests.conftest import MCP_ACCEPT, TENANTS, proxy_config
+from tests.conftest import MCP_ACCEPT, TENANTS, RunningProxy, proxy_config
 from tests.factories import RsaKeys, token
 from tests.redis_server import RedisServer, require_redis_server
 from tests.upstreams import free_port
@@ -560,7 +560,7 @@ async def test_redis_stopped_mid_test_fails_closed_and_recovers(
             body = await ready.json()
             assert ready.status == 200  # reported, not required: this replica still serves
             assert body["state"] == {"backend": "redis", "up": False}
-        async with http.get(a.replace("/mcp", "/metrics")) as metrics:
+        async with http.get(RunningProxy(a, None, replicas.a.app).metrics_url) as metrics:
             text = await metrics.text()
     assert "mcp_proxy_state_up 0.0" in text
     assert "mcp_proxy_state_errors_total{operation=" in text
@@ -576,7 +576,7 @@ async def test_redis_stopped_mid_test_fails_closed_and_recovers(
     async with aiohttp.ClientSession() as http:
         async with http.get(b.replace("/mcp", "/readyz")) as ready:
             assert (await ready.json())["state"] == {"backend": "redis", "up": True}
-        async with http.get(b.replace("/mcp", "/metrics")) as metrics:
+        async with http.get(RunningProxy(b, None, replicas.b.app).metrics_url) as metrics:
             assert "mcp_proxy_state_up 1.0" in await metrics.text()
 
 

@@ -7,7 +7,14 @@ import time
 
 import pytest
 
-from proxy.layers.cache.store import CachePlan, ResponseCache, params_digest, plan_for
+from proxy.layers.cache.store import (
+    ENTRY_OVERHEAD_BYTES,
+    CachePlan,
+    ResponseCache,
+    params_digest,
+    plan_for,
+    tenant_budget,
+)
 
 
 def key(tenant: str, name: str = "t", digest: str = "d", principal: str | None = None) -> tuple:  # type: ignore[type-arg]
@@ -82,7 +89,67 @@ def test_invalidation_is_per_tenant_method_and_name() -> None:
     assert cache.invalidate("acme", ("tools/list",)) == 1
     assert len(cache) == 4
     assert cache.invalidate("globex") == 3
-    assert [k[0] for k in cache._store] == ["acme"]
+    assert [k[0] for k, _ in cache.entries()] == ["acme"]
+
+
+def test_storing_evicts_only_the_storing_tenants_own_entries() -> None:
+    cache = ResponseCache(max_bytes=100_000, max_entry_bytes=5_000)
+    budget = 10_000
+    cache.put(key("victim"), b"v" * 900, 60, budget)
+    for index in range(200):  # far past the attacker's own budget, and past the global bound's share
+        assert cache.put(key("attacker", digest=str(index)), b"x" * 900, 60, budget)
+        assert cache.tenant_bytes("attacker") <= budget
+    assert cache.get(key("victim")) == b"v" * 900
+    assert cache.get(key("attacker", digest="199")) is not None  # its newest stay; its oldest went
+    assert cache.get(key("attacker", digest="0")) is None
+    assert cache.size_bytes == cache.tenant_bytes("victim") + cache.tenant_bytes("attacker")
+
+
+def test_what_a_tenant_finds_does_not_depend_on_another_tenants_traffic() -> None:
+    def attacker_sees(victim_traffic: bool) -> list[bool]:
+        cache = ResponseCache(max_bytes=20_000, max_entry_bytes=5_000)
+        seen = []
+        for index in range(60):
+            if victim_traffic:
+                cache.put(key("victim", digest=str(index)), b"v" * (index * 37 % 3000), 60, 10_000)
+                cache.get(key("victim", digest=str(index // 2)))
+            probe = key("attacker", digest=str(index * index % 11))
+            seen.append(cache.get(probe) is not None)
+            if not seen[-1]:
+                cache.put(probe, b"a" * (400 + index * 53 % 2000), 60, 10_000)
+        return seen
+
+    assert attacker_sees(victim_traffic=True) == attacker_sees(victim_traffic=False)
+    assert True in attacker_sees(False) and False in attacker_sees(False)  # hits and misses both
+
+
+def test_the_global_bound_holds_and_takes_only_from_the_storing_tenant() -> None:
+    cache = ResponseCache(max_bytes=10_000, max_entry_bytes=5_000)  # budgets overcommitted: 2 x 8,000
+    for index in range(5):
+        assert cache.put(key("acme", digest=str(index)), b"a" * 1_400, 60, 8_000)
+    for index in range(10):
+        cache.put(key("globex", digest=str(index)), b"g" * 1_400, 60, 8_000)
+        assert cache.size_bytes <= 10_000
+    assert all(cache.get(key("acme", digest=str(index))) for index in range(5))  # acme's all stay
+    assert cache.get(key("globex", digest="9")) is not None
+
+
+def test_a_budget_changed_by_a_reload_keeps_the_newest_entries_that_fit() -> None:
+    cache = ResponseCache(max_bytes=100_000, max_entry_bytes=5_000)
+    for index in range(8):
+        cache.put(key("acme", digest=str(index)), b"a" * 800, 60, 10_000)
+    cache.put(key("acme", digest="new"), b"a" * 800, 60, 3_000)
+    assert cache.tenant_bytes("acme") <= 3_000
+    assert cache.get(key("acme", digest="new")) is not None
+    assert cache.get(key("acme", digest="7")) is not None
+    assert cache.get(key("acme", digest="0")) is None
+    assert cache.size_bytes == cache.tenant_bytes("acme")
+
+
+def test_the_default_budget_shares_out_the_bound_but_holds_one_entry() -> None:
+    assert tenant_budget(64_000_000, 1_000_000, None, 2) == 32_000_000
+    assert tenant_budget(64_000_000, 1_000_000, None, 1000) == 1_000_000 + ENTRY_OVERHEAD_BYTES
+    assert tenant_budget(64_000_000, 1_000_000, 5_000_000, 2) == 5_000_000
 
 
 async def test_single_flight_shares_one_result_and_settles_followers() -> None:

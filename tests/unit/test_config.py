@@ -301,6 +301,8 @@ ONE_TRANSPORT = "exactly one of url (HTTP upstream) or command (stdio upstream) 
         ({"env": {"A": "1"}}, "env, cwd and isolation apply only to stdio upstreams"),
         ({"cwd": "work"}, "env, cwd and isolation apply only to stdio upstreams"),
         ({"isolation": "per_session"}, "env, cwd and isolation apply only to stdio upstreams"),
+        ({"max_processes": 2}, "max_processes apply only to stdio upstreams"),
+        ({"limits": {"open_files": 10}}, "limits apply only to stdio upstreams"),
     ],
 )
 def test_upstream_transport_rules(tmp_path: Path, fields: dict[str, Any], problem: str) -> None:
@@ -314,6 +316,18 @@ def test_upstream_transport_rules(tmp_path: Path, fields: dict[str, Any], proble
     error = config_error(tmp_path, change)
     assert error.key_path == "tenants.acme.upstream"
     assert error.problem.startswith(problem)
+
+
+def test_stdio_capacity_defaults_and_bounds(tmp_path: Path) -> None:
+    def change(d: dict[str, Any]) -> None:
+        upstream(d).pop("url")
+        upstream(d)["command"] = ["srv"]
+
+    acme = load_with(tmp_path, change).tenants["acme"].upstream
+    assert (acme.max_processes, acme.idle_stop_seconds) == (8, 300.0)
+    assert (acme.limits.memory_bytes, acme.limits.cpu_seconds, acme.limits.open_files) == (2**31, 3600, 1024)
+    error = config_error(tmp_path, lambda d: (change(d), upstream(d).update(max_processes=0)))
+    assert error.key_path == "tenants.acme.upstream.max_processes"
 
 
 def test_empty_command_is_refused(tmp_path: Path) -> None:

@@ -281,7 +281,8 @@ class Authenticator:
         )
 
     def bearer_token(self, authorization: Iterable[str]) -> str:
-        """The single Bearer token of a request; anything else is refused before any verification."""
+        """The single Bearer token of a request; anything else is refused before any verification
+        (its shape is checked before it is verified: a token verified before need not pass again)."""
         values = list(authorization)
         if not values:
             raise self._unauthenticated("no bearer token (send it in the Authorization header)", False)
@@ -291,9 +292,11 @@ class Authenticator:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise self._unauthenticated("the Authorization header must be 'Bearer <token>'", True)
+        return token
+
+    def _check_shape(self, token: str) -> None:
         if len(token) > MAX_TOKEN_CHARS or not _TOKEN_SHAPE.fullmatch(token):
             raise self._unauthenticated("the bearer token is not a compact JWS", True)
-        return token
 
     async def authenticate(self, authorization: Iterable[str]) -> TenantContext:
         """The caller of a request. A token verified before (by this config) is not verified again
@@ -307,6 +310,7 @@ class Authenticator:
                 self._verified.move_to_end(token)
                 return ctx
             del self._verified[token]
+        self._check_shape(token)
         ctx, leeway, jwks_key = await self._verify(token)
         self._verified[token] = (ctx, ctx.expires_at + leeway, jwks_key)
         if len(self._verified) > VERIFIED_TOKENS_KEPT:

@@ -22,8 +22,9 @@ class Cache(Protocol):
         """The stored result under `key`, or None (a miss, or the store cannot be reached)."""
         ...
 
-    def put(self, key: CacheKey, result: bytes, ttl_seconds: float) -> bool:
-        """Store a result; False when it is not stored (too large, too short-lived)."""
+    def put(self, key: CacheKey, result: bytes, ttl_seconds: float, budget: int | None = None) -> bool:
+        """Store a result within its tenant's byte `budget` (None: only the global bound); False
+        when it is not stored (too large, too short-lived, no room among the tenant's own entries)."""
         ...
 
     def invalidate(self, tenant: str, methods: Iterable[str] | None = None, name: str | None = None) -> int:

@@ -93,7 +93,7 @@ def store(call: Call, message: ServerMessage) -> ServerMessage | None:
     if target is None:
         return message
     raw = message.result_bytes()
-    if raw is not None and cache.put(target[0], raw, target[1]):
+    if raw is not None and cache.put(target[0], raw, target[1], call.tenant.cache_budget):
         flight: CacheKey | None = call.slots.pop(_FLIGHT, None)
         if flight is not None:
             cache.settle(flight, raw)

@@ -6,7 +6,8 @@
 A tuple, never a joined string, so no tenant id (`a:b`) can forge another's key. The canonical
 params sort keys, fix separators and keep types apart (1, 1.0 and true never collide); `_meta`
 entries that cannot change the result (progress token, client info, log level) are left out.
-Bounded by total bytes (cachetools TLRUCache: per-entry expiry, then least recently used).
+Bounded by bytes per tenant (each tenant's own budget; storing evicts only the storing tenant's
+entries: cachetools TLRUCache, per-entry expiry, then least recently used) and in total.
 Concurrent identical misses share one upstream call (single flight), never across tenants.
 """
 
@@ -15,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+import cachetools
 from cachetools import TLRUCache
 
 from proxy.types import JsonObject
@@ -58,7 +61,19 @@ def params_digest(params: JsonObject) -> str:
 @dataclass(frozen=True, slots=True)
 class StoredResult:
     result: bytes  # the serialised JSON-RPC result object, exactly as the tenant was sent it
-    ttl_seconds: float
+    expires: float  # time.monotonic() when it goes stale
+
+    @property
+    def size(self) -> int:
+        return len(self.result) + ENTRY_OVERHEAD_BYTES
+
+
+def tenant_budget(max_bytes: int, max_entry_bytes: int, per_tenant: int | None, tenants: int) -> int:
+    """A tenant's own byte budget: as configured, or the global bound shared out among the
+    configured tenants, but never less than one entry's worth."""
+    if per_tenant is not None:
+        return per_tenant
+    return max(max_bytes // max(tenants, 1), max_entry_bytes + ENTRY_OVERHEAD_BYTES)
 
 
 class SingleFlight:
@@ -83,53 +98,105 @@ class SingleFlight:
             pending.set_result(result)
 
 
+def _shelf(budget: int) -> TLRUCache[CacheKey, StoredResult]:
+    """One tenant's entries: the expired go first, then the least recently used."""
+    return TLRUCache(maxsize=max(budget, 1), ttu=lambda _key, entry, _now: entry.expires,
+                     getsizeof=lambda entry: entry.size)  # fmt: skip
+
+
 class ResponseCache(SingleFlight):
-    """The in-process cache (the default backend).
+    """The in-process cache (the default backend): a shelf per tenant, each within the tenant's own
+    budget, so storing only ever evicts the storing tenant's entries and what one tenant finds
+    never depends on what another stored. The global bound stays: a store that would cross it
+    evicts the storing tenant's own entries, or is not kept (the tenants' budgets, as by default,
+    add up to no more than it: then it never decides anything).
 
     `fetch`, `put` and `invalidate` are what the proxy calls; the shared (Redis) cache has the same
     three, with `put` and `invalidate` finishing in the background."""
 
     def __init__(self, max_bytes: int, max_entry_bytes: int) -> None:
         super().__init__()
+        self.max_bytes = max_bytes
         self.max_entry_bytes = max_entry_bytes
-        self._store: TLRUCache[CacheKey, StoredResult] = TLRUCache(
-            maxsize=max(max_bytes, 1),
-            ttu=lambda _key, entry, now: now + entry.ttl_seconds,
-            getsizeof=lambda entry: len(entry.result) + ENTRY_OVERHEAD_BYTES,
-        )
+        self._shelves: dict[str, TLRUCache[CacheKey, StoredResult]] = {}
+        self._bytes = 0
 
     @property
     def size_bytes(self) -> int:
-        return int(self._store.currsize)
+        return self._bytes
 
     def __len__(self) -> int:
-        return len(self._store)
+        return sum(len(shelf) for shelf in self._shelves.values())
+
+    def entries(self, stale: bool = False) -> list[tuple[CacheKey, StoredResult]]:
+        """Every entry of every tenant (for tests and inspection); with `stale`, also those expired
+        but not evicted yet."""
+        if stale:
+            return [(key, cachetools.Cache.__getitem__(shelf, key)) for shelf in self._shelves.values()
+                    for key in list(cachetools.Cache.__iter__(shelf))]  # fmt: skip
+        found = ((key, shelf.get(key)) for shelf in self._shelves.values() for key in list(shelf))
+        return [(key, entry) for key, entry in found if entry is not None]
+
+    def tenant_bytes(self, tenant: str) -> int:
+        shelf = self._shelves.get(tenant)
+        return int(shelf.currsize) if shelf is not None else 0
 
     def get(self, key: CacheKey) -> bytes | None:
-        entry = self._store.get(key)
+        shelf = self._shelves.get(key[0])
+        entry = shelf.get(key) if shelf is not None else None
         return entry.result if entry is not None else None
 
     async def fetch(self, key: CacheKey) -> bytes | None:
         return self.get(key)
 
-    def put(self, key: CacheKey, result: bytes, ttl_seconds: float) -> bool:
-        """Store a result; too large, too short-lived or too big for the cache: not stored."""
-        size = len(result) + ENTRY_OVERHEAD_BYTES
-        if ttl_seconds <= 0 or len(result) > self.max_entry_bytes or size > self._store.maxsize:
+    def put(self, key: CacheKey, result: bytes, ttl_seconds: float, budget: int | None = None) -> bool:
+        """Store a result within its tenant's `budget` (None: only the global bound); too large,
+        too short-lived, or with no room left by the tenant's own entries: not stored."""
+        entry = StoredResult(result, time.monotonic() + ttl_seconds)
+        budget = self.max_bytes if budget is None else budget
+        if ttl_seconds <= 0 or len(result) > self.max_entry_bytes or entry.size > min(budget, self.max_bytes):
             return False
-        self._store[key] = StoredResult(result, ttl_seconds)
-        return True
+        shelf = self._shelf_of(key[0], budget)
+        others = self._bytes - int(shelf.currsize)  # every other tenant's bytes: never touched here
+        shelf.pop(key, None)
+        shelf.expire()
+        while others + int(shelf.currsize) + entry.size > self.max_bytes and len(shelf):
+            shelf.popitem()  # the global bound: only ever the storing tenant's own entries go
+        stored = others + int(shelf.currsize) + entry.size <= self.max_bytes
+        if stored:
+            shelf[key] = entry  # evicts within the tenant's budget
+        self._bytes = others + int(shelf.currsize)
+        return stored
+
+    def _shelf_of(self, tenant: str, budget: int) -> TLRUCache[CacheKey, StoredResult]:
+        shelf = self._shelves.get(tenant)
+        if shelf is None:
+            shelf = self._shelves[tenant] = _shelf(budget)
+        elif shelf.maxsize != max(budget, 1):  # the budget changed (a reload): keep what still fits
+            moved = _shelf(budget)
+            for key in list(shelf):  # least recently used first
+                entry = shelf[key]
+                if entry.size <= moved.maxsize:
+                    moved[key] = entry
+            self._bytes += int(moved.currsize) - int(shelf.currsize)
+            shelf = self._shelves[tenant] = moved
+        return shelf
 
     def invalidate(self, tenant: str, methods: Iterable[str] | None = None, name: str | None = None) -> int:
         """Drop a tenant's entries (of these methods, of this name); returns how many went."""
+        shelf = self._shelves.get(tenant)
+        if shelf is None:
+            return 0
         wanted = frozenset(methods) if methods is not None else None
+        before = int(shelf.currsize)
         doomed = [
             key
-            for key in list(self._store.keys())
-            if key[0] == tenant and (wanted is None or key[4] in wanted) and (name is None or key[5] == name)
+            for key in list(shelf)
+            if (wanted is None or key[4] in wanted) and (name is None or key[5] == name)
         ]
         for key in doomed:
-            self._store.pop(key, None)
+            shelf.pop(key, None)
+        self._bytes += int(shelf.currsize) - before
         return len(doomed)
 
 

@@ -5,6 +5,9 @@ One JSON line per MCP request in `<audit.dir>/<tenant>.jsonl`, rendered by orjso
     ts, tenant, subject, session (hash), era, method, name, argument_keys, outcome, cache,
     error_code, result_bytes, result_sha256, duration_ms, task (hash), task_event
 
+outcome is ok, error, denied, spoof or cancelled (the client went away before its answer, or
+cancelled the request itself).
+
 Never an argument value, never result content, never a token. JSON rendering escapes newlines and
 control characters, so no value can forge a line. Files are opened append-only, written by one
 background thread (the event loop never blocks on disk), rotated by size with a bounded number

@@ -6,10 +6,12 @@ from __future__ import annotations
 from typing import Protocol
 
 from proxy.config import LimitsConfig
-from proxy.layers.limits.limiter import Admission, TenantLimits
+from proxy.layers.limits.limiter import Admission, RefusalLog, TenantLimits
 
 
 class Limiter(Protocol):
+    refusals: RefusalLog  # refusals are logged as counts per tenant, limit and second
+
     async def admit(self, tenant: str, settings: LimitsConfig, body_bytes: int = 0) -> Admission:
         """A place for one request of `tenant` and its body (bytes are charged in this replica),
         or TooManyRequests (no upstream call)."""

@@ -4,12 +4,18 @@ tenant's upstream circuit is open) with Retry-After, and makes no upstream call.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import math
 import time
 from dataclasses import dataclass, field
 
+import structlog
+
 from proxy.config import LimitsConfig
 from proxy.protocol.errors import TooManyRequests, UpstreamUnavailable
+
+log = structlog.get_logger("proxy.limits")
 
 
 @dataclass
@@ -170,6 +176,33 @@ class Admission:
     shared_slot: str | None = None  # holds a place in the shared (Redis) concurrency set
 
 
+class RefusalLog:
+    """Requests refused by a tenant's limits are logged as counts: one line per tenant and limit
+    for each second with refusals (every refusal still has its audit record and metrics), so a
+    tenant flooding with refused requests costs the log, and the proxy, next to nothing."""
+
+    def __init__(self, seconds: float = 1.0) -> None:
+        self.seconds = seconds
+        self._counts: dict[tuple[str, str], int] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def note(self, tenant: str, limit: str) -> None:
+        key = (tenant, limit)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(
+                self.seconds, self.flush, context=contextvars.Context()
+            )
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        counts, self._counts = self._counts, {}
+        for (tenant, limit), refused in counts.items():
+            log.info("limited", tenant=tenant, limit=limit, refused=refused, seconds=self.seconds)
+
+
 class LocalLimiter:
     """Every tenant's limits in this process (the Limiter of one process, and each replica's
     fallback and circuit view with Redis); a tenant's state survives a reload unless its settings
@@ -177,6 +210,7 @@ class LocalLimiter:
 
     def __init__(self) -> None:
         self._tenants: dict[str, TenantLimits] = {}
+        self.refusals = RefusalLog()
 
     async def admit(self, tenant: str, settings: LimitsConfig, body_bytes: int = 0) -> Admission:
         """A place for one request of `tenant` (and its body), or TooManyRequests (no upstream call)."""

@@ -35,8 +35,7 @@ class Admission(Around[Call]):
         try:
             admitted = await call.services.limiter.admit(tenant, call.tenant.limits, body_bytes)
         except ProxyError as refusal:
-            kind = refusal.data.get("limit", "other") if isinstance(refusal.data, dict) else "other"
-            call.services.metrics.limited.labels(tenant, kind).inc()
+            _refused(call, refusal.data.get("limit", "other") if isinstance(refusal.data, dict) else "other")
             call.outcome = "denied"
             raise
         call.slots[_ADMITTED] = admitted
@@ -62,7 +61,7 @@ class Circuit(Around[Request]):
         try:
             trial = limits.admit_upstream()
         except ProxyError:
-            call.services.metrics.limited.labels(call.ctx.tenant, "circuit").inc()
+            _refused(call, "circuit")
             raise
         if trial:
             call.slots[_TRIAL] = True
@@ -105,7 +104,7 @@ class Streams(Around[Call]):
         try:
             limits.open_stream()
         except ProxyError:
-            call.services.metrics.limited.labels(call.ctx.tenant, "streams").inc()
+            _refused(call, "streams")
             call.outcome = "denied"
             raise
         call.slots[_STREAM] = limits
@@ -114,6 +113,13 @@ class Streams(Around[Call]):
     def leave(self, call: Call, failure: BaseException | None) -> None:
         limits: TenantLimits = call.slots.pop(_STREAM)
         limits.close_stream()
+
+
+def _refused(call: Call, limit: str) -> None:
+    """Counted, and logged with the other refusals of its tenant and limit (never line by line)."""
+    call.limited = limit
+    call.services.metrics.count_limited(call.ctx.tenant, limit)
+    call.services.limiter.refusals.note(call.ctx.tenant, limit)
 
 
 admission = Admission()

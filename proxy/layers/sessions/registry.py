@@ -53,6 +53,8 @@ class Session:
     # Client requests forwarded upstream and not answered yet: an answer replayed on a resumed GET
     # stream (the POST stream was lost) is delivered as the answer to that request.
     forwarded: OrderedDict[RequestId, Message] = field(default_factory=OrderedDict)
+    # Those of them the client cancelled (notifications/cancelled): how they end is its doing.
+    cancelled: set[RequestId] = field(default_factory=set)
     get_stream_open: bool = False
     busy: int = 0  # requests in flight: a session answering one is never idle
     ended: asyncio.Event | None = None  # set when the session is removed: its GET stream ends too
@@ -125,6 +127,16 @@ class Session:
     def answered(self, request_id: RequestId | None) -> None:
         if request_id is not None:
             self.forwarded.pop(request_id, None)
+
+    def cancel(self, request_id: object) -> None:
+        """The client cancelled one of its requests in flight (any other id is ignored)."""
+        if isinstance(request_id, str | int) and not isinstance(request_id, bool):
+            request = self.forwarded.get(request_id)
+            if request is not None and type(request.id) is type(request_id):
+                self.cancelled.add(request_id)
+
+    def cancelled_by_client(self, request_id: RequestId | None) -> bool:
+        return request_id is not None and request_id in self.cancelled
 
 
 class LocalViews:

@@ -83,6 +83,8 @@ class Bind(Around[Call]):
         call.slots[_BUSY] = session
         if message is not None and message.kind is MessageKind.REQUEST:
             session.forward(message)
+        elif message is not None and message.method == "notifications/cancelled":
+            session.cancel(message.params.get("requestId"))  # its end is not the upstream failing
         return True
 
     def leave(self, call: Call, failure: BaseException | None) -> None:
@@ -98,12 +100,10 @@ class Bind(Around[Call]):
         # A client that went away, or whose stream the upstream closed to be resumed (SEP-1699), may
         # still get the answer on a GET stream, delivered as this request's: the request stays known.
         abandoned = isinstance(failure, asyncio.CancelledError) and call.upstream_contacted
-        if (
-            message is not None
-            and message.kind is MessageKind.REQUEST
-            and not (abandoned or call.awaiting_resumption)
-        ):
-            session.answered(message.id)
+        if message is not None and message.kind is MessageKind.REQUEST:
+            session.cancelled.discard(message.id)  # (the relay has judged how it ended)
+            if not (abandoned or call.awaiting_resumption):
+                session.answered(message.id)
 
 
 bind = Bind()

@@ -1,9 +1,10 @@
 """One stdio MCP server process: newline-delimited JSON-RPC on its stdin and stdout.
 
 The child gets exactly the environment the config gives it (never the proxy's own, which holds
-secrets such as JWT keys) and its argv[0] resolved once at start. Lines are bounded in length,
-stderr is logged with the tenant attached and rate-limited, and stopping closes stdin, then
-terminates, then kills: no child outlives the proxy's shutdown.
+secrets such as JWT keys), its argv[0] resolved once at start, and its resource limits (address
+space, CPU time, open files: `upstream.limits`) set in the child itself before it runs the command.
+Lines are bounded in length, stderr is logged with the tenant attached and rate-limited, and
+stopping closes stdin, then terminates, then kills: no child outlives the proxy's shutdown.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import resource
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import Any, Final
 
 import structlog
 
+from proxy.config import ChildLimits
 from proxy.protocol.errors import UpstreamError
 from proxy.types import JsonObject
 
@@ -28,6 +32,7 @@ MAX_LINE_BYTES: Final = 16 * 1024 * 1024
 MAX_STDERR_CHARS: Final = 2000
 STDERR_LINES_PER_SECOND: Final = 20
 STOP_GRACE_SECONDS: Final = 2.0
+CPU_KILL_AFTER_SECONDS: Final = 5  # past its CPU time a child gets SIGXCPU, this much later SIGKILL
 
 MessageHandler = Callable[[JsonObject], None]
 
@@ -43,6 +48,29 @@ def resolve_argv(argv: Sequence[str]) -> list[str]:
     return [program, *argv[1:]]
 
 
+def rlimits(limits: ChildLimits) -> Callable[[], None]:
+    """What runs in the child between fork and exec: its limits, worked out here beforehand (the
+    child only makes the calls) and never above the proxy's own hard limits, which an unprivileged
+    process cannot raise."""
+    wanted = [
+        (resource.RLIMIT_AS, limits.memory_bytes, 0),
+        (resource.RLIMIT_CPU, limits.cpu_seconds, CPU_KILL_AFTER_SECONDS),
+        (resource.RLIMIT_NOFILE, limits.open_files, 0),
+    ]
+    settings = []
+    for which, value, grace in wanted:
+        if value:
+            _, hard = resource.getrlimit(which)
+            ceiling = value + grace if hard == resource.RLIM_INFINITY else min(value + grace, hard)
+            settings.append((which, (min(value, ceiling), ceiling)))
+
+    def apply() -> None:
+        for which, pair in settings:
+            resource.setrlimit(which, pair)
+
+    return apply
+
+
 class Child:
     def __init__(
         self,
@@ -52,8 +80,10 @@ class Child:
         cwd: Path | None,
         on_message: MessageHandler,
         on_exit: Callable[[Child], None],
+        limits: ChildLimits | None = None,
     ) -> None:
         self.tenant = tenant
+        self._limits = rlimits(limits or ChildLimits())
         self._argv = list(argv)
         self._env = dict(env)
         self._cwd = cwd
@@ -83,8 +113,9 @@ class Child:
                 env=self._env,
                 cwd=self._cwd,
                 limit=MAX_LINE_BYTES,
+                preexec_fn=self._limits,
             )
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
             raise UpstreamError("The stdio MCP server could not be started") from exc
         log.info("stdio_started", tenant=self.tenant, pid=self._process.pid)
         self._tasks = [

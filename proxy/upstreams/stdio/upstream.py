@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import secrets
 import time
 from collections import deque
@@ -27,7 +28,12 @@ import structlog
 
 from proxy import __version__
 from proxy.config import UpstreamConfig
-from proxy.protocol.errors import ProxyError, UpstreamError, UpstreamTimeout
+from proxy.protocol.errors import (
+    ProxyError,
+    TooManyRequests,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from proxy.protocol.sse import Comment, Event
 from proxy.types import HANDSHAKE_VERSIONS, MODERN_VERSIONS, JsonObject, RequestId
 from proxy.upstreams.base import EVENT_STREAM, JSON, UpstreamRequest
@@ -127,8 +133,9 @@ class Connection:
         config = self.upstream.config
         assert config.command is not None
         self.child = Child(
-            self.upstream.tenant, config.command, config.env, config.cwd, self._on_message, self._on_exit
-        )
+            self.upstream.tenant, config.command, config.env, config.cwd, self._on_message, self._on_exit,
+            config.limits,
+        )  # fmt: skip
         await self.child.start()
 
     async def request(
@@ -294,6 +301,7 @@ class Connection:
         self.stopping = True
         if self.child is not None:
             await self.child.stop()
+        self.upstream.processes.discard(self)
 
 
 class StdioResponse:
@@ -371,6 +379,7 @@ class StdioUpstream:
         self._backoff = BACKOFF_START_SECONDS
         self._next_start = 0.0
         self._closed = False
+        self.processes: set[Connection] = set()  # running or starting: at most max_processes
 
     # --- the Upstream protocol ---------------------------------------------------------------
 
@@ -536,10 +545,27 @@ class StdioUpstream:
     async def _start(self, connection: Connection) -> None:
         if self._closed:
             raise UpstreamError("The proxy is shutting down")
-        wait = self._next_start - time.monotonic()
-        if wait > 0:  # restarting after a crash: back off, so a crash loop cannot spin
-            await asyncio.sleep(wait)
-        await connection.start()
+        if len(self.processes) >= self.config.max_processes:
+            raise self._too_many()  # nothing is started: the tenant's processes are bounded
+        self.processes.add(connection)
+        try:
+            wait = self._next_start - time.monotonic()
+            if wait > 0:  # restarting after a crash: back off, so a crash loop cannot spin
+                await asyncio.sleep(wait)
+            await connection.start()
+        except BaseException:
+            self.processes.discard(connection)
+            raise
+
+    def _too_many(self) -> TooManyRequests:
+        """Refused: Retry-After is when the first idle process will have been stopped."""
+        now, idle_stop = time.monotonic(), self.config.idle_stop_seconds
+        waits = [c.last_used + idle_stop - now for c in self.processes if not c.pending]
+        return TooManyRequests(
+            "Too many requests: this tenant runs as many MCP server processes as it may",
+            data={"limit": "processes"},
+            headers={"Retry-After": str(max(1, math.ceil(min(waits, default=idle_stop))))},
+        )
 
     async def _ready(self, connection: Connection) -> None:
         """The readiness handshake: discover (modern) or initialize (handshake), with a timeout."""
@@ -588,6 +614,7 @@ class StdioUpstream:
 
     def connection_exited(self, connection: Connection) -> None:
         """A child exited: its requests already got errors; its sessions are gone (404 on next use)."""
+        self.processes.discard(connection)
         for era, shared in list(self._shared.items()):
             if shared is connection:
                 del self._shared[era]
@@ -599,10 +626,15 @@ class StdioUpstream:
             self._backoff = min(self._backoff * 2, BACKOFF_MAX_SECONDS)
 
     async def sweep(self) -> None:
-        """Stop shared children nobody has used for `idle_stop_seconds`; the next use starts them."""
+        """Stop processes nobody has sent a request for `idle_stop_seconds`: a shared one without
+        sessions (the next use starts it again), and a session's own whatever the session's idle
+        timeout (the session ends with it: its next request gets 404 and the client starts anew)."""
         now = time.monotonic()
-        for connection in list(self._shared.values()):
-            idle = not connection.pending and not connection.sessions
-            if idle and now - connection.last_used > self.config.idle_stop_seconds:
-                log.info("stdio_idle_stop", tenant=self.tenant)
-                await connection.stop()
+        for connection in list(self.processes):
+            if connection.pending or now - connection.last_used <= self.config.idle_stop_seconds:
+                continue
+            own = any(session.dedicated for session in connection.sessions.values())
+            if connection.sessions and not own:
+                continue  # the tenant's shared handshake process, while sessions use it
+            log.info("stdio_idle_stop", tenant=self.tenant, per_session=own)
+            await connection.stop()
