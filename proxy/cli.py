@@ -1,4 +1,7 @@
-"""Commands: run, check-config, mint-token, demo (see CONTRACT.md)."""
+"""mcp-tenant-proxy: run, check-config, mint-token, schema, demo.
+
+README.md explains each command; docs/configuration.md is the reference of every config and policy key.
+"""
 
 from __future__ import annotations
 
@@ -119,6 +122,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    if args.markdown:
+        from proxy.ops.reference import reference_markdown
+
+        print(reference_markdown(), end="")
+        return 0
+    if args.kind is None:
+        print("schema: name config or policy, or give --markdown", file=sys.stderr)
+        return EXIT_CONFIG
     from proxy.ops.schema import schema_text
 
     print(schema_text(args.kind), end="")
@@ -148,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     mint.set_defaults(handler=cmd_mint_token)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of the config or policy files")
-    schema.add_argument("kind", choices=["config", "policy"])
+    schema.add_argument("kind", nargs="?", choices=["config", "policy"])
+    schema.add_argument(
+        "--markdown", action="store_true", help="print the configuration reference (docs/configuration.md)"
+    )
     schema.set_defaults(handler=cmd_schema)
 
     demo = commands.add_parser(

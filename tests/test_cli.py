@@ -1,4 +1,4 @@
-"""The commands of CONTRACT.md, run as an operator runs them."""
+"""The commands README.md describes, run as an operator runs them."""
 
 from __future__ import annotations
 

@@ -187,7 +187,7 @@ async def test_a_tenant_over_its_rate_gets_429_while_another_keeps_full_service(
     assert len(calls) == 2  # refused requests never reached the upstream
     running.app[SERVICES].flush()
     records = [json.loads(line) for line in (tmp_path / "audit" / "acme.jsonl").read_text().splitlines()]
-    # CONTRACT.md's outcomes only: a limited request is "denied", its code says which refusal
+    # the audit record's documented outcomes only: a limited request is "denied", its code says which refusal
     # (limits apply before the body is read, so the record names no method).
     assert sorted(r["outcome"] for r in records) == ["denied"] * 4 + ["ok"] * 2
     assert {r["error_code"] for r in records if r["outcome"] == "denied"} == {-32009}
