@@ -15,11 +15,11 @@ from prometheus_client.core import GaugeMetricFamily
 from proxy.config import ProxyConfig
 from proxy.http.edge import edge, stamp_request_id
 from proxy.http.endpoint import handle_mcp
-from proxy.http.keys import READINESS, RETIRED, RUNTIME, SERVICES
+from proxy.http.keys import READINESS, RELOADS, RETIRED, RUNTIME, SERVICES
 from proxy.layers.sessions.stage import end_upstream_session
 from proxy.ops.health import Readiness, healthz, keep_checking, readyz
 from proxy.ops.metrics import CONTENT_TYPE_LATEST
-from proxy.ops.reload import watch_files
+from proxy.ops.reload import ReloadState, stamps, watch_files
 from proxy.protocol.jsonrpc import dumps, error_body
 from proxy.runtime import Runtime, RuntimeRef, Services
 
@@ -131,6 +131,7 @@ def create_app(config: ProxyConfig, runtime: Runtime | None = None) -> web.Appli
         },
     )
     app[RUNTIME] = RuntimeRef(runtime or Runtime.build(config))
+    app[RELOADS] = ReloadState(stamps(config.watched_files))
     services = Services.build(config)
     app[SERVICES] = services
     app[READINESS] = Readiness()

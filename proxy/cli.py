@@ -64,7 +64,7 @@ async def serve(config: ProxyConfig) -> None:
     reloads: set[asyncio.Task[bool]] = set()
 
     def reload_soon() -> None:
-        task = asyncio.create_task(reload_config(runner.app))
+        task = asyncio.create_task(reload_config(runner.app, only_if_changed=True))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 

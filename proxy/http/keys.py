@@ -9,6 +9,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from proxy.ops.health import Readiness
+    from proxy.ops.reload import ReloadState
     from proxy.runtime import RuntimeRef, Services
 
 # The current config's runtime (a reload swaps it whole).
@@ -16,5 +17,6 @@ RUNTIME: web.AppKey[RuntimeRef] = web.AppKey("runtime")
 # What outlives a config: sessions, cache, audit, limits, metrics.
 SERVICES: web.AppKey[Services] = web.AppKey("services")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
+RELOADS: web.AppKey[ReloadState] = web.AppKey("reloads")  # what the running config was read from
 RETIRED: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("retired_upstream_closers")  # reload clean-ups
 REQUEST_ID = web.RequestKey("request_id", str)  # the id on every log line of one HTTP request
