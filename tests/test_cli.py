@@ -11,7 +11,7 @@ import jwt
 import pytest
 import yaml
 
-from tests.factories import DEV_SECRET, DEV_SECRET_ENV, config_dict
+from tests.factories import DEV_SECRET, DEV_SECRET_ENV, RESOURCE, config_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -190,6 +190,37 @@ def test_mint_token_for_an_unknown_issuer_fails(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "issuer 'nope' is not configured" in result.stderr
+
+
+def mint(path: Path, tenant: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return cli(
+        "mint-token", "--config", str(path), "--issuer", "dev", "--tenant", tenant, "--sub", "alice", *extra,
+        env={DEV_SECRET_ENV: DEV_SECRET},
+    )  # fmt: skip
+
+
+def test_mint_token_refuses_a_tenant_the_config_does_not_define(tmp_path: Path) -> None:
+    path = write_config(tmp_path, config_dict({"acme": "http://127.0.0.1:9001/mcp"}))
+    refused = mint(path, "nosuch")
+    assert (refused.returncode, refused.stdout) == (2, "")
+    assert refused.stderr.strip() == (
+        f"mint-token: tenant 'nosuch' is not configured in {path} (tenants: acme); the proxy refuses its "
+        "tokens with 403. --allow-unknown-tenant mints one anyway."
+    )
+    allowed = mint(path, "nosuch", "--allow-unknown-tenant")
+    assert allowed.returncode == 0, allowed.stderr
+    claims = jwt.decode(allowed.stdout.strip(), DEV_SECRET, algorithms=["HS256"], audience=RESOURCE)
+    assert claims["tenant"] == "nosuch"
+
+
+def test_mint_token_prints_a_ready_authorization_header(tmp_path: Path) -> None:
+    path = write_config(tmp_path, config_dict({"acme": "http://127.0.0.1:9001/mcp"}))
+    result = mint(path, "acme", "--header")
+    assert result.returncode == 0, result.stderr
+    name, _, value = result.stdout.rstrip("\n").partition(": ")
+    assert name == "Authorization" and value.startswith("Bearer ")
+    claims = jwt.decode(value.removeprefix("Bearer "), DEV_SECRET, algorithms=["HS256"], audience=RESOURCE)
+    assert claims["tenant"] == "acme"
 
 
 @pytest.mark.e2e
