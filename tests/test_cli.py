@@ -229,3 +229,5 @@ def test_demo_runs_and_passes_its_isolation_checks() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all isolation checks passed" in result.stdout
     assert "FAIL" not in result.stdout
+    assert "[ok] no process served two tenants" in result.stdout
+    assert result.stdout.count("[ok] served by its own upstream process") == 4  # acme, globex; both eras
