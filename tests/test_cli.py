@@ -41,6 +41,13 @@ def test_example_config_checks_ok() -> None:
     assert "ok" in result.stdout
 
 
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
+def test_the_examples_configs_check_ok(config: str) -> None:
+    """Run for real by tests/interop/test_examples.py where node is installed."""
+    result = cli("check-config", "--config", f"examples/{config}", env={"MCP_PROXY_DEV_SECRET": DEV_SECRET})
+    assert result.returncode == 0, result.stderr
+
+
 def test_example_config_without_its_secret_names_the_key() -> None:
     env = {k: v for k, v in os.environ.items() if k != "MCP_PROXY_DEV_SECRET"}
     result = subprocess.run(
@@ -53,7 +60,7 @@ def test_example_config_without_its_secret_names_the_key() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
-    assert "config.example.yaml: auth.issuers.1.secret_env:" in result.stderr
+    assert "config.example.yaml: auth.issuers.0.secret_env:" in result.stderr
 
 
 @pytest.mark.parametrize(

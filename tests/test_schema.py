@@ -26,6 +26,16 @@ def test_examples_validate_and_reference_their_schema() -> None:
     jsonschema.validate(yaml.safe_load(config_text), generate("config"))
     for policy in (ROOT / "policies").glob("*.yaml"):
         jsonschema.validate(yaml.safe_load(policy.read_text()) or {}, generate("policy"))
+    configs, policies = list((ROOT / "examples").glob("*.yaml")), list((ROOT / "examples").glob("*/*.yaml"))
+    assert configs and policies
+    for config in configs:
+        text = config.read_text()
+        assert text.startswith("# yaml-language-server: $schema=../proxy/schemas/config.schema.json")
+        jsonschema.validate(yaml.safe_load(text), generate("config"))
+    for policy in policies:
+        text = policy.read_text()
+        assert text.startswith("# yaml-language-server: $schema=../../proxy/schemas/policy.schema.json")
+        jsonschema.validate(yaml.safe_load(text) or {}, generate("policy"))
 
 
 def test_the_schema_refuses_what_the_loader_refuses() -> None:
