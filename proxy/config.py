@@ -457,7 +457,8 @@ class ReadinessConfig(StrictModel):
     upstreams: Literal["any", "all", "ignore"] = Field(
         default="any",
         description="Ready when any tenant's upstream is reachable, all of them, or regardless (ignore). "
-        "A stdio upstream counts when its program starts and answers the MCP handshake.",
+        "A stdio upstream counts when its program starts and answers the MCP handshake (any, all: the "
+        "check starts a child of its own until one has; ignore starts none).",
     )
     check_interval_seconds: float = Field(
         default=10.0, gt=0, description="How often upstreams are checked, in the background."

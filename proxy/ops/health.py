@@ -3,7 +3,8 @@
 
 An HTTP upstream counts as reachable when a TCP connection to it opens; a stdio upstream when its
 program starts and completes the MCP handshake (tried once with a child of its own, until a child
-has answered; a child that then fails to start makes it unreachable again). An upstream that
+has answered; a child that then fails to start makes it unreachable again). With `readiness.
+upstreams: ignore` no child is started for this: a stdio upstream counts unless one failed. An upstream that
 becomes unreachable is logged once, with its URL (credentials removed) or program and the reason.
 """
 
@@ -63,7 +64,10 @@ class Readiness:
             # An HTTP URL is one target however many tenants share it; each stdio upstream is its own.
             target = upstream.url if upstream.url is not None else f"stdio:{tenant.id}"
             targets.setdefault(target, []).append(tenant)
-        problems = await asyncio.gather(*(self._problem(tenants[0]) for tenants in targets.values()))
+        start_children = runtime.config.readiness.upstreams != "ignore"
+        problems = await asyncio.gather(
+            *(self._problem(tenants[0], start_children) for tenants in targets.values())
+        )
         self.total = len(runtime.tenants)
         self.reachable = sum(
             len(tenants)
@@ -74,11 +78,11 @@ class Readiness:
             self._report(target, tenants[0], problem)
         self.checked_at = time.monotonic()
 
-    async def _problem(self, tenant: TenantRuntime) -> str | None:
+    async def _problem(self, tenant: TenantRuntime, start_children: bool) -> str | None:
         upstream = tenant.upstream
         if isinstance(upstream, StdioUpstream):
-            if upstream.proven and upstream.start_problem is None:
-                return None
+            if upstream.proven or not start_children:  # (ignore: no process started just to count)
+                return upstream.start_problem
             async with self._probes:
                 return await upstream.probe()
         url = tenant.config.upstream.url
