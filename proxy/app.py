@@ -14,11 +14,11 @@ from prometheus_client.core import GaugeMetricFamily
 from proxy.config import ProxyConfig
 from proxy.http.edge import edge, stamp_request_id
 from proxy.http.endpoint import handle_mcp
-from proxy.http.keys import METRICS_LISTENER, READINESS, RETIRED, RUNTIME, SERVICES
+from proxy.http.keys import METRICS_LISTENER, READINESS, RELOADS, RETIRED, RUNTIME, SERVICES
 from proxy.layers.sessions.stage import end_upstream_session
 from proxy.ops.health import Readiness, healthz, keep_checking, readyz
 from proxy.ops.metrics_endpoint import MetricsListener, add_public_route, stop_listener
-from proxy.ops.reload import watch_files
+from proxy.ops.reload import ReloadState, stamps, watch_files
 from proxy.runtime import Runtime, RuntimeRef, Services
 
 log = structlog.get_logger("proxy.app")
@@ -120,6 +120,7 @@ def create_app(config: ProxyConfig, runtime: Runtime | None = None) -> web.Appli
         },
     )
     app[RUNTIME] = RuntimeRef(runtime or Runtime.build(config))
+    app[RELOADS] = ReloadState(stamps(config.watched_files))
     services = Services.build(config)
     app[SERVICES] = services
     app[READINESS] = Readiness()

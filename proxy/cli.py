@@ -1,4 +1,7 @@
-"""Commands: run, check-config, mint-token, demo, verify, policy (see CONTRACT.md)."""
+"""mcp-tenant-proxy: run, check-config, mint-token, schema, demo, verify, policy.
+
+README.md explains each command; docs/configuration.md is the reference of every config and policy key.
+"""
 
 from __future__ import annotations
 
@@ -67,7 +70,7 @@ async def serve(config: ProxyConfig) -> None:
     reloads: set[asyncio.Task[bool]] = set()
 
     def reload_soon() -> None:
-        task = asyncio.create_task(reload_config(runner.app))
+        task = asyncio.create_task(reload_config(runner.app, only_if_changed=True))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
@@ -101,20 +104,45 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from proxy.runtime import Runtime
 
     Runtime.build(config)  # keys, secrets and every policy compile, as `run` needs them
-    print(f"{args.config}: ok ({len(config.tenants)} tenants, {len(config.auth.issuers)} issuers)")
+    summary = f"{len(config.tenants)} tenants, {len(config.auth.issuers)} issuers"
+    if args.probe:
+        from proxy.ops.probe import probe_config
+
+        configure_logging("critical")  # the problems are the output, one line each
+        problems = asyncio.run(probe_config(config))
+        for line in problems:
+            print(line, file=sys.stderr)
+        if problems:
+            return EXIT_CONFIG
+        summary += "; every upstream, JWKS URL and state backend answered"
+    print(f"{args.config}: ok ({summary})")
     return 0
+
+
+def _tenant_list(config: ProxyConfig, limit: int = 10) -> str:
+    names = sorted(config.tenants)
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def cmd_mint_token(args: argparse.Namespace) -> int:
     from proxy.layers.auth.authenticator import mint_token
 
     config = load_config(args.config)
+    if args.tenant not in config.tenants and not args.allow_unknown_tenant:
+        print(
+            f"mint-token: tenant {args.tenant!r} is not configured in {args.config} (tenants: "
+            f"{_tenant_list(config)}); the proxy refuses its tokens with 403. "
+            "--allow-unknown-tenant mints one anyway.",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     try:
         token = mint_token(config, args.issuer, args.tenant, args.sub, args.ttl, args.scope)
     except ValueError as exc:
         print(f"mint-token: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    print(token)
+    print(f"Authorization: Bearer {token}" if args.header else token)
     return 0
 
 
@@ -125,6 +153,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    if args.markdown:
+        from proxy.ops.reference import reference_markdown
+
+        print(reference_markdown(), end="")
+        return 0
+    if args.kind is None:
+        print("schema: name config or policy, or give --markdown", file=sys.stderr)
+        return EXIT_CONFIG
     from proxy.ops.schema import schema_text
 
     print(schema_text(args.kind), end="")
@@ -142,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate the config and every policy it names")
     check.add_argument("--config", required=True)
+    check.add_argument(
+        "--probe",
+        action="store_true",
+        help="also try what the config points at: every HTTP upstream answers an MCP handshake, every "
+        "stdio program starts and completes one, every JWKS URL serves keys, the state backend "
+        "accepts its credentials (one line per problem, exit 2 when any)",
+    )
     check.set_defaults(handler=cmd_check_config)
 
     mint = commands.add_parser("mint-token", help="print a token signed with an issuer's configured key")
@@ -151,10 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--sub", required=True)
     mint.add_argument("--ttl", type=int, default=3600)
     mint.add_argument("--scope", default=None)
+    mint.add_argument(
+        "--header", action="store_true", help="print a ready header line: Authorization: Bearer TOKEN"
+    )
+    mint.add_argument(
+        "--allow-unknown-tenant",
+        action="store_true",
+        help="mint a token for a tenant the config does not define (the proxy answers it with 403)",
+    )
     mint.set_defaults(handler=cmd_mint_token)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of the config or policy files")
-    schema.add_argument("kind", choices=["config", "policy"])
+    schema.add_argument("kind", nargs="?", choices=["config", "policy"])
+    schema.add_argument(
+        "--markdown", action="store_true", help="print the configuration reference (docs/configuration.md)"
+    )
     schema.set_defaults(handler=cmd_schema)
 
     demo = commands.add_parser(

@@ -97,22 +97,57 @@ def _http_url(value: str) -> str:
 
 
 class ListenConfig(StrictModel):
-    host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)
-    path: Annotated[str, StringConstraints(pattern=r"^/[A-Za-z0-9._~/-]*$")] = "/mcp"
-    public_url: str | None = None
-    allowed_origins: tuple[str, ...] = ()
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    # Checked before a body is parsed (cheaply): more members and elements in all, or deeper
-    # nesting, is refused with -32700 at a cost proportional to what was accepted.
-    max_json_members: int = Field(default=20_000, ge=16)
-    max_json_depth: int = Field(default=64, ge=4, le=512)
-    max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
-    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
-    # A connection with no complete request for this long is closed (slow or idle headers).
-    idle_timeout_seconds: float = Field(default=30.0, gt=0)
-    # A request body not fully received in this long gets 408.
-    body_timeout_seconds: float = Field(default=30.0, gt=0)
+    """Where the proxy listens for MCP clients, and what it accepts from them."""
+
+    host: str = Field(default="127.0.0.1", description="Address to listen on (needs a restart to change).")
+    port: int = Field(
+        default=8080, ge=0, le=65535, description="TCP port to listen on; 0 picks a free one (restart)."
+    )
+    path: Annotated[str, StringConstraints(pattern=r"^/[A-Za-z0-9._~/-]*$")] = Field(
+        default="/mcp", description="HTTP path of the MCP endpoint (restart)."
+    )
+    public_url: str | None = Field(
+        default=None,
+        description="This resource's identifier as clients reach it: the audience every token must "
+        "name (RFC 8707) and the base of the RFC 9728 metadata. Default: http://HOST:PORT/PATH (restart).",
+    )
+    allowed_origins: tuple[str, ...] = Field(
+        default=(),
+        description="Extra browser Origins allowed to call; any other Origin gets 403 (DNS rebinding). "
+        "Always allowed: public_url's origin and, when listening on loopback, localhost on any port. "
+        "Requests without an Origin header are allowed.",
+    )
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413."
+    )
+    max_json_members: int = Field(
+        default=20_000,
+        ge=16,
+        description="Members and elements a request body may hold in all (checked cheaply before it is "
+        "parsed); more get -32700.",
+    )
+    max_json_depth: int = Field(
+        default=64, ge=4, le=512, description="Deepest nesting a request body may have; deeper gets -32700."
+    )
+    max_header_bytes: int = Field(
+        default=16 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        description="Longest request line or header field accepted; longer ones get 431.",
+    )
+    shutdown_grace_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="On SIGTERM/SIGINT, how long requests in flight get to finish before the exit.",
+    )
+    idle_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A connection with no complete request for this long is closed (slow or idle headers).",
+    )
+    body_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="A request body not fully received in this long gets 408."
+    )
 
     _check_public_url = field_validator("public_url")(lambda v: None if v is None else _http_url(v))
 
@@ -123,21 +158,64 @@ class ListenConfig(StrictModel):
 
 
 class IssuerConfig(StrictModel):
-    issuer: Annotated[str, StringConstraints(min_length=1)]
-    # Accepted in `aud` besides listen.public_url, which every issuer's tokens may always name.
-    audiences: tuple[str, ...] = ()
-    algorithms: tuple[Algorithm, ...] = Field(min_length=1)
-    secret_env: str | None = None
-    public_key_file: Path | None = None
-    private_key_file: Path | None = None  # only for mint-token (development)
-    jwks_url: str | None = None
-    tenant_claim: Annotated[str, StringConstraints(pattern=r"^[^.]+(\.[^.]+)*$")] = "tenant"
-    subject_claim: str = "sub"
-    required_scopes: tuple[str, ...] = ()
-    leeway_seconds: float = Field(default=30.0, ge=0, le=300)
-    jwks_cache_seconds: float = Field(default=300.0, gt=0)
-    jwks_refetch_cooldown_seconds: float = Field(default=30.0, ge=0)
-    jwks_timeout_seconds: float = Field(default=5.0, gt=0)
+    """One token issuer: how its tokens are verified and where the tenant is in their claims."""
+
+    issuer: Annotated[str, StringConstraints(min_length=1)] = Field(
+        description="The `iss` claim this issuer's tokens carry, exactly."
+    )
+    audiences: tuple[str, ...] = Field(
+        default=(),
+        description="Audiences accepted in `aud` besides listen.public_url, which every issuer's "
+        "tokens may always name.",
+    )
+    algorithms: tuple[Algorithm, ...] = Field(
+        min_length=1,
+        description="Signature algorithms accepted, pinned here and never taken from the token; "
+        "HS* (with secret_env) and asymmetric ones (with public_key_file or jwks_url) do not mix.",
+    )
+    secret_env: str | None = Field(
+        default=None,
+        description="HS* only: the environment variable holding the shared secret (at least 32 "
+        "random bytes; placeholders and guessable values are refused).",
+    )
+    public_key_file: Path | None = Field(
+        default=None, description="PEM public key that verifies the tokens (relative to the config file)."
+    )
+    private_key_file: Path | None = Field(
+        default=None,
+        description="PEM private key used only by `mint-token` to sign development tokens; the proxy "
+        "never signs with it.",
+    )
+    jwks_url: str | None = Field(
+        default=None,
+        description="The issuer's JWKS URL; keys are picked by the token's `kid`. Exactly one of "
+        "secret_env, public_key_file and jwks_url is set.",
+    )
+    tenant_claim: Annotated[str, StringConstraints(pattern=r"^[^.]+(\.[^.]+)*$")] = Field(
+        default="tenant",
+        description="Dotted path into the claims (e.g. org.id) whose string value, byte for byte, "
+        "names a configured tenant.",
+    )
+    subject_claim: str = Field(
+        default="sub", description="The claim naming the user: sessions and audit records carry it."
+    )
+    required_scopes: tuple[str, ...] = Field(
+        default=(),
+        description="Scopes every token must carry (`scope` or `scp` claim); missing ones get 403 "
+        "insufficient_scope.",
+    )
+    leeway_seconds: float = Field(
+        default=30.0, ge=0, le=300, description="Clock skew allowed for exp, nbf and iat."
+    )
+    jwks_cache_seconds: float = Field(
+        default=300.0, gt=0, description="How long a fetched key set is used before fetching it again."
+    )
+    jwks_refetch_cooldown_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="Least time between two fetches caused by unknown `kid`s (a key rotation).",
+    )
+    jwks_timeout_seconds: float = Field(default=5.0, gt=0, description="Timeout of one JWKS fetch.")
 
     _paths = field_validator("public_key_file", "private_key_file")(_resolve_path)
     _check_jwks = field_validator("jwks_url")(lambda v: None if v is None else _http_url(v))
@@ -162,8 +240,16 @@ class IssuerConfig(StrictModel):
 
 
 class AuthConfig(StrictModel):
-    authorization_servers: tuple[str, ...] = ()
-    issuers: tuple[IssuerConfig, ...]
+    """Who may call: the token issuers the proxy trusts."""
+
+    authorization_servers: tuple[str, ...] = Field(
+        default=(),
+        description="Authorization servers advertised to clients in the RFC 9728 protected resource "
+        "metadata.",
+    )
+    issuers: tuple[IssuerConfig, ...] = Field(
+        description="The trusted token issuers; a token is verified by the one its `iss` names."
+    )
 
     @field_validator("issuers")
     @classmethod
@@ -200,20 +286,70 @@ class ChildLimits(StrictModel):
     )
 
 
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
 class UpstreamConfig(StrictModel):
-    url: str | None = None
-    headers: dict[HeaderName, str] = Field(default_factory=dict)
-    tenant_header: HeaderName | None = None
-    connect_timeout_seconds: float = Field(default=5.0, gt=0)
-    read_timeout_seconds: float = Field(default=300.0, gt=0)
-    max_connections: int = Field(default=100, ge=1)
-    # Idle upstream connections are dropped after this long: below the upstream's own keep-alive
-    # (uvicorn's is 5 s), so a request never goes out on a connection the server is closing.
-    keepalive_seconds: float = Field(default=4.0, gt=0)
-    command: tuple[str, ...] | None = Field(default=None, min_length=1)
-    env: dict[str, str] = Field(default_factory=dict)
-    cwd: Path | None = None
-    isolation: Literal["per_tenant", "per_session"] | None = None
+    """A tenant's MCP server: over streamable HTTP (`url`) or a local program over stdio (`command`)."""
+
+    url: str | None = Field(default=None, description="HTTP upstream: the MCP endpoint's URL.")
+    headers: dict[HeaderName, str] = Field(
+        default_factory=dict,
+        description="HTTP upstream: headers sent on every request, e.g. the tenant's own credentials "
+        '(`Authorization: "Bearer ${ACME_TOKEN}"`). The client\'s headers never go upstream.',
+    )
+    tenant_header: HeaderName | None = Field(
+        default=None,
+        description="HTTP upstream: a header set to the tenant id on every request (a client-sent copy "
+        "is dropped first), e.g. for an upstream that scopes its data by it.",
+    )
+    connect_timeout_seconds: float = Field(
+        default=5.0, gt=0, description="HTTP upstream: timeout for a free connection slot and connecting."
+    )
+    read_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long to wait for the upstream's answer, and between two parts of a stream.",
+    )
+    max_connections: int = Field(
+        default=100, ge=1, description="HTTP upstream: connections in use at once, for this tenant."
+    )
+    # Below the upstream's own keep-alive (uvicorn's is 5 s), so a request never goes out on a
+    # connection the server is closing.
+    keepalive_seconds: float = Field(
+        default=4.0,
+        gt=0,
+        description="HTTP upstream: idle connections are dropped after this long (keep it below the "
+        "upstream's own keep-alive timeout).",
+    )
+    command: tuple[str, ...] | None = Field(
+        default=None,
+        min_length=1,
+        description="stdio upstream: the program and its arguments. A bare program name is looked up "
+        "on the proxy's PATH; a relative path (./server, bin/server) is relative to the config file.",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="stdio upstream: environment variables of the child, set here. The child never "
+        "gets the proxy's environment: only these and those inherit_env names.",
+    )
+    inherit_env: tuple[EnvName, ...] = Field(
+        default=(),
+        description="stdio upstream: names of variables copied from the proxy's environment into the "
+        "child's (e.g. PATH, HOME: what npx or uvx need); nothing by default. A name that is unset in "
+        "the proxy is skipped; env wins over a copied value. Variables the config reads as secrets "
+        "cannot be named.",
+    )
+    cwd: Path | None = Field(
+        default=None,
+        description="stdio upstream: the child's working directory (relative to the config file); "
+        "default: the proxy's.",
+    )
+    isolation: Literal["per_tenant", "per_session"] | None = Field(
+        default=None,
+        description="stdio upstream: per_session (default) gives each handshake-era session its own "
+        "process; per_tenant shares one process between a tenant's sessions.",
+    )
     idle_stop_seconds: float = Field(
         default=300.0,
         gt=0,
@@ -264,8 +400,8 @@ class UpstreamConfig(StrictModel):
             raise ValueError("exactly one of url (HTTP upstream) or command (stdio upstream) must be set")
         if self.url is None and (self.headers or self.tenant_header):
             raise ValueError("headers and tenant_header apply only to HTTP upstreams")
-        if self.command is None and (self.env or self.cwd or self.isolation):
-            raise ValueError("env, cwd and isolation apply only to stdio upstreams")
+        if self.command is None and (self.env or self.inherit_env or self.cwd or self.isolation):
+            raise ValueError("env, inherit_env, cwd and isolation apply only to stdio upstreams")
         defaults = type(self).model_fields
         stdio_only = [
             key
@@ -276,44 +412,90 @@ class UpstreamConfig(StrictModel):
             raise ValueError(f"{', '.join(stdio_only)} apply only to stdio upstreams")
         return self
 
+    def child_environment(self, proxy_env: Mapping[str, str]) -> dict[str, str]:
+        """What a stdio child gets: the inherit_env names the proxy has, then env on top."""
+        inherited = {name: proxy_env[name] for name in self.inherit_env if name in proxy_env}
+        return {**inherited, **self.env}
+
 
 class LimitsConfig(StrictModel):
     """Per-tenant limits; 0 turns a limit off. `limits` sets every tenant's, `tenants.<id>.limits`
     overrides single keys for one tenant."""
 
-    requests_per_second: float = Field(default=0.0, ge=0)
-    burst: int = Field(default=0, ge=0)  # 0: one second's worth of requests_per_second
-    max_concurrent: int = Field(default=0, ge=0)
-    circuit_failures: int = Field(default=5, ge=0)  # consecutive upstream failures that open the circuit
-    circuit_open_seconds: float = Field(default=30.0, gt=0)
-    # Request bodies in flight at once, in bytes (charged before the body is read or parsed).
-    max_bytes_in_flight: int = Field(default=16 * 1024 * 1024, ge=0)
-    bytes_per_second: float = Field(default=0.0, ge=0)  # request body bytes a second, when set
-    # Long-lived streams open at once: GET streams and subscriptions/listen (per replica).
-    max_streams: int = Field(default=100, ge=0)
+    requests_per_second: float = Field(
+        default=0.0, ge=0, description="Sustained requests per second (token bucket); 0: no limit."
+    )
+    burst: int = Field(
+        default=0, ge=0, description="Requests allowed at once above the rate; 0: one second's worth."
+    )
+    max_concurrent: int = Field(default=0, ge=0, description="Requests in flight at once; 0: no limit.")
+    circuit_failures: int = Field(
+        default=5,
+        ge=0,
+        description="Consecutive upstream failures that open the tenant's circuit (fail fast with 503); "
+        "0: never.",
+    )
+    circuit_open_seconds: float = Field(
+        default=30.0, gt=0, description="How long an open circuit fails fast before one trial request."
+    )
+    max_bytes_in_flight: int = Field(
+        default=16 * 1024 * 1024,
+        ge=0,
+        description="Request body bytes in flight at once (charged before a body is read); beyond it 429; "
+        "0: no limit.",
+    )
+    bytes_per_second: float = Field(
+        default=0.0, ge=0, description="Request body bytes a second (token bucket); 0: no limit."
+    )
+    max_streams: int = Field(
+        default=100,
+        ge=0,
+        description="Long-lived streams open at once (GET streams, subscriptions/listen), per replica; "
+        "beyond it 429; 0: no limit.",
+    )
 
 
 class TenantLimitsConfig(StrictModel):
-    requests_per_second: float | None = Field(default=None, ge=0)
-    burst: int | None = Field(default=None, ge=0)
-    max_concurrent: int | None = Field(default=None, ge=0)
-    circuit_failures: int | None = Field(default=None, ge=0)
-    circuit_open_seconds: float | None = Field(default=None, gt=0)
-    max_bytes_in_flight: int | None = Field(default=None, ge=0)
-    bytes_per_second: float | None = Field(default=None, ge=0)
-    max_streams: int | None = Field(default=None, ge=0)
+    """One tenant's overrides of `limits`: only the keys given here differ."""
+
+    requests_per_second: float | None = Field(
+        default=None, ge=0, description="Overrides limits.requests_per_second."
+    )
+    burst: int | None = Field(default=None, ge=0, description="Overrides limits.burst.")
+    max_concurrent: int | None = Field(default=None, ge=0, description="Overrides limits.max_concurrent.")
+    circuit_failures: int | None = Field(default=None, ge=0, description="Overrides limits.circuit_failures.")
+    circuit_open_seconds: float | None = Field(
+        default=None, gt=0, description="Overrides limits.circuit_open_seconds."
+    )
+    max_bytes_in_flight: int | None = Field(
+        default=None, ge=0, description="Overrides limits.max_bytes_in_flight."
+    )
+    bytes_per_second: float | None = Field(
+        default=None, ge=0, description="Overrides limits.bytes_per_second."
+    )
+    max_streams: int | None = Field(default=None, ge=0, description="Overrides limits.max_streams.")
 
 
 class TenantConfig(StrictModel):
-    upstream: UpstreamConfig
-    policy: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+$")] | None = None
-    limits: TenantLimitsConfig = Field(default_factory=TenantLimitsConfig)
+    """One tenant: its own upstream, its policy and its limits."""
+
+    upstream: UpstreamConfig = Field(description="The tenant's own MCP server.")
+    policy: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+$")] | None = Field(
+        default=None,
+        description="Name of the tenant's policy: policies_dir/NAME.yaml. Unset: no tenant arguments, "
+        "every tool allowed, nothing cached by tool (client roots are still withheld).",
+    )
+    limits: TenantLimitsConfig = Field(
+        default_factory=TenantLimitsConfig, description="Overrides of the default limits for this tenant."
+    )
 
 
 class CacheConfig(StrictModel):
-    enabled: bool = True
-    max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
-    max_entry_bytes: int = Field(default=1024 * 1024, ge=0)
+    """The response cache: keyed by tenant, principal, upstream and request, bounded by bytes."""
+
+    enabled: bool = Field(default=True, description="false: nothing is cached.")
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=0, description="Bytes the cache holds at most.")
+    max_entry_bytes: int = Field(default=1024 * 1024, ge=0, description="Larger results are never cached.")
     max_bytes_per_tenant: int | None = Field(
         default=None,
         ge=0,
@@ -323,20 +505,34 @@ class CacheConfig(StrictModel):
 
 
 class SessionsConfig(StrictModel):
-    idle_timeout_seconds: float = Field(default=900.0, gt=0)
-    max_per_tenant: int = Field(default=1000, ge=1)
+    """Handshake-era sessions (Mcp-Session-Id), issued by the proxy and bound to tenant and subject."""
+
+    idle_timeout_seconds: float = Field(
+        default=900.0, gt=0, description="A session unused this long ends (upstream too)."
+    )
+    max_per_tenant: int = Field(
+        default=1000, ge=1, description="Open sessions per tenant; a new one over it gets 429."
+    )
     answer_timeout_seconds: float = Field(
         default=300.0,
         gt=0,
         description="How long an upstream waits for a client's answer to its request (sampling, "
-        "elicitation, roots) before the proxy answers it with an error.",
+        "elicitation, roots) before the proxy answers it with an error (-32001).",
     )
 
 
 class AuditConfig(StrictModel):
-    dir: Path | None = Field(default=Path("audit"), validate_default=True)
-    max_file_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
-    backups: int = Field(default=5, ge=0)
+    """The audit trail: one JSON line per request in DIR/<tenant>.jsonl, summaries only."""
+
+    dir: Path | None = Field(
+        default=Path("audit"),
+        validate_default=True,
+        description="Directory of the per-tenant files (relative to the config file); null: no files.",
+    )
+    max_file_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="A file is rotated when it reaches this size."
+    )
+    backups: int = Field(default=5, ge=0, description="Rotated files kept per tenant.")
 
     _paths = field_validator("dir")(_resolve_path)
 
@@ -344,18 +540,40 @@ class AuditConfig(StrictModel):
 class ReadinessConfig(StrictModel):
     """When /readyz says ready: `any` reachable upstream (default), `all` of them, or `ignore` them."""
 
-    upstreams: Literal["any", "all", "ignore"] = "any"
-    check_interval_seconds: float = Field(default=10.0, gt=0)
+    upstreams: Literal["any", "all", "ignore"] = Field(
+        default="any",
+        description="Ready when any tenant's upstream is reachable, all of them, or regardless (ignore). "
+        "A stdio upstream counts when its program starts and answers the MCP handshake (any, all: the "
+        "check starts a child of its own until one has; ignore starts none).",
+    )
+    check_interval_seconds: float = Field(
+        default=10.0, gt=0, description="How often upstreams are checked, in the background."
+    )
 
 
 class StateConfig(StrictModel):
     """Where state shared between replicas lives: in this process (default) or in Redis."""
 
-    backend: Literal["memory", "redis"] = "memory"
-    url: str | None = None  # redis://host:port/db (rediss:// for TLS); `${VAR}` for a password
-    key_prefix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,64}$")] = "mcp-tenant-proxy"
-    timeout_seconds: float = Field(default=0.5, gt=0)
-    audit_max_records: int = Field(default=10_000, ge=1)  # per tenant, in its Redis stream
+    backend: Literal["memory", "redis"] = Field(
+        default="memory",
+        description="memory: sessions, cache, limits and audit streams in this process; redis: shared by "
+        "every replica that names the same Redis and key_prefix.",
+    )
+    url: str | None = Field(
+        default=None,
+        description="redis://[:PASSWORD@]HOST:PORT/DB (rediss:// for TLS, unix:// for a socket); take "
+        "the password from the environment with ${VAR}.",
+    )
+    key_prefix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,64}$")] = Field(
+        default="mcp-tenant-proxy",
+        description="First part of every key; one per deployment when deployments share a Redis.",
+    )
+    timeout_seconds: float = Field(
+        default=0.5, gt=0, description="Per Redis call: a slow or absent Redis fails fast."
+    )
+    audit_max_records: int = Field(
+        default=10_000, ge=1, description="Audit summaries kept per tenant in its Redis stream."
+    )
 
     @model_validator(mode="after")
     def _url_for_redis(self) -> StateConfig:
@@ -384,29 +602,49 @@ class MetricsConfig(StrictModel):
         default=False,
         description="also answer GET /metrics on the public listener (otherwise 404 there)",
     )
-    bearer_token_env: str | None = None
+    bearer_token_env: str | None = Field(
+        default=None,
+        description="Environment variable holding the token /metrics requires (at least 16 characters); "
+        "unset: /metrics needs no token.",
+    )
 
 
 class ReloadConfig(StrictModel):
-    """SIGHUP always reloads; with `watch_files`, so does a change of the config or a policy file."""
+    """SIGHUP reloads, and with `watch_files` so does a change of the config file, a policy file or a
+    key file it names; one edit is one reload, whichever notices it first."""
 
-    watch_files: bool = True
-    poll_seconds: float = Field(default=2.0, gt=0)
+    watch_files: bool = Field(
+        default=True,
+        description="Reload when the config file, a policy file or a public key file it names changes.",
+    )
+    poll_seconds: float = Field(default=2.0, gt=0, description="How often the files are checked.")
 
 
 class ProxyConfig(StrictModel):
-    listen: ListenConfig = Field(default_factory=ListenConfig)
-    auth: AuthConfig
-    tenants: dict[TenantId, TenantConfig]
-    policies_dir: Path = Field(default=Path("policies"), validate_default=True)
-    cache: CacheConfig = Field(default_factory=CacheConfig)
-    sessions: SessionsConfig = Field(default_factory=SessionsConfig)
-    audit: AuditConfig = Field(default_factory=AuditConfig)
-    limits: LimitsConfig = Field(default_factory=LimitsConfig)
-    readiness: ReadinessConfig = Field(default_factory=ReadinessConfig)
-    reload: ReloadConfig = Field(default_factory=ReloadConfig)
-    state: StateConfig = Field(default_factory=StateConfig)
-    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    """mcp-tenant-proxy's config file."""
+
+    listen: ListenConfig = Field(default_factory=ListenConfig, description=ListenConfig.__doc__)
+    auth: AuthConfig = Field(description=AuthConfig.__doc__)
+    tenants: dict[TenantId, TenantConfig] = Field(
+        description="The tenants by id (`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`); a token's tenant claim "
+        "must equal one exactly, with no case or Unicode folding."
+    )
+    policies_dir: Path = Field(
+        default=Path("policies"),
+        validate_default=True,
+        description="Directory of the policy files, NAME.yaml (relative to the config file).",
+    )
+    cache: CacheConfig = Field(default_factory=CacheConfig, description=CacheConfig.__doc__)
+    sessions: SessionsConfig = Field(default_factory=SessionsConfig, description=SessionsConfig.__doc__)
+    audit: AuditConfig = Field(default_factory=AuditConfig, description=AuditConfig.__doc__)
+    limits: LimitsConfig = Field(
+        default_factory=LimitsConfig,
+        description="Every tenant's limits (0 turns one off); tenants.<id>.limits overrides single keys.",
+    )
+    readiness: ReadinessConfig = Field(default_factory=ReadinessConfig, description=ReadinessConfig.__doc__)
+    reload: ReloadConfig = Field(default_factory=ReloadConfig, description=ReloadConfig.__doc__)
+    state: StateConfig = Field(default_factory=StateConfig, description=StateConfig.__doc__)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Who may read /metrics.")
     _source: Path | None = PrivateAttr(default=None)
 
     _paths = field_validator("policies_dir")(_resolve_path)
@@ -426,6 +664,21 @@ class ProxyConfig(StrictModel):
             raise ValueError("at least one tenant is required")
         return tenants
 
+    @model_validator(mode="after")
+    def _no_secret_inherited(self) -> ProxyConfig:
+        """A child must never be handed the variables that hold the proxy's own secrets."""
+        secrets = {i.secret_env for i in self.auth.issuers if i.secret_env is not None}
+        if self.metrics.bearer_token_env is not None:
+            secrets.add(self.metrics.bearer_token_env)
+        for tenant_id, tenant in self.tenants.items():
+            for index, name in enumerate(tenant.upstream.inherit_env):
+                if name in secrets:
+                    raise ValueError(
+                        f"tenants.{tenant_id}.upstream.inherit_env.{index}: {name} holds a secret of the "
+                        "proxy and is never passed to a child"
+                    )
+        return self
+
     @property
     def source(self) -> str:
         """The file this config was loaded from, for error messages."""
@@ -441,9 +694,11 @@ class ProxyConfig(StrictModel):
 
     @property
     def watched_files(self) -> list[Path]:
-        """The files whose change triggers a reload: the config and every policy it names."""
-        files = [self.policy_file(t.policy) for t in self.tenants.values() if t.policy is not None]
-        return ([self._source] if self._source is not None else []) + sorted(set(files))
+        """The files a reload reads, whose change triggers one: the config, every policy it names
+        and the issuers' key files."""
+        files = {self.policy_file(t.policy) for t in self.tenants.values() if t.policy is not None}
+        files.update(i.public_key_file for i in self.auth.issuers if i.public_key_file is not None)
+        return ([self._source] if self._source is not None else []) + sorted(files)
 
 
 # --- loading -----------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """`mcp-tenant-proxy demo`: three tenants, real SDK upstreams, the proxy, the real SDK client.
 
-acme and globex each have an SDK notes server over streamable HTTP (in this process, on free
-loopback ports); initech has the same server over stdio, run by the proxy as its own process.
-Nothing is read from disk or the network.
+Every tenant has an upstream process of its own: acme and globex each an SDK notes server over
+streamable HTTP (started here, on free loopback ports), initech the same server over stdio, run by
+the proxy. Each answer names the process id that served it, so the demo shows three distinct ones.
+Nothing is read from the network; the audit files go to a temporary directory.
 """
 
 from __future__ import annotations
@@ -32,27 +33,46 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+UPSTREAM_START_SECONDS = 60.0
+
+
 @contextlib.asynccontextmanager
-async def serve_upstream(tenant: str, canary: str, port: int) -> AsyncIterator[str]:
-    """One tenant's SDK notes server on loopback, for as long as the context lasts."""
-    import uvicorn
-
-    from proxy.demo_upstream import build_notes_server
-
-    app = build_notes_server(tenant, canary).streamable_http_app(host="127.0.0.1")
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.02)
+async def upstream_process(tenant: str, canary: str, port: int, work_dir: Path) -> AsyncIterator[int]:
+    """One tenant's SDK notes server in a process of its own on loopback (`python -m
+    proxy.demo_upstream TENANT CANARY PORT`), for as long as the context lasts; yields its pid."""
+    log_file = work_dir / f"upstream-{tenant}.log"
+    with log_file.open("wb") as output:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy.demo_upstream", tenant, canary, str(port),
+            stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=output,
+        )  # fmt: skip
     try:
-        yield f"http://127.0.0.1:{port}/mcp"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + UPSTREAM_START_SECONDS
+        while not await _listening(port):
+            if process.returncode is not None or loop.time() > deadline:
+                raise RuntimeError(f"{tenant}'s demo upstream did not start: {log_file.read_text()[-2000:]}")
+            await asyncio.sleep(0.05)
+        yield process.pid
     finally:
-        server.should_exit = True
-        await task
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def _listening(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 DEMO_POLICY = """\
@@ -145,19 +165,24 @@ async def run_demo() -> int:
             failures.append(what)
 
     async with contextlib.AsyncExitStack() as stack:
-        upstreams = {}
-        for tenant in HTTP_TENANTS:
-            upstreams[tenant] = await stack.enter_async_context(
-                serve_upstream(tenant, canaries[tenant], free_port())
-            )
         work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mcp-proxy-demo-")))
+        upstreams, pids = {}, {}
+        for tenant in HTTP_TENANTS:
+            port = free_port()
+            upstreams[tenant] = f"http://127.0.0.1:{port}/mcp"
+            pids[tenant] = await stack.enter_async_context(
+                upstream_process(tenant, canaries[tenant], port, work_dir)
+            )
         proxy_port = free_port()
         config = ProxyConfig.model_validate(demo_config(proxy_port, upstreams, canaries, work_dir))
         runner, _ = await start_server(config)
         stack.push_async_callback(runner.cleanup)
         url = config.listen.resource_url
-        print(f"proxy on {url}; upstreams: " + ", ".join(f"{t} -> {u}" for t, u in upstreams.items()))
-        print(f"{STDIO_TENANT} -> a stdio process the proxy runs for it alone")
+        print(f"proxy on {url} (pid {os.getpid()}); one upstream process per tenant:")
+        for tenant, upstream in upstreams.items():
+            print(f"  {tenant} -> {upstream}, its own process (pid {pids[tenant]})")
+        print(f"  {STDIO_TENANT} -> stdio processes the proxy runs for it alone")
+        served_by: dict[str, set[int]] = {tenant: set() for tenant in TENANTS}
 
         tokens = {tenant: mint_token(config, "demo", tenant, f"alice@{tenant}") for tenant in TENANTS}
         for index, tenant in enumerate(TENANTS):
@@ -174,6 +199,7 @@ async def run_demo() -> int:
                         f"  whoami -> tenant {who['server_tenant']}, canary {who['canary']}, pid {who['pid']}"
                     )
                     check(who["canary"] == canaries[tenant], "answered by its own upstream")
+                    served_by[tenant].add(who["pid"])
                     schema = next(t for t in tools.tools if t.name == "add_note").input_schema
                     check("tenant_id" not in schema["properties"], "tools/list hides the tenant_id argument")
                     await client.call_tool("add_note", {"text": f"hello from {tenant}"})
@@ -189,14 +215,31 @@ async def run_demo() -> int:
                     refused = await _refusal(client.read_resource(f"notes://{other_tenant}/plan"))
                     check("Unknown resource" in refused, "the other tenant's resource looks like none at all")
                     if tenant == STDIO_TENANT:
-                        check(who["pid"] != os.getpid(), "served by its own stdio process")
+                        check(
+                            who["pid"] not in (os.getpid(), *pids.values()), "served by its own stdio process"
+                        )
                         continue
+                    check(
+                        who["pid"] == pids[tenant], f"served by its own upstream process (pid {pids[tenant]})"
+                    )
                     headers = json.loads(_text(await client.call_tool("request_headers", {})))["headers"]
                     check(tokens[tenant] not in json.dumps(headers), "its token never reached the upstream")
                     check(
                         headers.get("authorization") == f"Bearer upstream-{tenant}",
                         "the upstream got the tenant's own credentials",
                     )
+
+        print("\nprocesses:")
+        for tenant, found in served_by.items():
+            why = (
+                " (stdio: one child for the 2026-07-28 era, one per handshake session)"
+                if len(found) > 1
+                else ""
+            )
+            print(f"  {tenant} was served by pid {', '.join(str(pid) for pid in sorted(found))}{why}")
+        shared = {pid for tenant in TENANTS for pid in served_by[tenant]
+                  if any(pid in served_by[other] for other in TENANTS if other != tenant)}  # fmt: skip
+        check(not shared, "no process served two tenants")
 
         print("\nsession isolation (handshake era):")
         session_id = await _initialize(url, tokens["acme"])

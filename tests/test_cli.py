@@ -1,4 +1,4 @@
-"""The commands of CONTRACT.md, run as an operator runs them."""
+"""The commands README.md describes, run as an operator runs them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import jwt
 import pytest
 import yaml
 
-from tests.factories import DEV_SECRET, DEV_SECRET_ENV, config_dict
+from tests.factories import DEV_SECRET, DEV_SECRET_ENV, RESOURCE, config_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,6 +41,13 @@ def test_example_config_checks_ok() -> None:
     assert "ok" in result.stdout
 
 
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
+def test_the_examples_configs_check_ok(config: str) -> None:
+    """Run for real by tests/interop/test_examples.py where node is installed."""
+    result = cli("check-config", "--config", f"examples/{config}", env={"MCP_PROXY_DEV_SECRET": DEV_SECRET})
+    assert result.returncode == 0, result.stderr
+
+
 def test_example_config_without_its_secret_names_the_key() -> None:
     env = {k: v for k, v in os.environ.items() if k != "MCP_PROXY_DEV_SECRET"}
     result = subprocess.run(
@@ -53,7 +60,7 @@ def test_example_config_without_its_secret_names_the_key() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
-    assert "config.example.yaml: auth.issuers.1.secret_env:" in result.stderr
+    assert "config.example.yaml: auth.issuers.0.secret_env:" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -192,9 +199,42 @@ def test_mint_token_for_an_unknown_issuer_fails(tmp_path: Path) -> None:
     assert "issuer 'nope' is not configured" in result.stderr
 
 
+def mint(path: Path, tenant: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return cli(
+        "mint-token", "--config", str(path), "--issuer", "dev", "--tenant", tenant, "--sub", "alice", *extra,
+        env={DEV_SECRET_ENV: DEV_SECRET},
+    )  # fmt: skip
+
+
+def test_mint_token_refuses_a_tenant_the_config_does_not_define(tmp_path: Path) -> None:
+    path = write_config(tmp_path, config_dict({"acme": "http://127.0.0.1:9001/mcp"}))
+    refused = mint(path, "nosuch")
+    assert (refused.returncode, refused.stdout) == (2, "")
+    assert refused.stderr.strip() == (
+        f"mint-token: tenant 'nosuch' is not configured in {path} (tenants: acme); the proxy refuses its "
+        "tokens with 403. --allow-unknown-tenant mints one anyway."
+    )
+    allowed = mint(path, "nosuch", "--allow-unknown-tenant")
+    assert allowed.returncode == 0, allowed.stderr
+    claims = jwt.decode(allowed.stdout.strip(), DEV_SECRET, algorithms=["HS256"], audience=RESOURCE)
+    assert claims["tenant"] == "nosuch"
+
+
+def test_mint_token_prints_a_ready_authorization_header(tmp_path: Path) -> None:
+    path = write_config(tmp_path, config_dict({"acme": "http://127.0.0.1:9001/mcp"}))
+    result = mint(path, "acme", "--header")
+    assert result.returncode == 0, result.stderr
+    name, _, value = result.stdout.rstrip("\n").partition(": ")
+    assert name == "Authorization" and value.startswith("Bearer ")
+    claims = jwt.decode(value.removeprefix("Bearer "), DEV_SECRET, algorithms=["HS256"], audience=RESOURCE)
+    assert claims["tenant"] == "acme"
+
+
 @pytest.mark.e2e
 def test_demo_runs_and_passes_its_isolation_checks() -> None:
     result = cli("demo", timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all isolation checks passed" in result.stdout
     assert "FAIL" not in result.stdout
+    assert "[ok] no process served two tenants" in result.stdout
+    assert result.stdout.count("[ok] served by its own upstream process") == 4  # acme, globex; both eras

@@ -1,4 +1,7 @@
-"""Hot reload: on SIGHUP, or when the config or a policy file changes.
+"""Hot reload: on SIGHUP, or when the config, a policy or a key file changes.
+
+One edit is one reload: the file watch and SIGHUP both compare the files with what the last reload
+(or the start) read, under one lock, so whichever comes second finds nothing new and does nothing.
 
 The new config is validated completely (keys, secrets, every policy) before anything changes; an
 invalid one leaves the old config serving and logs one line saying why. A valid one replaces the
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -20,7 +24,7 @@ import structlog
 from aiohttp import web
 
 from proxy.config import ConfigError, ProxyConfig, load_config
-from proxy.http.keys import RETIRED, RUNTIME, SERVICES
+from proxy.http.keys import RELOADS, RETIRED, RUNTIME, SERVICES
 from proxy.layers.sessions.registry import Session
 from proxy.layers.sessions.stage import end_upstream_session
 from proxy.runtime import Runtime
@@ -40,8 +44,54 @@ def _check_fixed(old: ProxyConfig, new: ProxyConfig) -> None:
             raise ConfigError(new.source, f"listen.{key}", "cannot change while running; restart the proxy")
 
 
-async def reload_config(app: web.Application) -> bool:
-    """Load the config file again and, if it is valid, switch to it. True when switched."""
+Stamp = tuple[int, int, int] | None  # modified (ns), size, inode; None: missing
+Stamps = dict[Path, Stamp]
+
+
+def stamps(files: list[Path]) -> Stamps:
+    """How each file is now, to tell an edit from no edit (a replaced file changes its inode)."""
+    found: Stamps = {}
+    for file in files:
+        try:
+            stat = file.stat()
+        except OSError:
+            found[file] = None
+        else:
+            found[file] = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    return found
+
+
+@dataclass(eq=False)
+class ReloadState:
+    """What the running config was read from, as it was then; reloads take turns."""
+
+    read: Stamps
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+async def reload_config(app: web.Application, only_if_changed: bool = False) -> bool:
+    """Load the config file again and, if it is valid, switch to it. True when switched.
+
+    `only_if_changed` (SIGHUP, the file watch): nothing happens when no file the config reads has
+    changed since the last reload read it, so one edit noticed by both reloads once."""
+    state = app[RELOADS]
+    async with state.lock:
+        before = stamps(app[RUNTIME].current.config.watched_files)
+        if only_if_changed and before == state.read:
+            log.info("reload_skipped", reason="no file changed since the last reload read them")
+            return False
+        switched = await _reload(app)
+        if not switched:
+            state.read = before  # that edit was judged: the next reload waits for another
+            return False
+        after = stamps(app[RUNTIME].current.config.watched_files)
+        # As seen before reading: a file edited while it was being read still differs, and is read
+        # again. Files only the new config names are as they are now.
+        state.read = {file: before.get(file, stamp) for file, stamp in after.items()}
+        return True
+
+
+async def _reload(app: web.Application) -> bool:
     ref, services = app[RUNTIME], app[SERVICES]
     old = ref.current
     try:
@@ -107,32 +157,15 @@ async def _close_later(upstreams: list[Upstream], grace: float) -> None:
             await upstream.close()
 
 
-def _mtimes(files: list[Path]) -> dict[Path, float | None]:
-    stamps: dict[Path, float | None] = {}
-    for file in files:
-        try:
-            stamps[file] = file.stat().st_mtime
-        except OSError:
-            stamps[file] = None
-    return stamps
-
-
 async def watch_files(app: web.Application, poll_seconds: float) -> None:
-    """Reload when the config file or a policy it names changes (checked every `poll_seconds`).
-    The list of files is worked out once per config: with many tenants it is the costly part."""
-    config = app[RUNTIME].current.config
-    files = config.watched_files
-    seen = _mtimes(files)
+    """Reload when a file the config reads changes (checked every `poll_seconds`). The list of files
+    is worked out once per config: with many tenants it is the costly part."""
+    config = None
+    files: list[Path] = []
     while True:
         await asyncio.sleep(poll_seconds)
-        if app[RUNTIME].current.config is not config:
-            # Reloaded meanwhile (SIGHUP): watch the new config's files, still compared with what
-            # was seen before, so an edit made just after that reload read them is not missed.
-            config = app[RUNTIME].current.config
-            files = config.watched_files
-        now = _mtimes(files)
-        if now != seen:
-            await reload_config(app)
-            config = app[RUNTIME].current.config
-            files = config.watched_files
-            seen = _mtimes(files)
+        current = app[RUNTIME].current.config
+        if current is not config:  # started, or reloaded meanwhile (SIGHUP): its files
+            config, files = current, current.watched_files
+        if stamps(files) != app[RELOADS].read:
+            await reload_config(app, only_if_changed=True)

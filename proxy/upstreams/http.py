@@ -8,7 +8,11 @@ client-sent tenant header never do.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+import structlog
 
 from proxy import __version__
 from proxy.config import UpstreamConfig
@@ -19,6 +23,35 @@ from proxy.upstreams.http_client import ConnectionPool, HttpClientError, HttpRes
 
 MAX_JSON_RESPONSE_BYTES = 32 * 1024 * 1024
 MAX_EVENT_BYTES = 32 * 1024 * 1024
+
+log = structlog.get_logger("proxy.upstreams.http")
+
+
+def redacted_url(url: str) -> str:
+    """The URL as a log may show it: without user and password, and without query values (an
+    API key is often passed there)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    query = (
+        "&".join(f"{pair.partition('=')[0]}=..." for pair in parts.query.split("&")) if parts.query else ""
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What went wrong with a connection, in words (never the answer's content): the operating
+    system's reason when there is one ("Connection refused")."""
+    cause = exc.__cause__
+    if isinstance(cause, OSError):
+        return failure_reason(cause)
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 class HttpUpstreamResponse:
@@ -71,6 +104,7 @@ class HttpUpstream:
         self.url = config.url
         self.identity = f"http:{config.url}"
         self.config = config
+        self._logged_url = redacted_url(config.url)
         base = {
             "User-Agent": f"mcp-tenant-proxy/{__version__}",
             "Accept-Encoding": "gzip, deflate",  # what aiohttp's client asked for: answers may be compressed
@@ -96,8 +130,13 @@ class HttpUpstream:
         try:
             response = await self._pool.request(request.http_method, headers, request.body)
         except TimeoutError as exc:
+            log.warning(
+                "upstream_timeout", tenant=self.tenant, url=self._logged_url, phase="connect or answer"
+            )
             raise UpstreamTimeout() from exc
         except (HttpClientError, OSError) as exc:
+            log.warning("upstream_unreachable", tenant=self.tenant, url=self._logged_url,
+                        reason=failure_reason(exc))  # fmt: skip
             raise UpstreamError("The upstream MCP server is unreachable") from exc
         if 300 <= response.status < 400:
             response.release()  # kept only when the answer was received to its end

@@ -1,4 +1,4 @@
-"""The commands of this package: `verify` and `policy suggest|test|explain` (see CONTRACT.md).
+"""The commands of this package: `verify` and `policy suggest|test|explain`.
 
 verify           exit 0: no findings; 1: findings; 2: could not run (the reason on stderr)
 policy suggest   prints a commented policy; exit 2 when the upstream cannot be reached

@@ -364,7 +364,7 @@ async def test_the_challenge_points_at_a_working_metadata_document(proxy: Runnin
 @pytest.mark.parametrize(
     ("listen_path", "public_path", "served"),
     [
-        ("/mcp/", "/mcp/", ["/mcp/", "/mcp"]),  # CONTRACT.md's literal <listen.path>, and without the slash
+        ("/mcp/", "/mcp/", ["/mcp/", "/mcp"]),  # the documented literal <listen.path>, and without the slash
         ("/mcp", "/tenants/mcp", ["/mcp", "/tenants/mcp"]),  # a public path behind a rewriting ingress
     ],
 )

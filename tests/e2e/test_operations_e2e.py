@@ -187,7 +187,7 @@ async def test_a_tenant_over_its_rate_gets_429_while_another_keeps_full_service(
     assert len(calls) == 2  # refused requests never reached the upstream
     running.app[SERVICES].flush()
     records = [json.loads(line) for line in (tmp_path / "audit" / "acme.jsonl").read_text().splitlines()]
-    # CONTRACT.md's outcomes only: a limited request is "denied", its code says which refusal
+    # the audit record's documented outcomes only: a limited request is "denied", its code says which refusal
     # (limits apply before the body is read, so the record names no method).
     assert sorted(r["outcome"] for r in records) == ["denied"] * 4 + ["ok"] * 2
     assert {r["error_code"] for r in records if r["outcome"] == "denied"} == {-32009}
@@ -524,6 +524,64 @@ async def test_the_file_watch_follows_the_policy_files_a_reload_names(
         await runner.cleanup()
 
 
+async def test_one_edit_noticed_by_both_sighup_and_the_file_watch_reloads_once(
+    upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whichever notices an edit first reloads; the other finds nothing new, in either order."""
+    import proxy.ops.reload as reload_module
+
+    looks = 0
+    real_stamps = reload_module.stamps
+
+    def counted_stamps(files: list[Path]) -> Any:
+        nonlocal looks
+        looks += 1
+        return real_stamps(files)
+
+    monkeypatch.setattr(reload_module, "stamps", counted_stamps)
+    url = f"http://127.0.0.1:{free_port()}/mcp"
+    path = tmp_path / "proxy.yaml"
+    data = proxy_config(
+        url, upstreams, tmp_path, rsa_keys, reload={"watch_files": True, "poll_seconds": 0.05}
+    )
+    write_config(path, data)
+    runner, _ = await start_server(load_config(path, env={**os.environ, DEV_SECRET_ENV: DEV_SECRET}))
+    running = RunningProxy(url, None, runner.app)
+
+    async def reloads() -> float:
+        _, _, text = await get(running.metrics_url)
+        return samples(text, "mcp_proxy_config_reloads_total").get((("result", "ok"),), 0.0)
+
+    async def watch_looks_again() -> None:
+        """Until the file watch has compared the files several more times."""
+        target = looks + 6
+        for _ in range(400):
+            if looks >= target:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the file watch stopped looking")
+
+    try:
+        globex = data["tenants"].pop("globex")
+        write_config(path, data)
+        await reload_config(runner.app, only_if_changed=True)  # SIGHUP, racing the file watch
+        await watch_looks_again()
+        assert (await call(running, "globex"))[0] == 403
+        assert await reloads() == 1.0
+
+        data["tenants"]["globex"] = globex
+        write_config(path, data)
+        for _ in range(400):  # this time the file watch reloads first ...
+            if (await call(running, "globex"))[0] == 200:
+                break
+            await asyncio.sleep(0.02)
+        assert not await reload_config(runner.app, only_if_changed=True)  # ... and SIGHUP finds nothing new
+        await watch_looks_again()
+        assert await reloads() == 2.0
+    finally:
+        await runner.cleanup()
+
+
 # --- SIGTERM -----------------------------------------------------------------------------------
 
 
@@ -591,10 +649,16 @@ async def test_sighup_reloads_a_running_process(
     path = tmp_path / "proxy.yaml"
     config = proxy_config(url, upstreams, tmp_path, rsa_keys, reload={"watch_files": False})
     write_config(path, config)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "run", "--config", str(path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, DEV_SECRET_ENV: DEV_SECRET},
-    )  # fmt: skip
+    log_file = tmp_path / "proxy.log"
+    with log_file.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "--config", str(path)],
+            stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, DEV_SECRET_ENV: DEV_SECRET},
+        )  # fmt: skip
+
+    def logged(event: str) -> int:
+        return sum(f'"event":"{event}"' in line for line in log_file.read_text().splitlines())
+
     running = RunningProxy(url, None, None)  # type: ignore[arg-type]
     try:
         for _ in range(100):
@@ -614,6 +678,12 @@ async def test_sighup_reloads_a_running_process(
             await asyncio.sleep(0.05)
         assert status == 403
         assert (await call(running, "acme"))[0] == 200
+        process.send_signal(signal.SIGHUP)  # nothing changed since: no second reload
+        for _ in range(100):
+            if logged("reload_skipped"):
+                break
+            await asyncio.sleep(0.05)
+        assert (logged("reload_skipped"), logged("reloaded")) == (1, 1)
     finally:
         process.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(process.wait, 15) == 0

@@ -26,6 +26,9 @@ from tests.factories import DEV_SECRET, DEV_SECRET_ENV
 pytestmark = pytest.mark.e2e
 
 SERVER = str(Path(__file__).resolve().parent.parent / "stdio_server.py")
+# Readiness is not what these tests are about: no child started by the readiness check
+# (tests/e2e/test_upstream_faults_explained_e2e.py covers that).
+NOT_PROBED = {"upstreams": "ignore"}
 
 
 def stdio_tenants(isolation: str = "per_session") -> dict[str, Any]:
@@ -43,7 +46,9 @@ def stdio_tenants(isolation: str = "per_session") -> dict[str, Any]:
 
 @pytest.fixture
 async def stdio_proxy(make_proxy: StartProxy) -> RunningProxy:
-    return await make_proxy(dict.fromkeys(TENANTS, "http://unused.invalid/mcp"), tenants=stdio_tenants())
+    return await make_proxy(
+        dict.fromkeys(TENANTS, "http://unused.invalid/mcp"), tenants=stdio_tenants(), readiness=NOT_PROBED
+    )
 
 
 def structured(result: Any) -> Any:
@@ -119,7 +124,9 @@ async def test_per_session_isolation_gives_each_session_its_own_process(stdio_pr
 
 async def test_per_tenant_isolation_shares_one_process_between_sessions(make_proxy: StartProxy) -> None:
     running = await make_proxy(
-        dict.fromkeys(TENANTS, "http://unused.invalid/mcp"), tenants=stdio_tenants("per_tenant")
+        dict.fromkeys(TENANTS, "http://unused.invalid/mcp"),
+        tenants=stdio_tenants("per_tenant"),
+        readiness=NOT_PROBED,
     )
     async with (
         client_for(running.url, running.token("acme", "alice"), "legacy") as first,
@@ -267,6 +274,7 @@ async def test_a_cancel_reaches_the_callers_own_request_and_no_other(
         dict.fromkeys(TENANTS, "http://unused.invalid/mcp"),
         policies={"acme": {"tenant_arguments": {"names": ["tenant_id"], "on_mismatch": "reject"}}},
         tenants=stdio_tenants(isolation),
+        readiness=NOT_PROBED,
     )
     async with (
         client_for(running.url, running.token("acme", "alice"), "legacy") as alice,
@@ -314,7 +322,9 @@ async def test_resource_updates_on_a_shared_child_reach_the_subscribed_sessions_
     make_proxy: StartProxy,
 ) -> None:
     running = await make_proxy(
-        dict.fromkeys(TENANTS, "http://unused.invalid/mcp"), tenants=stdio_tenants("per_tenant")
+        dict.fromkeys(TENANTS, "http://unused.invalid/mcp"),
+        tenants=stdio_tenants("per_tenant"),
+        readiness=NOT_PROBED,
     )
     updates: dict[str, list[str]] = {"alice": [], "bob": [], "carol": []}
 

@@ -43,6 +43,7 @@ async def test_a_modern_request_to_a_handshake_only_stdio_server_starts_nothing_
     running = await make_proxy(
         {"acme": "http://unused.invalid/mcp"},
         tenants={"acme": {"upstream": {"command": ["sh", "-c", command]}}},
+        readiness={"upstreams": "ignore"},  # (a readiness check would start a child of its own)
     )
     token = running.token("acme")
     for attempt in range(7):  # more than the circuit's five failures

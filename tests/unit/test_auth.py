@@ -751,7 +751,7 @@ def test_unusable_public_key_file_is_a_config_error(tmp_path: Path, content: byt
     assert info.value.problem.startswith("cannot load a PEM public key")
 
 
-# --- the audience: listen.public_url is this resource's identifier (CONTRACT.md) ----------------------
+# --- the audience: listen.public_url is this resource's identifier (README) ----------------------
 
 OTHER_API = "https://some-other-api.example.com"
 

@@ -298,9 +298,10 @@ ONE_TRANSPORT = "exactly one of url (HTTP upstream) or command (stdio upstream) 
         ({"command": ["python", "-m", "server"]}, ONE_TRANSPORT),
         ({"url": None, "command": ["srv"], "headers": {"X-A": "1"}}, "headers and tenant_header apply only"),
         ({"url": None, "command": ["srv"], "tenant_header": "X-T"}, "headers and tenant_header apply only"),
-        ({"env": {"A": "1"}}, "env, cwd and isolation apply only to stdio upstreams"),
-        ({"cwd": "work"}, "env, cwd and isolation apply only to stdio upstreams"),
-        ({"isolation": "per_session"}, "env, cwd and isolation apply only to stdio upstreams"),
+        ({"env": {"A": "1"}}, "env, inherit_env, cwd and isolation apply only to stdio upstreams"),
+        ({"cwd": "work"}, "env, inherit_env, cwd and isolation apply only to stdio upstreams"),
+        ({"isolation": "per_session"}, "env, inherit_env, cwd and isolation apply only to stdio upstreams"),
+        ({"inherit_env": ["PATH"]}, "env, inherit_env, cwd and isolation apply only to stdio upstreams"),
         ({"max_processes": 2}, "max_processes apply only to stdio upstreams"),
         ({"limits": {"open_files": 10}}, "limits apply only to stdio upstreams"),
     ],
@@ -625,3 +626,38 @@ def test_an_unquoted_numeric_tenant_id_and_a_key_with_a_newline_give_one_clear_l
     assert "must be a string: quote it in the YAML" in error.problem
     assert "\n" not in str(error)
     assert "ac\\nme" in str(error)
+
+
+# --- stdio: what the child's environment holds -----------------------------------------------------
+
+
+def stdio(data: dict[str, Any], **fields: Any) -> None:
+    data["tenants"]["acme"]["upstream"] = {"command": ["server"], **fields}
+
+
+def test_inherit_env_copies_the_named_variables_the_proxy_has_and_env_wins(tmp_path: Path) -> None:
+    config = load_with(
+        tmp_path, lambda d: stdio(d, inherit_env=["PATH", "HOME", "UNSET_ONE"], env={"HOME": "/w"})
+    )
+    proxy_env = {"PATH": "/usr/bin", "HOME": "/root", "DEV_SECRET": "s" * 40, "OTHER": "x"}
+    assert config.tenants["acme"].upstream.child_environment(proxy_env) == {"PATH": "/usr/bin", "HOME": "/w"}
+
+
+def test_without_inherit_env_the_child_gets_only_env(tmp_path: Path) -> None:
+    config = load_with(tmp_path, lambda d: stdio(d, env={"A": "1"}))
+    assert config.tenants["acme"].upstream.child_environment({"PATH": "/usr/bin"}) == {"A": "1"}
+
+
+@pytest.mark.parametrize("secret_variable", ["DEV_SECRET", "METRICS_TOKEN"])
+def test_inherit_env_cannot_hand_a_child_the_proxys_secrets(tmp_path: Path, secret_variable: str) -> None:
+    def change(d: dict[str, Any]) -> None:
+        stdio(d, inherit_env=["PATH", secret_variable])
+        d["metrics"] = {"bearer_token_env": "METRICS_TOKEN"}
+
+    error = config_error(tmp_path, change)
+    assert f"tenants.acme.upstream.inherit_env.1: {secret_variable} holds a secret of the proxy" in str(error)
+
+
+def test_inherit_env_names_must_be_variable_names(tmp_path: Path) -> None:
+    error = config_error(tmp_path, lambda d: stdio(d, inherit_env=["PATH=/bin"]))
+    assert error.key_path == "tenants.acme.upstream.inherit_env.0"

@@ -23,6 +23,8 @@ _VARIABLE = re.compile(r"\{([+#./;?&]?)([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class TenantArgumentsSpec(StrictModel):
+    """Arguments that name a tenant: they must name the caller's own."""
+
     names: tuple[str, ...] = Field(
         default=("tenant_id",),
         description="Argument names that identify a tenant, checked at any depth of tools/call, "
@@ -47,9 +49,22 @@ class TenantArgumentsSpec(StrictModel):
 
 
 class ToolsSpec(StrictModel):
-    allow: tuple[str, ...] = ("*",)
-    deny: tuple[str, ...] = ()
-    cache_ttl_seconds: dict[str, float] = Field(default_factory=dict)
+    """Which tools the tenant may see and call, and which tools' results are cached."""
+
+    allow: tuple[str, ...] = Field(
+        default=("*",),
+        description="Glob patterns of the tools the tenant may see and call (fnmatch: *, ?, [...]).",
+    )
+    deny: tuple[str, ...] = Field(
+        default=(),
+        description="Glob patterns of tools refused even when allowed: they vanish from tools/list and "
+        "a call gets -32005.",
+    )
+    cache_ttl_seconds: dict[str, float] = Field(
+        default_factory=dict,
+        description="Tool name -> seconds its tools/call results are cached, per tenant and principal "
+        "(never errors); a tool not named here is never cached by tool.",
+    )
 
     @field_validator("cache_ttl_seconds")
     @classmethod
@@ -61,7 +76,14 @@ class ToolsSpec(StrictModel):
 
 
 class ResourcesSpec(StrictModel):
-    tenant_uri_templates: tuple[str, ...] = ()
+    """Which resource URIs belong to which tenant."""
+
+    tenant_uri_templates: tuple[str, ...] = Field(
+        default=(),
+        description="URI templates such as notes://{tenant}/{path}: a URI of a scheme listed here must "
+        "match one and name the caller's tenant, or it is answered as an unknown resource; lists drop "
+        "other tenants' entries.",
+    )
 
 
 RootsSetting = Literal["deny", "allow"] | tuple[str, ...]
@@ -110,8 +132,11 @@ class ExtensionsSpec(StrictModel):
 
 
 class RecentActivitySpec(StrictModel):
+    """`proxy_recent_activity`: a tool the proxy offers itself, answering from the caller's own
+    tenant's audit records."""
+
     enabled: bool = Field(default=False, description="Offer the proxy_recent_activity tool.")
-    max_records: int = Field(default=20, ge=1, le=200, description="The most records one call returns.")
+    max_records: int = Field(default=20, ge=1, le=200, description="Records it returns at most.")
     scope: Literal["own", "tenant"] = Field(
         default="own",
         description="own: the caller's own records (same issuer and subject); tenant: every user of the "
@@ -120,12 +145,21 @@ class RecentActivitySpec(StrictModel):
 
 
 class PolicyFile(StrictModel):
-    tenant_arguments: TenantArgumentsSpec = Field(default_factory=TenantArgumentsSpec)
-    tools: ToolsSpec = Field(default_factory=ToolsSpec)
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    recent_activity: RecentActivitySpec = Field(default_factory=RecentActivitySpec)
-    client_capabilities: ClientCapabilitiesSpec = Field(default_factory=ClientCapabilitiesSpec)
-    extensions: ExtensionsSpec = Field(default_factory=ExtensionsSpec)
+    """A policy file (policies/NAME.yaml), shared by the tenants that name it."""
+
+    tenant_arguments: TenantArgumentsSpec = Field(
+        default_factory=TenantArgumentsSpec,
+        description="Arguments that name a tenant: they must name the caller's own.",
+    )
+    tools: ToolsSpec = Field(default_factory=ToolsSpec, description=ToolsSpec.__doc__)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description=ResourcesSpec.__doc__)
+    recent_activity: RecentActivitySpec = Field(
+        default_factory=RecentActivitySpec, description=RecentActivitySpec.__doc__
+    )
+    client_capabilities: ClientCapabilitiesSpec = Field(
+        default_factory=ClientCapabilitiesSpec, description=ClientCapabilitiesSpec.__doc__
+    )
+    extensions: ExtensionsSpec = Field(default_factory=ExtensionsSpec, description=ExtensionsSpec.__doc__)
 
 
 @dataclass(frozen=True, slots=True)

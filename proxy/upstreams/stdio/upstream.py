@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import json
 import math
+import os
 import secrets
 import time
 from collections import deque
@@ -37,7 +38,7 @@ from proxy.protocol.errors import (
 from proxy.protocol.sse import Comment, Event
 from proxy.types import HANDSHAKE_VERSIONS, MODERN_VERSIONS, JsonObject, RequestId
 from proxy.upstreams.base import EVENT_STREAM, JSON, UpstreamRequest
-from proxy.upstreams.stdio.child import Child
+from proxy.upstreams.stdio.child import Child, StartFailed
 
 log = structlog.get_logger("proxy.upstreams.stdio")
 
@@ -132,8 +133,9 @@ class Connection:
     async def start(self) -> None:
         config = self.upstream.config
         assert config.command is not None
+        environment = config.child_environment(os.environ)
         self.child = Child(
-            self.upstream.tenant, config.command, config.env, config.cwd, self._on_message, self._on_exit,
+            self.upstream.tenant, config.command, environment, config.cwd, self._on_message, self._on_exit,
             config.limits,
         )  # fmt: skip
         await self.child.start()
@@ -215,6 +217,8 @@ class Connection:
 
     def _on_message(self, message: JsonObject) -> None:
         self.last_used = time.monotonic()
+        if self.upstream.start_problem is not None or not self.upstream.proven:
+            self.upstream.started_fine()
         if "method" not in message:
             self._on_answer(message)
             return
@@ -288,8 +292,11 @@ class Connection:
         log.info("stdio_message_dropped", tenant=self.upstream.tenant, method=message["method"][:100])
 
     def _on_exit(self, child: Child) -> None:
+        failure = child.failure()
+        if isinstance(failure, StartFailed):
+            self.upstream.start_problem = failure.what
         for pending in list(self.pending.values()):
-            pending.finish(UpstreamError("The upstream MCP server process exited"))
+            pending.finish(failure)
         self.pending.clear()
         self.tokens.clear()
         for session in self.sessions.values():
@@ -380,6 +387,10 @@ class StdioUpstream:
         self._next_start = 0.0
         self._closed = False
         self.processes: set[Connection] = set()  # running or starting: at most max_processes
+        # For /readyz and `check-config --probe`: whether a child of this upstream has ever answered,
+        # and how the last one that could not start failed (cleared when one answers).
+        self.proven = False
+        self.start_problem: str | None = None
 
     # --- the Upstream protocol ---------------------------------------------------------------
 
@@ -553,6 +564,10 @@ class StdioUpstream:
             if wait > 0:  # restarting after a crash: back off, so a crash loop cannot spin
                 await asyncio.sleep(wait)
             await connection.start()
+        except StartFailed as failure:
+            self.processes.discard(connection)
+            self.start_problem = failure.what
+            raise
         except BaseException:
             self.processes.discard(connection)
             raise
@@ -566,6 +581,32 @@ class StdioUpstream:
             data={"limit": "processes"},
             headers={"Retry-After": str(max(1, math.ceil(min(waits, default=idle_stop))))},
         )
+
+    def started_fine(self) -> None:
+        self.proven = True
+        self.start_problem = None
+
+    async def probe(self) -> str | None:
+        """Start a child of its own, complete the MCP handshake, stop it: None when all went well,
+        else what went wrong (for /readyz and `check-config --probe`). A server that refuses the
+        handshake-era initialize is tried with the modern server/discover."""
+        problem: str | None = None
+        for era in ("handshake", "modern"):
+            connection = Connection(self, era)
+            try:
+                await connection.start()
+                await self._ready(connection)
+                return None
+            except StartFailed as failure:
+                self.start_problem = failure.what
+                return failure.explained()
+            except UpstreamTimeout as timeout:
+                return timeout.message
+            except UpstreamError as error:
+                problem = error.message  # it answered, but not the initialize: try the modern era
+            finally:
+                await connection.stop()
+        return problem
 
     async def _ready(self, connection: Connection) -> None:
         """The readiness handshake: discover (modern) or initialize (handshake), with a timeout."""
@@ -599,7 +640,12 @@ class StdioUpstream:
             await connection.stop()
             if connection.era == "modern":  # the spec's probe rule: no answer is a handshake server
                 raise NotModern(None) from None
-            raise UpstreamTimeout("The stdio MCP server did not become ready in time") from None
+            raise UpstreamTimeout(
+                f"The stdio MCP server did not answer the MCP handshake within {READY_TIMEOUT_SECONDS:g} s"
+            ) from None
+        if isinstance(answer, ProxyError):  # it exited first: how, and what to check
+            await connection.stop()
+            raise answer
         if not isinstance(answer, dict) or not isinstance(answer.get("result"), dict):
             await connection.stop()
             error = answer.get("error") if isinstance(answer, dict) else None
@@ -621,7 +667,8 @@ class StdioUpstream:
         for session_id in list(connection.sessions):
             self._sessions.pop(session_id, None)
         if not connection.stopping:  # a crash, not a stop: the next start waits, longer each time
-            log.warning("stdio_crashed", tenant=self.tenant, restart_in_seconds=self._backoff)
+            if connection.child is not None and connection.child.spoke:  # (else its start failure is logged)
+                log.warning("stdio_crashed", tenant=self.tenant, restart_in_seconds=self._backoff)
             self._next_start = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, BACKOFF_MAX_SECONDS)
 

@@ -1,0 +1,77 @@
+"""README's first hour, followed as a newcomer would: its install line in a fresh copy of the
+repository, then every command of "Running it", pasted as they are, ending in a tool result.
+
+The commands are read from README.md itself, so the page cannot drift from what works. One thing is
+changed, in the commands and in the copied config.example.yaml alike: port 8080 becomes a free
+port, so this test never collides with anything else listening on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.upstreams import free_port
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+# What the test's own environment holds that a newcomer's shell does not.
+NOT_IN_A_NEW_SHELL = ("VIRTUAL_ENV", "MCP_PROXY_DEV_SECRET", "MCP_TOKEN", "PYTHONPATH")
+
+
+def shell_blocks(section: str) -> list[str]:
+    """The ```sh blocks of one `## section` of README.md."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n## {section}\n")
+    end = text.find("\n## ", start + 1)
+    return re.findall(r"```sh\n(.*?)```", text[start : end if end > 0 else None], re.DOTALL)
+
+
+def copy_of_the_repository(target: Path) -> Path:
+    """The repository's files (tracked and new, not ignored) as a fresh clone would have them."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for name in filter(None, listed.split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return target
+
+
+def test_running_it_works_when_pasted_after_the_install_line(tmp_path: Path) -> None:
+    install = shell_blocks("Fresh machine: two commands")[0]
+    running = shell_blocks("Running it")[0]
+    assert ".venv" in install and "run --config config.example.yaml" in running
+    repo = copy_of_the_repository(tmp_path / "repo")
+    port = str(free_port())
+    example = repo / "config.example.yaml"
+    example.write_text(example.read_text().replace("8080", port))
+    script = "set -e\n" + install + running.replace("8080", port)
+    test_venv = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != test_venv)
+    env = {k: v for k, v in os.environ.items() if k not in NOT_IN_A_NEW_SHELL} | {"PATH": path}
+    process = subprocess.Popen(
+        ["bash", "-c", script], cwd=repo, env=env, start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=400)  # pip install in a new venv: most of it
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever the commands left running
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, f"{stdout}\n{stderr[-6000:]}"
+    assert "all isolation checks passed" in stdout  # the install line's demo
+    assert '"status": "ready"' in stdout  # /readyz
+    assert '{"server_tenant": "acme", "canary": "acme-notes"' in stdout  # the tool result
