@@ -71,7 +71,8 @@ def mcp_errors(error: BaseException) -> list[Any]:
     return []
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+async def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
+    """True as soon as `predicate` holds; generous, so a loaded machine only makes it slower."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -492,7 +493,7 @@ async def test_initializes_racing_past_the_cap_leave_no_upstream_session_behind(
             assert "Retry-After" in headers
     assert len(proxy.app[SERVICES].sessions) == 3
     # Every upstream session the proxy does not keep must have been ended upstream (or never opened).
-    assert await wait_until(lambda: initializes(slow) - len(upstream_session_ids(slow, "DELETE")) == 3, 2), (
+    assert await wait_until(lambda: initializes(slow) - len(upstream_session_ids(slow, "DELETE")) == 3), (
         f"{initializes(slow)} upstream sessions opened, {len(upstream_session_ids(slow, 'DELETE'))} ended, "
         "3 kept"
     )

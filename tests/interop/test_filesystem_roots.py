@@ -94,9 +94,9 @@ async def test_with_roots_allowed_the_same_client_takes_over_the_other_directory
     async with client_for(
         running.url, running.token("acme"), "legacy", list_roots_callback=callback
     ) as client:
-        for _ in range(100):  # until the server has adopted the client's roots (bounded)
-            if str(directories["globex"]) in await allowed_directories(client):
-                break
+        deadline = asyncio.get_running_loop().time() + 60  # generous: the machine may be loaded
+        while str(directories["globex"]) not in await allowed_directories(client):  # adopted yet?
+            assert asyncio.get_running_loop().time() < deadline, "the server never adopted the roots"
             await asyncio.sleep(0.05)
         stolen = await client.call_tool("read_text_file", {"path": str(directories["globex"] / "secret.txt")})
     assert canaries["globex"] in text_of(stolen)
