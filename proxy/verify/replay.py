@@ -134,6 +134,9 @@ async def create_tasks(party: Party, report: Report) -> None:
 
 
 async def replay_tasks(victim: Party, attacker: Party, report: Report) -> None:
+    if victim.task_ids:  # said, so that a clean report shows what it covered
+        count, owner = len(victim.task_ids), victim.tenant
+        report.notes.append(f"task replay: {count} task id(s) of {owner} asked for as {attacker.tenant}")
     for task_id in victim.task_ids:
         try:
             reply = await attacker.client.request(

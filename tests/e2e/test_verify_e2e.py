@@ -184,3 +184,23 @@ async def test_a_stdio_tenant_gets_a_policy_from_its_own_process_and_no_client_c
     after = await run_verify(protected)
     globex = {f.id for f in after.open_findings if f.tenant == "globex"}
     assert not {i for i in globex if i.startswith(("open-tenant", "stdio-client"))}, after.text()
+
+
+async def test_task_replay_probe_catches_a_server_that_answers_any_holder_of_a_task_id(
+    upstream_runner: Any, make_proxy: StartProxy
+) -> None:
+    """FastMCP with fastmcp-tasks answers tasks/get for any id it issued, whoever asks: reached
+    directly, the probe's replay of one tenant's task id as the other reads it; through the proxy,
+    whose task ids are bound to their caller, it finds nothing."""
+    from tests.task_upstreams import start_fastmcp_tasks
+
+    server = start_fastmcp_tasks(upstream_runner, "CANARY-verify-tasks")
+    proxy = await make_proxy({"acme": server, "globex": server})
+    direct = await run_verify(proxy, probes=True, url=server.url)
+    assert ids(direct, "probe-task-replay"), direct.text()
+    through_proxy = await run_verify(proxy, probes=True)
+    assert ids(through_proxy, "probe-task-replay") == set(), through_proxy.text()
+    assert any(
+        n.startswith("task replay: ") and n.endswith("of acme asked for as globex")
+        for n in through_proxy.notes
+    ), through_proxy.notes
