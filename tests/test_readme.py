@@ -1,9 +1,10 @@
 """README's first hour, followed as a newcomer would: its install line in a fresh copy of the
 repository, then every command of "Running it", pasted as they are, ending in a tool result.
 
-The commands are read from README.md itself, so the page cannot drift from what works. One thing is
-changed, in the commands and in the copied config.example.yaml alike: port 8080 becomes a free
-port, so this test never collides with anything else listening on the machine.
+The commands are read from README.md itself, so the page cannot drift from what works. Two things
+are changed so that this test never collides with anything else listening on the machine: port 8080
+becomes a free port, in the commands and in the copied config.example.yaml alike, and the copy's
+metrics listener (default 127.0.0.1:9464, which no command here reads) takes a free port too.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def copy_of_the_repository(target: Path) -> Path:
     return target
 
 
+@pytest.mark.timeout(900)  # a new venv and the demo: about a minute, several on a loaded machine
 def test_running_it_works_when_pasted_after_the_install_line(tmp_path: Path) -> None:
     install = shell_blocks("Fresh machine: two commands")[0]
     running = shell_blocks("Running it")[0]
@@ -57,7 +59,8 @@ def test_running_it_works_when_pasted_after_the_install_line(tmp_path: Path) -> 
     repo = copy_of_the_repository(tmp_path / "repo")
     port = str(free_port())
     example = repo / "config.example.yaml"
-    example.write_text(example.read_text().replace("8080", port))
+    metrics = f"\nmetrics: {{listen: {{host: 127.0.0.1, port: {free_port()}}}}}\n"
+    example.write_text(example.read_text().replace("8080", port) + metrics)
     script = "set -e\n" + install + running.replace("8080", port)
     test_venv = str(Path(sys.executable).parent)
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != test_venv)
@@ -67,7 +70,7 @@ def test_running_it_works_when_pasted_after_the_install_line(tmp_path: Path) -> 
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        stdout, stderr = process.communicate(timeout=400)  # pip install in a new venv: most of it
+        stdout, stderr = process.communicate(timeout=840)  # pip install in a new venv: most of it
     finally:
         with contextlib.suppress(ProcessLookupError):  # whatever the commands left running
             os.killpg(process.pid, signal.SIGKILL)

@@ -1,11 +1,12 @@
 """examples/ as a reader uses it: real-servers.yaml in front of the npm and PyPI servers it names,
 and each client command of examples/README.md run as written there.
 
-What differs from the page, and why: the proxy listens on a free port instead of 8080 (tests run
-side by side); `npx` finds the servers already installed in tests/interop/node_modules (the proxy
-runs there), so nothing is downloaded; the Inspector's CLI is its `inspector-cli` package (what
-`npx @modelcontextprotocol/inspector --cli` runs); where `uvx` is not installed, mcp-server-time
-runs from this Python environment (the `test` extra installs it), as `uvx` would run it.
+What differs from the page, and why: the proxy listens on a free port instead of 8080, and its
+metrics listener on a free port instead of 9464 (tests run side by side); `npx` finds the servers
+already installed in tests/interop/node_modules (the proxy runs there), so nothing is downloaded;
+the Inspector's CLI is its `inspector-cli` package (what `npx @modelcontextprotocol/inspector
+--cli` runs); where `uvx` is not installed, mcp-server-time runs from this Python environment (the
+`test` extra installs it), as `uvx` would run it.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def readme_command(prefix: str) -> str:
 def config_as_run_here(port: int) -> str:
     text = (EXAMPLES / "real-servers.yaml").read_text().replace(":8080", f":{port}")
     text = text.replace("port: 8080", f"port: {port}")
+    text += f"\nmetrics: {{listen: {{host: 127.0.0.1, port: {free_port()}}}}}\n"
     if shutil.which("uvx") is None:
         server = shutil.which("mcp-server-time", path=str(BIN))
         if server is None:
