@@ -50,7 +50,12 @@ async def serve(config: ProxyConfig) -> None:
     gc.collect()
     gc.freeze()
     log.info(
-        "listening", host=config.listen.host, port=port, path=config.listen.path, tenants=len(config.tenants)
+        "listening",
+        host=config.listen.host,
+        port=port,
+        path=config.listen.path,
+        tenants=len(config.tenants),
+        tenant_templates=len(config.tenant_templates),
     )
     from proxy.ops.reload import reload_config
 
@@ -95,7 +100,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from proxy.runtime import Runtime
 
     Runtime.build(config)  # keys, secrets and every policy compile, as `run` needs them
-    print(f"{args.config}: ok ({len(config.tenants)} tenants, {len(config.auth.issuers)} issuers)")
+    templates = f", {len(config.tenant_templates)} tenant templates" if config.tenant_templates else ""
+    print(f"{args.config}: ok ({len(config.tenants)} tenants{templates}, {len(config.auth.issuers)} issuers)")
     return 0
 
 

@@ -259,10 +259,85 @@ class TenantLimitsConfig(StrictModel):
     max_streams: int | None = Field(default=None, ge=0)
 
 
+PolicyName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+$")]
+ClaimValue = str | int | bool
+
+
 class TenantConfig(StrictModel):
     upstream: UpstreamConfig
-    policy: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+$")] | None = None
+    policy: PolicyName | None = None
     limits: TenantLimitsConfig = Field(default_factory=TenantLimitsConfig)
+
+
+class TenantTemplateConfig(StrictModel):
+    """Tenants no `tenants` entry names, served alike: the first template whose `match` and
+    `claims` fit the caller's tenant and token serves it."""
+
+    match: str = Field(
+        description="A regular expression the whole tenant id must match (anchored at both ends); "
+        "ids are always ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$ as well"
+    )
+    claims: dict[str, ClaimValue | tuple[ClaimValue, ...]] = Field(
+        default_factory=dict,
+        description="Conditions on the verified token's claims (dotted paths): the claim must equal "
+        "the value, or one of the values of a list",
+    )
+    upstream: UpstreamConfig = Field(
+        description="As a tenant's upstream; {tenant} in url, headers, command, env and cwd is "
+        "replaced by the tenant id"
+    )
+    policy: PolicyName | None = Field(default=None, description="As a tenant's: policies_dir/NAME.yaml")
+    limits: TenantLimitsConfig = Field(
+        default_factory=TenantLimitsConfig, description="As a tenant's limits: overrides of `limits`"
+    )
+    idle_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="A tenant served by this template, unused this long (no request in flight, no "
+        "session in this replica), is dropped from memory: its upstream connections or processes "
+        "closed, its catalog, limits and metrics forgotten; its next request builds it again",
+    )
+
+    @field_validator("match")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return pattern
+
+
+class TenantAllowlistConfig(StrictModel):
+    """The tenant ids templates may serve, when the id space must be closed (explicit `tenants`
+    entries are always served). A string is the `file` form."""
+
+    file: Path | None = Field(
+        default=None,
+        description="One tenant id a line ('#' starts a comment); read at start and on every reload, "
+        "and a change of it triggers a reload",
+    )
+    redis_set: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = Field(
+        default=None,
+        description="The name of a Redis set of tenant ids (state.backend: redis), asked on a tenant's "
+        "first request and again every cache_seconds while it is active",
+    )
+    cache_seconds: float = Field(
+        default=30.0, gt=0, description="How long a tenant found in redis_set is served without asking again"
+    )
+
+    _paths = field_validator("file")(_resolve_path)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _file_shorthand(cls, data: Any) -> Any:
+        return {"file": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TenantAllowlistConfig:
+        if (self.file is None) == (self.redis_set is None):
+            raise ValueError("exactly one of file or redis_set must be set")
+        return self
 
 
 class CacheConfig(StrictModel):
@@ -326,7 +401,16 @@ class ReloadConfig(StrictModel):
 class ProxyConfig(StrictModel):
     listen: ListenConfig = Field(default_factory=ListenConfig)
     auth: AuthConfig
-    tenants: dict[TenantId, TenantConfig]
+    # (Before `tenants`, whose check needs to know whether there are templates.)
+    tenant_templates: tuple[TenantTemplateConfig, ...] = Field(
+        default=(),
+        description="Tenants without a `tenants` entry, served by the first template that matches "
+        "(built on first use, dropped when idle); explicit entries win, no match is 403",
+    )
+    tenants: dict[TenantId, TenantConfig] = Field(default_factory=dict)
+    tenant_allowlist: TenantAllowlistConfig | None = Field(
+        default=None, description="When set, templates serve only the tenant ids it lists"
+    )
     policies_dir: Path = Field(default=Path("policies"), validate_default=True)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     sessions: SessionsConfig = Field(default_factory=SessionsConfig)
@@ -350,10 +434,17 @@ class ProxyConfig(StrictModel):
 
     @field_validator("tenants")
     @classmethod
-    def _some_tenants(cls, tenants: dict[str, TenantConfig]) -> dict[str, TenantConfig]:
-        if not tenants:
-            raise ValueError("at least one tenant is required")
+    def _some_tenants(cls, tenants: dict[str, TenantConfig], info: ValidationInfo) -> dict[str, TenantConfig]:
+        if not tenants and not info.data.get("tenant_templates"):
+            raise ValueError("at least one tenant (or a tenant template in tenant_templates) is required")
         return tenants
+
+    @model_validator(mode="after")
+    def _allowlist_store(self) -> ProxyConfig:
+        allowlist = self.tenant_allowlist
+        if allowlist is not None and allowlist.redis_set is not None and self.state.backend != "redis":
+            raise ValueError("tenant_allowlist.redis_set needs state.backend: redis")
+        return self
 
     @property
     def source(self) -> str:
@@ -363,16 +454,34 @@ class ProxyConfig(StrictModel):
     def policy_file(self, name: str) -> Path:
         return self.policies_dir / f"{name}.yaml"
 
-    def limits_for(self, tenant: str) -> LimitsConfig:
-        """The tenant's limits: the defaults with the tenant's own keys on top."""
-        override = self.tenants[tenant].limits.model_dump(exclude_none=True)
+    def limits_of(self, tenant: TenantConfig) -> LimitsConfig:
+        """A tenant's limits: the defaults with the tenant's (or its template's) own keys on top."""
+        override = tenant.limits.model_dump(exclude_none=True)
         return self.limits.model_copy(update=override) if override else self.limits
 
     @property
+    def policy_names(self) -> list[str]:
+        """Every policy a tenant or a tenant template names."""
+        named: list[TenantConfig | TenantTemplateConfig] = [*self.tenants.values(), *self.tenant_templates]
+        return sorted({t.policy for t in named if t.policy is not None})
+
+    @property
     def watched_files(self) -> list[Path]:
-        """The files whose change triggers a reload: the config and every policy it names."""
-        files = [self.policy_file(t.policy) for t in self.tenants.values() if t.policy is not None]
+        """The files whose change triggers a reload: the config, every policy it names and the
+        tenant allowlist file."""
+        files = [self.policy_file(name) for name in self.policy_names]
+        if self.tenant_allowlist is not None and self.tenant_allowlist.file is not None:
+            files.append(self.tenant_allowlist.file)
         return ([self._source] if self._source is not None else []) + sorted(set(files))
+
+    def tenant_config(self, tenant: str) -> TenantConfig | None:
+        """What serves `tenant` as far as the config alone says (tools that have no token): its
+        `tenants` entry, else the first template whose `match` fits (claim conditions not checked)."""
+        if tenant in self.tenants:
+            return self.tenants[tenant]
+        from proxy.tenants.templates import TenantTemplates
+
+        return TenantTemplates(self.tenant_templates).config_for_id(tenant)
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -484,11 +593,13 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Proxy
     except ValidationError as exc:
         raise format_validation_error(file, exc) from None
     config._source = file
-    for tenant_id, tenant in config.tenants.items():
+    named: list[tuple[str, TenantConfig | TenantTemplateConfig]] = [
+        *((f"tenants.{tenant_id}", tenant) for tenant_id, tenant in config.tenants.items()),
+        *((f"tenant_templates.{index}", template) for index, template in enumerate(config.tenant_templates)),
+    ]
+    for where, tenant in named:
         if tenant.policy is not None and not config.policy_file(tenant.policy).is_file():
             raise ConfigError(
-                file,
-                f"tenants.{tenant_id}.policy",
-                f"policy file {config.policy_file(tenant.policy)} does not exist",
+                file, f"{where}.policy", f"policy file {config.policy_file(tenant.policy)} does not exist"
             )
     return config

@@ -1,5 +1,6 @@
 """/healthz (the process serves) and /readyz (config loaded, listener up, upstreams reachable as
-`readiness.upstreams` asks). Neither needs a token and neither names a tenant: counts only."""
+`readiness.upstreams` asks: those of configured tenants and of active template tenants). Neither
+needs a token and neither names a tenant: counts only."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class Readiness:
 
     async def check(self, runtime: Runtime) -> None:
         targets: dict[str, list[str]] = {}  # one check per distinct target, however many tenants share it
-        for tenant in runtime.tenants.values():
+        for tenant in runtime.tenants:  # template tenants: those active (an idle one has no target yet)
             upstream = tenant.config.upstream
             target = upstream.url if upstream.url is not None else f"stdio:{(upstream.command or ('',))[0]}"
             targets.setdefault(target, []).append(tenant.id)
@@ -65,7 +66,9 @@ class Readiness:
             return True
         if self.checked_at is None:
             return False
-        return self.reachable == self.total if mode == "all" else self.reachable > 0
+        if mode == "all":
+            return self.reachable == self.total
+        return self.reachable > 0 or self.total == 0  # only templates, none active yet: nothing to wait for
 
 
 async def healthz(request: web.Request) -> web.Response:

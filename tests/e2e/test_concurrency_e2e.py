@@ -74,7 +74,7 @@ def upstream_connections_in_use(running: RunningProxy) -> int:
     is released or closed; idle keep-alive connections are not in use. A response the proxy forgot
     to close stays in use forever, so this is the count that must return to its baseline.
     """
-    return sum(getattr(t.upstream, "connections_in_use", 0) for t in runtime_of(running).tenants.values())
+    return sum(getattr(t.upstream, "connections_in_use", 0) for t in runtime_of(running).tenants)
 
 
 async def settle(measure: Callable[[], int], target: int, timeout: float = 5.0) -> int:
