@@ -370,7 +370,14 @@ class StateConfig(StrictModel):
     """Where state shared between replicas lives: in this process (default) or in Redis."""
 
     backend: Literal["memory", "redis"] = "memory"
-    url: str | None = None  # redis://host:port/db (rediss:// for TLS); `${VAR}` for a password
+    # redis://host:port/db (rediss:// for TLS); `${VAR}` for a password; redis+cluster:// (or
+    # rediss+cluster://) names one node of a Redis Cluster, as does redis:// with `cluster: true`.
+    url: str | None = None
+    cluster: bool = Field(
+        default=False,
+        description="state.url names a node of a Redis Cluster (as a redis+cluster:// URL does): the "
+        "other nodes are found from it, and each tenant's keys live in one hash slot",
+    )
     key_prefix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,64}$")] = "mcp-tenant-proxy"
     timeout_seconds: float = Field(default=0.5, gt=0)
     audit_max_records: int = Field(default=10_000, ge=1)  # per tenant, in its Redis stream
@@ -379,9 +386,16 @@ class StateConfig(StrictModel):
     def _url_for_redis(self) -> StateConfig:
         if self.backend == "redis" and not self.url:
             raise ValueError("state.url is required when state.backend is redis")
-        if self.url is not None and not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("state.url must be a redis://, rediss:// or unix:// URL")
+        schemes = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+        if self.url is not None and not self.url.startswith(schemes):
+            raise ValueError("state.url must be a redis://, rediss://, unix:// or redis+cluster:// URL")
+        if self.is_cluster and self.url is not None and self.url.startswith("unix://"):
+            raise ValueError("a Redis Cluster is reached over TCP: redis+cluster://host:port")
         return self
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.cluster or (self.url or "").startswith(("redis+cluster://", "rediss+cluster://"))
 
 
 class MetricsConfig(StrictModel):

@@ -1,7 +1,7 @@
 """The response cache in Redis, shared by every replica.
 
-    {prefix}:{tenant}:cache:{digest}   the result bytes exactly as in process, with a PX expiry
-    {prefix}:{tenant}:cache-index      digest -> [method, name], for invalidation
+    <prefix>:{<tenant>}:cache:<digest>   the result bytes exactly as in process, with a PX expiry
+    <prefix>:{<tenant>}:cache-index      digest -> [method, name], for invalidation
 
 The digest is the sha256 of the whole key tuple as a JSON array (tenant and principal included),
 so the tenant appears both in the Redis key's fixed position and inside what was hashed.

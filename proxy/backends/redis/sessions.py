@@ -1,10 +1,11 @@
 """Handshake-era sessions in Redis, so a POST for a session can be served by any replica.
 
-    {prefix}:{tenant}:session:{id}          hash: tenant, subject, protocol version, upstream session id;
-                                            expires after sessions.idle_timeout_seconds unused
-    {prefix}:{tenant}:session:{id}:pending  server-to-client request ids the session owes answers to
-    {prefix}:{tenant}:sessions              sorted set of live ids (and reservations) by last use:
-                                            the per-tenant cap, kept atomically by a Lua script
+    <prefix>:{<tenant>}:session:<id>          hash: tenant, subject, protocol version, upstream
+                                              session id; expires after idle_timeout_seconds unused
+    <prefix>:{<tenant>}:session:<id>:pending  server-to-client request ids the session owes answers to
+    <prefix>:{<tenant>}:sessions              sorted set of live ids (and reservations) by last use:
+                                              the per-tenant cap, kept atomically by a Lua script
+    (all in the tenant's hash slot: each script and transaction below names keys of one tenant)
 
 A lookup names the caller's tenant in the key and checks tenant and subject inside Redis, so another
 tenant's or user's id finds nothing, exactly like an unknown one. What belongs to one replica (an
