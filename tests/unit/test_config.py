@@ -611,3 +611,16 @@ def test_an_unquoted_numeric_tenant_id_and_a_key_with_a_newline_give_one_clear_l
     assert "must be a string: quote it in the YAML" in error.problem
     assert "\n" not in str(error)
     assert "ac\\nme" in str(error)
+
+
+def test_state_url_may_name_a_redis_cluster(tmp_path: Path) -> None:
+    def state(**keys: Any) -> Callable[[dict[str, Any]], None]:
+        return lambda d: d.update(state={"backend": "redis", **keys})
+
+    for url in ("redis+cluster://10.0.0.5:7000", "rediss+cluster://:pw@redis.internal:7000"):
+        assert load_with(tmp_path, state(url=url)).state.is_cluster
+    assert load_with(tmp_path, state(url="redis://10.0.0.5:7000", cluster=True)).state.is_cluster
+    assert not load_with(tmp_path, state(url="redis://10.0.0.5:6379/0")).state.is_cluster
+    error = config_error(tmp_path, state(url="unix:///run/redis.sock", cluster=True))
+    assert error.key_path == "state" and "over TCP" in error.problem
+    assert "redis+cluster://" in config_error(tmp_path, state(url="cluster://10.0.0.5:7000")).problem
