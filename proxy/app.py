@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from urllib.parse import urlsplit
@@ -61,6 +62,10 @@ def _gauges(app: web.Application) -> Callable[[], Iterable[GaugeMetricFamily]]:
         yield circuit
         yield GaugeMetricFamily("mcp_proxy_tenants", "Tenants with a runtime here: every configured one, and "
                                 "the active ones a template serves", value=len(runtime.tenants))  # fmt: skip
+        # Live objects, as the allocator counts them: unlike RSS (which keeps what CPython's
+        # allocator holds on to), this falls back when tenants go idle.
+        yield GaugeMetricFamily("mcp_proxy_heap_blocks", "Memory blocks Python objects hold now",
+                                value=sys.getallocatedblocks())  # fmt: skip
         if services.shared is not None:
             yield GaugeMetricFamily("mcp_proxy_state_up", "1 while the shared state store (Redis) answers",
                                     value=1.0 if services.shared.up else 0.0)  # fmt: skip
@@ -102,8 +107,8 @@ def _sweep_seconds(runtime: Runtime, services: Services) -> float:
 
 async def drop_idle_tenants(runtime: Runtime, services: Services, now: float) -> None:
     """Template tenants unused for their idle_seconds leave memory: upstream closed, catalog gone,
-    and what the proxy keeps per tenant id (limits, recent audit records, metrics series) forgotten
-    unless another runtime of the id remains."""
+    and what the proxy keeps per tenant id (limits, recent audit records, metrics series, verified
+    tokens) forgotten unless another runtime of the id remains."""
     dropped = runtime.tenants.drop_idle(now, lambda tenant: services.sessions.count(tenant) > 0)
     for tenant in dropped:
         with contextlib.suppress(Exception):
@@ -111,6 +116,7 @@ async def drop_idle_tenants(runtime: Runtime, services: Services, now: float) ->
     gone = {t.id for t in dropped if runtime.tenants.of_tenant(t.id) is None}
     if gone:
         services.forget_tenants(gone)
+        runtime.authenticator.forget_tenants(gone)
         log.debug("tenants_idle_dropped", count=len(gone))
 
 

@@ -19,12 +19,12 @@ from typing import Any
 from proxy.config import (
     TENANT_ID_PATTERN,
     ClaimValue,
-    ConfigError,
     ProxyConfig,
     TenantConfig,
     TenantTemplateConfig,
     UpstreamConfig,
 )
+from proxy.tenants.allowlist import read_allowlist
 
 PLACEHOLDER = "{tenant}"
 _TENANT_ID = re.compile(TENANT_ID_PATTERN)
@@ -72,6 +72,16 @@ class Template:
     index: int
     config: TenantTemplateConfig
     pattern: re.Pattern[str]
+    # The one configuration of all its tenants when the upstream names no tenant (a shared server
+    # that takes the tenant from the trusted tenant header or an argument): not copied per tenant.
+    shared: TenantConfig | None = None
+
+    @classmethod
+    def compile(cls, index: int, config: TenantTemplateConfig) -> Template:
+        template = cls(index, config, re.compile(config.match))
+        if PLACEHOLDER in config.upstream.model_dump_json():
+            return template
+        return cls(index, config, template.pattern, template.tenant_config(""))
 
     def matches(self, tenant: str, claims: Mapping[str, Any] | None) -> bool:
         """The id fits `match`, and the claims (None: not known, as for tools without a token)
@@ -84,6 +94,8 @@ class Template:
 
     def tenant_config(self, tenant: str) -> TenantConfig:
         """The configuration the template gives `tenant` (validated already, as the template was)."""
+        if self.shared is not None:
+            return self.shared
         return TenantConfig.model_construct(
             upstream=substitute(self.config.upstream, tenant),
             policy=self.config.policy,
@@ -93,7 +105,7 @@ class Template:
 
 class TenantTemplates:
     def __init__(self, templates: Sequence[TenantTemplateConfig]) -> None:
-        self.templates = tuple(Template(i, t, re.compile(t.match)) for i, t in enumerate(templates))
+        self.templates = tuple(Template.compile(i, t) for i, t in enumerate(templates))
 
     def match(self, tenant: str, claims: Mapping[str, Any] | None) -> Template | None:
         """The first template serving `tenant` (a well-formed id only) for a token with `claims`."""
@@ -107,25 +119,6 @@ class TenantTemplates:
     def config_for_id(self, tenant: str) -> TenantConfig | None:
         template = self.match(tenant, None)
         return template.tenant_config(tenant) if template is not None else None
-
-
-def read_allowlist(path: Path, source: str) -> frozenset[str]:
-    """The tenant ids of an allowlist file: one a line, `#` starts a comment, blank lines skipped.
-    A line that is not a tenant id stops start-up (or a reload) with its file and line number."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        problem = getattr(exc, "strerror", None) or type(exc).__name__
-        raise ConfigError(source, "tenant_allowlist.file", f"cannot read {path}: {problem}") from None
-    ids: set[str] = set()
-    for number, line in enumerate(text.splitlines(), 1):
-        tenant = line.split("#", 1)[0].strip()
-        if not tenant:
-            continue
-        if _TENANT_ID.fullmatch(tenant) is None:
-            raise ConfigError(path, f"line {number}", f"{tenant[:80]!r} is not a tenant id")
-        ids.add(tenant)
-    return frozenset(ids)
 
 
 class TenantResolver:

@@ -4,6 +4,7 @@ allowlist file, and the directory that builds template tenants on first use and 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from proxy.config import ConfigError, ProxyConfig
 from proxy.layers.auth.authenticator import Authenticator
 from proxy.protocol.errors import Forbidden, StateStoreUnavailable
 from proxy.runtime import Runtime
-from proxy.tenants.templates import TenantResolver, read_allowlist
+from proxy.tenants.allowlist import TenantIds, read_allowlist
+from proxy.tenants.templates import TenantResolver
 from proxy.types import TenantContext
 from tests.factories import DEV_SECRET, DEV_SECRET_ENV, config_dict, token
 
@@ -85,6 +87,26 @@ async def test_the_authenticator_refuses_a_tenant_no_template_serves_and_records
         assert denied.value.status == 403
 
 
+async def test_an_idle_tenants_verified_tokens_are_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
+    auth = Authenticator(templated(TEAM), env={DEV_SECRET_ENV: DEV_SECRET})
+    verified: list[str] = []
+    real = auth._verify
+
+    async def counting(bearer: str) -> Any:
+        verified.append(bearer)
+        return await real(bearer)
+
+    monkeypatch.setattr(auth, "_verify", counting)
+    one, two = token(tenant="team-1"), token(tenant="team-2")
+    for bearer in (one, two, one, two):
+        await auth.authenticate([f"Bearer {bearer}"])
+    assert verified == [one, two]  # cached after the first verification
+    auth.forget_tenants({"team-1"})
+    for bearer in (one, two):
+        await auth.authenticate([f"Bearer {bearer}"])
+    assert verified == [one, two, one]
+
+
 # --- {tenant} substitution --------------------------------------------------------------------------
 
 
@@ -133,7 +155,10 @@ def test_a_config_needs_tenants_or_templates_and_valid_patterns() -> None:
 def test_the_allowlist_file_lists_ids_and_names_a_bad_line(tmp_path: Path) -> None:
     listed = tmp_path / "tenants.txt"
     listed.write_text("# provisioned tenants\nteam-1\n\n  team-2   # since Monday\n")
-    assert read_allowlist(listed, "proxy.yaml") == {"team-1", "team-2"}
+    ids = read_allowlist(listed, "proxy.yaml")
+    assert len(ids) == 2 and "team-1" in ids and "team-2" in ids
+    for absent in ("team-", "team-11", "team-0", "", "\u00e9", "team-1\n", "since"):
+        assert absent not in ids
     listed.write_text("team-1\nteam {3}\n")
     with pytest.raises(ConfigError) as bad:
         read_allowlist(listed, "proxy.yaml")
@@ -141,6 +166,21 @@ def test_the_allowlist_file_lists_ids_and_names_a_bad_line(tmp_path: Path) -> No
     with pytest.raises(ConfigError) as missing:
         read_allowlist(tmp_path / "absent.txt", "proxy.yaml")
     assert missing.value.key_path == "tenant_allowlist.file"
+
+
+def test_the_compact_id_set_finds_exactly_the_listed_ids() -> None:
+    rng = random.Random(7)
+
+    def some() -> set[str]:
+        tails = ("".join(rng.choices("abcXYZ019._-", k=rng.randint(0, 9))) for _ in range(2000))
+        return {rng.choice("aZ9") + tail for tail in tails}
+
+    listed = some()
+    ids = TenantIds([tenant.encode() for tenant in listed])
+    assert len(ids) == len(listed)
+    probes = listed | some()
+    assert {tenant for tenant in probes if tenant in ids} == listed
+    assert "" not in ids and "a\u00e9" not in ids and None not in ids
 
 
 def test_the_allowlist_limits_templates_not_explicit_tenants(tmp_path: Path) -> None:

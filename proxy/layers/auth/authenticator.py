@@ -24,7 +24,7 @@ import os
 import re
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -307,6 +307,12 @@ class Authenticator:
         if len(self._verified) > VERIFIED_TOKENS_KEPT:
             self._verified.popitem(last=False)
         return ctx
+
+    def forget_tenants(self, tenants: Collection[str]) -> None:
+        """Tenants this process no longer serves (idle template tenants): their tokens are verified
+        again on their next request, and nothing of theirs stays in memory meanwhile."""
+        for token in [t for t, (ctx, _, _) in self._verified.items() if ctx.tenant in tenants]:
+            del self._verified[token]
 
     async def _verify(self, token: str) -> tuple[TenantContext, float, tuple[str, Any] | None]:
         try:

@@ -42,8 +42,9 @@ MAX_METHOD_CHARS: Final = 128  # a client-chosen method is bounded like every ot
 RECENT_PER_TENANT: Final = 200
 BATCH_SECONDS: Final = 0.05
 # Audit files kept open at once: the least recently written is closed beyond this (reopened in
-# append mode when its tenant writes again), so many tenants never exhaust file descriptors.
-MAX_OPEN_FILES: Final = 256
+# append mode when its tenant writes again), so many tenants never exhaust file descriptors (nor
+# hold a file buffer each).
+MAX_OPEN_FILES: Final = 64
 
 
 def _argument_names(arguments: Any) -> tuple[str, ...]:
