@@ -422,7 +422,10 @@ async def test_session_churn_leaves_no_session_task_or_memory_behind(
     await churn(proxy, 40)  # warm up: lazy pools, catalogs and interned strings exist from here on
     gc.collect()
     tasks_before = await steady_task_count()
-    assert len(registry) == 0 and live_sessions() == 0
+    # Sessions of earlier tests' apps may still be alive (aiohttp caches apps; a replica on Redis
+    # keeps its views of shared sessions when it stops): only this proxy's are counted.
+    sessions_before = live_sessions()
+    assert len(registry) == 0
     for upstream in upstreams.values():
         upstream.recorder.clear()
 
@@ -440,7 +443,7 @@ async def test_session_churn_leaves_no_session_task_or_memory_behind(
     assert len(set(ids)) == CHURN_SESSIONS  # every session was a new one
     assert len(registry) == 0
     assert registry.count("acme") == registry.count("globex") == 0
-    assert live_sessions() == 0  # no Session object outlives its DELETE
+    assert live_sessions() == sessions_before  # no Session object outlives its DELETE
     assert task_count() == tasks_before, [repr(task) for task in asyncio.all_tasks()][:5]
     assert upstream_connections_in_use(proxy) == 0
     # Both sides ended: every upstream session the churn opened got its DELETE, once.
