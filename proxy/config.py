@@ -389,8 +389,11 @@ class StateConfig(StrictModel):
         schemes = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
         if self.url is not None and not self.url.startswith(schemes):
             raise ValueError("state.url must be a redis://, rediss://, unix:// or redis+cluster:// URL")
-        if self.is_cluster and self.url is not None and self.url.startswith("unix://"):
-            raise ValueError("a Redis Cluster is reached over TCP: redis+cluster://host:port")
+        if self.is_cluster and self.url is not None:
+            if self.url.startswith("unix://"):
+                raise ValueError("a Redis Cluster is reached over TCP: redis+cluster://host:port")
+            if urlsplit(self.url).path not in ("", "/", "/0"):
+                raise ValueError("a Redis Cluster has only database 0: leave the path out of state.url")
         return self
 
     @property

@@ -624,3 +624,5 @@ def test_state_url_may_name_a_redis_cluster(tmp_path: Path) -> None:
     error = config_error(tmp_path, state(url="unix:///run/redis.sock", cluster=True))
     assert error.key_path == "state" and "over TCP" in error.problem
     assert "redis+cluster://" in config_error(tmp_path, state(url="cluster://10.0.0.5:7000")).problem
+    assert "database 0" in config_error(tmp_path, state(url="redis+cluster://10.0.0.5:7000/2")).problem
+    assert load_with(tmp_path, state(url="redis+cluster://10.0.0.5:7000/0")).state.is_cluster
