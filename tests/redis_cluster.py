@@ -3,11 +3,13 @@
 Each master is a `redis-server --cluster-enabled yes` with its own port, cluster bus port and
 nodes file in a temp directory; `redis-cli --cluster create` assigns the 16,384 slots. No
 persistence: a master killed and started again (same ports, same nodes file) rejoins the cluster
-with its slots and no data, as after a crash. Tests skip when redis-server or redis-cli is missing.
+with its slots and no data, as after a crash. Tests skip when redis-server (7 or later) or
+redis-cli is missing.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -25,6 +27,14 @@ def require_redis_cli() -> str:
     if binary is None:
         pytest.skip("redis-cli is not installed (run tests/install-redis-server)")
     return binary
+
+
+def require_cluster_port(server: str) -> None:
+    """`--cluster-port` (a bus port of our choosing, not port + 10000) came with Redis 7."""
+    answer = subprocess.run([server, "--version"], capture_output=True, text=True, timeout=10).stdout
+    found = re.search(r"v=(\d+)\.", answer)
+    if found is None or int(found.group(1)) < 7:
+        pytest.skip(f"the cluster tests need redis-server 7 or later ({answer.strip()})")
 
 
 @dataclass
@@ -54,6 +64,7 @@ class RedisCluster:
     @classmethod
     def create(cls, directory: Path) -> RedisCluster:
         server, cli = require_redis_server(), require_redis_cli()
+        require_cluster_port(server)
         nodes = [ClusterNode(server, directory=directory) for _ in range(3)]
         cluster = cls(cli, nodes)
         try:
