@@ -80,6 +80,8 @@ class Settings:
     stream_repeats: int = 3
     profile_seconds: int = 10
     counted_requests: int = 200  # s8: requests counted under callgrind
+    template_tenants: int = 100_000  # s10: tenant ids one template serves (an allowlist file lists them)
+    active_tenants: int = 1_000  # s9: distinct tenants made active, then left idle
     retries: int = 2
     quiet_patience: float = 30.0
     retry_budget: float = 120.0  # seconds a whole run may spend repeating noisy measurements
@@ -101,6 +103,7 @@ class Settings:
             settings.ttfe_repeats, settings.stream_events, settings.stream_repeats = 20, 10_000, 2
             settings.profile_seconds = 5
             settings.counted_requests = 50
+            settings.active_tenants = 200
             settings.retry_budget = 15.0
         return settings
 
@@ -206,14 +209,27 @@ class Proxy:
     startup_seconds: float
     tokens: dict[str, str] = field(default_factory=dict)
 
+    config: Any = None  # the loaded config, once a token was minted
+
     def token(self, tenant: str) -> str:
         if tenant not in self.tokens:
             from proxy.config import load_config
             from proxy.layers.auth.authenticator import mint_token
 
-            config = load_config(self.config_path)
-            self.tokens[tenant] = mint_token(config, ISSUER, tenant, f"bench-user@{tenant}", ttl_seconds=7200)
+            if self.config is None:
+                self.config = load_config(self.config_path)
+            self.tokens[tenant] = mint_token(
+                self.config, ISSUER, tenant, f"bench-user@{tenant}", ttl_seconds=7200
+            )
         return self.tokens[tenant]
+
+    def gauge(self, name: str) -> float:
+        """A metric without labels, as /metrics shows it now."""
+        status, _, body = http_request(self.url.replace("/mcp", "/metrics"), method="GET")
+        found = re.search(rf"^{name} (\S+)$", body.decode(), re.MULTILINE)
+        if status != 200 or found is None:
+            raise RuntimeError(f"/metrics has no {name} (HTTP {status})")
+        return float(found.group(1))
 
     def audit_counts(self, tenant: str) -> Counter[str]:
         """How many audit records of the tenant's file have each cache state."""
@@ -1617,6 +1633,114 @@ def s9_refusals(h: Harness) -> tuple[list[Row], dict[str, Any]]:
     return rows, m
 
 
+IDLE_SECONDS = 10  # s10: a template tenant unused this long is dropped (more than a wave of 1,000 takes)
+
+
+def s10_templates(h: Harness) -> tuple[list[Row], dict[str, Any]]:
+    """100,000 tenants served by one template (an allowlist file names them all) against a config of
+    one tenant: start-up, RSS, instructions per request (callgrind) of tenant #1 and #100,000; then
+    1,000 distinct tenants active and left idle, and 1,000 others: heap blocks in use and RSS
+    before, at the peak, and once the idle sweep has dropped them."""
+    count, active = h.settings.template_tenants, h.settings.active_tenants
+    names = [f"t{i:06d}" for i in range(1, count + 1)]
+    allowlist = h._path("allowlist", ".txt")
+    allowlist.write_text("\n".join(names) + "\n")
+    up = h.start_upstream("static")
+
+    def templated(idle_seconds: float, wrap: list[str] | None = None) -> Proxy:
+        template = {"match": "t[0-9]{6}", "upstream": {"url": up.url}, "policy": "bench"}
+        template["idle_seconds"] = idle_seconds
+        extra = {"tenant_templates": [template], "tenant_allowlist": {"file": str(allowlist)}}
+        return h.start_proxy({}, extra=extra, wrap=wrap)
+
+    one = h.start_proxy({names[0]: up.url})
+    many = templated(idle_seconds=IDLE_SECONDS)
+    m: dict[str, Any] = {"tenants": count, "active": active}
+    m["one"] = {"startup_seconds": one.startup_seconds, "rss_mb": one.proc.rss_mb()}
+    m["many"] = {"startup_seconds": many.startup_seconds, "rss_mb": many.proc.rss_mb()}
+    one.proc.stop()
+
+    # 1,000 tenants active, then idle: memory of the warm proxy with no tenant active, at the peak, after.
+    layout = h.pin({up.proc: GEN_CORE, many.proc: SUT_CORE})
+    pin(os.getpid(), GEN_CORE if h.settings.pin else None)
+    warm = modern_call("warm", many.url, "lookup", {"key": "k1"}, many.token(names[0]))
+    for number in range(200):
+        http_request(warm.url, warm.body(number + 1), warm.headers)
+
+    def settled(value: float, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while many.gauge("mcp_proxy_tenants") != value:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mcp_proxy_tenants did not reach {value:g}")
+            time.sleep(0.25)
+
+    def wave(tenants: list[str]) -> None:
+        """Each tenant active (two tools/call), all within IDLE_SECONDS (tokens minted first)."""
+        calls = [modern_call("one", many.url, "lookup", {"key": "k1"}, many.token(t)) for t in tenants]
+        for call in calls:
+            call.probe()
+            http_request(call.url, call.body(2), call.headers)
+
+    def memory(stage: str) -> None:
+        m[f"rss_{stage}_mb"] = many.proc.rss_mb()
+        m[f"heap_blocks_{stage}"] = many.gauge("mcp_proxy_heap_blocks")
+
+    step = max(1, count // active)
+    first, second = names[::step][:active], names[1::step][:active]  # from #1 to near #100,000
+    settled(0)
+    memory("before")
+    wave(first)
+    m["active_tenants_seen"] = many.gauge("mcp_proxy_tenants")
+    memory("active")
+    settled(0)
+    memory("after")
+    wave(second)  # 1,000 other tenants: the memory the first left behind is used again
+    settled(0)
+    memory("after_second")
+    m["layout"] = layout
+    many.proc.stop()
+
+    counts: dict[str, float] = {}
+    if shutil.which("valgrind") is not None and shutil.which("callgrind_control") is not None:
+        for key, tenant in (("one_first", names[0]), ("many_first", names[0]), ("many_last", names[-1])):
+            output = h.tmp / f"callgrind-s10-{key}.out"
+            wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={output}", "--instr-atstart=no"]
+            px = h.start_proxy({names[0]: up.url}, wrap=wrap) if key == "one_first" else templated(3600, wrap)
+            target = modern_call(f"s10-{key}", px.url, "lookup", {"key": "k1"}, px.token(tenant))
+            counts[key] = _instructions_per_request(px.proc, target, h.settings.counted_requests, output)
+    m["instructions_per_request"] = counts
+
+    scenario = "10 templates"
+    one_m, many_m = m["one"], m["many"]
+    rows = [
+        Row(scenario, f"proxy start-up to /healthz (1 tenant | {count:,} from a template)",
+            one_m["startup_seconds"], many_m["startup_seconds"], "s", "added", "< 2 s",
+            many_m["startup_seconds"] < 2.0),
+        Row(scenario, f"proxy RSS after start-up (1 tenant | {count:,} from a template)", one_m["rss_mb"],
+            many_m["rss_mb"], "MB", "ratio", "<= 1.10x", many_m["rss_mb"] <= 1.10 * one_m["rss_mb"]),
+        Row(scenario, f"proxy RSS, no tenant active | {active:,} tenants active", m["rss_before_mb"],
+            m["rss_active_mb"], "MB", "added", valid=m["active_tenants_seen"] == active),
+        Row(scenario, f"heap blocks in use, before | after {active:,} tenants went idle",
+            m["heap_blocks_before"], m["heap_blocks_after"], "", "ratio", "<= 1.10x",
+            m["heap_blocks_after"] <= 1.10 * m["heap_blocks_before"]),
+        Row(scenario, f"proxy RSS, before | after {active:,} tenants went idle", m["rss_before_mb"],
+            m["rss_after_mb"], "MB", "ratio"),
+        Row(scenario, f"proxy RSS, after {active:,} tenants | after {active:,} others, both idle",
+            m["rss_after_mb"], m["rss_after_second_mb"], "MB", "ratio"),
+    ]  # fmt: skip
+    if counts:
+        rows += [
+            Row(scenario, f"instructions per tools/call (tenant #1 of 1 | #1 of {count:,})",
+                counts["one_first"], counts["many_first"], "", "ratio"),
+            Row(scenario, f"instructions per tools/call (tenant #1 | #{count:,} of {count:,})",
+                counts["many_first"], counts["many_last"], "", "ratio", "<= 1.05x",
+                counts["many_last"] <= 1.05 * counts["many_first"]),
+        ]  # fmt: skip
+    else:
+        rows.append(Row(scenario, "instructions: skipped, valgrind is not installed", None, None, "", ""))
+    return rows, m
+
+
 SCENARIOS: dict[str, Scenario] = {
     "s1_modern": s1_modern,
     "s2_handshake": s2_handshake,
@@ -1628,6 +1752,7 @@ SCENARIOS: dict[str, Scenario] = {
     "s7_redis": s7_redis,
     "s8_instructions": s8_instructions,
     "s9_refusals": s9_refusals,
+    "s10_templates": s10_templates,
 }
 
 

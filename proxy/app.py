@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from urllib.parse import urlsplit
 
@@ -34,12 +36,17 @@ def _gauges(app: web.Application) -> Callable[[], Iterable[GaugeMetricFamily]]:
         sessions = GaugeMetricFamily("mcp_proxy_sessions", "Open handshake-era sessions", labels=["tenant"])
         circuit = GaugeMetricFamily("mcp_proxy_circuit_open", "1 while a tenant's upstream circuit is open",
                                     labels=["tenant"])  # fmt: skip
-        for tenant in runtime.tenants:
+        for tenant in dict.fromkeys(t.id for t in runtime.tenants):  # explicit and active template tenants
             sessions.add_metric([tenant], services.sessions.count(tenant))
             circuit.add_metric([tenant], 1.0 if services.limiter.circuit_open(tenant) else 0.0)
         yield sessions
         yield circuit
-        yield GaugeMetricFamily("mcp_proxy_tenants", "Configured tenants", value=len(runtime.tenants))
+        yield GaugeMetricFamily("mcp_proxy_tenants", "Tenants with a runtime here: every configured one, and "
+                                "the active ones a template serves", value=len(runtime.tenants))  # fmt: skip
+        # Live objects, as the allocator counts them: unlike RSS (which keeps what CPython's
+        # allocator holds on to), this falls back when tenants go idle.
+        yield GaugeMetricFamily("mcp_proxy_heap_blocks", "Memory blocks Python objects hold now",
+                                value=sys.getallocatedblocks())  # fmt: skip
         if services.shared is not None:
             yield GaugeMetricFamily("mcp_proxy_state_up", "1 while the shared state store (Redis) answers",
                                     value=1.0 if services.shared.up else 0.0)  # fmt: skip
@@ -53,27 +60,55 @@ def _gauges(app: web.Application) -> Callable[[], Iterable[GaugeMetricFamily]]:
 
 
 async def _sweep(app: web.Application) -> None:
-    """Expire idle sessions (ending them upstream too) and let upstreams tidy up (idle processes)."""
+    """Expire idle sessions (ending them upstream too), drop idle template tenants and let
+    upstreams tidy up (idle processes)."""
     services = app[SERVICES]
     while True:
-        idle_bounds = [services.sessions.idle_timeout_seconds, *_idle_stops(app[RUNTIME].current)]
-        await asyncio.sleep(max(0.5, min(30.0, min(idle_bounds) / 4)))
+        runtime = app[RUNTIME].current
+        await asyncio.sleep(_sweep_seconds(runtime, services))
         runtime = app[RUNTIME].current
         for session in await services.sessions.expired():
             await services.sessions.remove(session)
-            tenant = runtime.tenants.get(session.tenant)
+            tenant = runtime.tenants.of_tenant(session.tenant)
             if tenant is not None:
                 await end_upstream_session(tenant.upstream, session)
             log.info("session_expired", tenant=session.tenant, session=session.audit_id)
-        for tenant in runtime.tenants.values():
+        await drop_idle_tenants(runtime, services, time.monotonic())
+        for tenant in runtime.tenants:
             await tenant.upstream.sweep()
 
 
 def _idle_stops(runtime: Runtime) -> list[float]:
     """How long stdio processes may idle: the sweep comes round often enough to stop them in time."""
-    return [
-        t.config.upstream.idle_stop_seconds for t in runtime.tenants.values() if t.config.upstream.command
-    ]
+    return [t.config.upstream.idle_stop_seconds for t in runtime.tenants if t.config.upstream.command]
+
+
+def _sweep_seconds(runtime: Runtime, services: Services) -> float:
+    """Often enough for the shortest idle timeout (sessions, template tenants, stdio processes): a
+    quarter of it."""
+    shortest = min(
+        [
+            services.sessions.idle_timeout_seconds,
+            *(t.idle_seconds for t in runtime.config.tenant_templates),
+            *_idle_stops(runtime),
+        ]
+    )
+    return max(0.5, min(30.0, shortest / 4))
+
+
+async def drop_idle_tenants(runtime: Runtime, services: Services, now: float) -> None:
+    """Template tenants unused for their idle_seconds leave memory: upstream closed, catalog gone,
+    and what the proxy keeps per tenant id (limits, recent audit records, metrics series, verified
+    tokens) forgotten unless another runtime of the id remains."""
+    dropped = runtime.tenants.drop_idle(now, lambda tenant: services.sessions.count(tenant) > 0)
+    for tenant in dropped:
+        with contextlib.suppress(Exception):
+            await tenant.upstream.close()
+    gone = {t.id for t in dropped if runtime.tenants.of_tenant(t.id) is None}
+    if gone:
+        services.forget_tenants(gone)
+        runtime.authenticator.forget_tenants(gone)
+        log.debug("tenants_idle_dropped", count=len(gone))
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
@@ -94,7 +129,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     services, runtime = app[SERVICES], app[RUNTIME].current
     for session in services.sessions.all() if not services.sessions.shared else ():
         await services.sessions.remove(session)
-        tenant = runtime.tenants.get(session.tenant)
+        tenant = runtime.tenants.of_tenant(session.tenant)
         if tenant is not None:
             await end_upstream_session(tenant.upstream, session)
     await runtime.close()
@@ -119,9 +154,9 @@ def create_app(config: ProxyConfig, runtime: Runtime | None = None) -> web.Appli
             "lingering_time": 2.0,
         },
     )
-    app[RUNTIME] = RuntimeRef(runtime or Runtime.build(config))
     app[RELOADS] = ReloadState(stamps(config.watched_files))
     services = Services.build(config)
+    app[RUNTIME] = RuntimeRef(runtime or Runtime.build(config, shared=services.shared))
     app[SERVICES] = services
     app[READINESS] = Readiness()
     app[RETIRED] = set()

@@ -59,7 +59,12 @@ async def serve(config: ProxyConfig) -> None:
     gc.collect()
     gc.freeze()
     log.info(
-        "listening", host=config.listen.host, port=port, path=config.listen.path, tenants=len(config.tenants)
+        "listening",
+        host=config.listen.host,
+        port=port,
+        path=config.listen.path,
+        tenants=len(config.tenants),
+        tenant_templates=len(config.tenant_templates),
     )
     from proxy.ops.reload import reload_config
 
@@ -104,7 +109,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from proxy.runtime import Runtime
 
     Runtime.build(config)  # keys, secrets and every policy compile, as `run` needs them
-    summary = f"{len(config.tenants)} tenants, {len(config.auth.issuers)} issuers"
+    templates = f", {len(config.tenant_templates)} tenant templates" if config.tenant_templates else ""
+    summary = f"{len(config.tenants)} tenants{templates}, {len(config.auth.issuers)} issuers"
     if args.probe:
         from proxy.ops.probe import probe_config
 

@@ -476,11 +476,15 @@ class TenantLimitsConfig(StrictModel):
     max_streams: int | None = Field(default=None, ge=0, description="Overrides limits.max_streams.")
 
 
+PolicyName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+$")]
+ClaimValue = str | int | bool
+
+
 class TenantConfig(StrictModel):
     """One tenant: its own upstream, its policy and its limits."""
 
     upstream: UpstreamConfig = Field(description="The tenant's own MCP server.")
-    policy: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+$")] | None = Field(
+    policy: PolicyName | None = Field(
         default=None,
         description="Name of the tenant's policy: policies_dir/NAME.yaml. Unset: no tenant arguments, "
         "every tool allowed, nothing cached by tool (client roots are still withheld).",
@@ -488,6 +492,77 @@ class TenantConfig(StrictModel):
     limits: TenantLimitsConfig = Field(
         default_factory=TenantLimitsConfig, description="Overrides of the default limits for this tenant."
     )
+
+
+class TenantTemplateConfig(StrictModel):
+    """Tenants no `tenants` entry names, served alike: the first template whose `match` and
+    `claims` fit the caller's tenant and token serves it."""
+
+    match: str = Field(
+        description="A regular expression the whole tenant id must match (anchored at both ends); "
+        "ids are always ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$ as well"
+    )
+    claims: dict[str, ClaimValue | tuple[ClaimValue, ...]] = Field(
+        default_factory=dict,
+        description="Conditions on the verified token's claims (dotted paths): the claim must equal "
+        "the value, or one of the values of a list",
+    )
+    upstream: UpstreamConfig = Field(
+        description="As a tenant's upstream; {tenant} in url, headers, command, env and cwd is "
+        "replaced by the tenant id"
+    )
+    policy: PolicyName | None = Field(default=None, description="As a tenant's: policies_dir/NAME.yaml")
+    limits: TenantLimitsConfig = Field(
+        default_factory=TenantLimitsConfig, description="As a tenant's limits: overrides of `limits`"
+    )
+    idle_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="A tenant served by this template, unused this long (no request in flight, no "
+        "session in this replica), is dropped from memory: its upstream connections or processes "
+        "closed, its catalog, limits and metrics forgotten; its next request builds it again",
+    )
+
+    @field_validator("match")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return pattern
+
+
+class TenantAllowlistConfig(StrictModel):
+    """The tenant ids templates may serve, when the id space must be closed (explicit `tenants`
+    entries are always served). A string is the `file` form."""
+
+    file: Path | None = Field(
+        default=None,
+        description="One tenant id a line ('#' starts a comment); read at start and on every reload, "
+        "and a change of it triggers a reload",
+    )
+    redis_set: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = Field(
+        default=None,
+        description="The name of a Redis set of tenant ids (state.backend: redis), asked on a tenant's "
+        "first request and again every cache_seconds while it is active",
+    )
+    cache_seconds: float = Field(
+        default=30.0, gt=0, description="How long a tenant found in redis_set is served without asking again"
+    )
+
+    _paths = field_validator("file")(_resolve_path)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _file_shorthand(cls, data: Any) -> Any:
+        return {"file": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TenantAllowlistConfig:
+        if (self.file is None) == (self.redis_set is None):
+            raise ValueError("exactly one of file or redis_set must be set")
+        return self
 
 
 class CacheConfig(StrictModel):
@@ -562,7 +637,13 @@ class StateConfig(StrictModel):
     url: str | None = Field(
         default=None,
         description="redis://[:PASSWORD@]HOST:PORT/DB (rediss:// for TLS, unix:// for a socket); take "
-        "the password from the environment with ${VAR}.",
+        "the password from the environment with ${VAR}. redis+cluster:// (or rediss+cluster://) names "
+        "one node of a Redis Cluster.",
+    )
+    cluster: bool = Field(
+        default=False,
+        description="state.url names a node of a Redis Cluster (as a redis+cluster:// URL does): the "
+        "other nodes are found from it, and each tenant's keys live in one hash slot.",
     )
     key_prefix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,64}$")] = Field(
         default="mcp-tenant-proxy",
@@ -579,9 +660,19 @@ class StateConfig(StrictModel):
     def _url_for_redis(self) -> StateConfig:
         if self.backend == "redis" and not self.url:
             raise ValueError("state.url is required when state.backend is redis")
-        if self.url is not None and not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("state.url must be a redis://, rediss:// or unix:// URL")
+        schemes = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+        if self.url is not None and not self.url.startswith(schemes):
+            raise ValueError("state.url must be a redis://, rediss://, unix:// or redis+cluster:// URL")
+        if self.is_cluster and self.url is not None:
+            if self.url.startswith("unix://"):
+                raise ValueError("a Redis Cluster is reached over TCP: redis+cluster://host:port")
+            if urlsplit(self.url).path not in ("", "/", "/0"):
+                raise ValueError("a Redis Cluster has only database 0: leave the path out of state.url")
         return self
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.cluster or (self.url or "").startswith(("redis+cluster://", "rediss+cluster://"))
 
 
 class MetricsListenConfig(StrictModel):
@@ -625,9 +716,19 @@ class ProxyConfig(StrictModel):
 
     listen: ListenConfig = Field(default_factory=ListenConfig, description=ListenConfig.__doc__)
     auth: AuthConfig = Field(description=AuthConfig.__doc__)
+    # (Before `tenants`, whose check needs to know whether there are templates.)
+    tenant_templates: tuple[TenantTemplateConfig, ...] = Field(
+        default=(),
+        description="Tenants without a `tenants` entry, served by the first template that matches "
+        "(built on first use, dropped when idle); explicit entries win, no match is 403.",
+    )
     tenants: dict[TenantId, TenantConfig] = Field(
+        default_factory=dict,
         description="The tenants by id (`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`); a token's tenant claim "
-        "must equal one exactly, with no case or Unicode folding."
+        "must equal one exactly, with no case or Unicode folding.",
+    )
+    tenant_allowlist: TenantAllowlistConfig | None = Field(
+        default=None, description="When set, templates serve only the tenant ids it lists."
     )
     policies_dir: Path = Field(
         default=Path("policies"),
@@ -659,9 +760,9 @@ class ProxyConfig(StrictModel):
 
     @field_validator("tenants")
     @classmethod
-    def _some_tenants(cls, tenants: dict[str, TenantConfig]) -> dict[str, TenantConfig]:
-        if not tenants:
-            raise ValueError("at least one tenant is required")
+    def _some_tenants(cls, tenants: dict[str, TenantConfig], info: ValidationInfo) -> dict[str, TenantConfig]:
+        if not tenants and not info.data.get("tenant_templates"):
+            raise ValueError("at least one tenant (or a tenant template in tenant_templates) is required")
         return tenants
 
     @model_validator(mode="after")
@@ -670,13 +771,22 @@ class ProxyConfig(StrictModel):
         secrets = {i.secret_env for i in self.auth.issuers if i.secret_env is not None}
         if self.metrics.bearer_token_env is not None:
             secrets.add(self.metrics.bearer_token_env)
-        for tenant_id, tenant in self.tenants.items():
-            for index, name in enumerate(tenant.upstream.inherit_env):
+        upstreams = [(f"tenants.{tenant_id}", t.upstream) for tenant_id, t in self.tenants.items()]
+        upstreams += [(f"tenant_templates.{i}", t.upstream) for i, t in enumerate(self.tenant_templates)]
+        for where, upstream in upstreams:
+            for index, name in enumerate(upstream.inherit_env):
                 if name in secrets:
                     raise ValueError(
-                        f"tenants.{tenant_id}.upstream.inherit_env.{index}: {name} holds a secret of the "
-                        "proxy and is never passed to a child"
+                        f"{where}.upstream.inherit_env.{index}: {name} holds a secret of the proxy and is "
+                        "never passed to a child"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _allowlist_store(self) -> ProxyConfig:
+        allowlist = self.tenant_allowlist
+        if allowlist is not None and allowlist.redis_set is not None and self.state.backend != "redis":
+            raise ValueError("tenant_allowlist.redis_set needs state.backend: redis")
         return self
 
     @property
@@ -687,18 +797,35 @@ class ProxyConfig(StrictModel):
     def policy_file(self, name: str) -> Path:
         return self.policies_dir / f"{name}.yaml"
 
-    def limits_for(self, tenant: str) -> LimitsConfig:
-        """The tenant's limits: the defaults with the tenant's own keys on top."""
-        override = self.tenants[tenant].limits.model_dump(exclude_none=True)
+    def limits_of(self, tenant: TenantConfig) -> LimitsConfig:
+        """A tenant's limits: the defaults with the tenant's (or its template's) own keys on top."""
+        override = tenant.limits.model_dump(exclude_none=True)
         return self.limits.model_copy(update=override) if override else self.limits
 
     @property
+    def policy_names(self) -> list[str]:
+        """Every policy a tenant or a tenant template names."""
+        named: list[TenantConfig | TenantTemplateConfig] = [*self.tenants.values(), *self.tenant_templates]
+        return sorted({t.policy for t in named if t.policy is not None})
+
+    @property
     def watched_files(self) -> list[Path]:
-        """The files a reload reads, whose change triggers one: the config, every policy it names
-        and the issuers' key files."""
-        files = {self.policy_file(t.policy) for t in self.tenants.values() if t.policy is not None}
+        """The files a reload reads, whose change triggers one: the config, every policy it names,
+        the issuers' key files and the tenant allowlist file."""
+        files = {self.policy_file(name) for name in self.policy_names}
         files.update(i.public_key_file for i in self.auth.issuers if i.public_key_file is not None)
+        if self.tenant_allowlist is not None and self.tenant_allowlist.file is not None:
+            files.add(self.tenant_allowlist.file)
         return ([self._source] if self._source is not None else []) + sorted(files)
+
+    def tenant_config(self, tenant: str) -> TenantConfig | None:
+        """What serves `tenant` as far as the config alone says (tools that have no token): its
+        `tenants` entry, else the first template whose `match` fits (claim conditions not checked)."""
+        if tenant in self.tenants:
+            return self.tenants[tenant]
+        from proxy.tenants.templates import TenantTemplates
+
+        return TenantTemplates(self.tenant_templates).config_for_id(tenant)
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -810,11 +937,13 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Proxy
     except ValidationError as exc:
         raise format_validation_error(file, exc) from None
     config._source = file
-    for tenant_id, tenant in config.tenants.items():
+    named: list[tuple[str, TenantConfig | TenantTemplateConfig]] = [
+        *((f"tenants.{tenant_id}", tenant) for tenant_id, tenant in config.tenants.items()),
+        *((f"tenant_templates.{index}", template) for index, template in enumerate(config.tenant_templates)),
+    ]
+    for where, tenant in named:
         if tenant.policy is not None and not config.policy_file(tenant.policy).is_file():
             raise ConfigError(
-                file,
-                f"tenants.{tenant_id}.policy",
-                f"policy file {config.policy_file(tenant.policy)} does not exist",
+                file, f"{where}.policy", f"policy file {config.policy_file(tenant.policy)} does not exist"
             )
     return config

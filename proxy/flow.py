@@ -40,7 +40,8 @@ from proxy.types import Era, JsonObject, RequestId, TenantContext
 if TYPE_CHECKING:
     from proxy.layers.sessions.registry import Session
     from proxy.protocol.jsonrpc import Message
-    from proxy.runtime import Runtime, Services, TenantRuntime
+    from proxy.runtime import Runtime, Services
+    from proxy.tenants.directory import TenantRuntime
 
 Reply = web.StreamResponse
 E = TypeVar("E", bound="Exchange")

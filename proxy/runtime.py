@@ -1,8 +1,9 @@
 """What a loaded config turns into, and what outlives a config.
 
-`Runtime` is everything derived from one config (authenticator, per-tenant upstreams and tool
-catalogs, origin rules): built fully before use, swapped as a whole. `Services` hold state that
-spans configs (sessions). A request takes one Runtime reference when it starts and keeps it.
+`Runtime` is everything derived from one config (authenticator, the tenant directory with each
+tenant's upstream and tool catalog, origin rules): built before use, swapped as a whole.
+`Services` hold state that spans configs (sessions). A request takes one Runtime reference when it
+starts and keeps it.
 """
 
 from __future__ import annotations
@@ -10,21 +11,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from proxy.backends.redis.client import RedisState
-from proxy.config import ConfigError, LimitsConfig, ProxyConfig, TenantConfig
+from proxy.config import ConfigError, ProxyConfig
 from proxy.layers.auth.authenticator import Authenticator
 from proxy.layers.cache.backend import Cache
-from proxy.layers.cache.store import ResponseCache, tenant_budget
+from proxy.layers.cache.store import ResponseCache
 from proxy.layers.containment.audit import AuditLog
 from proxy.layers.containment.request_state import RequestStateSeal
-from proxy.layers.data_access.catalog import Catalog
-from proxy.layers.data_access.policy import Policy, load_policy
+from proxy.layers.data_access.policy import load_policy
 from proxy.layers.limits.backend import Limiter
 from proxy.layers.limits.limiter import LocalLimiter
 from proxy.layers.sessions.backend import SessionStore
@@ -32,29 +31,9 @@ from proxy.layers.sessions.registry import SessionRegistry
 from proxy.layers.sessions.task_store import TaskStore
 from proxy.ops.metrics import Metrics
 from proxy.ops.reports import Reports
+from proxy.tenants.directory import SharedAllowlist, TenantDirectory
+from proxy.tenants.templates import TenantResolver
 from proxy.upstreams.base import Upstream
-from proxy.upstreams.eras import UpstreamEras
-from proxy.upstreams.http import HttpUpstream
-from proxy.upstreams.stdio.upstream import StdioUpstream
-
-
-@dataclass(eq=False)
-class TenantRuntime:
-    id: str
-    config: TenantConfig
-    upstream: Upstream
-    catalog: Catalog
-    policy: Policy | None
-    limits: LimitsConfig
-    # The upstream as cache keys name it: its identity and a digest of the tenant's upstream config
-    # and policy, so a result fetched under an older config (a request in flight across a reload,
-    # an entry a failed invalidation left) is never found by requests on a newer one.
-    # Deterministic, so replicas sharing Redis agree.
-    cache_identity: str = ""
-    # The protocol eras the upstream speaks, learned on first use: a reload learns them again.
-    eras: UpstreamEras = field(default_factory=UpstreamEras)
-    cache_budget: int | None = None  # the tenant's own share of the response cache, in bytes
-
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -108,63 +87,59 @@ class OriginPolicy:
         return parts.scheme in ("http", "https") and parts.hostname in ("localhost", "127.0.0.1", "::1")
 
 
-def build_upstream(tenant_id: str, config: TenantConfig) -> Upstream:
-    if config.upstream.url is not None:
-        return HttpUpstream(tenant_id, config.upstream)
-    return StdioUpstream(tenant_id, config.upstream)
-
-
 @dataclass(eq=False)
 class Runtime:
     config: ProxyConfig
     authenticator: Authenticator
-    tenants: dict[str, TenantRuntime]
+    tenants: TenantDirectory
     origins: OriginPolicy
     metrics_token: bytes | None = None  # /metrics answers only this bearer token, when set
 
     @classmethod
-    def build(cls, config: ProxyConfig, previous: Runtime | None = None) -> Runtime:
-        """Everything a config needs, built before use. A tenant whose upstream did not change
-        keeps the previous runtime's upstream (its connections and processes) and catalog."""
-        authenticator = Authenticator(config)
+    def build(
+        cls, config: ProxyConfig, previous: Runtime | None = None, shared: RedisState | None = None
+    ) -> Runtime:
+        """Everything a config needs, built before use (template tenants: on first use). A tenant
+        whose upstream did not change keeps the previous runtime's upstream (its connections and
+        processes) and catalog. `shared`: the replicas' Redis, for tenant_allowlist.redis_set."""
+        resolver = TenantResolver(config)
+        authenticator = Authenticator(config, tenants=resolver)
         policies = {
-            name: load_policy(config.policy_file(name))
-            for name in sorted({t.policy for t in config.tenants.values() if t.policy is not None})
+            name: (load_policy(config.policy_file(name)), _file_digest(config.policy_file(name)))
+            for name in config.policy_names
         }
-        policy_digests = {name: _file_digest(config.policy_file(name)) for name in policies}
-        tenants = {}
-        caching = config.cache
-        budget = tenant_budget(
-            caching.max_bytes, caching.max_entry_bytes, caching.max_bytes_per_tenant, len(config.tenants)
-        )
-        for tenant_id, tenant_config in config.tenants.items():
-            policy = policies[tenant_config.policy] if tenant_config.policy is not None else None
-            before = previous.tenants.get(tenant_id) if previous is not None else None
-            if before is not None and before.config.upstream == tenant_config.upstream:
-                upstream, catalog = before.upstream, before.catalog
-            else:
-                upstream = build_upstream(tenant_id, tenant_config)
-                catalog = Catalog(upstream)
-            scope_of = [
-                tenant_config.upstream.model_dump(mode="json"),
-                tenant_config.policy,
-                policy_digests.get(tenant_config.policy or ""),
-            ]
-            scope = hashlib.sha256(json.dumps(scope_of, sort_keys=True).encode()).hexdigest()[:16]
-            tenants[tenant_id] = TenantRuntime(
-                tenant_id, tenant_config, upstream, catalog, policy, config.limits_for(tenant_id),
-                f"{upstream.identity}#{scope}", cache_budget=budget,
-            )  # fmt: skip
+        allowlist = _shared_allowlist(config, shared)
+        before = previous.tenants if previous is not None else None
+        tenants = TenantDirectory(config, resolver, policies, allowlist, before)
         return cls(config, authenticator, tenants, OriginPolicy.from_config(config), _metrics_token(config))
 
     def upstreams_not_in(self, other: Runtime) -> list[Upstream]:
-        """Upstreams of this runtime that `other` does not reuse (to close once they are idle)."""
-        kept = {id(t.upstream) for t in other.tenants.values()}
-        return [t.upstream for t in self.tenants.values() if id(t.upstream) not in kept]
+        """Upstreams of this runtime that `other` does not use (to close once they are idle)."""
+        kept = {id(t.upstream) for t in other.tenants}
+        return [t.upstream for t in self.tenants if id(t.upstream) not in kept]
 
     async def close(self) -> None:
-        for tenant in self.tenants.values():
+        for tenant in self.tenants:
             await tenant.upstream.close()
+
+
+class _NoSharedState:
+    """tenant_allowlist.redis_set without a Redis to ask (a config only being checked): no
+    template tenant can be admitted."""
+
+    async def lists(self, tenant: str) -> bool | None:
+        return None
+
+
+def _shared_allowlist(config: ProxyConfig, shared: RedisState | None) -> SharedAllowlist | None:
+    listed = config.tenant_allowlist
+    if listed is None or listed.redis_set is None:
+        return None
+    if shared is None:
+        return _NoSharedState()
+    from proxy.backends.redis.allowlist import RedisAllowlist
+
+    return RedisAllowlist(shared, listed.redis_set)
 
 
 def _file_digest(path: Path) -> str:
@@ -263,6 +238,15 @@ class Services:
             key = await self.shared.seal_key()
             if key is not None:
                 self.request_states.rekey(key)
+
+    def forget_tenants(self, tenants: set[str]) -> None:
+        """What this process keeps per tenant id, for tenants it no longer serves (idle template
+        tenants, tenants a reload removed): limits, recent audit records and open audit files,
+        metrics series. Sessions and cache entries expire on their own."""
+        for tenant in tenants:
+            self.limiter.forget(tenant)
+        self.audit.forget(tenants)
+        self.metrics.forget(tenants)
 
     def flush(self) -> None:
         """Run every pending report and wait until the audit trail holds their records."""

@@ -32,6 +32,7 @@ class TenantContext:
     issuer: str
     scopes: frozenset[str]
     expires_at: float
+    template: int | None = None  # the tenant template serving the tenant; None: its `tenants` entry
 
     @property
     def principal(self) -> str:

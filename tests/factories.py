@@ -172,7 +172,7 @@ def make_request(
     exchange = make_exchange(config)
     ctx = TenantContext(tenant, subject, "dev", frozenset(), time.time() + 3600)
     message = parse_message(json.dumps(body or {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).encode())
-    call = authenticated(exchange, ctx, exchange.runtime.tenants[tenant])
+    call = authenticated(exchange, ctx, exchange.runtime.tenants.explicit[tenant])
     request = parsed(call, message, era, None)
     for name, value in fields.items():
         setattr(request, name, value)
@@ -192,7 +192,7 @@ def with_upstreams(runtime: Runtime, upstreams: Mapping[str, Upstream]) -> Runti
     """The runtime with these tenants served by the given upstreams (a MockUpstream, say), each with
     a catalog of its own that lists through it."""
     for tenant, upstream in upstreams.items():
-        runtime.tenants[tenant] = dataclasses.replace(
-            runtime.tenants[tenant], upstream=upstream, catalog=Catalog(upstream)
+        runtime.tenants.explicit[tenant] = dataclasses.replace(
+            runtime.tenants.explicit[tenant], upstream=upstream, catalog=Catalog(upstream)
         )
     return runtime

@@ -41,6 +41,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: bytearray = field(default_factory=bytearray)
+    query: str = ""
 
     @property
     def text(self) -> str:
@@ -63,6 +64,7 @@ class Recorder:
             scope["method"],
             scope["path"],
             {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]},
+            query=scope.get("query_string", b"").decode("latin-1"),
         )
         with self.lock:
             self.requests.append(record)

@@ -46,6 +46,7 @@ from proxy.layers.sessions import tasks
 from proxy.ops.log import request_line
 from proxy.ops.metrics import observe
 from proxy.protocol.errors import MethodNotAllowed, ProxyError
+from proxy.tenants import stage as tenants
 from proxy.upstreams import eras
 
 
@@ -105,7 +106,7 @@ DONE: Sequence[DoneHook] = (audit_record, observe, request_line)
 POST: Flow[Request] = Flow(
     edge=(check_origin,),
     authenticate=authenticate,
-    admitted=(limits.admission,),
+    admitted=(tenants.hold, limits.admission),  # the tenant's runtime is not dropped while in use
     parse=parse,  # -> Request: one JSON-RPC message, its era and version
     stages=(
         sessions.bind,
@@ -128,7 +129,7 @@ POST: Flow[Request] = Flow(
 GET: Flow[Call] = Flow(
     edge=(check_origin,),
     authenticate=authenticate,
-    admitted=(),
+    admitted=(tenants.hold,),
     parse=as_is,
     stages=(require_event_stream, sessions.bind, limits.streams),
     forward=relay.relay_get,
@@ -138,7 +139,7 @@ GET: Flow[Call] = Flow(
 DELETE: Flow[Call] = Flow(
     edge=(check_origin,),
     authenticate=authenticate,
-    admitted=(),
+    admitted=(tenants.hold,),
     parse=as_is,
     stages=(sessions.bind,),
     forward=relay.forward_delete,

@@ -331,7 +331,7 @@ async def _relay_initialize(call: Request, response: UpstreamResponse, hooks: Ho
     except ProxyError:  # the shared session store failed: no session, so no upstream one either
         await _abandon_upstream_session(call, response)
         raise
-    now = call.request.app[RUNTIME].current.tenants.get(call.ctx.tenant)
+    now = call.request.app[RUNTIME].current.tenants.built(call.tenant.key)
     if now is None or now.upstream is not call.tenant.upstream:
         # A reload moved (or removed) the tenant while this initialize was on its way: the session
         # would hold the old upstream's session id. End both sides; the client initializes again.

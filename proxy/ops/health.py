@@ -1,5 +1,6 @@
 """/healthz (the process serves) and /readyz (config loaded, listener up, upstreams reachable as
-`readiness.upstreams` asks). Neither needs a token and neither names a tenant: counts only.
+`readiness.upstreams` asks: those of configured tenants and of active template tenants). Neither
+needs a token and neither names a tenant: counts only.
 
 An HTTP upstream counts as reachable when a TCP connection to it opens; a stdio upstream when its
 program starts and completes the MCP handshake (tried once with a child of its own, until a child
@@ -19,7 +20,8 @@ import structlog
 from aiohttp import web
 
 from proxy.http.keys import READINESS, RUNTIME, SERVICES
-from proxy.runtime import Runtime, TenantRuntime
+from proxy.runtime import Runtime
+from proxy.tenants.directory import TenantRuntime
 from proxy.upstreams.http import failure_reason, redacted_url
 from proxy.upstreams.stdio.upstream import StdioUpstream
 
@@ -59,7 +61,7 @@ class Readiness:
 
     async def check(self, runtime: Runtime) -> None:
         targets: dict[str, list[TenantRuntime]] = {}  # one check per distinct target
-        for tenant in runtime.tenants.values():
+        for tenant in runtime.tenants:  # template tenants: those active (an idle one has no target yet)
             upstream = tenant.config.upstream
             # An HTTP URL is one target however many tenants share it; each stdio upstream is its own.
             target = upstream.url if upstream.url is not None else f"stdio:{tenant.id}"
@@ -112,7 +114,9 @@ class Readiness:
             return True
         if self.checked_at is None:
             return False
-        return self.reachable == self.total if mode == "all" else self.reachable > 0
+        if mode == "all":
+            return self.reachable == self.total
+        return self.reachable > 0 or self.total == 0  # only templates, none active yet: nothing to wait for
 
 
 async def healthz(request: web.Request) -> web.Response:

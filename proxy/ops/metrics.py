@@ -1,10 +1,11 @@
-"""Prometheus metrics. Label values are only configured tenant ids, MCP method names, outcomes and
-rule names: never argument values, tool output or anything else a client chose."""
+"""Prometheus metrics. Label values are only served tenant ids (configured, or well-formed ids a
+tenant template serves, while active), MCP method names, outcomes and rule names: never argument
+values, tool output or anything else a client chose."""
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -81,10 +82,11 @@ class Metrics:
         registry = self.registry
         # Per-request figures are kept in plain counters and bucket arrays (the event loop is the
         # only writer, so no locks) and turned into Prometheus families when /metrics is scraped.
-        self._requests: dict[tuple[str, str, str], int] = {}
-        self._cache: dict[tuple[str, str], int] = {}
-        self._latency: dict[tuple[str, str], _Histogram] = {}
-        self._limited: dict[tuple[str, str], int] = {}  # a flood of refusals counts for next to nothing
+        # By tenant first, so what a tenant leaves behind (`forget`) goes in one step.
+        self._requests: dict[str, dict[tuple[str, str], int]] = {}  # (method, outcome) -> count
+        self._cache: dict[str, dict[str, int]] = {}  # cache state -> count
+        self._latency: dict[str, dict[str, _Histogram]] = {}  # kind -> histogram
+        self._limited: dict[str, dict[str, int]] = {}  # limit -> count (refusals cost next to nothing)
         registry.register(_GaugeCollector(self._request_families))
         self.policy_denials = Counter(
             "mcp_proxy_policy_denials_total", "Requests refused by a policy rule, by tenant and rule",
@@ -122,26 +124,45 @@ class Metrics:
         cache_state: str | None,
     ) -> None:
         """Everything one answered request of a tenant adds to the metrics."""
-        key = (tenant, method_label(method), outcome)
-        self._requests[key] = self._requests.get(key, 0) + 1
-        self._histogram("request", tenant).observe(total_seconds)
+        requests = self._requests.get(tenant)
+        if requests is None:
+            requests = self._requests[tenant] = {}
+        key = (method_label(method), outcome)
+        requests[key] = requests.get(key, 0) + 1
+        latency = self._latency.get(tenant)
+        if latency is None:
+            latency = self._latency[tenant] = {"request": _Histogram(), "overhead": _Histogram()}
+        latency["request"].observe(total_seconds)
         if upstream_seconds is not None:
-            self._histogram("upstream", tenant).observe(upstream_seconds)
-        self._histogram("overhead", tenant).observe(max(0.0, total_seconds - (upstream_seconds or 0.0)))
+            upstream = latency.get("upstream")
+            if upstream is None:
+                upstream = latency["upstream"] = _Histogram()
+            upstream.observe(upstream_seconds)
+        latency["overhead"].observe(max(0.0, total_seconds - (upstream_seconds or 0.0)))
         if cache_state is not None:
-            cache_key = (tenant, cache_state)
-            self._cache[cache_key] = self._cache.get(cache_key, 0) + 1
+            cache = self._cache.get(tenant)
+            if cache is None:
+                cache = self._cache[tenant] = {}
+            cache[cache_state] = cache.get(cache_state, 0) + 1
 
     def count_limited(self, tenant: str, limit: str) -> None:
         """A request refused by one of the tenant's limits (rate, concurrency, circuit, processes)."""
-        key = (tenant, limit)
-        self._limited[key] = self._limited.get(key, 0) + 1
+        limited = self._limited.get(tenant)
+        if limited is None:
+            limited = self._limited[tenant] = {}
+        limited[limit] = limited.get(limit, 0) + 1
 
-    def _histogram(self, kind: str, tenant: str) -> _Histogram:
-        histogram = self._latency.get((kind, tenant))
-        if histogram is None:
-            histogram = self._latency[(kind, tenant)] = _Histogram()
-        return histogram
+    def forget(self, tenants: Collection[str]) -> None:
+        """Drop the series of tenants this process no longer serves (removed by a reload, or idle
+        template tenants): counters that come back later start again from zero, which Prometheus
+        reads as a counter reset."""
+        for tenant in tenants:
+            self._requests.pop(tenant, None)
+            self._cache.pop(tenant, None)
+            self._latency.pop(tenant, None)
+            self._limited.pop(tenant, None)
+            for counter in (self.policy_denials, self.spoof_attempts, self.upstream_errors):
+                counter.remove_by_labels({"tenant": tenant})
 
     def _request_families(self) -> Iterable[Metric]:
         requests = CounterMetricFamily(
@@ -149,26 +170,30 @@ class Metrics:
             "MCP requests by tenant, method and outcome",
             labels=["tenant", "method", "outcome"],
         )
-        for request_labels, count in self._requests.items():
-            requests.add_metric(list(request_labels), count)
+        for tenant, counts in self._requests.items():
+            for (method, outcome), count in counts.items():
+                requests.add_metric([tenant, method, outcome], count)
         yield requests
         cache = CounterMetricFamily(
             "mcp_proxy_cache_requests", "Cache use by tenant: hit, miss or bypass", labels=["tenant", "state"]
         )
-        for cache_labels, count in self._cache.items():
-            cache.add_metric(list(cache_labels), count)
+        for tenant, states in self._cache.items():
+            for state, count in states.items():
+                cache.add_metric([tenant, state], count)
         yield cache
         limited = CounterMetricFamily(
             "mcp_proxy_limited", "Requests refused by a per-tenant limit, by tenant and limit",
             labels=["tenant", "limit"],
         )  # fmt: skip
-        for limited_labels, count in self._limited.items():
-            limited.add_metric(list(limited_labels), count)
+        for tenant, limits in self._limited.items():
+            for limit, count in limits.items():
+                limited.add_metric([tenant, limit], count)
         yield limited
         for kind, (name, documentation) in _LATENCY_FAMILIES.items():
             family = HistogramMetricFamily(name, documentation, labels=["tenant"])
-            for (histogram_kind, tenant), histogram in self._latency.items():
-                if histogram_kind == kind:
+            for tenant, histograms in self._latency.items():
+                histogram = histograms.get(kind)
+                if histogram is not None:
                     family.add_metric([tenant], histogram.buckets(), histogram.sum)
             yield family
 

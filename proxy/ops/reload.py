@@ -8,7 +8,10 @@ invalid one leaves the old config serving and logs one line saying why. A valid 
 runtime whole: new requests use it, requests in flight finish on the one they started with.
 Removed tenants are refused at once and lose their cache entries, sessions and limits; a tenant
 whose upstream or policy changed loses its cache entries (and, for a new upstream, its sessions);
-upstreams no tenant uses any more are closed after the shutdown grace period.
+upstreams no tenant uses any more are closed after the shutdown grace period. Template tenants
+active at the reload are carried over when their template still serves them with the same upstream;
+the others are treated as removed (a later request builds them from the new config). The
+tenant allowlist file is read again.
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ async def _reload(app: web.Application) -> bool:
     try:
         config = load_config(old.config.source)
         _check_fixed(old.config, config)
-        new = Runtime.build(config, previous=old)
+        new = Runtime.build(config, previous=old, shared=services.shared)
     except ConfigError as exc:
         services.metrics.reloads.labels("invalid").inc()
         log.error("reload_rejected", error=str(exc))
@@ -107,17 +110,19 @@ async def _reload(app: web.Application) -> bool:
     services.sessions.max_per_tenant = config.sessions.max_per_tenant
     services.reports.run_now()  # reports of the old config's last answers first: then forget
     moved: list[tuple[str, Upstream]] = []  # tenants whose sessions end: removed or on a new upstream
-    for tenant_id, before in old.tenants.items():  # first what needs no I/O, for every tenant
-        after = new.tenants.get(tenant_id)
+    gone: set[str] = set()
+    for before in old.tenants:  # first what needs no I/O, for every tenant with a runtime
+        tenant_id = before.id
+        after = new.tenants.built(before.key)
         upstream_changed = after is None or after.upstream is not before.upstream
         policy_changed = after is None or after.policy != before.policy
         if (upstream_changed or policy_changed) and services.cache is not None:
             services.cache.invalidate(tenant_id)  # (entries of the old config are unreachable anyway)
         if upstream_changed:
             moved.append((tenant_id, before.upstream))
-        if after is None:
-            services.limiter.forget(tenant_id)
-            services.audit.forget([tenant_id])
+        if new.tenants.of_tenant(tenant_id) is None:  # removed, or a template tenant built anew if used
+            gone.add(tenant_id)
+    services.forget_tenants(gone)
     ended: list[tuple[Upstream, Session]] = []
     for tenant_id, upstream in moved:  # their sessions are gone for clients at once ...
         for session in await services.sessions.of_tenant(tenant_id):
@@ -126,8 +131,7 @@ async def _reload(app: web.Application) -> bool:
     if ended:  # ... and end upstream in the background: a hung old upstream delays nothing
         _retire(app, _end_upstream_sessions(ended), "end-replaced-sessions")
     stale = old.upstreams_not_in(new)
-    if stale:
-        _retire(app, _close_later(stale, config.listen.shutdown_grace_seconds), "close-replaced-upstreams")
+    _retire(app, _close_later(app, old, config.listen.shutdown_grace_seconds), "close-replaced-upstreams")
     services.metrics.reloads.labels("ok").inc()
     log.info("reloaded", tenants=len(new.tenants), replaced_upstreams=len(stale))
     return True
@@ -149,10 +153,12 @@ async def _end_upstream_sessions(ended: list[tuple[Upstream, Session]]) -> None:
     await asyncio.gather(*(end(upstream, session) for upstream, session in ended))
 
 
-async def _close_later(upstreams: list[Upstream], grace: float) -> None:
-    """Let requests in flight on replaced upstreams finish, then close them."""
+async def _close_later(app: web.Application, old: Runtime, grace: float) -> None:
+    """Let requests in flight on the replaced runtime finish, then close its upstreams that the
+    current runtime does not use. Worked out now, not at the reload: a request that was being
+    authenticated as the reload happened may have built a template tenant in the old runtime."""
     await asyncio.sleep(grace)
-    for upstream in upstreams:
+    for upstream in old.upstreams_not_in(app[RUNTIME].current):
         with contextlib.suppress(Exception):
             await upstream.close()
 

@@ -23,7 +23,8 @@
     ├── SessionNotFound                 -32004  404  unknown, expired or foreign session: all look alike
     ├── Conflict                        -32600  409  a second GET stream for one session
     ├── TooManyRequests                 -32009  429  (Retry-After)
-    ├── SessionStoreUnavailable         -32013  503  the shared session store cannot be reached
+    ├── StateStoreUnavailable           -32013  503  the shared state store cannot be reached
+    │   └── SessionStoreUnavailable     -32013  503  ... so no session can be recorded
     └── UpstreamError                   -32010  502  the tenant's upstream failed this request
         ├── UpstreamTimeout             -32011  504
         └── UpstreamUnavailable         -32012  503  circuit open: failing fast (Retry-After)
@@ -196,13 +197,17 @@ class TooManyRequests(ProxyError):
     default_message = "Too many requests"
 
 
-class SessionStoreUnavailable(ProxyError):
+class StateStoreUnavailable(ProxyError):
     code = -32013
     status = 503
-    default_message = "Sessions cannot be created right now: the shared session store is unreachable"
+    default_message = "This cannot be done right now: the shared state store is unreachable"
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message, headers={"Retry-After": "5"})
+
+
+class SessionStoreUnavailable(StateStoreUnavailable):
+    default_message = "Sessions cannot be created right now: the shared session store is unreachable"
 
 
 class UpstreamError(ProxyError):

@@ -103,7 +103,7 @@ def cmd_policy_suggest(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config)
-        if args.tenant not in config.tenants:
+        if config.tenant_config(args.tenant) is None:
             raise VerifyError(f"tenant {args.tenant!r} is not configured in {config.source}")
         view = asyncio.run(inspect_upstream(config, args.tenant, args.timeout))
     except (VerifyError, ConfigError) as exc:

@@ -77,7 +77,8 @@ class TenantView:
 
     @classmethod
     def of(cls, config: ProxyConfig, tenant: str) -> TenantView:
-        tenant_config = config.tenants[tenant]
+        tenant_config = config.tenant_config(tenant)
+        assert tenant_config is not None  # checked by the command
         server = _server_of(tenant_config)
         shared = tuple(t for t, c in config.tenants.items() if t != tenant and _server_of(c) == server)
         if tenant_config.policy is None:

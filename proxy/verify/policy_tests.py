@@ -176,7 +176,7 @@ class PolicySource:
             raise ConfigError(
                 "policy test", "", "no policy: give policy: or config: in the file, or --policy"
             )
-        tenant_config = self.config.tenants.get(tenant)
+        tenant_config = self.config.tenant_config(tenant)
         if tenant_config is None:
             raise ConfigError(self.config.source, "tenants", f"tenant {tenant!r} is not configured")
         return self.config.policy_file(tenant_config.policy) if tenant_config.policy else None

@@ -87,7 +87,7 @@ async def verify(
     accepted: frozenset[str] = frozenset(),
 ) -> Report:
     for tenant in tenants:
-        if tenant not in config.tenants:
+        if config.tenant_config(tenant) is None:
             raise VerifyError(f"tenant {tenant!r} is not configured in {config.source}")
     if probes and len(tenants) < 2:
         raise VerifyError("--probe needs two tenants (--tenants A,B): one writes, the other looks")
@@ -102,7 +102,7 @@ async def verify(
             policy = view.policy_file or f"none (tenants.{tenant}.policy is not set)"
             report.checked.append(f"{tenant}: {view.inventory.summary()}; policy {policy}")
         for tenant, view in views.items():
-            others = tuple(t for t in config.tenants if t != tenant)
+            others = tuple(t for t in dict.fromkeys([*config.tenants, *tenants]) if t != tenant)
             for finding in static_findings(view, others):
                 report.add(finding)
         if probes:

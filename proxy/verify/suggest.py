@@ -14,7 +14,7 @@ from collections import defaultdict
 
 from proxy.config import ProxyConfig
 from proxy.layers.containment.recent_activity import RECENT_ACTIVITY_TOOL
-from proxy.runtime import build_upstream
+from proxy.tenants.directory import build_upstream
 from proxy.verify.arguments import declared_arguments
 from proxy.verify.client import McpClient
 from proxy.verify.inventory import TenantView, take_inventory

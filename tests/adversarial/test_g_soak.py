@@ -91,7 +91,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """`soak_seconds` from --soak-seconds, with a pytest-timeout to match (the default is 120 s)."""
     if "soak_seconds" in metafunc.fixturenames:
         seconds = float(metafunc.config.getoption("--soak-seconds"))
-        marks = [pytest.mark.timeout(seconds + 120)]
+        marks = [pytest.mark.timeout(seconds + 240)]
         metafunc.parametrize("soak_seconds", [pytest.param(seconds, id=f"{seconds:g}s", marks=marks)])
 
 
@@ -361,8 +361,8 @@ async def test_fifty_tenants_under_load_with_an_upstream_killed_midway(
             # The killed tenant's clients skip the queue, so that they are busy all through the
             # outage and the recovery (three more scenarios in flight at most).
             async with contextlib.nullcontext() if t.id == KILLED else gate:
-                if time.monotonic() >= deadline:
-                    return
+                if round_ and time.monotonic() >= deadline:  # (every client's first scenario runs,
+                    return  # so a loaded machine makes the soak slower, never a tenant untested)
                 t.fresh_token()
                 began = time.monotonic()
                 try:
@@ -390,7 +390,7 @@ async def test_fifty_tenants_under_load_with_an_upstream_killed_midway(
     ]
     chaos_task = asyncio.create_task(chaos())
     try:
-        async with asyncio.timeout(soak_seconds + SCENARIO_TIMEOUT + 15):
+        async with asyncio.timeout(soak_seconds + SCENARIO_TIMEOUT + 90):
             await asyncio.gather(*clients, chaos_task)
     finally:
         for task in [*clients, chaos_task]:

@@ -53,7 +53,7 @@ async def stdio_proxy(make_proxy: StartProxy, tmp_path: Path, **overrides: Any) 
 
 def breaker(running: RunningProxy, tenant: str = "acme") -> TenantLimits:
     runtime = running.app[SERVICES].limiter
-    settings = running.config.limits_for(tenant)
+    settings = running.config.limits_of(running.config.tenants[tenant])
     return runtime.of(tenant, settings)
 
 

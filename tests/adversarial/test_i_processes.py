@@ -78,7 +78,7 @@ async def test_an_initialize_beyond_the_tenants_process_cap_is_refused_and_start
     metrics = running.app[SERVICES].metrics.render().decode()
     assert 'mcp_proxy_limited_total{limit="processes",tenant="acme"} 3.0' in metrics
     assert 'mcp_proxy_requests_total{method="initialize",outcome="denied",tenant="acme"} 3.0' in metrics
-    upstream = running.app[RUNTIME].current.tenants["acme"].upstream
+    upstream = running.app[RUNTIME].current.tenants.of_tenant("acme").upstream  # type: ignore[union-attr]
     assert len(upstream.processes) == 2  # type: ignore[attr-defined]
 
     for _ in range(2):  # globex's own cap: acme's processes take nothing from it

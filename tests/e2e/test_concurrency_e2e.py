@@ -74,7 +74,7 @@ def upstream_connections_in_use(running: RunningProxy) -> int:
     is released or closed; idle keep-alive connections are not in use. A response the proxy forgot
     to close stays in use forever, so this is the count that must return to its baseline.
     """
-    return sum(getattr(t.upstream, "connections_in_use", 0) for t in runtime_of(running).tenants.values())
+    return sum(getattr(t.upstream, "connections_in_use", 0) for t in runtime_of(running).tenants)
 
 
 async def settle(measure: Callable[[], int], target: int, timeout: float = 5.0) -> int:
@@ -422,7 +422,10 @@ async def test_session_churn_leaves_no_session_task_or_memory_behind(
     await churn(proxy, 40)  # warm up: lazy pools, catalogs and interned strings exist from here on
     gc.collect()
     tasks_before = await steady_task_count()
-    assert len(registry) == 0 and live_sessions() == 0
+    # Sessions of earlier tests' apps may still be alive (aiohttp caches apps; a replica on Redis
+    # keeps its views of shared sessions when it stops): only this proxy's are counted.
+    sessions_before = live_sessions()
+    assert len(registry) == 0
     for upstream in upstreams.values():
         upstream.recorder.clear()
 
@@ -440,7 +443,7 @@ async def test_session_churn_leaves_no_session_task_or_memory_behind(
     assert len(set(ids)) == CHURN_SESSIONS  # every session was a new one
     assert len(registry) == 0
     assert registry.count("acme") == registry.count("globex") == 0
-    assert live_sessions() == 0  # no Session object outlives its DELETE
+    assert live_sessions() == sessions_before  # no Session object outlives its DELETE
     assert task_count() == tasks_before, [repr(task) for task in asyncio.all_tasks()][:5]
     assert upstream_connections_in_use(proxy) == 0
     # Both sides ended: every upstream session the churn opened got its DELETE, once.

@@ -74,6 +74,13 @@ class Replica:
     def services(self) -> Services:
         return self.app[SERVICES]
 
+    @property
+    def metrics_url(self) -> str:
+        """/metrics on the replica's own metrics listener."""
+        from proxy.http.keys import METRICS_LISTENER
+
+        return f"http://127.0.0.1:{self.app[METRICS_LISTENER].port}/metrics"
+
 
 async def written(replica: Replica) -> None:
     """Wait until every write the replica has sent to Redis in the background has completed."""
@@ -375,7 +382,7 @@ async def test_a_session_created_on_one_replica_continues_on_the_other_for_its_o
     # fast for everyone).
     client = redis_asyncio.Redis.from_url(replicas.redis.url)
     try:
-        await client.sadd(f"{replicas.prefix}:acme:session:{session}:pending", "1")
+        await client.sadd(f"{replicas.prefix}:{{acme}}:session:{session}:pending", "1")
     finally:
         await client.aclose()
     for crafted in (f"{session}:pending", "../sessions", "x" * 20 + ":pending", session + "\u00e9"):
@@ -394,7 +401,8 @@ async def test_a_session_created_on_one_replica_continues_on_the_other_for_its_o
             assert ended.status == 200
     assert (await post(a, call("whoami"), alice, session, HANDSHAKE)).status == 404
 
-    # What Redis holds: the tenant in a fixed position of every key, no token, no client id.
+    # What Redis holds: the tenant in a fixed position of every key (its hash tag), no token, no
+    # client id.
     keys = await replicas.keys()
     assert keys, "the replicas kept nothing in Redis"
     for key, value in keys.items():
@@ -403,7 +411,7 @@ async def test_a_session_created_on_one_replica_continues_on_the_other_for_its_o
         if key == f"{replicas.prefix}:session-tenants":  # where a sweep looks for orphans
             assert set(value.split()) <= {t.encode() for t in TENANTS}, value
         else:
-            assert key == f"{replicas.prefix}:seal-key" or parts[1] in TENANTS, key
+            assert key == f"{replicas.prefix}:seal-key" or parts[1] in {f"{{{t}}}" for t in TENANTS}, key
         assert alice.encode() not in value
     assert not any(session in key for key in keys)  # deleted, and nothing left behind
 
@@ -430,9 +438,9 @@ async def test_a_result_cached_by_one_replica_is_served_by_the_other_to_the_same
 
     keys = await replicas.keys()
     cached = {key: value for key, value in keys.items() if key.split(":")[2:3] == ["cache"]}
-    assert {key.split(":")[1] for key in cached} == set(TENANTS)
+    assert {key.split(":")[1] for key in cached} == {f"{{{t}}}" for t in TENANTS}
     for key, value in cached.items():
-        tenant = key.split(":")[1]
+        tenant = key.split(":")[1].strip("{}")
         foreign = next(t for t in TENANTS if t != tenant)
         assert upstreams[tenant].canary.encode() in value
         assert upstreams[foreign].canary.encode() not in value
@@ -498,14 +506,14 @@ async def test_audit_records_of_both_replicas_go_to_the_tenants_own_stream_as_su
         await written(replica)
     keys = await replicas.keys()
     for tenant in TENANTS:
-        stream = keys[f"{replicas.prefix}:{tenant}:audit"]
+        stream = keys[f"{replicas.prefix}:{{{tenant}}}:audit"]
         records = [json.loads(line) for line in stream.splitlines()]
         calls = [r for r in records if r.get("method") == "tools/call"]
         assert len(calls) == 2, records  # one from each replica
         assert {r["tenant"] for r in records} == {tenant}
         assert b"private-text" not in stream  # summaries: argument values never reach the log
         assert {r["name"] for r in calls} == {"add_note"}
-    assert not [k for k in keys if k.endswith(":audit") and k.split(":")[1] not in TENANTS]
+    assert not [k for k in keys if k.endswith(":audit") and k.split(":")[1].strip("{}") not in TENANTS]
 
 
 async def test_recent_activity_on_a_replica_includes_its_own_latest_answers(
@@ -755,7 +763,7 @@ async def test_a_long_requested_version_never_reaches_redis_and_replicas_see_the
     assert negotiated in ("2025-03-26", "2025-06-18", "2025-11-25")
     session = answer.headers["Mcp-Session-Id"]
     keys = await replicas.keys()
-    record = json.loads(keys[f"{replicas.prefix}:acme:session:{session}"])
+    record = json.loads(keys[f"{replicas.prefix}:{{acme}}:session:{session}"])
     assert record["protocol_version"] == negotiated
     assert all(len(value) < 2_000 for value in keys.values())  # nothing the client chose, stored whole
     listed = await post(replicas.b.url, call("whoami"), acme, session, negotiated)

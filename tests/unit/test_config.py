@@ -661,3 +661,18 @@ def test_inherit_env_cannot_hand_a_child_the_proxys_secrets(tmp_path: Path, secr
 def test_inherit_env_names_must_be_variable_names(tmp_path: Path) -> None:
     error = config_error(tmp_path, lambda d: stdio(d, inherit_env=["PATH=/bin"]))
     assert error.key_path == "tenants.acme.upstream.inherit_env.0"
+
+
+def test_state_url_may_name_a_redis_cluster(tmp_path: Path) -> None:
+    def state(**keys: Any) -> Callable[[dict[str, Any]], None]:
+        return lambda d: d.update(state={"backend": "redis", **keys})
+
+    for url in ("redis+cluster://10.0.0.5:7000", "rediss+cluster://:pw@redis.internal:7000"):
+        assert load_with(tmp_path, state(url=url)).state.is_cluster
+    assert load_with(tmp_path, state(url="redis://10.0.0.5:7000", cluster=True)).state.is_cluster
+    assert not load_with(tmp_path, state(url="redis://10.0.0.5:6379/0")).state.is_cluster
+    error = config_error(tmp_path, state(url="unix:///run/redis.sock", cluster=True))
+    assert error.key_path == "state" and "over TCP" in error.problem
+    assert "redis+cluster://" in config_error(tmp_path, state(url="cluster://10.0.0.5:7000")).problem
+    assert "database 0" in config_error(tmp_path, state(url="redis+cluster://10.0.0.5:7000/2")).problem
+    assert load_with(tmp_path, state(url="redis+cluster://10.0.0.5:7000/0")).state.is_cluster

@@ -79,7 +79,9 @@ def test_a_reload_learns_the_eras_again_even_for_an_upstream_it_keeps() -> None:
 
     config = make_config()
     before = Runtime.build(config)
-    before.tenants["acme"].eras.modern = False
+    before.tenants.of_tenant("acme").eras.modern = False
     after = Runtime.build(config, before)
-    assert after.tenants["acme"].upstream is before.tenants["acme"].upstream  # connections kept
-    assert after.tenants["acme"].eras.modern is None  # but what it speaks is asked again
+    assert (
+        after.tenants.of_tenant("acme").upstream is before.tenants.of_tenant("acme").upstream
+    )  # connections kept
+    assert after.tenants.of_tenant("acme").eras.modern is None  # but what it speaks is asked again

@@ -59,8 +59,8 @@ def proxy_with(
     config = ProxyConfig.model_validate(data)
     runtime, services = Runtime.build(config), Services.build(config)
     upstream = MockUpstream(results={"tools/list": TOOLS, "tools/call": {"content": [], "isError": False}})
-    runtime.tenants["acme"].upstream = upstream
-    runtime.tenants["acme"].catalog._upstream = upstream
+    runtime.tenants.explicit["acme"].upstream = upstream
+    runtime.tenants.explicit["acme"].catalog._upstream = upstream
     return runtime, services, upstream
 
 
@@ -105,7 +105,7 @@ async def test_a_tools_call_goes_through_every_stage_to_the_upstream(tmp_path: P
     assert forwarded.headers["Mcp-Method"] == "tools/call" and forwarded.headers["Mcp-Name"] == "list_notes"
     assert "Authorization" not in forwarded.headers  # the client's token never goes upstream
     assert (exchange.ctx is not None and exchange.ctx.tenant, exchange.outcome) == ("acme", "ok")
-    assert services.limiter.of("acme", runtime.tenants["acme"].limits).in_flight == 0  # given back
+    assert services.limiter.of("acme", runtime.tenants.explicit["acme"].limits).in_flight == 0  # given back
 
 
 async def test_a_spoofed_tenant_argument_is_refused_before_the_upstream(tmp_path: Path) -> None:
@@ -129,7 +129,7 @@ async def test_an_upstream_failure_is_the_upstreams_fault_and_releases_everythin
     reply = await serve(exchange, POST)
     assert isinstance(reply, web.Response) and reply.status == 502
     assert exchange.upstream_fault is True
-    limits = services.limiter.of("acme", runtime.tenants["acme"].limits)
+    limits = services.limiter.of("acme", runtime.tenants.explicit["acme"].limits)
     assert limits.in_flight == 0 and limits.breaker.failures == 1
 
 

@@ -1,6 +1,6 @@
 """The AuditSink (layers/containment/backend.py) in Redis: one stream of summaries per tenant,
 
-    {prefix}:{tenant}:audit   stream of records (never contents), trimmed to about audit_max_records
+    <prefix>:{<tenant>}:audit   stream of records (never contents), trimmed to about audit_max_records
 
 so proxy_recent_activity sees every replica's records of the caller's tenant."""
 

@@ -1,10 +1,10 @@
 """The response cache in Redis, shared by every replica, each tenant within its own byte budget.
 
-    {prefix}:{tenant}:cache:{digest}   the result bytes exactly as in process, with a PX expiry
-    {prefix}:{tenant}:cache-index      digest -> [method, name], for invalidation
-    {prefix}:{tenant}:cache-age        sorted set: digest by the time it was stored (oldest go first)
-    {prefix}:{tenant}:cache-expiry     sorted set: digest by expiry (stale bookkeeping is dropped)
-    {prefix}:{tenant}:cache-sizes      hash: digest -> bytes, and `total`: the tenant's bytes
+    <prefix>:{<tenant>}:cache:<digest>   the result bytes exactly as in process, with a PX expiry
+    <prefix>:{<tenant>}:cache-index      digest -> [method, name], for invalidation
+    <prefix>:{<tenant>}:cache-age        sorted set: digest by the time it was stored (oldest go first)
+    <prefix>:{<tenant>}:cache-expiry     sorted set: digest by expiry (stale bookkeeping is dropped)
+    <prefix>:{<tenant>}:cache-sizes      hash: digest -> bytes, and `total`: the tenant's bytes
 
 A store is one Lua script on Redis's clock, atomic across replicas: it drops the tenant's expired
 entries, then its oldest ones until the new one fits the tenant's budget; it never touches another

@@ -1,9 +1,13 @@
 """The Redis connection every shared store uses, and how its failures are seen.
 
-Keys always carry the tenant in a fixed position: `{prefix}:{tenant}:{kind}:...` (tenant ids match
-`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`, so no tenant id can contain the `:` separator). A failed call
-raises StateUnavailable after marking the backend down (for /readyz and metrics); each store
-decides what that means for its concern: serve without it, or refuse.
+Keys always carry the tenant in a fixed position, as a hash tag: `<prefix>:{<tenant>}:<kind>:...`
+(tenant ids match `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`, so no tenant id can contain the `:`
+separator or a brace). On a Redis Cluster only the tag is hashed, so all of a tenant's keys live in
+one slot and every multi-key script or transaction of a tenant stays on one node; the few keys of no
+tenant (the seal key) are used alone. A failed call raises StateUnavailable after marking the
+backend down (for /readyz and metrics); each store decides what that means for its concern: serve
+without it, or refuse. A cluster that cannot serve a key (a master down, its slots uncovered, no
+node answering) counts as down, like a single Redis that cannot be reached.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ class RedisState:
         try:
             import redis.asyncio as redis_asyncio
             import redis.exceptions as redis_exceptions
+            from redis.asyncio.cluster import RedisCluster
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
+            from redis.exceptions import ClusterDownError, RedisClusterException
         except ImportError:
             raise ConfigError(
                 source,
@@ -46,15 +52,23 @@ class RedisState:
         self.prefix = config.key_prefix
         self.audit_max_records = config.audit_max_records
         self.timeout_seconds = config.timeout_seconds
-        self.client: Any = redis_asyncio.Redis.from_url(
-            config.url,
-            socket_timeout=config.timeout_seconds,
-            socket_connect_timeout=config.timeout_seconds,
+        self.cluster = config.is_cluster
+        options: dict[str, Any] = {
+            "socket_timeout": config.timeout_seconds,
+            "socket_connect_timeout": config.timeout_seconds,
             # One immediate retry (a pooled connection that died with a Redis restart), no backoff:
-            # a request never waits on Redis for more than about twice timeout_seconds.
-            retry=Retry(NoBackoff(), 1),
-            health_check_interval=30,
-        )
+            # a request never waits on Redis for more than about twice timeout_seconds (a cluster
+            # that says it is down adds its client's fixed 0.25 s before the retry).
+            "retry": Retry(NoBackoff(), 1),
+            "health_check_interval": 30,
+        }
+        self._primaries: Any = None  # on a cluster: where a readiness ping goes (every master)
+        if self.cluster:  # the other nodes are found from the one named
+            url = config.url.replace("+cluster://", "://", 1)
+            self.client: Any = RedisCluster.from_url(url, **options)
+            self._primaries = RedisCluster.PRIMARIES
+        else:
+            self.client = redis_asyncio.Redis.from_url(config.url, **options)
         # Redis cannot be reached (down: fail fast for a while) vs it answered with an error (a
         # refused command, e.g. out of memory: this call fails, the next ones still try).
         self._unreachable: tuple[type[BaseException], ...] = (
@@ -62,6 +76,8 @@ class RedisState:
             redis_asyncio.TimeoutError,
             OSError,
             TimeoutError,
+            ClusterDownError,  # a master is down: the cluster refuses its slots, or all of them
+            RedisClusterException,  # slots not covered, no node answering, no usable topology
         )
         self._refused: tuple[type[BaseException], ...] = (redis_asyncio.RedisError,)
         self._credentials_refused: tuple[type[BaseException], ...] = (
@@ -81,7 +97,7 @@ class RedisState:
         self._on_failure: list[Callable[[], None]] = []
 
     def key(self, tenant: str, *parts: str) -> str:
-        return ":".join((self.prefix, tenant, *parts))
+        return ":".join((self.prefix, f"{{{tenant}}}", *parts))
 
     async def call(self, operation: str, awaitable: Awaitable[T]) -> T:
         """Await one Redis call; a failure raises StateUnavailable (unreachable: marks it down).
@@ -158,8 +174,8 @@ class RedisState:
 
     async def seal_key(self) -> bytes | None:
         """The key every replica seals MRTR request state with: the first replica to ask creates it
-        (`{prefix}:seal-key`, two parts, so no tenant's key can be it); None while Redis is away."""
-        key = self.prefix + ":seal-key"
+        (`<prefix>:seal-key`, two parts, so no tenant's key can be it); None while Redis is away."""
+        key = self.prefix + ":seal-key"  # no hash tag: hashed whole, as the single key it is
         try:
             await self.call("seal_key", self.client.set(key, secrets.token_bytes(32), nx=True))
             value: bytes | None = await self.call("seal_key", self.client.get(key))
@@ -170,8 +186,9 @@ class RedisState:
     async def ping(self) -> bool:
         """Whether Redis answers now (always tries: this is how the readiness loop sees recovery)."""
         self._retry_at = 0.0
+        ping = self.client.ping(target_nodes=self._primaries) if self.cluster else self.client.ping()
         try:
-            await self.call("ping", self.client.ping())
+            await self.call("ping", ping)
         except StateUnavailable:
             return False
         return True

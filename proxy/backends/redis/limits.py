@@ -1,8 +1,10 @@
 """Per-tenant rate and concurrency limits held in Redis, atomic across replicas (one Lua script).
 
-    {prefix}:{tenant}:ratelimit   hash: tokens, ts (a token bucket on Redis's own clock)
-    {prefix}:{tenant}:inflight    sorted set: one member per request in flight, by start time; a
-                                  member older than STALE_SECONDS (a replica died) no longer counts
+    <prefix>:{<tenant>}:ratelimit   hash: tokens, ts (a token bucket on Redis's own clock)
+    <prefix>:{<tenant>}:inflight    sorted set: one member per request in flight, by start time; a
+                                    member older than STALE_SECONDS (a replica died) no longer counts
+
+Both keys carry the tenant's hash tag, so on a Redis Cluster the script's two keys share a slot.
 
 The circuit breaker stays per replica: it judges this replica's path to the upstream. Redis
 unreachable: each replica falls back to its own counters, so the limits still hold per replica.

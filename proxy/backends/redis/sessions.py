@@ -1,13 +1,16 @@
 """Handshake-era sessions in Redis, so a POST for a session can be served by any replica.
 
-    {prefix}:{tenant}:session:{id}          hash: tenant, subject, protocol version, upstream session id;
-                                            expires after sessions.idle_timeout_seconds unused
-    {prefix}:{tenant}:session:{id}:pending  server-to-client request ids the session owes answers to
-    {prefix}:{tenant}:sessions              sorted set of live ids (and reservations) by last use:
-                                            the per-tenant cap, kept atomically by a Lua script
-    {prefix}:{tenant}:upstream-sessions     hash: id -> protocol version and upstream session id, kept
-                                            until the session is ended upstream (it outlives the record)
-    {prefix}:session-tenants                set: tenants that have had sessions (where orphans are looked for)
+    <prefix>:{<tenant>}:session:<id>          hash: tenant, subject, protocol version, upstream
+                                              session id; expires after idle_timeout_seconds unused
+    <prefix>:{<tenant>}:session:<id>:pending  server-to-client request ids the session owes answers to
+    <prefix>:{<tenant>}:sessions              sorted set of live ids (and reservations) by last use:
+                                              the per-tenant cap, kept atomically by a Lua script
+    <prefix>:{<tenant>}:upstream-sessions     hash: id -> protocol version and upstream session id,
+                                              kept until the session is ended upstream (it outlives
+                                              the record)
+    (all in the tenant's hash slot: each script and transaction below names keys of one tenant)
+    <prefix>:session-tenants                  set: tenants that have had sessions (where a sweep looks
+                                              for orphans), a key of its own
 
 A lookup names the caller's tenant in the key and checks tenant and subject inside Redis, so another
 tenant's or user's id finds nothing, exactly like an unknown one. What belongs to one replica (an
@@ -149,11 +152,12 @@ class RedisSessionRegistry:
         upstreams = self._upstreams(ctx.tenant)
         pipeline.hset(upstreams, session.id, _upstream_entry(protocol_version, upstream_session_id))
         pipeline.pexpire(upstreams, self._idle_ms + _KEEP_ENDS_MS)
-        pipeline.sadd(self._tenants, ctx.tenant)
         try:
             await self.state.call("session_create", pipeline.execute())
         except StateUnavailable:  # the reservation is given back when the request finishes
             raise SessionStoreUnavailable() from None
+        tenants, tenant = self._tenants, ctx.tenant  # a key of its own (its own slot in a cluster)
+        self.state.defer(lambda later: later.sadd(tenants, tenant))
         self.views.keep(session)
         return session
 

@@ -1,8 +1,8 @@
 """Whose tasks the upstream's task ids are, shared by the replicas (state.backend: redis).
 
-    {prefix}:{tenant}:tasks:{digest of subject and upstream}   sorted set: upstream task ids by
-                                                                creation time, the newest 1024,
-                                                                expiring a day after the last one
+    <prefix>:{<tenant>}:tasks:<digest of subject and upstream>   sorted set: upstream task ids by
+                                                                  creation time, the newest 1024,
+                                                                  expiring a day after the last one
 
 The proxy's task ids themselves need no store (layers/sessions/task_store.py: they open with the
 replicas' common key), so a task created on one replica is found at once on any other. This record

@@ -5,8 +5,9 @@ The tenant is decided here, from verified claims only:
     Authorization header -> one Bearer token -> unverified `iss` picks a configured issuer
     -> pyjwt verifies signature (algorithms pinned by that issuer, never the token header),
        aud, iss, exp, nbf, iat with a small leeway
-    -> `tenant_claim` (dotted path) must be a string equal to a configured tenant id, byte for byte
-    -> TenantContext(tenant, subject, scopes, expiry)
+    -> `tenant_claim` (dotted path) must be a string equal to a configured tenant id, byte for byte,
+       or a well-formed id a tenant template serves for these claims (tenants/templates.py)
+    -> TenantContext(tenant, subject, scopes, expiry, template)
 
 Keys: HS* from the environment variable `secret_env` (refused when short, a placeholder or
 guessable: hmac_secret_problem); asymmetric keys from `public_key_file`, or from `jwks_url` through
@@ -23,7 +24,7 @@ import os
 import re
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,6 +35,7 @@ from jwt import PyJWK, PyJWKClient
 
 from proxy.config import ConfigError, IssuerConfig, ProxyConfig
 from proxy.protocol.errors import BadRequest, Forbidden, InsufficientScope, Unauthenticated
+from proxy.tenants.templates import NOT_SERVED, TenantResolver, claim_at
 from proxy.types import JsonObject, TenantContext
 
 MIN_HMAC_SECRET_BYTES = 32
@@ -198,15 +200,6 @@ def hmac_secret_problem(secret: str) -> str | None:
     return None
 
 
-def _claim_at(claims: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = claims
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def _scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
     scope = claims.get("scope")
     if isinstance(scope, str):
@@ -220,10 +213,12 @@ def _scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
 class Authenticator:
     """Verifies bearer tokens against the configured issuers and resolves the tenant."""
 
-    def __init__(self, config: ProxyConfig, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, config: ProxyConfig, env: Mapping[str, str] | None = None, tenants: TenantResolver | None = None
+    ) -> None:
         environ = os.environ if env is None else env
         self._issuers: dict[str, IssuerConfig] = {i.issuer: i for i in config.auth.issuers}
-        self._tenants = frozenset(config.tenants)
+        self._tenants = tenants if tenants is not None else TenantResolver(config)
         self._static_keys: dict[str, Any] = {}
         self._jwks: dict[str, JwksKeys] = {}
         # token -> (caller, valid until, (kid, key) for a JWKS issuer): verified tokens, newest last
@@ -317,6 +312,12 @@ class Authenticator:
             self._verified.popitem(last=False)
         return ctx
 
+    def forget_tenants(self, tenants: Collection[str]) -> None:
+        """Tenants this process no longer serves (idle template tenants): their tokens are verified
+        again on their next request, and nothing of theirs stays in memory meanwhile."""
+        for token in [t for t, (ctx, _, _) in self._verified.items() if ctx.tenant in tenants]:
+            del self._verified[token]
+
     async def _verify(self, token: str) -> tuple[TenantContext, float, tuple[str, Any] | None]:
         try:
             header = jwt.get_unverified_header(token)
@@ -368,7 +369,7 @@ class Authenticator:
         return self._context(issuer, claims), issuer.leeway_seconds, jwks_key
 
     def _context(self, issuer: IssuerConfig, claims: Mapping[str, Any]) -> TenantContext:
-        subject = _claim_at(claims, issuer.subject_claim)
+        subject = claim_at(claims, issuer.subject_claim)
         if not isinstance(subject, str) or not subject:
             raise self._unauthenticated(f"the token has no {issuer.subject_claim!r} claim", True)
         try:
@@ -377,9 +378,10 @@ class Authenticator:
             raise self._unauthenticated(
                 f"the token's {issuer.subject_claim!r} claim is not valid text", True
             ) from None
-        tenant = _claim_at(claims, issuer.tenant_claim)
-        if not isinstance(tenant, str) or tenant not in self._tenants:
-            raise Forbidden("Forbidden: the token does not name a tenant served by this proxy")
+        tenant = claim_at(claims, issuer.tenant_claim)
+        served = self._tenants.resolve(tenant, claims) if isinstance(tenant, str) else None
+        if served is None:
+            raise Forbidden(NOT_SERVED)
         scopes = _scopes_of(claims)
         missing = [scope for scope in issuer.required_scopes if scope not in scopes]
         if missing:
@@ -396,6 +398,7 @@ class Authenticator:
             issuer=issuer.issuer,
             scopes=scopes,
             expires_at=float(claims["exp"]),
+            template=served[1],
         )
 
 

@@ -14,4 +14,4 @@ async def authenticate(exchange: Exchange) -> Call:
         exchange.request.headers.getall(hdrs.AUTHORIZATION, [])
     )
     structlog.contextvars.bind_contextvars(tenant=ctx.tenant)
-    return authenticated(exchange, ctx, exchange.runtime.tenants[ctx.tenant])
+    return authenticated(exchange, ctx, await exchange.runtime.tenants.for_caller(ctx))

@@ -24,7 +24,7 @@ import os
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +44,10 @@ MAX_KEY_CHARS: Final = 64
 MAX_METHOD_CHARS: Final = 128  # a client-chosen method is bounded like every other string it chooses
 RECENT_PER_TENANT: Final = 200
 BATCH_SECONDS: Final = 0.05
+# Audit files kept open at once: the least recently written is closed beyond this (reopened in
+# append mode when its tenant writes again), so many tenants never exhaust file descriptors (nor
+# hold a file buffer each).
+MAX_OPEN_FILES: Final = 64
 
 
 def _argument_names(arguments: Any) -> tuple[str, ...]:
@@ -138,10 +142,13 @@ class AuditLog:
         self.max_file_bytes = max_file_bytes
         self.backups = backups
         self._recent: dict[str, deque[AuditRecord]] = {}
-        # A batch of records; an Event to set once all before it is written; None: stop.
-        self._queue: queue.SimpleQueue[list[AuditRecord] | threading.Event | None] = queue.SimpleQueue()
+        # A batch of records; tenants whose files to close; an Event to set once all before it is
+        # written; None: stop.
+        self._queue: queue.SimpleQueue[list[AuditRecord] | frozenset[str] | threading.Event | None] = (
+            queue.SimpleQueue()
+        )
         self._pending: list[AuditRecord] = []  # records of the last moments, handed over in one batch
-        self._handlers: dict[str, logging.handlers.RotatingFileHandler] = {}
+        self._handlers: OrderedDict[str, logging.handlers.RotatingFileHandler] = OrderedDict()  # oldest first
         self._thread: threading.Thread | None = None
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -182,8 +189,14 @@ class AuditLog:
         return [record.as_dict() for record in reversed(list(records)[-limit:])]
 
     def forget(self, tenants: Iterable[str]) -> None:
-        for tenant in tenants:
+        """Tenants no longer served here: their recent records go, their files are closed (after
+        the records already handed over are written)."""
+        gone = frozenset(tenants)
+        for tenant in gone:
             self._recent.pop(tenant, None)
+        if self._thread is not None and gone:
+            self._hand_over()
+            self._queue.put(gone)
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until every record queued so far is on disk."""
@@ -208,6 +221,10 @@ class AuditLog:
                 break
             if isinstance(item, threading.Event):
                 item.set()
+                continue
+            if isinstance(item, frozenset):
+                for tenant in item:
+                    self._close(tenant)
                 continue
             lines: dict[str, list[str]] = {}
             for summary in item:
@@ -246,15 +263,24 @@ class AuditLog:
 
     def _handler(self, tenant: str) -> logging.handlers.RotatingFileHandler:
         handler = self._handlers.get(tenant)
-        if handler is None:
-            assert self.directory is not None
-            path = self.directory / f"{tenant}.jsonl"
-            handler = logging.handlers.RotatingFileHandler(
-                path, mode="a", maxBytes=self.max_file_bytes, backupCount=self.backups, encoding="utf-8"
-            )
-            os.chmod(path, 0o600)
-            self._handlers[tenant] = handler
+        if handler is not None:
+            self._handlers.move_to_end(tenant)
+            return handler
+        assert self.directory is not None
+        path = self.directory / f"{tenant}.jsonl"
+        handler = logging.handlers.RotatingFileHandler(
+            path, mode="a", maxBytes=self.max_file_bytes, backupCount=self.backups, encoding="utf-8"
+        )
+        os.chmod(path, 0o600)
+        self._handlers[tenant] = handler
+        while len(self._handlers) > MAX_OPEN_FILES:
+            self._close(next(iter(self._handlers)))
         return handler
+
+    def _close(self, tenant: str) -> None:
+        handler = self._handlers.pop(tenant, None)
+        if handler is not None:
+            handler.close()
 
 
 def _stream_of(handler: logging.handlers.RotatingFileHandler) -> TextIO:

@@ -1,0 +1,1 @@
+"""Which configuration serves a tenant, and the tenant runtimes built from it."""
