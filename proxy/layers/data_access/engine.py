@@ -353,6 +353,12 @@ def foreign_uri(policy: Policy, tenant: str, uri: Any) -> bool:
     return scoped and named != tenant
 
 
+def hides(policy: Policy, tenant: str, text: str) -> bool:
+    """Whether a text (an upstream's error message, the URI in its data) is, or mentions, a URI the
+    tenant may not see: such text never reaches the client."""
+    return foreign_uri(policy, tenant, text) or mentions_foreign_uri(policy, tenant, text)
+
+
 def mentions_foreign_uri(policy: Policy, tenant: str, value: Any, budget: int = 2_000) -> bool:
     """Whether any string in `value` (a notification's params) is, or mentions, a URI of a
     tenant-scoped scheme that names anyone but `tenant`. Bounded: past `budget` strings the answer
