@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from mcp import MCPError
@@ -74,8 +75,12 @@ async def upstream_answering(answer: Answer) -> AsyncIterator[str]:
     async def handle(request: web.Request) -> web.Response:
         return answer(await request.json())
 
+    async def busy_stream(request: web.Request) -> web.Response:
+        return web.Response(status=429, text="Slow down", headers={"Retry-After": "7"})
+
     app = web.Application()
     app.router.add_post("/mcp", handle)
+    app.router.add_get("/mcp", busy_stream)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = free_port()
@@ -92,19 +97,39 @@ async def modern_call(running: RunningProxy) -> tuple[int, dict[str, str], bytes
     )
 
 
-async def handshake_call(running: RunningProxy) -> tuple[int, dict[str, str], bytes]:
+async def handshake_session(running: RunningProxy) -> dict[str, str]:
     status, headers, _ = await running.post(HANDSHAKE_INITIALIZE, token=running.token())
     assert status == 200, status
-    session = {"Mcp-Session-Id": headers["Mcp-Session-Id"], "MCP-Protocol-Version": HANDSHAKE}
+    return {"Mcp-Session-Id": headers["Mcp-Session-Id"], "MCP-Protocol-Version": HANDSHAKE}
+
+
+async def handshake_call(running: RunningProxy) -> tuple[int, dict[str, str], bytes]:
+    session = await handshake_session(running)
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "whoami", "arguments": {}}}
     return await running.post(body, token=running.token(), headers=session)
 
 
-CALLS = {"modern": modern_call, "handshake": handshake_call}
+async def handshake_stream(running: RunningProxy) -> tuple[int, dict[str, str], bytes]:
+    """The session's GET stream, which the upstream refuses."""
+    headers = {"Authorization": f"Bearer {running.token()}", "Accept": "text/event-stream"}
+    headers |= await handshake_session(running)
+    async with aiohttp.ClientSession() as http, http.get(running.url, headers=headers) as response:
+        return response.status, dict(response.headers), await response.read()
 
 
-@pytest.mark.parametrize("json_body", [True, False], ids=["json-rpc-body", "text-body"])
-@pytest.mark.parametrize("era", ["modern", "handshake"])
+CALLS = {"modern": modern_call, "handshake": handshake_call, "handshake-get": handshake_stream}
+
+
+@pytest.mark.parametrize(
+    ("era", "json_body"),
+    [
+        pytest.param("modern", True, id="modern-json-rpc-body"),
+        pytest.param("modern", False, id="modern-text-body"),
+        pytest.param("handshake", True, id="handshake-json-rpc-body"),
+        pytest.param("handshake", False, id="handshake-text-body"),
+        pytest.param("handshake-get", False, id="handshake-get-stream"),
+    ],
+)
 async def test_an_upstream_429_retry_after_becomes_the_proxys_own(
     make_proxy: StartProxy, era: str, json_body: bool
 ) -> None:
