@@ -25,6 +25,7 @@ from aiohttp import web
 from proxy.flow import Call, Hooks, Reply, Request, ServerKind, ServerMessage, deliver
 from proxy.http.edge import NO_STORE, single_header
 from proxy.http.keys import RUNTIME
+from proxy.layers.data_access.stage import hidden_from
 from proxy.layers.sessions.registry import PostStream, Session
 from proxy.layers.sessions.stage import SESSION_HEADER, end_upstream_session, open_session, settled
 from proxy.protocol.errors import (
@@ -35,6 +36,7 @@ from proxy.protocol.errors import (
     TooManyRequests,
     UpstreamError,
     sanitize_error,
+    upstream_asked_to_wait,
 )
 from proxy.protocol.jsonrpc import Message, MessageKind, dumps
 from proxy.protocol.sse import KEEPALIVE_BYTES, encode_event
@@ -90,7 +92,7 @@ def sanitize_answer(call: Call, message: ServerMessage) -> ServerMessage | None:
     if message.kind is not ServerKind.ANSWER or message.answers is None:
         return message
     if "error" in message.body or not isinstance(message.body.get("result"), dict):
-        error = sanitize_error(message.body.get("error"))
+        error = sanitize_error(message.body.get("error"), hidden_from(call))
         call.outcome = "error"
         call.error_code = error["code"]
         message.body = {"jsonrpc": "2.0", "id": message.answers.id, "error": error}
@@ -177,6 +179,10 @@ def _cancelled_by_client(call: Request) -> bool:
 
 async def _relay_post(call: Request, response: UpstreamResponse, hooks: Hooks) -> Reply:
     message = call.message
+    wait = upstream_asked_to_wait(response.status, response.retry_after)
+    if wait is not None:  # a 429 is no upstream fault; a 503 is, as without the hint
+        call.upstream_fault = response.status >= 500
+        raise wait
     if message.kind is not MessageKind.REQUEST:
         if response.status < 300:
             return web.Response(status=202)
@@ -204,7 +210,7 @@ async def _relay_json(call: Request, response: UpstreamResponse, hooks: Hooks) -
         if not isinstance(body.get("error"), dict):
             call.upstream_fault = response.status >= 500
             raise UpstreamError(f"The upstream MCP server answered with HTTP {response.status}")
-        error = sanitize_error(body.get("error"))
+        error = sanitize_error(body.get("error"), hidden_from(call))
         call.outcome, call.error_code = "error", error["code"]
         reply = {"jsonrpc": "2.0", "id": call.message.id, "error": error}
         return web.Response(status=response.status, body=dumps(reply), content_type=JSON, headers=NO_STORE)
@@ -419,6 +425,9 @@ async def _resume_post_stream(
 
 
 async def _check_get_answer(call: Call, response: UpstreamResponse) -> None:
+    wait = upstream_asked_to_wait(response.status, response.retry_after)
+    if wait is not None:
+        raise wait
     if response.status == 404:
         assert call.session is not None
         await call.services.sessions.remove(call.session)

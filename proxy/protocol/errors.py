@@ -22,12 +22,13 @@
     │   └── PolicyDenied              * -32005  403  a policy rule refused the request (data.rule)
     ├── SessionNotFound                 -32004  404  unknown, expired or foreign session: all look alike
     ├── Conflict                        -32600  409  a second GET stream for one session
-    ├── TooManyRequests                 -32009  429  (Retry-After)
+    ├── TooManyRequests                 -32009  429  (Retry-After); also an upstream's 429 that said when
     ├── StateStoreUnavailable           -32013  503  the shared state store cannot be reached
     │   └── SessionStoreUnavailable     -32013  503  ... so no session can be recorded
     └── UpstreamError                   -32010  502  the tenant's upstream failed this request
         ├── UpstreamTimeout             -32011  504
-        └── UpstreamUnavailable         -32012  503  circuit open: failing fast (Retry-After)
+        └── UpstreamUnavailable         -32012  503  circuit open: failing fast (Retry-After); also an
+                                                     upstream's 503 that said when (Retry-After)
 
 * An answer, not a transport failure: the refusal of a well-formed, authenticated request is the
 JSON-RPC error a server would answer with. In the handshake era it goes out as HTTP 200 (clients
@@ -42,6 +43,11 @@ name, an argument name, a rule); never upstream output, tokens, or another tenan
 
 from __future__ import annotations
 
+import datetime
+import email.utils
+import math
+import time
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from proxy.types import Era, JsonObject, RequestId
@@ -95,6 +101,13 @@ class UnknownResource(InvalidParams):
     """Exactly what an upstream says of a resource it does not have: no existence probing."""
 
     answer = True
+
+    @classmethod
+    def named(cls, uri: Any) -> UnknownResource:
+        """The SDK's answer for a resource it does not have (SEP-2164: `data.uri`), message and data
+        bounded as an upstream's are, so the two cannot be told apart."""
+        text = f"Unknown resource: {uri}"[:_MAX_ERROR_MESSAGE]
+        return cls("".join(ch if ch.isprintable() else " " for ch in text), data=resource_error_data(uri))
 
 
 class UnknownTask(InvalidParams):
@@ -245,26 +258,91 @@ def http_status(error: ProxyError, era: Era | None) -> int:
 
 # --- what a client may see of an upstream's errors -----------------------------------------------
 
-# Codes the MCP spec gives a meaning whose `data` a client needs (-32002/-32042: earlier versions).
-_MCP_SERVER_CODES = frozenset({-32002, -32020, -32021, -32022, -32042})
+# Codes the MCP spec gives a meaning whose `data` a client needs, passed as they are.
+_MCP_SERVER_CODES = frozenset({-32020, -32021, -32022, -32042})
+# Resource not found: -32602 since 2026-07-28 (SEP-2164), -32002 before; `data.uri` names the resource.
+_RESOURCE_NOT_FOUND = frozenset({-32602, -32002})
 # -32000..-32019 are implementation-defined: an upstream's own, whose messages may carry internals.
 _IMPLEMENTATION_DEFINED = range(-32019, -31999)
 _MAX_ERROR_MESSAGE = 500
+MAX_ERROR_URI = 2048
 
 
-def sanitize_error(error: Any) -> JsonObject:
-    """An upstream JSON-RPC error as the client may see it: internals (stack traces) never pass."""
+def resource_error_data(uri: Any) -> JsonObject | None:
+    """`{"uri": uri}` for an unknown resource's error, when `uri` is one a client may be shown as
+    it is: a string with a scheme, bounded, printable and without whitespace. The proxy's own answer
+    for a hidden resource uses it too, so that answer and an upstream's stay alike."""
+    if not isinstance(uri, str) or not 0 < len(uri) <= MAX_ERROR_URI or ":" not in uri:
+        return None
+    if any(not ch.isprintable() or ch.isspace() for ch in uri):
+        return None
+    return {"uri": uri}
+
+
+def sanitize_error(error: Any, hidden: Callable[[str], bool]) -> JsonObject:
+    """An upstream JSON-RPC error as the client may see it: internals (stack traces) never pass.
+
+    `hidden(text)` says whether a text names a resource the caller may not see (another tenant's
+    URI): a message saying so is replaced, a `data.uri` naming one is dropped."""
     if not isinstance(error, dict):
         return {"code": -32603, "message": "Upstream server error"}
     code = error.get("code")
     if not isinstance(code, int) or isinstance(code, bool):
         return {"code": -32603, "message": "Upstream server error"}
+    data = error.get("data")
+    kept = resource_error_data(data.get("uri")) if isinstance(data, dict) else None
+    if kept is not None and (code not in _RESOURCE_NOT_FOUND or hidden(kept["uri"])):
+        kept = None
     if code == -32603 or code in _IMPLEMENTATION_DEFINED:
-        return {"code": code, "message": "Upstream server error"}
-    message = error.get("message")
-    text = message if isinstance(message, str) else ""
-    text = "".join(ch if ch.isprintable() else " " for ch in text[:_MAX_ERROR_MESSAGE])
-    clean: JsonObject = {"code": code, "message": text or "Upstream error"}
+        clean: JsonObject = {"code": code, "message": "Upstream server error"}
+    else:
+        message = error.get("message")
+        text = message if isinstance(message, str) else ""
+        text = "".join(ch if ch.isprintable() else " " for ch in text[:_MAX_ERROR_MESSAGE])
+        clean = {"code": code, "message": text if text and not hidden(text) else "Upstream error"}
     if code in _MCP_SERVER_CODES and "data" in error:
-        clean["data"] = error["data"]
+        clean["data"] = data
+    elif kept is not None:
+        clean["data"] = kept
     return clean
+
+
+# --- an upstream that asked to be left alone for a while ------------------------------------------
+
+MAX_RETRY_AFTER_SECONDS = 3600  # an upstream asking for longer is waited for this long at most
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> int | None:
+    """The seconds a `Retry-After` value asks for (delay-seconds or an HTTP date), at most
+    MAX_RETRY_AFTER_SECONDS; None for anything else (absent, negative, fractional, not a date)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isascii() and text.isdigit():
+        return min(MAX_RETRY_AFTER_SECONDS, int(text)) if len(text) <= 5 else MAX_RETRY_AFTER_SECONDS
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None or when.utcoffset() != datetime.timedelta(0):
+        return None  # an HTTP date is always GMT; a local time is a guess
+    now = time.time() if now is None else now
+    return min(MAX_RETRY_AFTER_SECONDS, max(0, math.ceil(when.timestamp() - now)))
+
+
+def upstream_asked_to_wait(status: int, retry_after: str | None) -> ProxyError | None:
+    """The proxy's answer to an upstream's 429 or 503 that said how long to wait: the same status
+    and a Retry-After of its own, the wait in `data.retryAfterSeconds`. None for any other answer
+    (one without a usable Retry-After is relayed as before)."""
+    if status not in (429, 503):
+        return None
+    seconds = retry_after_seconds(retry_after)
+    if seconds is None:
+        return None
+    data = {"limit": "upstream", "retryAfterSeconds": seconds}
+    headers = {"Retry-After": str(seconds)}
+    if status == 429:
+        message = f"Too many requests: the upstream MCP server asked to wait {seconds} s before retrying"
+        return TooManyRequests(message, data=data, headers=headers)
+    message = f"The upstream MCP server is unavailable and asked to wait {seconds} s before retrying"
+    return UpstreamUnavailable(message, data=data, headers=headers)

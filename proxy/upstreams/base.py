@@ -40,6 +40,7 @@ class UpstreamResponse(Protocol):
     status: int
     content_type: str
     session_id: str | None
+    retry_after: str | None  # an HTTP upstream's Retry-After header, as it came
 
     async def read_json(self) -> bytes: ...
     def events(self) -> AsyncIterator[list[Event | Comment]]: ...  # what arrived together
@@ -148,10 +149,12 @@ class MockResponse:
         body: Any = None,
         events: list[Any] | None = None,
         session_id: str | None = None,
+        retry_after: str | None = None,
     ) -> None:
         self.status = status
         self.content_type = EVENT_STREAM if events is not None else JSON
         self.session_id = session_id
+        self.retry_after = retry_after
         self._body = body
         self._events = events or []
         self.closed = False

@@ -63,6 +63,7 @@ class HttpUpstreamResponse:
         self.status = response.status
         self.content_type = response.content_type
         self.session_id = response.headers.get("Mcp-Session-Id")
+        self.retry_after = response.headers.get("Retry-After")
 
     async def read_json(self) -> bytes:
         if (self._response.content_length or 0) > self._max_bytes:

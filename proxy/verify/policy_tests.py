@@ -134,6 +134,8 @@ def _outcome(decision: Decision, params: JsonObject) -> Outcome:
         reason = "tenant arguments the schema declares and the request left out are filled in"
     if decision.action is Action.HIDE_RESOURCE:
         reason = f"{decision.uri!r} names another tenant: answered exactly as an unknown resource"
+    elif decision.rule == "resources.public_uris":
+        reason = f"{decision.uri!r} is one of resources.public_uris: shared by every tenant of the upstream"
     apply_rewrites(params, decision.rewrites)
     rewrites = tuple(
         f"{'.'.join(str(p) for p in r.path)} <- {json.dumps(r.value)}" for r in decision.rewrites
@@ -227,7 +229,7 @@ def explain_lines(policy: Policy | None, policy_name: str, tenant: str, outcome:
         lines.append(f"rule: {outcome.rule}")
     if outcome.reason is not None:
         lines.append(f"reason: {outcome.reason}")
-    if outcome.decision == "allow" and policy is not None:
+    if outcome.decision == "allow" and policy is not None and outcome.rule is None:
         lines.append(
             "reason: no rule refuses or changes it (tools allowed, tenant arguments absent or the caller's)"
         )

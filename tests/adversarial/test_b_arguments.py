@@ -157,7 +157,9 @@ async def test_a_foreign_resource_looks_exactly_like_an_unknown_one(
             with pytest.raises(MCPError) as refused:
                 await client.read_resource(foreign)
             assert refused.value.error.code == unknown.value.error.code
-            assert refused.value.error.data == unknown.value.error.data  # nothing extra to tell them apart
+            # Nothing extra to tell them apart: each names the URI asked for (SEP-2164's data.uri).
+            assert unknown.value.error.data == {"uri": "unknown://nothing"}
+            assert refused.value.error.data == {"uri": foreign}
             assert refused.value.error.message == unknown.value.error.message.replace(
                 "unknown://nothing", foreign
             )

@@ -323,10 +323,12 @@ def _dot_segments(text: str) -> bool:
 
 
 def uri_tenant(policy: Policy, uri: str) -> tuple[bool, str | None]:
-    """(scoped, tenant): whether `uri` is in a tenant-scoped scheme, and the tenant it names there.
+    """(scoped, tenant): whether `uri` belongs to tenants (a tenant-scoped scheme, and not one of
+    `resources.public_uris`), and the tenant it names there.
 
     A scoped URI that matches no template, or holds whitespace, control characters, backslashes or
-    dot segments (even percent-encoded), names no tenant (None): it can only be refused.
+    dot segments (even percent-encoded), names no tenant (None): it can only be refused. Those rules
+    come first: a URI breaking them is never public, whatever the globs say.
     """
     stripped = uri.strip()
     scheme = stripped.partition(":")[0].lower() if ":" in stripped else ""
@@ -342,7 +344,17 @@ def uri_tenant(policy: Policy, uri: str) -> tuple[bool, str | None]:
             named = template.tenant_of(uri)
             if named is not None:
                 return True, named
+    if policy.public_uris.shares(uri):
+        return False, None
     return True, None
+
+
+def public_uri(policy: Policy, uri: Any) -> bool:
+    """Whether `uri` is in a tenant-scoped scheme and passes as one of `resources.public_uris`."""
+    if not isinstance(uri, str) or not policy.uri_templates:
+        return False
+    scheme = uri.partition(":")[0].lower() if ":" in uri else ""
+    return scheme in policy.scoped_schemes and uri_tenant(policy, uri) == (False, None)
 
 
 def foreign_uri(policy: Policy, tenant: str, uri: Any) -> bool:
@@ -351,6 +363,12 @@ def foreign_uri(policy: Policy, tenant: str, uri: Any) -> bool:
         return False  # not a URI at all: the upstream rejects the shape itself
     scoped, named = uri_tenant(policy, uri)
     return scoped and named != tenant
+
+
+def hides(policy: Policy, tenant: str, text: str) -> bool:
+    """Whether a text (an upstream's error message, the URI in its data) is, or mentions, a URI the
+    tenant may not see: such text never reaches the client."""
+    return foreign_uri(policy, tenant, text) or mentions_foreign_uri(policy, tenant, text)
 
 
 def mentions_foreign_uri(policy: Policy, tenant: str, value: Any, budget: int = 2_000) -> bool:
@@ -479,6 +497,8 @@ def _evaluate_method(
         uri = params.get("uri")
         if foreign_uri(policy, tenant, uri):
             return Decision(Action.HIDE_RESOURCE, "resources.tenant_uri_templates", spoof=True, uri=uri)
+        if public_uri(policy, uri):  # forwarded as any other; the rule is named for `policy explain`
+            return Decision(Action.FORWARD, "resources.public_uris", uri=uri)
     return UNCHANGED
 
 

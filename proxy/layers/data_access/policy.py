@@ -16,6 +16,12 @@ from typing import Any, Final, Literal
 from pydantic import Field, ValidationError, field_validator
 
 from proxy.config import ConfigError, StrictModel, format_validation_error, read_yaml
+from proxy.layers.data_access.public_uris import (
+    NO_PUBLIC_URIS,
+    PublicUris,
+    compile_public_uri,
+    compile_public_uris,
+)
 from proxy.types import JsonObject
 
 TENANT_VARIABLE = "tenant"
@@ -83,6 +89,16 @@ class ResourcesSpec(StrictModel):
         description="URI templates such as notes://{tenant}/{path}: a URI of a scheme listed here must "
         "match one and name the caller's tenant, or it is answered as an unknown resource; lists drop "
         "other tenants' entries.",
+    )
+    public_uris: tuple[str, ...] = Field(
+        default=(),
+        description="Glob patterns of URIs in those schemes that every tenant of the upstream shares "
+        "(documentation, schemas): they are read, listed and subscribed to although no template names "
+        "a tenant in them. `*` matches within one path segment, `**` across segments; neither matches "
+        "`?` or `#`, and everything else is literal. The scheme and authority are literal, no "
+        "{variables}. A URI a template's tenant part could claim (one starting with the template's "
+        "text before its first variable, in any case) is never public; nor is one with dot segments, "
+        "backslashes, whitespace or percent-encoded ASCII (a space excepted).",
     )
 
 
@@ -276,6 +292,7 @@ class Policy:
     json_document_tools: re.Pattern[str] = re.compile(r"(?!)")
     client_capabilities: ClientCapabilities = field(default_factory=lambda: DEFAULT_CLIENT_CAPABILITIES)
     extensions_allowed: frozenset[str] = frozenset()  # passed through though not enforced
+    public_uris: PublicUris = NO_PUBLIC_URIS  # shared by every tenant, in tenant-scoped schemes
 
     def json_documents_in(self, tool: str) -> bool:
         """Whether the tool's string arguments carry JSON documents the proxy leaves alone."""
@@ -319,6 +336,7 @@ def compile_policy(name: str, spec: PolicyFile) -> Policy:
         json_document_tools=_globs(spec.tenant_arguments.json_document_tools),
         client_capabilities=compile_client_capabilities(spec.client_capabilities),
         extensions_allowed=frozenset(spec.extensions.allow),
+        public_uris=compile_public_uris(spec.resources.public_uris, spec.resources.tenant_uri_templates),
     )
 
 
@@ -337,4 +355,9 @@ def load_policy(path: Path) -> Policy:
             compile_uri_template(template)
         except ValueError as exc:
             raise ConfigError(path, f"resources.tenant_uri_templates.{index}", str(exc)) from None
+    for index, glob in enumerate(spec.resources.public_uris):
+        try:
+            compile_public_uri(glob, spec.resources.tenant_uri_templates)
+        except ValueError as exc:
+            raise ConfigError(path, f"resources.public_uris.{index}", str(exc)) from None
     return compile_policy(path.stem, spec)

@@ -4,11 +4,15 @@ caller's tenant, and whatever comes back shows only what the caller's tenant may
     check_mirrored_headers   2026-07-28 tools/call: Mcp-Param-* headers agree with the body
     enforce_policy           the policy's decision (engine.evaluate): deny, rewrite, answer locally
     render_mirrored_headers  Mcp-Param-* for the upstream, from the body as the policy left it
+    hidden_from              for the relay: whether an upstream's error text names another tenant's URI
     learn                    response hook: tools/prompts lists teach the catalog; list_changed resets it
     filter                   response hook: lists filtered, tenant arguments hidden from schemas
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import structlog
 from aiohttp import web
@@ -22,6 +26,7 @@ from proxy.layers.data_access.engine import (
     evaluate,
     evaluate_answer,
     filter_result,
+    hides,
     mentions_foreign_uri,
 )
 from proxy.layers.data_access.schemas import SchemaIndex
@@ -160,7 +165,7 @@ async def enforce_policy(call: Request) -> None:
             send_on_session_soon(call, refusal.to_jsonrpc(message.id))
         raise refusal
     if decision.action is Action.HIDE_RESOURCE:
-        raise UnknownResource(f"Unknown resource: {decision.uri}")
+        raise UnknownResource.named(decision.uri)
     if decision.action is Action.ANSWER:
         result = dict(decision.answer or {})
         if call.era is Era.MODERN:
@@ -185,6 +190,19 @@ def screen_notifications(call: Call, message: ServerMessage) -> ServerMessage | 
         rule="resources.tenant_uri_templates",
     )
     return None
+
+
+def hidden_from(call: Call) -> Callable[[str], bool]:
+    """What the relay asks of an upstream's error text (its message, its `data.uri`): whether it
+    names or mentions a resource the caller's tenant may not see, by the rules reads and lists pass."""
+    policy = call.tenant.policy
+    if policy is None:
+        return _nothing_hidden
+    return functools.partial(hides, policy, call.ctx.tenant)
+
+
+def _nothing_hidden(text: str) -> bool:
+    return False
 
 
 def learn(call: Call, message: ServerMessage) -> ServerMessage | None:

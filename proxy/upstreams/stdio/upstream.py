@@ -326,6 +326,7 @@ class StdioResponse:
         self.status = status
         self.content_type = EVENT_STREAM if queue is not None else JSON
         self.session_id = session_id
+        self.retry_after: str | None = None  # a child never asks to wait (the proxy caps its processes)
         self._queue = queue
         self._on_close = on_close
         self._read_timeout = read_timeout
