@@ -135,10 +135,18 @@ class ListenConfig(StrictModel):
         le=1024 * 1024,
         description="Longest request line or header field accepted; longer ones get 431.",
     )
+    drain_delay_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="On SIGTERM/SIGINT, /readyz answers 503 at once while everything is still served for "
+        "this long (load balancers stop sending meanwhile); then the listener closes.",
+    )
     shutdown_grace_seconds: float = Field(
         default=10.0,
         ge=0,
-        description="On SIGTERM/SIGINT, how long requests in flight get to finish before the exit.",
+        description="Once the listener has closed, how long requests in flight get to finish; what is "
+        "still open then is answered with a JSON-RPC error (-32014) and the process exits 0 within "
+        "about 1 s. The whole stop takes at most drain_delay_seconds + this + 1 s.",
     )
     idle_timeout_seconds: float = Field(
         default=30.0,

@@ -72,6 +72,7 @@ class Exchange:
     upstream_seconds: float = 0.0  # time spent waiting for the upstream
     upstream_contacted: bool = False
     delivered: bool = False  # the answer has been written to the client (a stream may still drain)
+    stream: web.StreamResponse | None = None  # an SSE answer under way: where a stop's error goes
     duration_seconds: float = 0.0  # set when the exchange finished (reports run after)
     ended_at: float | None = None  # the same moment in wall-clock time, for the audit record
     # Known once authenticated (Call).

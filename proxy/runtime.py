@@ -30,6 +30,7 @@ from proxy.layers.limits.limiter import LocalLimiter
 from proxy.layers.sessions.backend import SessionStore
 from proxy.layers.sessions.registry import SessionRegistry
 from proxy.layers.sessions.task_store import TaskStore
+from proxy.ops.drain import Drain
 from proxy.ops.metrics import Metrics
 from proxy.ops.reports import Reports
 from proxy.upstreams.base import Upstream
@@ -208,6 +209,7 @@ class Services:
     shutting_down: asyncio.Event
     shared: RedisState | None = None
     reports: Reports = field(default_factory=Reports)  # log lines, audit records, metrics
+    drain: Drain = field(default_factory=Drain)  # exchanges in flight, and how far a stop has come
     tasks: TaskStore = field(default_factory=TaskStore)  # whose tasks the upstreams' task ids are
 
     @classmethod

@@ -24,6 +24,7 @@
     ├── Conflict                        -32600  409  a second GET stream for one session
     ├── TooManyRequests                 -32009  429  (Retry-After)
     ├── SessionStoreUnavailable         -32013  503  the shared session store cannot be reached
+    ├── ShuttingDown                    -32014  503  still open when the proxy's stop grace ended
     └── UpstreamError                   -32010  502  the tenant's upstream failed this request
         ├── UpstreamTimeout             -32011  504
         └── UpstreamUnavailable         -32012  503  circuit open: failing fast (Retry-After)
@@ -203,6 +204,19 @@ class SessionStoreUnavailable(ProxyError):
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message, headers={"Retry-After": "5"})
+
+
+class ShuttingDown(ProxyError):
+    """A request still in flight when the stop's grace period ended (ops/drain.py)."""
+
+    code = -32014
+    status = 503
+    default_message = (
+        "Service unavailable: the proxy is shutting down and this request did not finish in its grace period"
+    )
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
 
 
 class UpstreamError(ProxyError):
