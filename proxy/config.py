@@ -604,7 +604,7 @@ class MetricsConfig(StrictModel):
 
     listen: MetricsListenConfig | None = Field(
         default_factory=MetricsListenConfig,
-        description="the metrics listener (GET /metrics); null: none",
+        description="the metrics listener (GET /metrics, and the admin endpoints); null: none",
     )
     public: bool = Field(
         default=False,
@@ -612,8 +612,9 @@ class MetricsConfig(StrictModel):
     )
     bearer_token_env: str | None = Field(
         default=None,
-        description="Environment variable holding the token /metrics requires (at least 16 characters); "
-        "unset: /metrics needs no token.",
+        description="Environment variable holding the token /metrics and the admin endpoints (/admin/..., "
+        "on the metrics listener only) require (at least 16 characters); unset: /metrics needs no token "
+        "and the admin endpoints are off (404).",
     )
 
 

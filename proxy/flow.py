@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 from aiohttp import web
 
 from proxy.protocol.jsonrpc import answer_bytes, dumps
-from proxy.types import Era, JsonObject, RequestId, TenantContext
+from proxy.types import Era, JsonObject, RequestId, TenantContext, principal_hash
 
 if TYPE_CHECKING:
     from proxy.layers.sessions.registry import Session
@@ -122,7 +122,7 @@ class Exchange:
         """The caller as logs may name them: a hash, not the subject claim itself."""
         if self.ctx is None:
             return None
-        return hashlib.sha256(f"{self.ctx.tenant}\0{self.ctx.principal}".encode()).hexdigest()[:16]
+        return principal_hash(self.ctx.tenant, self.ctx.principal)
 
 
 if TYPE_CHECKING:  # the phases, as the type checker sees them; at run time they are the Exchange

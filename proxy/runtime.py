@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -121,7 +122,10 @@ class Runtime:
     authenticator: Authenticator
     tenants: dict[str, TenantRuntime]
     origins: OriginPolicy
-    metrics_token: bytes | None = None  # /metrics answers only this bearer token, when set
+    metrics_token: bytes | None = None  # /metrics (and the admin endpoints) answer only this token
+    # What it was built from: each file read (config, policies, key files) -> its sha256, and when.
+    files: dict[str, str] = field(default_factory=dict)
+    loaded_at: float = field(default_factory=time.time)
 
     @classmethod
     def build(cls, config: ProxyConfig, previous: Runtime | None = None) -> Runtime:
@@ -132,7 +136,8 @@ class Runtime:
             name: load_policy(config.policy_file(name))
             for name in sorted({t.policy for t in config.tenants.values() if t.policy is not None})
         }
-        policy_digests = {name: _file_digest(config.policy_file(name)) for name in policies}
+        files = {str(path): _file_digest(path) for path in config.watched_files}
+        policy_digests = {name: files[str(config.policy_file(name))] for name in policies}
         tenants = {}
         caching = config.cache
         budget = tenant_budget(
@@ -156,7 +161,8 @@ class Runtime:
                 tenant_id, tenant_config, upstream, catalog, policy, config.limits_for(tenant_id),
                 f"{upstream.identity}#{scope}", cache_budget=budget,
             )  # fmt: skip
-        return cls(config, authenticator, tenants, OriginPolicy.from_config(config), _metrics_token(config))
+        origins = OriginPolicy.from_config(config)
+        return cls(config, authenticator, tenants, origins, _metrics_token(config), files)
 
     def upstreams_not_in(self, other: Runtime) -> list[Upstream]:
         """Upstreams of this runtime that `other` does not reuse (to close once they are idle)."""
