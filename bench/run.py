@@ -333,6 +333,7 @@ class Harness:
                 "port": port,
                 "path": "/mcp",
                 "public_url": url,
+                "drain_delay_seconds": 0,  # no load balancer to wait for: stop at once
                 "shutdown_grace_seconds": 1,
             },
             "auth": {

@@ -18,6 +18,7 @@ from proxy.http.edge import edge, stamp_request_id
 from proxy.http.endpoint import handle_mcp
 from proxy.http.keys import METRICS_LISTENER, READINESS, RELOADS, RETIRED, RUNTIME, SERVICES
 from proxy.layers.sessions.stage import end_upstream_session
+from proxy.ops.drain import close_upstreams, end_own_sessions
 from proxy.ops.health import Readiness, healthz, keep_checking, readyz
 from proxy.ops.metrics_endpoint import MetricsListener, add_public_route, stop_listener
 from proxy.ops.reload import ReloadState, stamps, watch_files
@@ -127,12 +128,8 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     services, runtime = app[SERVICES], app[RUNTIME].current
-    for session in services.sessions.all() if not services.sessions.shared else ():
-        await services.sessions.remove(session)
-        tenant = runtime.tenants.of_tenant(session.tenant)
-        if tenant is not None:
-            await end_upstream_session(tenant.upstream, session)
-    await runtime.close()
+    await end_own_sessions(services, runtime)  # (within a stop's time bound: ops/drain.py)
+    await close_upstreams(services, runtime)
     await services.close()
 
 

@@ -12,16 +12,20 @@ import gc
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from proxy.config import ConfigError, ProxyConfig, load_config
 from proxy.ops.log import configure_logging
 
+if TYPE_CHECKING:
+    from proxy.http.server import ProxyRunner
+
 EXIT_CONFIG = 2
 
 
-async def start_server(config: ProxyConfig) -> tuple[web.AppRunner, int]:
+async def start_server(config: ProxyConfig) -> tuple[ProxyRunner, int]:
     """Start serving `config` (and its metrics listener); returns the runner and the bound port."""
     from proxy.app import create_app
     from proxy.http.keys import METRICS_LISTENER
@@ -31,7 +35,7 @@ async def start_server(config: ProxyConfig) -> tuple[web.AppRunner, int]:
     runner = ProxyRunner(
         app,
         handler_cancellation=True,
-        shutdown_timeout=config.listen.shutdown_grace_seconds,
+        shutdown_timeout=config.listen.shutdown_grace_seconds,  # (a drain shortens it: ops/drain.py)
         access_log=None,
     )
     await runner.setup()
@@ -68,10 +72,10 @@ async def serve(config: ProxyConfig) -> None:
     )
     from proxy.ops.reload import reload_config
 
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()  # the first SIGTERM/SIGINT drains, a second hurries
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, lambda: (hurry if stop.is_set() else stop).set())
     reloads: set[asyncio.Task[bool]] = set()
 
     def reload_soon() -> None:
@@ -81,8 +85,9 @@ async def serve(config: ProxyConfig) -> None:
 
     loop.add_signal_handler(signal.SIGHUP, reload_soon)
     await stop.wait()
-    log.info("draining")
-    await runner.cleanup()
+    from proxy.ops.drain import drain_and_stop
+
+    await drain_and_stop(runner, hurry)
     log.info("stopped")
 
 

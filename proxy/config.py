@@ -135,10 +135,18 @@ class ListenConfig(StrictModel):
         le=1024 * 1024,
         description="Longest request line or header field accepted; longer ones get 431.",
     )
+    drain_delay_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="On SIGTERM/SIGINT, /readyz answers 503 at once while everything is still served for "
+        "this long (load balancers stop sending meanwhile); then the listener closes.",
+    )
     shutdown_grace_seconds: float = Field(
         default=10.0,
         ge=0,
-        description="On SIGTERM/SIGINT, how long requests in flight get to finish before the exit.",
+        description="Once the listener has closed, how long requests in flight get to finish; what is "
+        "still open then is answered with a JSON-RPC error (-32014) and the process exits 0 within "
+        "about 1 s. The whole stop takes at most drain_delay_seconds + this + 1 s.",
     )
     idle_timeout_seconds: float = Field(
         default=30.0,
@@ -687,7 +695,7 @@ class MetricsConfig(StrictModel):
 
     listen: MetricsListenConfig | None = Field(
         default_factory=MetricsListenConfig,
-        description="the metrics listener (GET /metrics); null: none",
+        description="the metrics listener (GET /metrics, and the admin endpoints); null: none",
     )
     public: bool = Field(
         default=False,
@@ -695,8 +703,9 @@ class MetricsConfig(StrictModel):
     )
     bearer_token_env: str | None = Field(
         default=None,
-        description="Environment variable holding the token /metrics requires (at least 16 characters); "
-        "unset: /metrics needs no token.",
+        description="Environment variable holding the token /metrics and the admin endpoints (/admin/..., "
+        "on the metrics listener only) require (at least 16 characters); unset: /metrics needs no token "
+        "and the admin endpoints are off (404).",
     )
 
 

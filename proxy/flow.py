@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 from aiohttp import web
 
 from proxy.protocol.jsonrpc import answer_bytes, dumps
-from proxy.types import Era, JsonObject, RequestId, TenantContext
+from proxy.types import Era, JsonObject, RequestId, TenantContext, principal_hash
 
 if TYPE_CHECKING:
     from proxy.layers.sessions.registry import Session
@@ -73,6 +73,7 @@ class Exchange:
     upstream_seconds: float = 0.0  # time spent waiting for the upstream
     upstream_contacted: bool = False
     delivered: bool = False  # the answer has been written to the client (a stream may still drain)
+    stream: web.StreamResponse | None = None  # an SSE answer under way: where a stop's error goes
     duration_seconds: float = 0.0  # set when the exchange finished (reports run after)
     ended_at: float | None = None  # the same moment in wall-clock time, for the audit record
     # Known once authenticated (Call).
@@ -122,7 +123,7 @@ class Exchange:
         """The caller as logs may name them: a hash, not the subject claim itself."""
         if self.ctx is None:
             return None
-        return hashlib.sha256(f"{self.ctx.tenant}\0{self.ctx.principal}".encode()).hexdigest()[:16]
+        return principal_hash(self.ctx.tenant, self.ctx.principal)
 
 
 if TYPE_CHECKING:  # the phases, as the type checker sees them; at run time they are the Exchange

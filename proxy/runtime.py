@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import ipaddress
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -29,6 +30,7 @@ from proxy.layers.limits.limiter import LocalLimiter
 from proxy.layers.sessions.backend import SessionStore
 from proxy.layers.sessions.registry import SessionRegistry
 from proxy.layers.sessions.task_store import TaskStore
+from proxy.ops.drain import Drain
 from proxy.ops.metrics import Metrics
 from proxy.ops.reports import Reports
 from proxy.tenants.directory import SharedAllowlist, TenantDirectory
@@ -93,7 +95,10 @@ class Runtime:
     authenticator: Authenticator
     tenants: TenantDirectory
     origins: OriginPolicy
-    metrics_token: bytes | None = None  # /metrics answers only this bearer token, when set
+    metrics_token: bytes | None = None  # /metrics (and the admin endpoints) answer only this token
+    # What it was built from: each file read (config, policies, key files) -> its sha256, and when.
+    files: dict[str, str] = field(default_factory=dict)
+    loaded_at: float = field(default_factory=time.time)
 
     @classmethod
     def build(
@@ -108,10 +113,12 @@ class Runtime:
             name: (load_policy(config.policy_file(name)), _file_digest(config.policy_file(name)))
             for name in config.policy_names
         }
+        files = {str(path): _file_digest(path) for path in config.watched_files}
         allowlist = _shared_allowlist(config, shared)
         before = previous.tenants if previous is not None else None
         tenants = TenantDirectory(config, resolver, policies, allowlist, before)
-        return cls(config, authenticator, tenants, OriginPolicy.from_config(config), _metrics_token(config))
+        origins = OriginPolicy.from_config(config)
+        return cls(config, authenticator, tenants, origins, _metrics_token(config), files)
 
     def upstreams_not_in(self, other: Runtime) -> list[Upstream]:
         """Upstreams of this runtime that `other` does not use (to close once they are idle)."""
@@ -183,6 +190,7 @@ class Services:
     shutting_down: asyncio.Event
     shared: RedisState | None = None
     reports: Reports = field(default_factory=Reports)  # log lines, audit records, metrics
+    drain: Drain = field(default_factory=Drain)  # exchanges in flight, and how far a stop has come
     tasks: TaskStore = field(default_factory=TaskStore)  # whose tasks the upstreams' task ids are
 
     @classmethod

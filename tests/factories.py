@@ -80,6 +80,8 @@ def config_dict(
             "port": int(port or 80),
             "path": "/" + "/".join(parts[3:]),
             "public_url": resource,
+            # A test that stops a proxy process wants it gone at once; tests of the drain set their own.
+            "drain_delay_seconds": 0,
         },
         "auth": {
             "authorization_servers": ["https://idp.test"],

@@ -259,22 +259,27 @@ def _sleep_seconds(container: dict[str, Any]) -> float | None:
 
 
 def shutdown_is_graceful(m: Manifest) -> list[str]:
+    """The proxy keeps serving a few seconds after SIGTERM (listen.drain_delay_seconds, and a preStop
+    sleep if there is one), then gets its grace and 1 s more (ops/drain.py); the pod allows for all
+    of it, and an MCP server beside the proxy outlives it."""
     _, pod, proxy = m.proxy_pod()
-    grace = float(m.config()["listen"].get("shutdown_grace_seconds", 10))
-    drain = _sleep_seconds(proxy)
-    if drain is None or not 1 <= drain <= 30:
-        return ["the proxy has no preStop sleep of a few seconds (exec sleep N)"]
+    listen = m.config()["listen"]
+    grace = float(listen.get("shutdown_grace_seconds", 10))
+    delay = (_sleep_seconds(proxy) or 0) + float(listen.get("drain_delay_seconds", 5))
+    if not 1 <= delay <= 30:
+        return [f"the proxy keeps serving {delay} s after SIGTERM, not a few seconds (drain_delay_seconds)"]
+    stop = delay + grace + 1  # the proxy has exited by then
     problems = []
     period = pod.get("terminationGracePeriodSeconds", 30)
-    if period <= drain + grace + SHUTDOWN_MARGIN_SECONDS:
+    if period <= stop + SHUTDOWN_MARGIN_SECONDS:
         problems.append(
-            f"terminationGracePeriodSeconds {period} is not more than preStop {drain} + "
-            f"shutdown_grace_seconds {grace} + {SHUTDOWN_MARGIN_SECONDS}"
+            f"terminationGracePeriodSeconds {period} is not more than the drain delay {delay} + "
+            f"shutdown_grace_seconds {grace} + 1 + {SHUTDOWN_MARGIN_SECONDS}"
         )
-    for other in pod["containers"]:  # an upstream beside the proxy must outlive its drain
+    for other in pod["containers"]:  # an upstream beside the proxy must outlive its stop
         if other is not proxy:
             wait = _sleep_seconds(other)
-            if wait is None or not drain + grace <= wait < period:
+            if wait is None or not stop <= wait < period:
                 problems.append(f"{other['name']} stops before the proxy's drain ends ({wait})")
     return problems
 
@@ -515,16 +520,16 @@ def check_config(m: Manifest, tmp_path: Path) -> subprocess.CompletedProcess[str
     )  # fmt: skip
 
 
-def test_check_config_refuses_a_key_the_proxy_does_not_have_yet(tmp_path: Path) -> None:
+def test_check_config_refuses_a_key_the_proxy_does_not_have(tmp_path: Path) -> None:
     m = Manifest.load("kubernetes.yaml")
     data = copy.deepcopy(m.docs)
     config_map = next(d for d in data if d["kind"] == "ConfigMap")
     config_map["data"]["config.yaml"] = config_map["data"]["config.yaml"].replace(
-        "  port: 8080\n", "  port: 8080\n  drain_delay_seconds: 5\n"
+        "  port: 8080\n", "  port: 8080\n  drain_seconds: 5\n"
     )
     result = check_config(replace(m, docs=tuple(data)), tmp_path)
     assert result.returncode == 2
-    assert "listen.drain_delay_seconds: unknown key" in result.stderr
+    assert "listen.drain_seconds: unknown key" in result.stderr
 
 
 # --- breakages each rule must catch -------------------------------------------------------------------
@@ -639,13 +644,18 @@ BREAKAGES = [
              lambda d: box(d, PROXY)["volumeMounts"][1].update(readOnly=True)),
     Breakage(REPLICAS, "proxy_writes_only_to_volumes", "audit under the config mount",
              lambda d: config(d, lambda c: c["audit"].update(dir="audit"))),
-    Breakage(SIDECAR, "shutdown_is_graceful", "no preStop", lambda d: box(d, PROXY).pop("lifecycle")),
+    Breakage(SIDECAR, "shutdown_is_graceful", "no drain delay",
+             lambda d: config(d, lambda c: c["listen"].update(drain_delay_seconds=0))),
+    Breakage(REPLICAS, "shutdown_is_graceful", "a preStop sleep on top of the drain delay",
+             lambda d: box(d, PROXY).update(lifecycle={"preStop": {"sleep": {"seconds": 15}}})),
     Breakage(REPLICAS, "shutdown_is_graceful", "a grace period shorter than the drain",
              lambda d: pod(d).update(terminationGracePeriodSeconds=15)),
     Breakage(REPLICAS, "shutdown_is_graceful", "a longer shutdown_grace_seconds",
              lambda d: config(d, lambda c: c["listen"].update(shutdown_grace_seconds=25))),
     Breakage(SIDECAR, "shutdown_is_graceful", "an MCP server stopping first",
              lambda d: box(d, MCP_SERVER).pop("lifecycle")),
+    Breakage(SIDECAR, "shutdown_is_graceful", "an MCP server stopping before the proxy's last second",
+             lambda d: box(d, MCP_SERVER)["lifecycle"]["preStop"]["sleep"].update(seconds=15)),
     Breakage(SIDECAR, "proxy_is_wired", "readiness on /healthz",
              lambda d: box(d, PROXY)["readinessProbe"]["httpGet"].update(path="/healthz")),
     Breakage(REPLICAS, "proxy_is_wired", "liveness on /readyz",

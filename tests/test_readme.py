@@ -78,3 +78,35 @@ def test_running_it_works_when_pasted_after_the_install_line(tmp_path: Path) -> 
     assert "all isolation checks passed" in stdout  # the install line's demo
     assert '"status": "ready"' in stdout  # /readyz
     assert '{"server_tenant": "acme", "canary": "acme-notes"' in stdout  # the tool result
+
+
+def test_the_admin_examples_work_when_pasted_against_a_local_run(tmp_path: Path) -> None:
+    """Operating it's admin commands, in a directory holding what they use (the example config, its
+    policies, the venv), with free ports for 8080 and 9464."""
+    venv = Path(sys.executable).parent.parent
+    if not (venv / "bin" / "activate").exists():
+        pytest.skip("the tests do not run in a virtualenv")
+    block = next(b for b in shell_blocks("Operating it") if "/admin/" in b)
+    ports = {"8080": str(free_port()), "9464": str(free_port())}
+    shutil.copytree(ROOT / "policies", tmp_path / "policies")
+    example = (ROOT / "config.example.yaml").read_text()
+    (tmp_path / ".venv").symlink_to(venv)
+    for default, port in ports.items():
+        example, block = example.replace(default, port), block.replace(default, port)
+    (tmp_path / "config.example.yaml").write_text(example)
+    env = {k: v for k, v in os.environ.items() if k not in NOT_IN_A_NEW_SHELL}
+    process = subprocess.Popen(
+        ["bash", "-c", "set -e\n" + block], cwd=tmp_path, env=env, start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the proxy, still draining
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, f"{stdout}\n{stderr[-6000:]}"
+    config, sessions, ended, flushed = stdout.strip().splitlines()[-4:]
+    assert '"sha256": ' in config and "admin-example.yaml" in config
+    assert '"protocol_version": "2025-11-25"' in sessions and '"subject": ' in sessions
+    assert '"upstream": "ended"' in ended
+    assert '"cache": "flushed"' in flushed

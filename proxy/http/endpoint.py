@@ -43,6 +43,7 @@ from proxy.layers.data_access import stage as data_access
 from proxy.layers.limits import stage as limits
 from proxy.layers.sessions import stage as sessions
 from proxy.layers.sessions import tasks
+from proxy.ops import drain
 from proxy.ops.log import request_line
 from proxy.ops.metrics import observe
 from proxy.protocol.errors import MethodNotAllowed, ProxyError
@@ -170,7 +171,9 @@ async def serve(exchange: Exchange, flow: Flow[C]) -> Reply:
         failure = error
         if not exchange.delivered:
             exchange.outcome = "cancelled"
-        raise
+        if not exchange.services.drain.was_cut_short():
+            raise
+        reply = await drain.last_word(exchange)  # the stop's grace is over: a JSON-RPC error
     except BaseException as error:
         failure = error
         raise
@@ -194,11 +197,14 @@ def _report(exchange: Exchange, done: Sequence[DoneHook]) -> None:
 
 
 async def handle_mcp(request: web.Request) -> web.StreamResponse:
-    exchange = Exchange(request=request, runtime=request.app[RUNTIME].current, services=request.app[SERVICES])
-    if request.method == "POST":
-        return await serve(exchange, POST)
-    if request.method == "GET":
-        return await serve(exchange, GET)
-    if request.method == "DELETE":
-        return await serve(exchange, DELETE)
-    return error_reply(exchange, MethodNotAllowed(headers={"Allow": "GET, POST, DELETE"}))
+    services = request.app[SERVICES]
+    exchange = Exchange(request=request, runtime=request.app[RUNTIME].current, services=services)
+    if request.method not in ("POST", "GET", "DELETE"):
+        return error_reply(exchange, MethodNotAllowed(headers={"Allow": "GET, POST, DELETE"}))
+    in_flight = services.drain.enter()  # a stop waits for it, and answers it if the grace runs out
+    try:
+        if request.method == "POST":
+            return await serve(exchange, POST)
+        return await serve(exchange, GET if request.method == "GET" else DELETE)
+    finally:
+        services.drain.leave(in_flight)

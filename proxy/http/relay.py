@@ -223,7 +223,7 @@ async def _relay_json(call: Request, response: UpstreamResponse, hooks: Hooks) -
 
 
 async def _relay_post_stream(call: Request, response: UpstreamResponse, hooks: Hooks) -> Reply:
-    stream = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    stream = call.stream = web.StreamResponse(status=200, headers=SSE_HEADERS)
     await stream.prepare(call.request)
     answered = False
     primed = False  # an event id went out: the client can resume the stream (handshake era)
@@ -447,7 +447,7 @@ async def _relay_get_stream(
     stream resumed), or the session's end or the proxy's shutdown."""
     session = call.session
     assert session is not None and session.ended is not None
-    stream = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    stream = call.stream = web.StreamResponse(status=200, headers=SSE_HEADERS)
     await stream.prepare(call.request)
     try:
         async for batch in _until(incoming(response), call.services.shutting_down, session.ended):

@@ -51,3 +51,8 @@ class ProxyRunner(web.AppRunner):
         server: Any = await super()._make_server()
         server.__class__ = JsonErrorServer  # the same object; only how it makes handlers differs
         return server  # type: ignore[no-any-return]
+
+    def limit_shutdown(self, seconds: float) -> None:
+        """How long cleanup() gives connections still busy (aiohttp takes it only when constructed):
+        after a drain they have had their grace already (ops/drain.py)."""
+        self._shutdown_timeout = seconds

@@ -1,6 +1,6 @@
 """/healthz (the process serves) and /readyz (config loaded, listener up, upstreams reachable as
-`readiness.upstreams` asks: those of configured tenants and of active template tenants). Neither
-needs a token and neither names a tenant: counts only.
+`readiness.upstreams` asks: those of configured tenants and of active template tenants; not while
+stopping). Neither needs a token and neither names a tenant: counts only.
 
 An HTTP upstream counts as reachable when a TCP connection to it opens; a stdio upstream when its
 program starts and completes the MCP handshake (tried once with a child of its own, until a child
@@ -129,9 +129,11 @@ async def readyz(request: web.Request) -> web.Response:
     mode = runtime.config.readiness.upstreams
     shared = request.app[SERVICES].shared
     problem = shared.problem if shared is not None else None
-    ready = readiness.ready(mode) and problem is None
+    draining = request.app[SERVICES].drain.draining
+    ready = readiness.ready(mode) and problem is None and not draining
     body: dict[str, object] = {
         "status": "ready" if ready else "not_ready",
+        **({"reason": "draining"} if draining else {}),  # stopping: still serving, not for long
         "upstreams": {"reachable": readiness.reachable, "total": readiness.total, "required": mode},
         "checked": readiness.checked_at is not None,
     }

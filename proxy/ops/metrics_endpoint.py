@@ -1,4 +1,5 @@
-"""GET /metrics, on a listener of its own: metrics name every tenant and its activity.
+"""GET /metrics, on a listener of its own: metrics name every tenant and its activity. The admin
+endpoints (ops/admin.py) are on that listener too, behind the same token.
 
 By default they are served on `metrics.listen` (127.0.0.1:9464) and nowhere else: the public
 listener, where tenants' clients connect, answers /metrics with 404 unless `metrics.public` says
@@ -21,17 +22,26 @@ from proxy.protocol.jsonrpc import dumps, error_body
 log = structlog.get_logger("proxy.metrics")
 
 
-async def metrics(request: web.Request) -> web.Response:
+def bearer_refusal(request: web.Request, needs: str) -> web.Response | None:
+    """401 unless the request carries the metrics token (None: it does, or none is configured)."""
     token = request.app[RUNTIME].current.metrics_token
-    if token is not None:
-        sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(sent, b"Bearer " + token):
-            return web.Response(
-                status=401,
-                body=dumps(error_body(None, -32001, "Unauthorized: /metrics needs its bearer token")),
-                content_type="application/json",
-                headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
-            )
+    if token is None:
+        return None
+    sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+    if hmac.compare_digest(sent, b"Bearer " + token):
+        return None
+    return web.Response(
+        status=401,
+        body=dumps(error_body(None, -32001, f"Unauthorized: {needs}")),
+        content_type="application/json",
+        headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    refused = bearer_refusal(request, "/metrics needs its bearer token")
+    if refused is not None:
+        return refused
     services = request.app[SERVICES]
     services.reports.run_now()  # the exchanges answered so far count
     body = services.metrics.render()
@@ -50,9 +60,12 @@ class MetricsListener:
     async def start(self, main: web.Application) -> None:
         if self.config is None:
             return
-        app = web.Application()
+        from proxy.ops import admin
+
+        app = web.Application(middlewares=[admin.guard])
         app[RUNTIME], app[SERVICES] = main[RUNTIME], main[SERVICES]
         app.router.add_get("/metrics", metrics)
+        admin.add_routes(app)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)

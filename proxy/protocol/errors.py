@@ -25,6 +25,7 @@
     ├── TooManyRequests                 -32009  429  (Retry-After); also an upstream's 429 that said when
     ├── StateStoreUnavailable           -32013  503  the shared state store cannot be reached
     │   └── SessionStoreUnavailable     -32013  503  ... so no session can be recorded
+    ├── ShuttingDown                    -32014  503  still open when the proxy's stop grace ended
     └── UpstreamError                   -32010  502  the tenant's upstream failed this request
         ├── UpstreamTimeout             -32011  504
         └── UpstreamUnavailable         -32012  503  circuit open: failing fast (Retry-After); also an
@@ -221,6 +222,19 @@ class StateStoreUnavailable(ProxyError):
 
 class SessionStoreUnavailable(StateStoreUnavailable):
     default_message = "Sessions cannot be created right now: the shared session store is unreachable"
+
+
+class ShuttingDown(ProxyError):
+    """A request still in flight when the stop's grace period ended (ops/drain.py)."""
+
+    code = -32014
+    status = 503
+    default_message = (
+        "Service unavailable: the proxy is shutting down and this request did not finish in its grace period"
+    )
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
 
 
 class UpstreamError(ProxyError):

@@ -117,7 +117,11 @@ class RedisResponseCache(SingleFlight):
         self.state.spawn("cache_invalidate", self._invalidate(tenant, methods, name))
         return 0
 
-    async def _invalidate(self, tenant: str, methods: Iterable[str] | None, name: str | None) -> None:
+    async def flush(self, tenant: str) -> int:
+        """Every entry of the tenant, on every replica, dropped now (StateUnavailable: not done)."""
+        return await self.state.call("cache_flush", self._invalidate(tenant, None, None))
+
+    async def _invalidate(self, tenant: str, methods: Iterable[str] | None, name: str | None) -> int:
         wanted = frozenset(methods) if methods is not None else None
         entries = await self.state.client.hgetall(self.state.key(tenant, "cache-index"))
         doomed = []
@@ -128,6 +132,7 @@ class RedisResponseCache(SingleFlight):
         if doomed:
             prefix = self.state.key(tenant, "cache", "")
             await self._drop(keys=self._keys(tenant, prefix), args=[prefix, *doomed])
+        return len(doomed)
 
     def _keys(self, tenant: str, data_key: str) -> list[str]:
         kinds = ("cache-index", "cache-age", "cache-expiry", "cache-sizes")

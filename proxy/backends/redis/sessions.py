@@ -1,7 +1,8 @@
 """Handshake-era sessions in Redis, so a POST for a session can be served by any replica.
 
     <prefix>:{<tenant>}:session:<id>          hash: tenant, subject, protocol version, upstream
-                                              session id; expires after idle_timeout_seconds unused
+                                              session id, created; expires after idle_timeout_seconds
+                                              unused
     <prefix>:{<tenant>}:session:<id>:pending  server-to-client request ids the session owes answers to
     <prefix>:{<tenant>}:sessions              sorted set of live ids (and reservations) by last use:
                                               the per-tenant cap, kept atomically by a Lua script
@@ -61,7 +62,7 @@ if record['tenant'] ~= ARGV[5] or record['subject'] ~= ARGV[1] then return nil e
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
 redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[4])
-return {record['protocol_version'], record['upstream_session_id']}
+return {record['protocol_version'], record['upstream_session_id'], record['created'] or ''}
 """
 
 
@@ -144,6 +145,7 @@ class RedisSessionRegistry:
                 "subject": ctx.principal,
                 "protocol_version": protocol_version,
                 "upstream_session_id": upstream_session_id or "",
+                "created": repr(session.created),
             },
         )
         pipeline.pexpire(record, self._idle_ms)
@@ -181,13 +183,14 @@ class RedisSessionRegistry:
                 self.views.forget(local)
             raise SessionNotFound()
         if local is None:  # created on another replica: this one now holds a local view of it
-            version, upstream_id = (part.decode() for part in found)
+            version, upstream_id, created = (part.decode() for part in found)
             local = Session(
                 id=session_id,
                 tenant=ctx.tenant,
                 subject=ctx.principal,
                 protocol_version=version,
                 upstream_session_id=upstream_id or None,
+                created=_seconds(created),
             )
             self.views.keep(local)
         local.last_seen = time.monotonic()
@@ -308,22 +311,29 @@ class RedisSessionRegistry:
         return claimed
 
     async def of_tenant(self, tenant: str) -> list[Session]:
-        sessions: list[Session] = []
+        """The tenant's live sessions on every replica: this replica's own views where it holds
+        them (what only it knows: an open GET stream, requests in flight), else from the records;
+        each last seen when any replica last used it. Nothing when Redis cannot be reached."""
+        now, moment = time.time(), time.monotonic()
         try:
-            ids = await self.state.call(
-                "session_list", self.state.client.zrange(self.state.key(tenant, "sessions"), 0, -1)
+            members = await self.state.call(
+                "session_list",
+                self.state.client.zrange(self.state.key(tenant, "sessions"), 0, -1, withscores=True),
             )
-            for raw in ids:
-                session_id = raw.decode()
-                if session_id.startswith("reserved:"):
-                    continue
-                record = await self.state.call(
-                    "session_get", self.state.client.hgetall(self._keys(tenant, session_id)[0])
-                )
-                if record:
-                    sessions.append(_session_from(tenant, session_id, record))
+            live = [(raw.decode(), score) for raw, score in members if not raw.startswith(b"reserved:")]
+            pipeline = self.state.client.pipeline(transaction=False)
+            for session_id, _ in live:
+                pipeline.hgetall(self._keys(tenant, session_id)[0])
+            records = await self.state.call("session_get", pipeline.execute()) if live else []
         except StateUnavailable:
-            pass
+            return []
+        sessions: list[Session] = []
+        for (session_id, used_at), record in zip(live, records, strict=True):
+            if not record:  # expired: a sweep ends it upstream
+                continue
+            session = self.views.held(session_id) or _session_from(tenant, session_id, record)
+            session.last_seen = max(session.last_seen, moment - (now - used_at))
+            sessions.append(session)
         return sessions
 
     def expect_answer(self, session: Session, request_id: RequestId) -> Awaitable[None]:
@@ -385,4 +395,14 @@ def _session_from(tenant: str, session_id: str, record: dict[Any, Any]) -> Sessi
         subject=field("subject"),
         protocol_version=field("protocol_version"),
         upstream_session_id=field("upstream_session_id") or None,
+        created=_seconds(field("created")),
+        last_seen=0.0,  # (of_tenant sets when it was last used)
     )
+
+
+def _seconds(text: str) -> float:
+    """A wall-clock time as stored; 0.0 for a record written before it was kept."""
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0

@@ -31,6 +31,10 @@ class Cache(Protocol):
         """Drop a tenant's entries (of these methods, of this name)."""
         ...
 
+    async def flush(self, tenant: str) -> int:
+        """Drop every entry of the tenant now (an operator's flush); returns how many went."""
+        ...
+
     def join(self, key: CacheKey) -> asyncio.Future[bytes | None] | None:
         """A leader's pending result to wait for, or None: the caller leads and must `settle`."""
         ...

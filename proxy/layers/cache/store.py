@@ -199,6 +199,9 @@ class ResponseCache(SingleFlight):
         self._bytes += int(shelf.currsize) - before
         return len(doomed)
 
+    async def flush(self, tenant: str) -> int:
+        return self.invalidate(tenant)
+
 
 def hinted_ttl(result: Any) -> tuple[float, bool] | None:
     """(ttl seconds, private) from a result's ttlMs / cacheScope, or None when it may not be cached."""

@@ -41,6 +41,7 @@ class Session:
     protocol_version: str
     upstream_session_id: str | None = None
     last_seen: float = field(default_factory=time.monotonic)
+    created: float = field(default_factory=time.time)  # wall-clock (0.0: not known)
     closed: bool = False
     # SSE event ids the proxy issued on this session -> the upstream's event id and the stream it
     # belongs to (the id of the request whose POST stream it was, or None: the GET stream).
@@ -157,6 +158,10 @@ class LocalViews:
     def keep(self, session: Session) -> None:
         self._sessions[session.id] = session
         self._per_tenant[session.tenant] = self.count(session.tenant) + 1
+
+    def held(self, session_id: str) -> Session | None:
+        """The view of a session this process holds, whoever's it is (the admin endpoints' listing)."""
+        return self._sessions.get(session_id)
 
     def find(self, session_id: str, ctx: TenantContext) -> Session | None:
         """The caller's own live view, compared in constant time; anyone else's is None."""

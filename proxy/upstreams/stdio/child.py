@@ -320,6 +320,10 @@ class Child:
                     break
                 except TimeoutError:
                     continue
+                except asyncio.CancelledError:  # stopped in a hurry (the proxy's exit): never left running
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+                    raise
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
