@@ -216,7 +216,7 @@ def roots_of(directory: str) -> Callable[..., Awaitable[ListRootsResult]]:
 
     async def list_roots(context: Any) -> ListRootsResult:
         calls.append(directory)
-        return ListRootsResult(roots=[Root(uri=directory, name="mine")])  # type: ignore[arg-type]
+        return ListRootsResult(roots=[Root(uri=directory, name="mine")])
 
     list_roots.calls = calls  # type: ignore[attr-defined]
     return list_roots
@@ -320,7 +320,7 @@ async def test_meta_naming_another_tenant_is_refused_and_null_arguments_are_fill
         "tenant_id": "globex",
     }
     headers = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": "list_notes"}
-    body = {
+    body: dict[str, Any] = {
         "jsonrpc": "2.0",
         "id": 1,
         "method": "tools/call",

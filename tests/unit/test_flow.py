@@ -21,6 +21,7 @@ from proxy.flow import (
     Hooks,
     ServerKind,
     ServerMessage,
+    Stage,
     deliver,
     enter_stages,
     hook,
@@ -154,7 +155,12 @@ async def test_around_stages_leave_in_reverse_whatever_ended_the_flow() -> None:
         raise PolicyDenied()
 
     entered: list[Any] = []
-    stages = [Recording("a", log), Recording("b", log, takes=False), Recording("c", log), refuse]
+    stages: list[Stage[Exchange]] = [
+        Recording("a", log),
+        Recording("b", log, takes=False),
+        Recording("c", log),
+        refuse,
+    ]
     with pytest.raises(PolicyDenied) as raised:
         await enter_stages(exchange, stages, entered)
     assert leave_stages(entered, raised.value) is raised.value
