@@ -26,6 +26,7 @@ import redis.asyncio as redis_asyncio
 import yaml
 from aiohttp import web
 
+from proxy.backends.redis.sessions import RedisSessionRegistry
 from proxy.cli import start_server
 from proxy.config import ProxyConfig
 from proxy.demo import client_for
@@ -812,7 +813,8 @@ async def test_a_killed_replicas_session_is_ended_upstream_by_a_surviving_replic
     sessions = {"idle_timeout_seconds": 1.0}
     replicas = await start_replicas(upstreams, sessions=sessions)
     for replica in (replicas.a, replicas.b):
-        replica.services.sessions.clock_margin_seconds = 0.0  # type: ignore[attr-defined]
+        assert isinstance(replica.services.sessions, RedisSessionRegistry)
+        replica.services.sessions.clock_margin_seconds = 0.0
     port = free_port()
     data = proxy_config(PUBLIC, upstreams, tmp_path, rsa_keys, sessions=sessions)
     data["listen"].update(host="127.0.0.1", port=port, path="/mcp")
@@ -844,7 +846,8 @@ async def test_a_killed_replicas_session_is_ended_upstream_by_a_surviving_replic
             assert asyncio.get_running_loop().time() < deadline, "the orphan was never ended upstream"
             await asyncio.sleep(0.1)
         for replica in (replicas.a, replicas.b):  # every replica's next sweep has run: still once
-            replica.services.sessions.clock_margin_seconds = 0.0  # type: ignore[attr-defined]
+            assert isinstance(replica.services.sessions, RedisSessionRegistry)
+            replica.services.sessions.clock_margin_seconds = 0.0
             assert await replica.services.sessions.expired() == []
         assert len(ends()) == 1
         assert (await post(replicas.a.url, call("whoami"), alice, session, HANDSHAKE)).status == 404

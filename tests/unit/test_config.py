@@ -66,11 +66,13 @@ def config_error(tmp_path: Path, change: Callable[[dict[str, Any]], None], **env
 
 
 def issuer(data: dict[str, Any]) -> dict[str, Any]:
-    return data["auth"]["issuers"][0]  # type: ignore[no-any-return]
+    first: dict[str, Any] = data["auth"]["issuers"][0]
+    return first
 
 
 def upstream(data: dict[str, Any]) -> dict[str, Any]:
-    return data["tenants"]["acme"]["upstream"]  # type: ignore[no-any-return]
+    acme: dict[str, Any] = data["tenants"]["acme"]["upstream"]
+    return acme
 
 
 # --- the base file is valid ------------------------------------------------------------------------
