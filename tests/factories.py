@@ -60,6 +60,7 @@ class RsaKeys:
 
     def jwk(self) -> dict[str, Any]:
         public = serialization.load_pem_public_key(self.public_pem)
+        assert isinstance(public, rsa.RSAPublicKey)
         jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(public))
         return {**jwk, "kid": self.kid, "use": "sig", "alg": "RS256"}
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 import mcp_types as t
-from mcp.server.mcpserver import Context
+from mcp.server.mcpserver import AcceptedElicitation, Context
 from pydantic import BaseModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -73,7 +73,7 @@ def main() -> None:
         result = await ctx.elicit(question, Answer)
         return {
             "action": result.action,
-            "answer": result.data.answer if result.data else None,
+            "answer": result.data.answer if isinstance(result, AcceptedElicitation) else None,
             "canary": canary,
         }
 

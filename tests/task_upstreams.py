@@ -128,7 +128,7 @@ class LegacyTasks:
             return {"task": dict(self.tasks[task_id])}
         if method == "tasks/list":
             return {"tasks": [dict(task) for task in self.tasks.values()]}
-        task_id = params.get("taskId")
+        task_id = str(params.get("taskId"))
         if task_id not in self.tasks:
             raise KeyError(f"Task {task_id} not found")
         if method == "tasks/get":

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -92,10 +94,10 @@ def test_example_config_without_its_secret_names_the_key() -> None:
     ],
 )
 def test_check_config_rejects_with_file_key_and_reason(
-    tmp_path: Path, mutate: object, key_path: str, problem: str
+    tmp_path: Path, mutate: Callable[[dict[str, Any]], object], key_path: str, problem: str
 ) -> None:
     data = config_dict({"acme": "http://127.0.0.1:9001/mcp"})
-    mutate(data)  # type: ignore[operator]
+    mutate(data)
     path = write_config(tmp_path, data)
     result = cli("check-config", "--config", str(path), env={DEV_SECRET_ENV: DEV_SECRET})
     assert result.returncode == 2

@@ -17,6 +17,7 @@ import sys
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -569,7 +570,8 @@ def box(docs: Docs, name: str) -> dict[str, Any]:
     """The container called `name`."""
     for workload in docs:
         if workload["kind"] in WORKLOAD_KINDS:
-            for container in workload["spec"]["template"]["spec"]["containers"]:
+            containers: list[dict[str, Any]] = workload["spec"]["template"]["spec"]["containers"]
+            for container in containers:
                 if container["name"] == name:
                     return container
     raise KeyError(name)
@@ -587,6 +589,11 @@ def swap_arg(container: dict[str, Any], old: str, new: str | None) -> None:
     args = container["args"]
     index = args.index(old)
     args[index : index + 1] = [] if new is None else [new]
+
+
+def drop_args(container: dict[str, Any], *dropped: str) -> None:
+    for arg in dropped:
+        swap_arg(container, arg, None)
 
 
 def lock_down(docs: Docs, container: str, key: str, value: object) -> None:
@@ -624,7 +631,7 @@ BREAKAGES = [
              lambda d: config(d, lambda c: c["auth"]["issuers"].append(HS_ISSUER))),
     *[
         Breakage(manifest, "containers_are_locked_down", f"{container} {key} {value}",
-                 lambda d, c=container, k=key, v=value: lock_down(d, c, k, v))
+                 partial(lock_down, container=container, key=key, value=value))
         for manifest, container in ((SIDECAR, MCP_SERVER), (SIDECAR, PROXY), (REPLICAS, REDIS))
         for key, value in LOOSENED
     ],
@@ -682,7 +689,7 @@ BREAKAGES = [
     Breakage(REPLICAS, "redis_keeps_sessions", "volatile-ttl eviction",
              lambda d: swap_arg(box(d, REDIS), "noeviction", "volatile-ttl")),
     Breakage(REPLICAS, "redis_keeps_sessions", "no eviction policy",
-             lambda d: [swap_arg(box(d, REDIS), a, None) for a in ("--maxmemory-policy", "noeviction")]),
+             lambda d: drop_args(box(d, REDIS), "--maxmemory-policy", "noeviction")),
     Breakage(REPLICAS, "redis_keeps_sessions", "redis:7-alpine",
              lambda d: box(d, REDIS).update(image="redis:7-alpine")),
     Breakage(REPLICAS, "redis_keeps_sessions", "redis:latest",
@@ -690,7 +697,7 @@ BREAKAGES = [
     Breakage(REPLICAS, "redis_keeps_sessions", "a digest placeholder",
              lambda d: box(d, REDIS).update(image="redis:7.4.9-alpine@sha256:<digest>")),
     Breakage(REPLICAS, "redis_keeps_sessions", "no password",
-             lambda d: [swap_arg(box(d, REDIS), a, None) for a in ("--requirepass", "$(REDIS_PASSWORD)")]),
+             lambda d: drop_args(box(d, REDIS), "--requirepass", "$(REDIS_PASSWORD)")),
     Breakage(REPLICAS, "redis_keeps_sessions", "a TCP-only probe",
              lambda d: box(d, REDIS).update(livenessProbe={"tcpSocket": {"port": 6379}})),
     Breakage(REPLICAS, "only_the_proxy_reaches_redis", "no NetworkPolicy",
@@ -812,10 +819,10 @@ def lock_pins_every_package_with_hashes(dockerfile: str, lock: str) -> list[str]
     entries = re.sub(r"\\\n\s*", " ", re.sub(r"(?m)^\s*#.*\n", "", lock)).splitlines()
     pinned: dict[str, str] = {}
     for entry in filter(str.strip, entries):
-        requirement, *hashes = entry.split(" --hash=")
-        match = re.fullmatch(r"([A-Za-z0-9._-]+)==([\w.+!-]+)( ; .+)?", requirement.strip())
+        pin, *hashes = entry.split(" --hash=")
+        match = re.fullmatch(r"([A-Za-z0-9._-]+)==([\w.+!-]+)( ; .+)?", pin.strip())
         if not match:
-            problems.append(f"not an exact pin: {requirement.strip()}")
+            problems.append(f"not an exact pin: {pin.strip()}")
             continue
         if not hashes or not all(re.fullmatch(r"sha256:[0-9a-f]{64}", h.strip()) for h in hashes):
             problems.append(f"{match.group(1)} has no sha256 hashes")

@@ -10,14 +10,14 @@ import jsonschema
 import pytest
 import yaml
 
-from proxy.ops.schema import generate, schema_text, shipped
+from proxy.ops.schema import Kind, generate, schema_text, shipped
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("kind", ["config", "policy"])
-def test_shipped_schema_is_the_generated_one(kind: str) -> None:
-    assert shipped(kind) == schema_text(kind), f"regenerate: python -m proxy schema {kind}"  # type: ignore[arg-type]
+def test_shipped_schema_is_the_generated_one(kind: Kind) -> None:
+    assert shipped(kind) == schema_text(kind), f"regenerate: python -m proxy schema {kind}"
 
 
 def test_examples_validate_and_reference_their_schema() -> None:
@@ -47,9 +47,9 @@ def test_the_schema_refuses_what_the_loader_refuses() -> None:
     assert json.loads(shipped("config"))["title"] == "mcp-tenant-proxy config"
 
 
-def _undescribed(kind: str) -> list[str]:
+def _undescribed(kind: Kind) -> list[str]:
     """Keys (as `Model.key`) that neither carry a description nor point at a described model."""
-    schema = generate(kind)  # type: ignore[arg-type]
+    schema = generate(kind)
     definitions = schema.get("$defs", {})
 
     def described(entry: dict[str, object]) -> bool:
@@ -67,7 +67,7 @@ def _undescribed(kind: str) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", ["config", "policy"])
-def test_every_key_has_a_description_for_editors(kind: str) -> None:
+def test_every_key_has_a_description_for_editors(kind: Kind) -> None:
     assert _undescribed(kind) == []
 
 

@@ -21,7 +21,15 @@ from typing import Annotated, Any
 import anyio
 import uvicorn
 from mcp.server.mcpserver import Context, Elicit, ListRoots, MCPServer, Resolve, Sample
-from mcp_types import Completion, CreateMessageResult, ListRootsResult, SamplingMessage, TextContent
+from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
+from mcp_types import (
+    Completion,
+    CreateMessageResult,
+    JSONRPCMessage,
+    ListRootsResult,
+    SamplingMessage,
+    TextContent,
+)
 from pydantic import BaseModel
 
 from proxy.demo_upstream import build_notes_server
@@ -150,7 +158,8 @@ def add_test_tools(server: MCPServer, canary: str) -> None:
         """The client's roots, as a filesystem server would adopt them."""
         return {"roots": [str(root.uri) for root in roots.roots], "canary": canary}
 
-    @server.completion()
+    # The SDK's completion() decorator has no annotations (its sibling decorators have).
+    @server.completion()  # type: ignore[no-untyped-call, untyped-decorator]
     async def complete(ref: Any, argument: Any, context: Any) -> Completion:
         """Completes from the tenant named in the context, as a tenant-aware server trusting it would."""
         arguments = (context.arguments if context is not None else None) or {}
@@ -267,23 +276,21 @@ def start_notes_upstream(runner: UpstreamThread, tenant: str, canary: str) -> Up
 # --- helpers for the concurrency and ownership suites ---------------------------------------------
 
 
-class MemoryEventStore:
+class MemoryEventStore(EventStore):
     """An SDK EventStore in memory, so an upstream's SSE streams are resumable with Last-Event-ID.
 
     Its ids ("up-N") differ from the proxy's own. It lives on the upstream thread's loop only.
     """
 
     def __init__(self) -> None:
-        self.events: list[tuple[str, str, Any]] = []
+        self.events: list[tuple[str, str, JSONRPCMessage | None]] = []
 
-    async def store_event(self, stream_id: str, message: Any) -> str:
+    async def store_event(self, stream_id: str, message: JSONRPCMessage | None) -> str:
         event_id = f"up-{len(self.events) + 1}"
         self.events.append((event_id, stream_id, message))
         return event_id
 
-    async def replay_events_after(self, last_event_id: str, send_callback: Any) -> str | None:
-        from mcp.server.streamable_http import EventMessage
-
+    async def replay_events_after(self, last_event_id: str, send_callback: EventCallback) -> str | None:
         ids = [event[0] for event in self.events]
         if last_event_id not in ids:
             return None

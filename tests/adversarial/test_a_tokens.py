@@ -196,14 +196,14 @@ def assert_no_upstream_request(upstreams: dict[str, Any]) -> None:
 
 
 def assert_jsonrpc_error(body: bytes, error: type[ProxyError]) -> dict[str, Any]:
-    answer = json.loads(body)
+    answer: dict[str, Any] = json.loads(body)
     assert set(answer) == {"jsonrpc", "id", "error"}
     assert answer["jsonrpc"] == "2.0"
     assert answer["id"] is None
     assert answer["error"]["code"] == error.code
     assert isinstance(answer["error"]["message"], str)
     assert answer["error"]["message"]
-    return answer  # type: ignore[no-any-return]
+    return answer
 
 
 async def raw_post(url: str, headers: Any, body: Any = INITIALIZE) -> tuple[int, dict[str, str], bytes]:

@@ -145,7 +145,7 @@ async def test_a_foreign_resource_looks_exactly_like_an_unknown_one(
 ) -> None:
     async with client_for(shared_proxy_reject.url, shared_proxy_reject.token("acme"), mode) as client:
         own = await client.read_resource("notes://acme/plan")
-        assert "note plan of acme" in own.contents[0].text  # type: ignore[union-attr]
+        assert "note plan of acme" in own.contents[0].text
         with pytest.raises(MCPError) as unknown:
             await client.read_resource("unknown://nothing")
         before = len(shared_upstream.recorder.snapshot())
@@ -171,7 +171,7 @@ async def test_prompts_and_completions_name_only_the_caller(
 ) -> None:
     async with client_for(shared_proxy_reject.url, shared_proxy_reject.token("acme")) as client:
         prompt = await client.get_prompt("summarize_notes", {"topic": "q3"})
-        assert "notes of acme about q3" in prompt.messages[0].content.text  # type: ignore[union-attr]
+        assert "notes of acme about q3" in prompt.messages[0].content.text
         with pytest.raises(MCPError) as refused:
             await client.get_prompt("summarize_notes", {"tenant_id": "globex"})
         assert refused.value.error.code == -32005

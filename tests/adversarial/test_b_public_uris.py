@@ -93,9 +93,9 @@ async def test_a_public_uri_reads_and_lists_while_another_tenants_stays_unknown(
             listed = sorted(r.uri for r in (await client.list_resources()).resources)
             assert listed == [GUIDE, f"docs://data/tenants/{tenant}/readme"]
             guide = await client.read_resource(GUIDE)
-            assert guide.contents[0].text == "the shared guide"  # type: ignore[union-attr]
+            assert guide.contents[0].text == "the shared guide"
             own = await client.read_resource(f"docs://data/tenants/{tenant}/readme")
-            assert CANARIES[tenant] in own.contents[0].text  # type: ignore[union-attr]
+            assert CANARIES[tenant] in own.contents[0].text
             with pytest.raises(MCPError) as unknown:
                 await client.read_resource("docs://data/shared/nothing.md")  # the upstream's answer
             foreign = f"docs://data/tenants/{other}/readme"

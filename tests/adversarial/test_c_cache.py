@@ -17,6 +17,7 @@ from mcp.server.mcpserver import MCPServer
 
 from proxy.demo import client_for
 from proxy.http.keys import SERVICES
+from proxy.layers.cache.store import ResponseCache
 from tests.conftest import TENANTS, RunningProxy, StartProxy
 from tests.upstreams import Recorder, free_port
 
@@ -98,7 +99,8 @@ async def call(running: RunningProxy, tenant: str, name: str, arguments: Any, su
 
 
 def payload(result: Any) -> dict[str, Any]:
-    return result["structuredContent"]
+    structured: dict[str, Any] = result["structuredContent"]
+    return structured
 
 
 def upstream_calls(upstreams: dict[str, Any], tenant: str) -> int:
@@ -118,7 +120,7 @@ async def test_two_tenants_same_call_each_get_their_own_result_cold_and_warm(
     assert upstream_calls(counting_upstreams, "acme") == 1
     assert upstream_calls(counting_upstreams, "globex") == 1
     cache = cached.app[SERVICES].cache
-    assert cache is not None
+    assert isinstance(cache, ResponseCache)
     assert {key[0] for key, _ in cache.entries()} == {"acme", "globex"}
 
 
@@ -170,7 +172,7 @@ async def test_private_list_results_are_cached_per_subject(
                 assert {t.name for t in tools.tools} == {"lookup", "slow_lookup", "broken"}
     assert lists("acme") == 2  # one per subject; the second round came from the proxy's cache
     cache = cached.app[SERVICES].cache
-    assert cache is not None
+    assert isinstance(cache, ResponseCache)
     assert {key[1] for key, _ in cache.entries() if key[4] == "tools/list"} == {
         json.dumps(["dev", subject], separators=(",", ":")) for subject in ("alice", "bob")
     }  # the principal: issuer and subject
@@ -307,7 +309,7 @@ async def test_tenant_ids_that_would_collide_in_a_joined_key_each_get_their_own_
             }, (round_, tenant, name)
     assert sorted(shared_upstream.calls) == sorted(calls)  # one upstream call each, never shared
     cache = running.app[SERVICES].cache
-    assert cache is not None
+    assert isinstance(cache, ResponseCache)
     stored = {(key[0], key[5]): entry.result for key, entry in cache.entries()}
     assert set(stored) == set(calls)
     for (tenant, _), raw in stored.items():

@@ -64,7 +64,7 @@ async def test_an_error_naming_another_tenants_resource_never_shows_it(
 ) -> None:
     async with client_for(shared_proxy.url, shared_proxy.token("acme"), mode) as client:
         own = await client.read_resource("notes://acme/plan")
-        assert "note plan of acme" in own.contents[0].text  # type: ignore[union-attr]
+        assert "note plan of acme" in own.contents[0].text
         with pytest.raises(MCPError) as refused:
             await client.read_resource(f"notes://acme/{name}")
     error = refused.value.error

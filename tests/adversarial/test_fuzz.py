@@ -64,7 +64,8 @@ class Fake:
             )
         if "id" not in message:
             return web.Response(status=202)
-        params = message.get("params") if isinstance(message.get("params"), dict) else {}
+        sent = message.get("params")
+        params = sent if isinstance(sent, dict) else {}
         if message.get("method") == "tools/list":
             result: dict[str, Any] = {"tools": [TOOL]}
         elif message.get("method") in ("initialize", "server/discover"):  # as an SDK server answers

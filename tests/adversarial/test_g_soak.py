@@ -43,6 +43,7 @@ from mcp_types import PromptReference
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.http.keys import SERVICES
+from proxy.layers.cache.store import ResponseCache
 from tests.adversarial.test_d_sessions import sdk_client
 from tests.conftest import RunningProxy, StartProxy
 from tests.e2e.test_concurrency_e2e import (
@@ -195,13 +196,13 @@ async def sdk_mixed(t: SoakTenant, mode: str) -> None:
             t.seen.append(spoofed)
             assert json.loads(spoofed)["tenant_id"] == t.id
         resource = await client.read_resource(f"notes://{t.id}/plan")
-        text = resource.contents[0].text  # type: ignore[union-attr]
+        text = resource.contents[0].text
         t.seen.append(text)
         assert t.canary in text
         t.seen.append((await refusal(client.read_resource(f"notes://{other}/plan"))).message)
         if mode == "legacy":
             prompt = await client.get_prompt("summarize_notes", {"topic": "soak"})
-            prompt_text = prompt.messages[0].content.text  # type: ignore[union-attr]
+            prompt_text = prompt.messages[0].content.text
             t.seen.append(prompt_text)
             assert f"notes of {t.id} about soak" in prompt_text
             completion = await client.complete(
@@ -314,7 +315,7 @@ def metric_samples(running: RunningProxy, name: str) -> list[tuple[dict[str, str
 def cache_entries(running: RunningProxy) -> list[tuple[Any, bytes]]:
     """Every entry in the response cache, expired-but-not-yet-evicted ones included."""
     cache = running.app[SERVICES].cache
-    assert cache is not None
+    assert isinstance(cache, ResponseCache)
     return [(key, entry.result) for key, entry in cache.entries(stale=True)]
 
 
@@ -406,12 +407,12 @@ async def test_fifty_tenants_under_load_with_an_upstream_killed_midway(
     entries = cache_entries(running)
     cache_leaks: list[str] = []
     cache_bytes = 0
-    for key, value in entries:
-        cache_bytes += len(value)
-        text = value.decode("utf-8", "replace")
-        foreign = {found for found in CANARY.findall(text) if found != canaries.get(key[0])}
-        if key[0] not in canaries or foreign:
-            cache_leaks.append(f"{key[0]}/{key[4]}/{key[5]}: {sorted(foreign)}")
+    for key, result in entries:
+        cache_bytes += len(result)
+        text = result.decode("utf-8", "replace")
+        strangers = {found for found in CANARY.findall(text) if found != canaries.get(key[0])}
+        if key[0] not in canaries or strangers:
+            cache_leaks.append(f"{key[0]}/{key[4]}/{key[5]}: {sorted(strangers)}")
 
     running.app[SERVICES].flush()
     audit_files = sorted(p.name for p in audit_dir.iterdir())
@@ -589,7 +590,7 @@ async def test_a_half_open_circuit_whose_trial_never_reaches_the_upstream_still_
         assert (status, error_of(body)["code"]) == (400, -32700)
         assert len(received) == 2
         # The upstream is healthy: within a few open periods a request must reach it again.
-        statuses = []
+        statuses: list[int] = []
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2):
                 while not statuses or statuses[-1] != 200:

@@ -211,15 +211,16 @@ async def test_completion_context_is_rewritten_in_rewrite_mode(
 # --- 3. client roots, sampling, elicitation -------------------------------------------------------
 
 
-def roots_of(directory: str) -> Callable[..., Awaitable[ListRootsResult]]:
-    calls: list[str] = []
+class RootsCallback:
+    """A client's list_roots callback offering `directory`; `calls` counts the times it was asked."""
 
-    async def list_roots(context: Any) -> ListRootsResult:
-        calls.append(directory)
-        return ListRootsResult(roots=[Root(uri=directory, name="mine")])  # type: ignore[arg-type]
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.calls: list[str] = []
 
-    list_roots.calls = calls  # type: ignore[attr-defined]
-    return list_roots
+    async def __call__(self, context: Any) -> ListRootsResult:
+        self.calls.append(self.directory)
+        return ListRootsResult(roots=[Root(uri=self.directory, name="mine")])
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -227,14 +228,14 @@ async def test_by_default_the_upstream_never_sees_the_clients_roots(
     share: ShareProxy, shared_upstream: Any, mode: str
 ) -> None:
     running = await share(policy())
-    callback = roots_of("file:///srv/globex")
+    callback = RootsCallback("file:///srv/globex")
     async with client_for(running.url, running.token("acme"), mode, list_roots_callback=callback) as client:
         try:
             answer = text_of(await client.call_tool("show_roots", {}))
         except MCPError as refused:  # the SDK refuses a tool whose resolver needs a missing capability
             answer = refused.error.message
     assert "/srv/globex" not in answer
-    assert callback.calls == []  # type: ignore[attr-defined]
+    assert callback.calls == []
     for record in shared_upstream.recorder.snapshot():
         assert "/srv/globex" not in record.text
         assert '"roots"' not in record.text or '"roots":[]' in record.text
@@ -245,11 +246,11 @@ async def test_a_roots_list_policy_answers_with_the_callers_own_roots(
     share: ShareProxy, shared_upstream: Any, mode: str
 ) -> None:
     running = await share(policy(client_capabilities={"roots": ["file:///srv/{tenant}"]}))
-    callback = roots_of("file:///srv/globex")
+    callback = RootsCallback("file:///srv/globex")
     async with client_for(running.url, running.token("acme"), mode, list_roots_callback=callback) as client:
         answer = json.loads(text_of(await client.call_tool("show_roots", {})))
     assert answer["roots"] == ["file:///srv/acme"]
-    assert callback.calls == []  # type: ignore[attr-defined]
+    assert callback.calls == []
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -257,7 +258,7 @@ async def test_roots_allowed_reach_the_upstream_as_the_client_gave_them(share: S
     """The control: with `roots: allow` the client's roots (here another tenant's directory) are what
     the upstream adopts, which is the attack the default prevents."""
     running = await share(policy(client_capabilities={"roots": "allow"}))
-    callback = roots_of("file:///srv/globex")
+    callback = RootsCallback("file:///srv/globex")
     async with client_for(running.url, running.token("acme"), mode, list_roots_callback=callback) as client:
         answer = json.loads(text_of(await client.call_tool("show_roots", {})))
     assert answer["roots"] == ["file:///srv/globex"]
@@ -320,7 +321,7 @@ async def test_meta_naming_another_tenant_is_refused_and_null_arguments_are_fill
         "tenant_id": "globex",
     }
     headers = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": "list_notes"}
-    body = {
+    body: dict[str, Any] = {
         "jsonrpc": "2.0",
         "id": 1,
         "method": "tools/call",

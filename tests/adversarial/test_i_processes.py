@@ -21,6 +21,7 @@ from mcp import MCPError
 
 from proxy.demo import client_for
 from proxy.http.keys import RUNTIME, SERVICES
+from proxy.upstreams.stdio.upstream import StdioUpstream
 from tests.conftest import TENANTS, RunningProxy, StartProxy
 from tests.e2e.test_transport_e2e import error_of
 from tests.factories import HANDSHAKE_INITIALIZE
@@ -78,8 +79,10 @@ async def test_an_initialize_beyond_the_tenants_process_cap_is_refused_and_start
     metrics = running.app[SERVICES].metrics.render().decode()
     assert 'mcp_proxy_limited_total{limit="processes",tenant="acme"} 3.0' in metrics
     assert 'mcp_proxy_requests_total{method="initialize",outcome="denied",tenant="acme"} 3.0' in metrics
-    upstream = running.app[RUNTIME].current.tenants.of_tenant("acme").upstream  # type: ignore[union-attr]
-    assert len(upstream.processes) == 2  # type: ignore[attr-defined]
+    tenant = running.app[RUNTIME].current.tenants.of_tenant("acme")
+    assert tenant is not None and isinstance(tenant.upstream, StdioUpstream)
+    upstream = tenant.upstream
+    assert len(upstream.processes) == 2
 
     for _ in range(2):  # globex's own cap: acme's processes take nothing from it
         status, _, _ = await initialize(running, "globex")
@@ -88,7 +91,7 @@ async def test_an_initialize_beyond_the_tenants_process_cap_is_refused_and_start
 
     assert await end_session(running, sessions[0]) == 200  # one session ends, and its process
     deadline = asyncio.get_running_loop().time() + 60  # generous: the machine may be loaded
-    while len(upstream.processes) >= 2:  # type: ignore[attr-defined]
+    while len(upstream.processes) >= 2:
         assert asyncio.get_running_loop().time() < deadline, "the ended session's process never stopped"
         await asyncio.sleep(0.05)
     status, _, _ = await initialize(running, "acme")

@@ -152,7 +152,7 @@ async def sdk_client_session(t: Tenant, mode: str, index: int) -> None:
         t.seen.append(notes)
         assert note in notes and t.canary in notes
         resource = await client.read_resource(f"notes://{t.id}/plan")
-        text = resource.contents[0].text  # type: ignore[union-attr]
+        text = resource.contents[0].text
         t.seen.append(text)
         assert t.canary in text
         done = await client.call_tool("countdown", {"n": 3, "delay": 0.02}, progress_callback=on_progress)
@@ -162,7 +162,7 @@ async def sdk_client_session(t: Tenant, mode: str, index: int) -> None:
         assert len(progress) == 3
         if mode == "legacy":
             prompt = await client.get_prompt("summarize_notes", {"tenant_id": t.id})
-            t.seen.append(prompt.messages[0].content.text)  # type: ignore[union-attr]
+            t.seen.append(prompt.messages[0].content.text)
 
 
 async def sdk_cancelled_call(t: Tenant, mode: str) -> None:

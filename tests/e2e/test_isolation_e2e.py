@@ -38,11 +38,11 @@ async def test_each_tenant_reaches_only_its_own_upstream(
             assert f"{tenant} secret plan" in notes
             assert own in notes
             resource = await client.read_resource(f"notes://{tenant}/plan")
-            assert own in resource.contents[0].text  # type: ignore[union-attr]
+            assert own in resource.contents[0].text
             prompt = await client.get_prompt("summarize_notes", {"tenant_id": tenant})
-            prompt_text = prompt.messages[0].content.text  # type: ignore[union-attr]
+            prompt_text = prompt.messages[0].content.text
             assert own in prompt_text
-            for answer in (notes, resource.contents[0].text, prompt_text):  # type: ignore[union-attr]
+            for answer in (notes, resource.contents[0].text, prompt_text):
                 assert foreign not in answer
     for tenant in TENANTS:
         seen = " ".join(r.text for r in upstreams[tenant].recorder.snapshot())

@@ -503,7 +503,7 @@ async def test_the_file_watch_follows_the_policy_files_a_reload_names(
     async def denial_becomes(expected: bool) -> bool:
         for _ in range(60):
             answer = (await call(running, "acme"))[1]
-            denied = answer.get("error", {}).get("code") == -32005  # a refusal is an answer (HTTP 200)
+            denied: bool = answer.get("error", {}).get("code") == -32005  # a refusal is an answer (HTTP 200)
             if denied == expected:
                 break
             await asyncio.sleep(0.05)
@@ -630,9 +630,10 @@ async def test_sigterm_while_streaming_drains_closes_streams_and_exits_0(
         assert any(
             r.method == "DELETE" for r in upstreams["acme"].recorder.snapshot()
         )  # sessions ended upstream
+        assert process.stderr is not None
         log_lines = [
             json.loads(line) for line in process.stderr.read().decode().splitlines() if line.startswith("{")
-        ]  # type: ignore[union-attr]
+        ]
         requests = [line for line in log_lines if line.get("event") == "mcp_request"]
         assert requests
         assert all(line.get("request_id") and line.get("tenant") == "acme" for line in requests)

@@ -26,6 +26,7 @@ import redis.asyncio as redis_asyncio
 import yaml
 from aiohttp import web
 
+from proxy.backends.redis.sessions import RedisSessionRegistry
 from proxy.cli import start_server
 from proxy.config import ProxyConfig
 from proxy.demo import client_for
@@ -43,7 +44,7 @@ pytestmark = pytest.mark.e2e
 PUBLIC = "http://mcp.example.test/mcp"  # what both replicas stand for behind the load balancer
 HANDSHAKE = "2025-11-25"
 MODERN = "2026-07-28"
-INITIALIZE = {
+INITIALIZE: dict[str, Any] = {
     "jsonrpc": "2.0",
     "id": 1,
     "method": "initialize",
@@ -90,6 +91,12 @@ async def written(replica: Replica) -> None:
     await shared.written()
 
 
+def as_bytes(reply: object) -> bytes:
+    """A reply of a client made without decode_responses: redis-py types it bytes | str, it is bytes."""
+    assert isinstance(reply, bytes), reply
+    return reply
+
+
 @dataclass
 class Replicas:
     a: Replica
@@ -107,20 +114,21 @@ class Replicas:
         try:
             found: dict[str, bytes] = {}
             async for raw in client.scan_iter(match=f"{self.prefix}:*"):
-                key = raw.decode()
-                kind = (await client.type(key)).decode()
+                key = as_bytes(raw).decode()
+                kind = as_bytes(await client.type(key)).decode()
                 if kind == "string":
-                    value = await client.get(key) or b""
+                    value = as_bytes(await client.get(key) or b"")
                 elif kind == "hash":
+                    fields = (await client.hgetall(key)).items()
                     value = json.dumps(
-                        {k.decode(): v.decode("latin-1") for k, v in (await client.hgetall(key)).items()}
+                        {as_bytes(k).decode(): as_bytes(v).decode("latin-1") for k, v in fields}
                     ).encode()
                 elif kind == "zset":
-                    value = b" ".join(await client.zrange(key, 0, -1))
+                    value = b" ".join(as_bytes(member) for member in await client.zrange(key, 0, -1))
                 elif kind == "set":
-                    value = b" ".join(sorted(await client.smembers(key)))
+                    value = b" ".join(sorted(as_bytes(member) for member in await client.smembers(key)))
                 elif kind == "stream":
-                    value = b"\n".join(f[b"record"] for _, f in await client.xrange(key))
+                    value = b"\n".join(as_bytes(f[b"record"]) for _, f in await client.xrange(key) or [] if f)
                 else:
                     value = b""
                 found[key] = value
@@ -208,7 +216,7 @@ async def post(
 async def initialize(url: str, bearer: str, capabilities: dict[str, Any] | None = None) -> str:
     body = INITIALIZE
     if capabilities is not None:
-        body = {**INITIALIZE, "params": {**INITIALIZE["params"], "capabilities": capabilities}}  # type: ignore[dict-item]
+        body = {**INITIALIZE, "params": {**INITIALIZE["params"], "capabilities": capabilities}}
     answer = await post(url, body, bearer)
     assert answer.status == 200, answer.body
     session = answer.headers["Mcp-Session-Id"]
@@ -734,11 +742,11 @@ async def test_a_slot_whose_release_missed_redis_is_given_back_with_the_next_adm
             pipeline.execute = stalled
             return pipeline
 
-        state.client.pipeline = failing_pipeline  # type: ignore[method-assign]
+        state.client.pipeline = failing_pipeline
         for admission in held:
             limiter.release("acme", admission)
         await asyncio.sleep(0.1)  # the deferred release went out, and failed
-        state.client.pipeline = real_pipeline  # type: ignore[method-assign]
+        state.client.pipeline = real_pipeline
         await asyncio.sleep(1.1)  # RETRY_SECONDS: Redis is tried again
         assert await state.client.zcard(inflight) == 2  # Redis still counts both
         again = await limiter.admit("acme", limits)  # ... until this admission gives them back
@@ -776,7 +784,7 @@ async def test_a_redis_that_refuses_the_credentials_is_not_ready_with_the_reason
 ) -> None:
     admin = redis_asyncio.Redis.from_url(redis_server.url)
     user = f"proxy-{secrets.token_hex(3)}"
-    await admin.execute_command("ACL", "SETUSER", user, "on", ">right-password", "~*", "+@all")
+    await admin.acl_setuser(user, enabled=True, passwords="+right-password", keys=["*"], categories=["+@all"])
     host_port = redis_server.url.split("//", 1)[1]
     data = proxy_config(PUBLIC, upstreams, tmp_path, rsa_keys)
     data["listen"].update(host="127.0.0.1", port=free_port(), path="/mcp")
@@ -799,7 +807,7 @@ async def test_a_redis_that_refuses_the_credentials_is_not_ready_with_the_reason
         assert answer.status == 503  # no session can be created: the store refuses us
     finally:
         await runner.cleanup()
-        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.acl_deluser(user)
         await admin.aclose()
 
 
@@ -813,7 +821,8 @@ async def test_a_killed_replicas_session_is_ended_upstream_by_a_surviving_replic
     sessions = {"idle_timeout_seconds": 1.0}
     replicas = await start_replicas(upstreams, sessions=sessions)
     for replica in (replicas.a, replicas.b):
-        replica.services.sessions.clock_margin_seconds = 0.0  # type: ignore[attr-defined]
+        assert isinstance(replica.services.sessions, RedisSessionRegistry)
+        replica.services.sessions.clock_margin_seconds = 0.0
     port = free_port()
     data = proxy_config(PUBLIC, upstreams, tmp_path, rsa_keys, sessions=sessions)
     data["listen"].update(host="127.0.0.1", port=port, path="/mcp")
@@ -845,7 +854,8 @@ async def test_a_killed_replicas_session_is_ended_upstream_by_a_surviving_replic
             assert asyncio.get_running_loop().time() < deadline, "the orphan was never ended upstream"
             await asyncio.sleep(0.1)
         for replica in (replicas.a, replicas.b):  # every replica's next sweep has run: still once
-            replica.services.sessions.clock_margin_seconds = 0.0  # type: ignore[attr-defined]
+            assert isinstance(replica.services.sessions, RedisSessionRegistry)
+            replica.services.sessions.clock_margin_seconds = 0.0
             assert await replica.services.sessions.expired() == []
         assert len(ends()) == 1
         assert (await post(replicas.a.url, call("whoami"), alice, session, HANDSHAKE)).status == 404

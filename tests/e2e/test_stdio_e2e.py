@@ -401,5 +401,5 @@ async def test_a_cancelled_users_late_log_lines_never_reach_another_users_call(
         with contextlib.suppress(asyncio.CancelledError, MCPError):
             await chatty
         result = await bob.call_tool("slow", {"tag": "bob", "seconds": 0.6})
-        assert "slow bob done" in result.content[0].text  # type: ignore[union-attr]
+        assert "slow bob done" in result.content[0].text
     assert not [line for line in heard["bob"] if "chatter alice" in line]

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from mcp_types import TextContent
 
 from proxy.http.keys import SERVICES
 from tests.conftest import MCP_ACCEPT, RunningProxy, StartProxy
@@ -211,7 +212,8 @@ async def test_the_fastmcp_client_runs_tasks_through_the_proxy(
         assert tasks_server.canary in result.content[0].text
         task = await call_tool_task(client, "slow_canary", {"seconds": 0.1})
         assert task.task_id.startswith("t1.")
-        assert tasks_server.canary in (await task.result()).content[0].text
+        block = (await task.result()).content[0]
+        assert isinstance(block, TextContent) and tasks_server.canary in block.text
 
 
 async def test_a_task_started_on_one_replica_is_followed_on_the_other_by_its_caller_only(

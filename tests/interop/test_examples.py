@@ -176,7 +176,7 @@ async def test_each_tenants_filesystem_server_stays_on_its_own_directory(real_se
     async def offer_the_other_directory(context: Any) -> Any:
         from mcp_types import ListRootsResult, Root
 
-        return ListRootsResult(roots=[Root(uri=real_servers.files["globex"].resolve().as_uri())])  # type: ignore[arg-type]
+        return ListRootsResult(roots=[Root(uri=real_servers.files["globex"].resolve().as_uri())])
 
     token = real_servers.env("files-acme")["MCP_TOKEN"]
     async with client_for(

@@ -54,7 +54,7 @@ async def filesystem_proxy(
 
 def foreign_roots(directory: Path) -> Any:
     async def list_roots(context: Any) -> ListRootsResult:
-        return ListRootsResult(roots=[Root(uri=directory.as_uri(), name="not mine")])  # type: ignore[arg-type]
+        return ListRootsResult(roots=[Root(uri=directory.as_uri(), name="not mine")])
 
     return list_roots
 

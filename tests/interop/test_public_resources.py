@@ -30,16 +30,16 @@ async def test_shared_documents_pass_while_another_tenants_dynamic_resource_stay
 ) -> None:
     async with client_for(everything_http, "unused", "legacy") as direct:
         documents = sorted(r.uri for r in (await direct.list_resources()).resources if "static" in r.uri)
-        features = (await direct.read_resource(FEATURES)).contents[0].text  # type: ignore[union-attr]
+        features = (await direct.read_resource(FEATURES)).contents[0].text
         other = await direct.read_resource("demo://resource/dynamic/text/2")  # it exists upstream
     assert len(documents) == 7 and FEATURES in documents
-    assert "Resource 2" in other.contents[0].text  # type: ignore[union-attr]
+    assert "Resource 2" in other.contents[0].text
     running = await make_proxy(
         {"1": everything_http, "2": everything_http}, policies={"1": POLICY, "2": POLICY}
     )
     async with client_for(running.url, running.token("1")) as client:
         listed = sorted(r.uri for r in (await client.list_resources()).resources)
-        read = (await client.read_resource(FEATURES)).contents[0].text  # type: ignore[union-attr]
+        read = (await client.read_resource(FEATURES)).contents[0].text
         own = await client.read_resource("demo://resource/dynamic/text/1")
         templates = [t.uri_template for t in (await client.list_resource_templates()).resource_templates]
         with pytest.raises(MCPError) as refused:
@@ -48,7 +48,7 @@ async def test_shared_documents_pass_while_another_tenants_dynamic_resource_stay
             await client.read_resource("demo://resource/static/document/../../dynamic/text/2")
     assert listed == documents
     assert read == features
-    assert "Resource 1" in own.contents[0].text  # type: ignore[union-attr]
+    assert "Resource 1" in own.contents[0].text
     assert "demo://resource/dynamic/text/{resourceId}" in templates
     assert refused.value.error.code == -32602
     assert refused.value.error.message == "Unknown resource: demo://resource/dynamic/text/2"

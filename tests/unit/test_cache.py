@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
 from proxy.layers.cache.store import (
     ENTRY_OVERHEAD_BYTES,
+    CacheKey,
     CachePlan,
     ResponseCache,
     params_digest,
@@ -17,7 +19,7 @@ from proxy.layers.cache.store import (
 )
 
 
-def key(tenant: str, name: str = "t", digest: str = "d", principal: str | None = None) -> tuple:  # type: ignore[type-arg]
+def key(tenant: str, name: str = "t", digest: str = "d", principal: str | None = None) -> CacheKey:
     return (tenant, principal, "http:u", "2026-07-28", "tools/call", name, digest)
 
 
@@ -34,7 +36,7 @@ def key(tenant: str, name: str = "t", digest: str = "d", principal: str | None =
         ({"_meta": {"io.modelcontextprotocol/clientCapabilities": {}}}, {"_meta": {}}),
     ],
 )
-def test_digest_keeps_types_and_values_apart(a: dict, b: dict) -> None:  # type: ignore[type-arg]
+def test_digest_keeps_types_and_values_apart(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert params_digest(a) != params_digest(b)
 
 
@@ -156,15 +158,15 @@ async def test_single_flight_shares_one_result_and_settles_followers() -> None:
     cache = ResponseCache(1 << 20, 1 << 16)
     assert cache.join(key("acme")) is None  # the leader
     followers = [cache.join(key("acme")) for _ in range(5)]
-    assert all(f is followers[0] for f in followers)
+    assert all(f is followers[0] for f in followers) and followers[0] is not None
     assert cache.join(key("globex")) is None  # another tenant never shares the flight
     cache.settle(key("acme"), b"result")
-    assert await asyncio.wait_for(followers[0], 1) == b"result"  # type: ignore[arg-type]
+    assert await asyncio.wait_for(followers[0], 1) == b"result"
     assert cache.join(key("acme")) is None  # settled: the next miss leads again
 
 
 def plan(**overrides: object) -> CachePlan | None:
-    args = {
+    args: dict[str, Any] = {
         "tenant": "acme",
         "subject": "alice",
         "upstream": "http:u",
@@ -175,7 +177,7 @@ def plan(**overrides: object) -> CachePlan | None:
         "tool_ttls": {"lookup": 30.0},
     }
     args.update(overrides)
-    return plan_for(**args)  # type: ignore[arg-type]
+    return plan_for(**args)
 
 
 def test_what_may_be_cached() -> None:

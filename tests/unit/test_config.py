@@ -66,11 +66,13 @@ def config_error(tmp_path: Path, change: Callable[[dict[str, Any]], None], **env
 
 
 def issuer(data: dict[str, Any]) -> dict[str, Any]:
-    return data["auth"]["issuers"][0]  # type: ignore[no-any-return]
+    first: dict[str, Any] = data["auth"]["issuers"][0]
+    return first
 
 
 def upstream(data: dict[str, Any]) -> dict[str, Any]:
-    return data["tenants"]["acme"]["upstream"]  # type: ignore[no-any-return]
+    acme: dict[str, Any] = data["tenants"]["acme"]["upstream"]
+    return acme
 
 
 # --- the base file is valid ------------------------------------------------------------------------
@@ -327,7 +329,12 @@ def test_stdio_capacity_defaults_and_bounds(tmp_path: Path) -> None:
     acme = load_with(tmp_path, change).tenants["acme"].upstream
     assert (acme.max_processes, acme.idle_stop_seconds) == (8, 300.0)
     assert (acme.limits.memory_bytes, acme.limits.cpu_seconds, acme.limits.open_files) == (2**31, 3600, 1024)
-    error = config_error(tmp_path, lambda d: (change(d), upstream(d).update(max_processes=0)))
+
+    def no_processes(d: dict[str, Any]) -> None:
+        change(d)
+        upstream(d).update(max_processes=0)
+
+    error = config_error(tmp_path, no_processes)
     assert error.key_path == "tenants.acme.upstream.max_processes"
 
 

@@ -78,10 +78,11 @@ def test_a_reload_learns_the_eras_again_even_for_an_upstream_it_keeps() -> None:
     from tests.factories import make_config
 
     config = make_config()
-    before = Runtime.build(config)
-    before.tenants.of_tenant("acme").eras.modern = False
-    after = Runtime.build(config, before)
-    assert (
-        after.tenants.of_tenant("acme").upstream is before.tenants.of_tenant("acme").upstream
-    )  # connections kept
-    assert after.tenants.of_tenant("acme").eras.modern is None  # but what it speaks is asked again
+    previous = Runtime.build(config)
+    before = previous.tenants.of_tenant("acme")
+    assert before is not None
+    before.eras.modern = False
+    after = Runtime.build(config, previous).tenants.of_tenant("acme")
+    assert after is not None
+    assert after.upstream is before.upstream  # connections kept
+    assert after.eras.modern is None  # but what it speaks is asked again

@@ -21,6 +21,7 @@ from proxy.flow import (
     Hooks,
     ServerKind,
     ServerMessage,
+    Stage,
     deliver,
     enter_stages,
     hook,
@@ -97,8 +98,8 @@ async def test_a_tools_call_goes_through_every_stage_to_the_upstream(tmp_path: P
     runtime, services, upstream = proxy_with(tmp_path, {"tenant_arguments": {"hide_from_schema": True}})
     exchange = post(runtime, services, call_body({}))
     reply = await serve(exchange, POST)
-    assert isinstance(reply, web.Response) and reply.status == 200
-    assert json.loads(reply.body)["result"] == {"content": [], "isError": False}  # type: ignore[arg-type]
+    assert isinstance(reply, web.Response) and reply.status == 200 and isinstance(reply.body, bytes)
+    assert json.loads(reply.body)["result"] == {"content": [], "isError": False}
     sent = [b for b in upstream.bodies() if b.get("method") == "tools/call"]
     assert sent[0]["params"]["arguments"] == {"tenant_id": "acme"}  # filled in by the policy
     forwarded = next(r for r in upstream.requests if r.body and b"tools/call" in r.body)
@@ -113,7 +114,7 @@ async def test_a_spoofed_tenant_argument_is_refused_before_the_upstream(tmp_path
     exchange = post(runtime, services, call_body({"tenant_id": "globex"}))
     reply = await serve(exchange, POST)
     assert isinstance(reply, web.Response) and reply.status == 200  # an MCP error, not a transport failure
-    assert json.loads(reply.body)["error"]["code"] == PolicyDenied.code  # type: ignore[arg-type]
+    assert isinstance(reply.body, bytes) and json.loads(reply.body)["error"]["code"] == PolicyDenied.code
     assert not [b for b in upstream.bodies() if b.get("method") == "tools/call"]
     assert exchange.outcome == "spoof"
 
@@ -154,7 +155,12 @@ async def test_around_stages_leave_in_reverse_whatever_ended_the_flow() -> None:
         raise PolicyDenied()
 
     entered: list[Any] = []
-    stages = [Recording("a", log), Recording("b", log, takes=False), Recording("c", log), refuse]
+    stages: list[Stage[Exchange]] = [
+        Recording("a", log),
+        Recording("b", log, takes=False),
+        Recording("c", log),
+        refuse,
+    ]
     with pytest.raises(PolicyDenied) as raised:
         await enter_stages(exchange, stages, entered)
     assert leave_stages(entered, raised.value) is raised.value

@@ -25,7 +25,8 @@ from cryptography.x509.oid import NameOID
 from proxy.config import UpstreamConfig
 from proxy.protocol.errors import UpstreamError, UpstreamTimeout
 from proxy.protocol.sse import Event, read_event_batches
-from proxy.upstreams.http import HttpUpstream, HttpUpstreamResponse, UpstreamRequest
+from proxy.upstreams.base import UpstreamRequest
+from proxy.upstreams.http import HttpUpstream, HttpUpstreamResponse
 from proxy.upstreams.http_client import ConnectionPool, HttpClientError, HttpResponse
 
 LOOPBACK = ipaddress.ip_address("127.0.0.1")

@@ -203,7 +203,8 @@ def test_completion_of_a_tenant_argument_is_answered_locally_with_the_caller_onl
     assert decision.action is Action.ANSWER
     assert decision.answer == {"completion": {"values": ["acme"], "total": 1, "hasMore": False}}
     params["argument"] = {"name": "org_id", "value": "glo"}
-    assert evaluate(REJECT, "acme", "completion/complete", params).answer["completion"]["values"] == []  # type: ignore[index]
+    refused = evaluate(REJECT, "acme", "completion/complete", params).answer
+    assert refused is not None and refused["completion"]["values"] == []
 
 
 def test_completion_context_arguments_and_resource_refs() -> None:
@@ -224,7 +225,7 @@ def test_completion_context_arguments_and_resource_refs() -> None:
     }
     decision = evaluate(REJECT, "acme", "completion/complete", variable_ref)
     assert decision.action is Action.ANSWER
-    assert decision.answer["completion"]["values"] == ["acme"]  # type: ignore[index]
+    assert decision.answer is not None and decision.answer["completion"]["values"] == ["acme"]
 
 
 def test_declared_paths_and_hiding_follow_properties_chains() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,7 @@ def policy_file(tmp_path: Path) -> Path:
     return path
 
 
-def write_tests(tmp_path: Path, name: str, cases: list[dict[str, object]], **top: object) -> Path:
+def write_tests(tmp_path: Path, name: str, cases: Sequence[Mapping[str, object]], **top: object) -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump({**top, "schemas": {"search_notes": NOTE_QUERY_SCHEMA}, "cases": cases}))
     return path

@@ -4,6 +4,8 @@ run within a moment, each with its own request id, and before anyone reads what 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import MutableMapping
+from functools import partial
 from typing import Any
 
 import pytest
@@ -29,7 +31,7 @@ def answered(tenant: str, request_id: str) -> Exchange:
     return exchange
 
 
-def request_lines(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def request_lines(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
     return [line for line in logs if line.get("event") == "mcp_request"]
 
 
@@ -115,7 +117,7 @@ def test_a_burst_beyond_the_bound_is_reported_at_once() -> None:
     async def main() -> None:
         reports = Reports(delay=60.0)
         for n in range(MAX_PENDING_REPORTS - 1):
-            reports.add(lambda n=n: ran.append(n))
+            reports.add(partial(ran.append, n))
         assert ran == []
         reports.add(lambda: ran.append(-1))
         assert len(ran) == MAX_PENDING_REPORTS  # memory stays bounded under any load
@@ -125,7 +127,7 @@ def test_a_burst_beyond_the_bound_is_reported_at_once() -> None:
 
 
 def test_finish_reports_after_the_answer_each_line_with_its_own_request_id() -> None:
-    async def main() -> list[dict[str, Any]]:
+    async def main() -> list[MutableMapping[str, Any]]:
         first, second = answered("acme", "req-acme"), answered("globex", "req-globex")
         with structlog.testing.capture_logs() as logs:
             # The first request's id is bound in the context the batch's timer is created in.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -302,18 +302,18 @@ async def test_removing_a_session_ends_its_open_get_stream() -> None:
 
     reg = registry()
     session = await new(reg)
-    session.ended = asyncio.Event()  # as relay_get sets it up
+    ended = session.ended = asyncio.Event()  # as relay_get sets it up
     shutdown = asyncio.Event()
     upstream_events: asyncio.Queue[str] = asyncio.Queue()
 
-    async def events() -> Any:
+    async def events() -> AsyncIterator[str]:
         while True:
             yield await upstream_events.get()
 
     seen: list[str] = []
 
     async def relay() -> None:
-        async for item in _until(events(), shutdown, session.ended):  # type: ignore[arg-type]
+        async for item in _until(events(), shutdown, ended):
             seen.append(item)
 
     task = asyncio.create_task(relay())

@@ -211,7 +211,7 @@ async def test_encode_event_round_trips_through_read_events(
     decoded = await decode_every_way(encode_event(data, event_id, retry))
     assert decoded == [Event(data=text, event="message", id=event_id or "", retry=retry)]
     if isinstance(data, bytes):
-        assert json.loads(decoded[0].data) == json.loads(data)  # type: ignore[union-attr]
+        assert isinstance(decoded[0], Event) and json.loads(decoded[0].data) == json.loads(data)
 
 
 async def test_encode_event_with_a_bare_cr_round_trips() -> None:

@@ -20,7 +20,10 @@ from proxy.tenants.templates import TenantResolver
 from proxy.types import TenantContext
 from tests.factories import DEV_SECRET, DEV_SECRET_ENV, config_dict, token
 
-TEAM = {"match": "team-[0-9]+", "upstream": {"url": "http://{tenant}.teams.internal:8000/mcp?t={tenant}"}}
+TEAM: dict[str, Any] = {
+    "match": "team-[0-9]+",
+    "upstream": {"url": "http://{tenant}.teams.internal:8000/mcp?t={tenant}"},
+}
 
 
 def templated(*templates: dict[str, Any], tenants: dict[str, str] | None = None, **more: Any) -> ProxyConfig:

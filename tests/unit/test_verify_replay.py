@@ -65,6 +65,13 @@ class Deployment:
         return MockResponse(body={"jsonrpc": "2.0", "id": message["id"], "result": result})
 
 
+def last_sent(party: Party) -> Any:
+    """The last message a party's client sent through its deployment's MockUpstream."""
+    transport = party.client.transport
+    assert isinstance(transport, MockUpstream)
+    return json.loads(transport.requests[-1].body or b"{}")
+
+
 async def party(deployment: Deployment, tenant: str) -> Party:
     config = ProxyConfig.model_validate(
         config_dict({"acme": "http://x.invalid/mcp", "globex": "http://x.invalid/mcp"})
@@ -83,7 +90,7 @@ async def test_task_ids_replayed_by_another_tenant_are_found_unless_bound(binds:
     report = Report("scripted", ("acme", "globex"), True)
     await create_tasks(acme, report)
     assert acme.task_ids == ["task-acme"]
-    sent = json.loads(acme.client.transport.requests[-1].body or b"{}")  # type: ignore[attr-defined]
+    sent = last_sent(acme)
     assert (
         TASKS_EXTENSION in sent["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"]["extensions"]
     )
@@ -100,7 +107,7 @@ async def test_request_state_replayed_by_another_tenant_is_found_unless_bound(bi
     await acme.call("slow_report", {"topic": "ask"}, report)
     assert [state.request_state for state in acme.input_states] == ["state-acme"]
     await replay_request_state(acme, globex, report)
-    retried = json.loads(globex.client.transport.requests[-1].body or b"{}")  # type: ignore[attr-defined]
+    retried = last_sent(globex)
     assert retried["params"]["requestState"] == "state-acme"
     assert retried["params"]["inputResponses"] == {"k": {"action": "decline"}}
     found = [f.id for f in report.open_findings]
