@@ -162,6 +162,7 @@ async def serve(exchange: Exchange, flow: Flow[C]) -> Reply:
             reply = await enter_stages(parsed, flow.stages, entered)
             if reply is None:
                 reply = await flow.forward(parsed, flow.hooks)
+        exchange.status = reply.status  # (an upstream's error answer may keep its own status)
     except ProxyError as error:
         failure = error
         reply = error_reply(exchange, error)
@@ -172,6 +173,8 @@ async def serve(exchange: Exchange, flow: Flow[C]) -> Reply:
         raise
     except BaseException as error:
         failure = error
+        if not exchange.delivered:  # the edge answers it with a 500: the report says so
+            exchange.refused(500, -32603)
         raise
     finally:
         raised = leave_stages(entered, failure)

@@ -1,5 +1,7 @@
-"""Prometheus metrics. Label values are only configured tenant ids, MCP method names, outcomes and
-rule names: never argument values, tool output or anything else a client chose."""
+"""Prometheus metrics. Label values are only configured tenant ids, MCP method names, outcomes,
+rule names and the proxy's own words (Redis operations, stream kinds): never argument values, tool
+output or anything else a client chose. The process's own figures (process_*, python_*) come from
+prometheus_client's collectors; gauges of live state are read at scrape time (ops/runtime_metrics.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,14 @@ import bisect
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -83,9 +92,16 @@ class Metrics:
         # only writer, so no locks) and turned into Prometheus families when /metrics is scraped.
         self._requests: dict[tuple[str, str, str], int] = {}
         self._cache: dict[tuple[str, str], int] = {}
+        self._responses: dict[tuple[str, int], int] = {}  # (tenant, HTTP status // 100) -> answers
         self._latency: dict[tuple[str, str], _Histogram] = {}
         self._limited: dict[tuple[str, str], int] = {}  # a flood of refusals counts for next to nothing
+        self._state_calls: dict[str, _Histogram] = {}  # Redis round trips, by operation
+        self.loop_lag = _Histogram()  # how late the event loop ran a timer (ops/runtime_metrics.py)
+        self.open_streams: dict[tuple[str, str], int] = {}  # (tenant, get | listen) -> streams open now
         registry.register(_GaugeCollector(self._request_families))
+        registry.register(_GaugeCollector(self._runtime_families))
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            registry.register(collector)  # (they read the process when scraped; any registry may hold them)
         self.policy_denials = Counter(
             "mcp_proxy_policy_denials_total", "Requests refused by a policy rule, by tenant and rule",
             ["tenant", "rule"], registry=registry,
@@ -120,10 +136,13 @@ class Metrics:
         total_seconds: float,
         upstream_seconds: float | None,
         cache_state: str | None,
+        status: int = 200,
     ) -> None:
         """Everything one answered request of a tenant adds to the metrics."""
         key = (tenant, method_label(method), outcome)
         self._requests[key] = self._requests.get(key, 0) + 1
+        response_key = (tenant, status // 100)
+        self._responses[response_key] = self._responses.get(response_key, 0) + 1
         self._histogram("request", tenant).observe(total_seconds)
         if upstream_seconds is not None:
             self._histogram("upstream", tenant).observe(upstream_seconds)
@@ -136,6 +155,21 @@ class Metrics:
         """A request refused by one of the tenant's limits (rate, concurrency, circuit, processes)."""
         key = (tenant, limit)
         self._limited[key] = self._limited.get(key, 0) + 1
+
+    def observe_state_call(self, operation: str, seconds: float) -> None:
+        """One Redis round trip (operation: a fixed name of the proxy's, never a key)."""
+        histogram = self._state_calls.get(operation)
+        if histogram is None:
+            histogram = self._state_calls[operation] = _Histogram()
+        histogram.observe(seconds)
+
+    def stream_opened(self, tenant: str, kind: str) -> None:
+        key = (tenant, kind)
+        self.open_streams[key] = self.open_streams.get(key, 0) + 1
+
+    def stream_closed(self, tenant: str, kind: str) -> None:
+        key = (tenant, kind)
+        self.open_streams[key] = max(0, self.open_streams.get(key, 0) - 1)
 
     def _histogram(self, kind: str, tenant: str) -> _Histogram:
         histogram = self._latency.get((kind, tenant))
@@ -152,6 +186,15 @@ class Metrics:
         for request_labels, count in self._requests.items():
             requests.add_metric(list(request_labels), count)
         yield requests
+        responses = CounterMetricFamily(
+            "mcp_proxy_responses",
+            "Answers to a tenant's requests by HTTP status class (2xx, 4xx, 5xx; an error inside an SSE "
+            "stream or a 200 JSON-RPC error counts as its HTTP status)",
+            labels=["tenant", "status_class"],
+        )
+        for (tenant, status_class), count in self._responses.items():
+            responses.add_metric([tenant, f"{status_class}xx"], count)
+        yield responses
         cache = CounterMetricFamily(
             "mcp_proxy_cache_requests", "Cache use by tenant: hit, miss or bypass", labels=["tenant", "state"]
         )
@@ -171,6 +214,22 @@ class Metrics:
                 if histogram_kind == kind:
                     family.add_metric([tenant], histogram.buckets(), histogram.sum)
             yield family
+
+    def _runtime_families(self) -> Iterable[Metric]:
+        lag = HistogramMetricFamily(
+            "mcp_proxy_event_loop_lag_seconds",
+            "How late the event loop ran a timer it was due to run (every request waits as long)",
+        )
+        lag.add_metric([], self.loop_lag.buckets(), self.loop_lag.sum)
+        yield lag
+        calls = HistogramMetricFamily(
+            "mcp_proxy_state_call_duration_seconds",
+            "Round trips to the shared state backend (Redis), by operation",
+            labels=["operation"],
+        )
+        for operation, histogram in self._state_calls.items():
+            calls.add_metric([operation], histogram.buckets(), histogram.sum)
+        yield calls
 
     def add_gauges(self, gauges: Families) -> None:
         self.registry.register(_GaugeCollector(gauges))
@@ -193,4 +252,5 @@ def observe(exchange: Exchange) -> None:
         exchange.duration_seconds,
         exchange.upstream_seconds if exchange.upstream_contacted else None,
         exchange.cache_state if message is not None and message.kind is MessageKind.REQUEST else None,
+        exchange.status,
     )
