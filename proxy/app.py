@@ -13,7 +13,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from proxy.config import ProxyConfig
 from proxy.http.edge import edge, stamp_request_id
-from proxy.http.endpoint import handle_mcp
+from proxy.http.endpoint import mcp_handler
 from proxy.http.keys import METRICS_LISTENER, READINESS, RELOADS, RETIRED, RUNTIME, SERVICES
 from proxy.layers.sessions.stage import end_upstream_session
 from proxy.ops.health import Readiness, healthz, keep_checking, readyz
@@ -130,7 +130,7 @@ def create_app(config: ProxyConfig, runtime: Runtime | None = None) -> web.Appli
     services.metrics.add_gauges(_gauges(app))
     services.metrics.add_gauges(resource_gauges(app))
     path = config.listen.path
-    app.router.add_route("*", path, handle_mcp)
+    app.router.add_route("*", path, mcp_handler(services.tracing))
     # RFC 9728 metadata: the root form and the path-inserted form of the MCP path, as listened on
     # and as public_url names it (the challenge's resource_metadata), with and without a slash.
     public_path = urlsplit(config.listen.resource_url).path

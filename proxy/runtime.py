@@ -14,6 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from proxy.backends.redis.client import RedisState
@@ -36,6 +37,9 @@ from proxy.upstreams.base import Upstream
 from proxy.upstreams.eras import UpstreamEras
 from proxy.upstreams.http import HttpUpstream
 from proxy.upstreams.stdio.upstream import StdioUpstream
+
+if TYPE_CHECKING:
+    from proxy.ops.tracing import Tracing
 
 
 @dataclass(eq=False)
@@ -209,9 +213,19 @@ class Services:
     shared: RedisState | None = None
     reports: Reports = field(default_factory=Reports)  # log lines, audit records, metrics
     tasks: TaskStore = field(default_factory=TaskStore)  # whose tasks the upstreams' task ids are
+    tracing: Tracing | None = None  # tracing.enabled: the flows are built with its steps (http/endpoint.py)
 
     @classmethod
     def build(cls, config: ProxyConfig) -> Services:
+        services = cls._build(config)
+        if config.tracing.enabled:  # (only then is OpenTelemetry imported)
+            from proxy.ops.tracing import Tracing
+
+            services.tracing = Tracing(config.tracing)
+        return services
+
+    @classmethod
+    def _build(cls, config: ProxyConfig) -> Services:
         metrics = Metrics()
         sessions, caching, audit = config.sessions, config.cache, config.audit
         if config.state.backend == "redis":
@@ -275,3 +289,5 @@ class Services:
         self.audit.close()
         if self.shared is not None:
             await self.shared.close()
+        if self.tracing is not None:
+            await self.tracing.shutdown()

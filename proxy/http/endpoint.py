@@ -2,7 +2,8 @@
 
 Read a flow top to bottom to follow a request from the listener to the upstream and back (the
 phases and stage kinds are explained in flow.py). Adding a rule means adding a stage or a hook
-to the layer's own package and naming it here.
+to the layer's own package and naming it here. With tracing on, `traced` adds the trace's steps
+to each flow once, when the application is built (ops/tracing.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Generic
+from typing import TYPE_CHECKING, Generic
 
 from aiohttp import web
 
@@ -47,6 +48,11 @@ from proxy.ops.log import request_line
 from proxy.ops.metrics import observe
 from proxy.protocol.errors import MethodNotAllowed, ProxyError
 from proxy.upstreams import eras
+
+if TYPE_CHECKING:
+    from proxy.ops.tracing import Tracing
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,30 @@ DELETE: Flow[Call] = Flow(
 )
 
 
+# With tracing on: the stages whose passing is an event of the exchange's span, and the reports
+# that name its trace.
+TRACE_EVENTS: dict[object, str] = {data_access.enforce_policy: "policy", cache.lookup: "cache"}
+NAMING_TRACE = (audit_record, request_line)
+
+
+def traced(flow: Flow[C], tracing: Tracing) -> Flow[C]:
+    """`flow` with its trace: a span from the edge to the report, events as stages pass, a client
+    span around the upstream call (whose context goes upstream), the trace id in the reports."""
+    return Flow(
+        edge=(tracing.arrive, *flow.edge),
+        authenticate=tracing.authenticate(flow.authenticate),
+        admitted=flow.admitted,
+        parse=flow.parse,
+        stages=(tracing.open_span, *(tracing.event(stage, TRACE_EVENTS.get(stage)) for stage in flow.stages)),
+        forward=tracing.upstream(flow.forward),
+        hooks=flow.hooks,
+        done=(
+            tracing.close,
+            *(tracing.naming_trace(report) if report in NAMING_TRACE else report for report in flow.done),
+        ),
+    )
+
+
 async def serve(exchange: Exchange, flow: Flow[C]) -> Reply:
     """Run one exchange through its flow, in one coroutine (the await chain to the upstream stays
     short); whatever happens, every Around stage entered is left, and the report follows."""
@@ -195,12 +225,22 @@ def _report(exchange: Exchange, done: Sequence[DoneHook]) -> None:
         report(exchange)
 
 
-async def handle_mcp(request: web.Request) -> web.StreamResponse:
-    exchange = Exchange(request=request, runtime=request.app[RUNTIME].current, services=request.app[SERVICES])
-    if request.method == "POST":
-        return await serve(exchange, POST)
-    if request.method == "GET":
-        return await serve(exchange, GET)
-    if request.method == "DELETE":
-        return await serve(exchange, DELETE)
-    return error_reply(exchange, MethodNotAllowed(headers={"Allow": "GET, POST, DELETE"}))
+def mcp_handler(tracing: Tracing | None = None) -> Handler:
+    """The MCP endpoint's handler: the flows above, traced when `tracing` is given (chosen here,
+    once: untraced requests pay nothing for tracing)."""
+    post, get, delete = (POST, GET, DELETE) if tracing is None else (
+        traced(POST, tracing), traced(GET, tracing), traced(DELETE, tracing)
+    )  # fmt: skip
+
+    async def handle_mcp(request: web.Request) -> web.StreamResponse:
+        app = request.app
+        exchange = Exchange(request=request, runtime=app[RUNTIME].current, services=app[SERVICES])
+        if request.method == "POST":
+            return await serve(exchange, post)
+        if request.method == "GET":
+            return await serve(exchange, get)
+        if request.method == "DELETE":
+            return await serve(exchange, delete)
+        return error_reply(exchange, MethodNotAllowed(headers={"Allow": "GET, POST, DELETE"}))
+
+    return handle_mcp

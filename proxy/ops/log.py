@@ -109,12 +109,13 @@ def ascii_json(value: Any, **_: Any) -> bytes:
 
 _requests_log = structlog.get_logger("proxy.requests")
 MAX_METHOD_CHARS = 128  # a client-chosen method is bounded like every other string it chooses
+_UNTRACED: dict[str, str] = {}
 
 
-def request_line(exchange: Exchange) -> None:
-    """The done hook: one structured line per exchange (names, outcome, timing; never content).
-    Refusals by a tenant's limits are counted in aggregate instead (limits.RefusalLog): a flood of
-    them cannot flood the log."""
+def request_line(exchange: Exchange, trace_id: str | None = None) -> None:
+    """The done hook: one structured line per exchange (names, outcome, timing; never content; its
+    trace, when traced). Refusals by a tenant's limits are counted in aggregate instead
+    (limits.RefusalLog): a flood of them cannot flood the log."""
     if exchange.limited is not None:
         return
     message, ctx, era = exchange.message, exchange.ctx, exchange.era
@@ -130,4 +131,5 @@ def request_line(exchange: Exchange) -> None:
         cache=exchange.cache_state,
         error_code=exchange.error_code,
         duration_ms=round(exchange.duration_seconds * 1000, 3),
+        **({"trace_id": trace_id} if trace_id is not None else _UNTRACED),
     )
