@@ -127,6 +127,8 @@ class Metrics:
             "mcp_proxy_config_reloads_total", "Config reloads, by result (ok or invalid)",
             ["result"], registry=registry,
         )  # fmt: skip
+        for result in ("ok", "invalid"):  # at 0 from the start: an alert's increase() sees the first one
+            self.reloads.labels(result)
 
     def observe_request(
         self,
