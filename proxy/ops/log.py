@@ -109,7 +109,6 @@ def ascii_json(value: Any, **_: Any) -> bytes:
 
 _requests_log = structlog.get_logger("proxy.requests")
 MAX_METHOD_CHARS = 128  # a client-chosen method is bounded like every other string it chooses
-_UNTRACED: dict[str, str] = {}
 
 
 def request_line(exchange: Exchange, trace_id: str | None = None) -> None:
@@ -120,7 +119,8 @@ def request_line(exchange: Exchange, trace_id: str | None = None) -> None:
         return
     message, ctx, era = exchange.message, exchange.ctx, exchange.era
     method = message.method if message is not None else None
-    _requests_log.info(
+    logger = _requests_log if trace_id is None else _requests_log.bind(trace_id=trace_id)
+    logger.info(
         "mcp_request",
         request_id=exchange.request.get(REQUEST_ID),
         http_method=exchange.request.method,
@@ -131,5 +131,4 @@ def request_line(exchange: Exchange, trace_id: str | None = None) -> None:
         cache=exchange.cache_state,
         error_code=exchange.error_code,
         duration_ms=round(exchange.duration_seconds * 1000, 3),
-        **({"trace_id": trace_id} if trace_id is not None else _UNTRACED),
     )

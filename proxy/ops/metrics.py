@@ -90,9 +90,10 @@ class Metrics:
         registry = self.registry
         # Per-request figures are kept in plain counters and bucket arrays (the event loop is the
         # only writer, so no locks) and turned into Prometheus families when /metrics is scraped.
-        self._requests: dict[tuple[str, str, str], int] = {}
+        # (tenant, method, outcome, HTTP status // 100) -> answered requests: one count per request,
+        # summed into the requests and responses families when scraped.
+        self._requests: dict[tuple[str, str, str, int], int] = {}
         self._cache: dict[tuple[str, str], int] = {}
-        self._responses: dict[tuple[str, int], int] = {}  # (tenant, HTTP status // 100) -> answers
         self._latency: dict[tuple[str, str], _Histogram] = {}
         self._limited: dict[tuple[str, str], int] = {}  # a flood of refusals counts for next to nothing
         self._state_calls: dict[str, _Histogram] = {}  # Redis round trips, by operation
@@ -141,10 +142,8 @@ class Metrics:
         status: int = 200,
     ) -> None:
         """Everything one answered request of a tenant adds to the metrics."""
-        key = (tenant, method_label(method), outcome)
+        key = (tenant, method_label(method), outcome, status // 100)
         self._requests[key] = self._requests.get(key, 0) + 1
-        response_key = (tenant, status // 100)
-        self._responses[response_key] = self._responses.get(response_key, 0) + 1
         self._histogram("request", tenant).observe(total_seconds)
         if upstream_seconds is not None:
             self._histogram("upstream", tenant).observe(upstream_seconds)
@@ -185,7 +184,12 @@ class Metrics:
             "MCP requests by tenant, method and outcome",
             labels=["tenant", "method", "outcome"],
         )
-        for request_labels, count in self._requests.items():
+        by_method: dict[tuple[str, str, str], int] = {}
+        by_status: dict[tuple[str, int], int] = {}
+        for (tenant, method, outcome, status_class), count in self._requests.items():
+            by_method[(tenant, method, outcome)] = by_method.get((tenant, method, outcome), 0) + count
+            by_status[(tenant, status_class)] = by_status.get((tenant, status_class), 0) + count
+        for request_labels, count in by_method.items():
             requests.add_metric(list(request_labels), count)
         yield requests
         responses = CounterMetricFamily(
@@ -194,7 +198,7 @@ class Metrics:
             "stream or a 200 JSON-RPC error counts as its HTTP status)",
             labels=["tenant", "status_class"],
         )
-        for (tenant, status_class), count in self._responses.items():
+        for (tenant, status_class), count in by_status.items():
             responses.add_metric([tenant, f"{status_class}xx"], count)
         yield responses
         cache = CounterMetricFamily(

@@ -27,7 +27,7 @@ from proxy.http.keys import RUNTIME, SERVICES
 from proxy.ops.metrics import Metrics
 from proxy.upstreams.http import HttpUpstream
 
-LAG_INTERVAL_SECONDS: Final = 0.25
+LAG_INTERVAL_SECONDS: Final = 1.0
 STREAM_KINDS: Final = ("get", "listen")
 
 

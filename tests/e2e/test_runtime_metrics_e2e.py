@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.ops.runtime_metrics import LAG_INTERVAL_SECONDS
 from tests.conftest import RunningProxy, StartProxy
 from tests.e2e.test_transport_e2e import _get_headers, call_body, initialize, modern_headers
 from tests.redis_server import RedisServer, require_redis_server
@@ -60,7 +61,7 @@ async def test_the_process_and_a_stalled_event_loop_are_measured(proxy: RunningP
     assert value(before, "process_open_fds") is not None
     assert before["python_info"] and before["python_gc_collections_total"]
     lag_before = value(before, "mcp_proxy_event_loop_lag_seconds_sum") or 0.0
-    time.sleep(0.6)  # the loop stalls (on purpose): the lag timer, due within 0.25 s, runs late
+    time.sleep(LAG_INTERVAL_SECONDS + 0.4)  # the loop stalls (on purpose): the lag timer runs late
     after = await scrape(proxy)
     assert (value(after, "mcp_proxy_event_loop_lag_seconds_sum") or 0.0) - lag_before >= 0.3
     count = value(after, "mcp_proxy_event_loop_lag_seconds_count") or 0
