@@ -15,13 +15,14 @@ from prometheus_client.core import GaugeMetricFamily
 
 from proxy.config import ProxyConfig
 from proxy.http.edge import edge, stamp_request_id
-from proxy.http.endpoint import handle_mcp
+from proxy.http.endpoint import mcp_handler
 from proxy.http.keys import METRICS_LISTENER, READINESS, RELOADS, RETIRED, RUNTIME, SERVICES
 from proxy.layers.sessions.stage import end_upstream_session
 from proxy.ops.drain import close_upstreams, end_own_sessions
 from proxy.ops.health import Readiness, healthz, keep_checking, readyz
 from proxy.ops.metrics_endpoint import MetricsListener, add_public_route, stop_listener
 from proxy.ops.reload import ReloadState, stamps, watch_files
+from proxy.ops.runtime_metrics import resource_gauges, watch_loop_lag
 from proxy.runtime import Runtime, RuntimeRef, Services
 
 log = structlog.get_logger("proxy.app")
@@ -159,8 +160,9 @@ def create_app(config: ProxyConfig, runtime: Runtime | None = None) -> web.Appli
     app[RETIRED] = set()
     app[METRICS_LISTENER] = MetricsListener(config.metrics, config.source)
     services.metrics.add_gauges(_gauges(app))
+    services.metrics.add_gauges(resource_gauges(app))
     path = config.listen.path
-    app.router.add_route("*", path, handle_mcp)
+    app.router.add_route("*", path, mcp_handler(services.tracing))
     # RFC 9728 metadata: the root form and the path-inserted form of the MCP path, as listened on
     # and as public_url names it (the challenge's resource_metadata), with and without a slash.
     public_path = urlsplit(config.listen.resource_url).path
@@ -176,4 +178,5 @@ def create_app(config: ProxyConfig, runtime: Runtime | None = None) -> web.Appli
     app.on_shutdown.append(_begin_shutdown)
     app.on_cleanup.append(stop_listener)
     app.cleanup_ctx.append(_background)
+    app.cleanup_ctx.append(watch_loop_lag)
     return app

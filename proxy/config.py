@@ -7,6 +7,7 @@ file, the key path and what is wrong, on one line.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -53,6 +54,8 @@ RESERVED_UPSTREAM_HEADERS = frozenset(
         "mcp-method",
         "mcp-name",
         "last-event-id",
+        "traceparent",  # with tracing on, the proxy's own trace context
+        "tracestate",
     }
 )
 
@@ -709,6 +712,65 @@ class MetricsConfig(StrictModel):
     )
 
 
+class TracingConfig(StrictModel):
+    """OpenTelemetry traces, exported over OTLP/HTTP (needs the tracing extra: pip install
+    'mcp-tenant-proxy[tracing]'): a server span per request with events for authentication, policy
+    and cache, and a client span for the upstream call, whose trace context goes upstream (a
+    `traceparent` header, and `params._meta.traceparent` in requests). Changing it needs a restart."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Export traces. Off: requests carry no tracing step and OpenTelemetry is not imported.",
+    )
+    endpoint: str = Field(
+        default="http://127.0.0.1:4318/v1/traces",
+        description="The collector's OTLP/HTTP traces URL (protobuf). Headers it needs, e.g. credentials: "
+        "the standard OTEL_EXPORTER_OTLP_TRACES_HEADERS variable.",
+    )
+    service_name: Annotated[str, StringConstraints(min_length=1)] = Field(
+        default="mcp-tenant-proxy", description="The spans' service.name."
+    )
+    sample_ratio: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="Share of new traces recorded; a trusted client's own sampling decision is followed.",
+    )
+    trust_client_context: bool = Field(
+        default=False,
+        description="Continue an authenticated client's trace (its params._meta.traceparent, else its "
+        "traceparent header). Off: every request starts a new trace, so no tenant can place its "
+        "requests into another's trace.",
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_url(cls, endpoint: str) -> str:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        return endpoint
+
+    @model_validator(mode="after")
+    def _extra_installed(self) -> TracingConfig:
+        if self.enabled and not tracing_installed():
+            raise ValueError(
+                "tracing.enabled needs the tracing extra: pip install 'mcp-tenant-proxy[tracing]'"
+            )
+        return self
+
+
+def tracing_installed() -> bool:
+    """Whether OpenTelemetry's SDK and OTLP/HTTP exporter can be imported (without importing them)."""
+    try:
+        return all(
+            importlib.util.find_spec(name) is not None
+            for name in ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http")
+        )
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
 class ReloadConfig(StrictModel):
     """SIGHUP reloads, and with `watch_files` so does a change of the config file, a policy file or a
     key file it names; one edit is one reload, whichever notices it first."""
@@ -755,6 +817,7 @@ class ProxyConfig(StrictModel):
     reload: ReloadConfig = Field(default_factory=ReloadConfig, description=ReloadConfig.__doc__)
     state: StateConfig = Field(default_factory=StateConfig, description=StateConfig.__doc__)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Who may read /metrics.")
+    tracing: TracingConfig = Field(default_factory=TracingConfig, description=TracingConfig.__doc__)
     _source: Path | None = PrivateAttr(default=None)
 
     _paths = field_validator("policies_dir")(_resolve_path)

@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from proxy.backends.redis.client import RedisState
@@ -36,6 +37,9 @@ from proxy.ops.reports import Reports
 from proxy.tenants.directory import SharedAllowlist, TenantDirectory
 from proxy.tenants.templates import TenantResolver
 from proxy.upstreams.base import Upstream
+
+if TYPE_CHECKING:
+    from proxy.ops.tracing import Tracing
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -192,9 +196,19 @@ class Services:
     reports: Reports = field(default_factory=Reports)  # log lines, audit records, metrics
     drain: Drain = field(default_factory=Drain)  # exchanges in flight, and how far a stop has come
     tasks: TaskStore = field(default_factory=TaskStore)  # whose tasks the upstreams' task ids are
+    tracing: Tracing | None = None  # tracing.enabled: the flows are built with its steps (http/endpoint.py)
 
     @classmethod
     def build(cls, config: ProxyConfig) -> Services:
+        services = cls._build(config)
+        if config.tracing.enabled:  # (only then is OpenTelemetry imported)
+            from proxy.ops.tracing import Tracing
+
+            services.tracing = Tracing(config.tracing)
+        return services
+
+    @classmethod
+    def _build(cls, config: ProxyConfig) -> Services:
         metrics = Metrics()
         sessions, caching, audit = config.sessions, config.cache, config.audit
         if config.state.backend == "redis":
@@ -267,3 +281,5 @@ class Services:
         self.audit.close()
         if self.shared is not None:
             await self.shared.close()
+        if self.tracing is not None:
+            await self.tracing.shutdown()

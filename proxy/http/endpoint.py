@@ -2,7 +2,8 @@
 
 Read a flow top to bottom to follow a request from the listener to the upstream and back (the
 phases and stage kinds are explained in flow.py). Adding a rule means adding a stage or a hook
-to the layer's own package and naming it here.
+to the layer's own package and naming it here. With tracing on, `traced` adds the trace's steps
+to each flow once, when the application is built (ops/tracing.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Generic
+from typing import TYPE_CHECKING, Generic
 
 from aiohttp import web
 
@@ -49,6 +50,11 @@ from proxy.ops.metrics import observe
 from proxy.protocol.errors import MethodNotAllowed, ProxyError
 from proxy.tenants import stage as tenants
 from proxy.upstreams import eras
+
+if TYPE_CHECKING:
+    from proxy.ops.tracing import Tracing
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
@@ -149,6 +155,30 @@ DELETE: Flow[Call] = Flow(
 )
 
 
+# With tracing on: the stages whose passing is an event of the exchange's span, and the reports
+# that name its trace.
+TRACE_EVENTS: dict[object, str] = {data_access.enforce_policy: "policy", cache.lookup: "cache"}
+NAMING_TRACE = (audit_record, request_line)
+
+
+def traced(flow: Flow[C], tracing: Tracing) -> Flow[C]:
+    """`flow` with its trace: a span from the edge to the report, events as stages pass, a client
+    span around the upstream call (whose context goes upstream), the trace id in the reports."""
+    return Flow(
+        edge=(tracing.arrive, *flow.edge),
+        authenticate=tracing.authenticate(flow.authenticate),
+        admitted=flow.admitted,
+        parse=flow.parse,
+        stages=(tracing.open_span, *(tracing.event(stage, TRACE_EVENTS.get(stage)) for stage in flow.stages)),
+        forward=tracing.upstream(flow.forward),
+        hooks=flow.hooks,
+        done=(
+            tracing.close,
+            *(tracing.naming_trace(report) if report in NAMING_TRACE else report for report in flow.done),
+        ),
+    )
+
+
 async def serve(exchange: Exchange, flow: Flow[C]) -> Reply:
     """Run one exchange through its flow, in one coroutine (the await chain to the upstream stays
     short); whatever happens, every Around stage entered is left, and the report follows."""
@@ -164,6 +194,7 @@ async def serve(exchange: Exchange, flow: Flow[C]) -> Reply:
             reply = await enter_stages(parsed, flow.stages, entered)
             if reply is None:
                 reply = await flow.forward(parsed, flow.hooks)
+        exchange.status = reply.status  # (an upstream's error answer may keep its own status)
     except ProxyError as error:
         failure = error
         reply = error_reply(exchange, error)
@@ -176,6 +207,8 @@ async def serve(exchange: Exchange, flow: Flow[C]) -> Reply:
         reply = await drain.last_word(exchange)  # the stop's grace is over: a JSON-RPC error
     except BaseException as error:
         failure = error
+        if not exchange.delivered:  # the edge answers it with a 500: the report says so
+            exchange.refused(500, -32603)
         raise
     finally:
         raised = leave_stages(entered, failure)
@@ -196,15 +229,25 @@ def _report(exchange: Exchange, done: Sequence[DoneHook]) -> None:
         report(exchange)
 
 
-async def handle_mcp(request: web.Request) -> web.StreamResponse:
-    services = request.app[SERVICES]
-    exchange = Exchange(request=request, runtime=request.app[RUNTIME].current, services=services)
-    if request.method not in ("POST", "GET", "DELETE"):
-        return error_reply(exchange, MethodNotAllowed(headers={"Allow": "GET, POST, DELETE"}))
-    in_flight = services.drain.enter()  # a stop waits for it, and answers it if the grace runs out
-    try:
-        if request.method == "POST":
-            return await serve(exchange, POST)
-        return await serve(exchange, GET if request.method == "GET" else DELETE)
-    finally:
-        services.drain.leave(in_flight)
+def mcp_handler(tracing: Tracing | None = None) -> Handler:
+    """The MCP endpoint's handler: the flows above, traced when `tracing` is given (chosen here,
+    once: untraced requests pay nothing for tracing)."""
+    post, get, delete = (POST, GET, DELETE) if tracing is None else (
+        traced(POST, tracing), traced(GET, tracing), traced(DELETE, tracing)
+    )  # fmt: skip
+
+    async def handle_mcp(request: web.Request) -> web.StreamResponse:
+        app = request.app
+        services = app[SERVICES]
+        exchange = Exchange(request=request, runtime=app[RUNTIME].current, services=services)
+        if request.method not in ("POST", "GET", "DELETE"):
+            return error_reply(exchange, MethodNotAllowed(headers={"Allow": "GET, POST, DELETE"}))
+        in_flight = services.drain.enter()  # a stop waits for it, and answers it if the grace runs out
+        try:
+            if request.method == "POST":
+                return await serve(exchange, post)
+            return await serve(exchange, get if request.method == "GET" else delete)
+        finally:
+            services.drain.leave(in_flight)
+
+    return handle_mcp

@@ -111,15 +111,16 @@ _requests_log = structlog.get_logger("proxy.requests")
 MAX_METHOD_CHARS = 128  # a client-chosen method is bounded like every other string it chooses
 
 
-def request_line(exchange: Exchange) -> None:
-    """The done hook: one structured line per exchange (names, outcome, timing; never content).
-    Refusals by a tenant's limits are counted in aggregate instead (limits.RefusalLog): a flood of
-    them cannot flood the log."""
+def request_line(exchange: Exchange, trace_id: str | None = None) -> None:
+    """The done hook: one structured line per exchange (names, outcome, timing; never content; its
+    trace, when traced). Refusals by a tenant's limits are counted in aggregate instead
+    (limits.RefusalLog): a flood of them cannot flood the log."""
     if exchange.limited is not None:
         return
     message, ctx, era = exchange.message, exchange.ctx, exchange.era
     method = message.method if message is not None else None
-    _requests_log.info(
+    logger = _requests_log if trace_id is None else _requests_log.bind(trace_id=trace_id)
+    logger.info(
         "mcp_request",
         request_id=exchange.request.get(REQUEST_ID),
         http_method=exchange.request.method,

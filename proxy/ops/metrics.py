@@ -1,6 +1,8 @@
 """Prometheus metrics. Label values are only served tenant ids (configured, or well-formed ids a
-tenant template serves, while active), MCP method names, outcomes and rule names: never argument
-values, tool output or anything else a client chose."""
+tenant template serves, while active), MCP method names, outcomes, rule names and the proxy's own
+words (Redis operations, stream kinds): never argument values, tool output or anything else a
+client chose. The process's own figures (process_*, python_*) come from
+prometheus_client's collectors; gauges of live state are read at scrape time (ops/runtime_metrics.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,14 @@ import bisect
 from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -82,12 +91,19 @@ class Metrics:
         registry = self.registry
         # Per-request figures are kept in plain counters and bucket arrays (the event loop is the
         # only writer, so no locks) and turned into Prometheus families when /metrics is scraped.
-        # By tenant first, so what a tenant leaves behind (`forget`) goes in one step.
-        self._requests: dict[str, dict[tuple[str, str], int]] = {}  # (method, outcome) -> count
-        self._cache: dict[str, dict[str, int]] = {}  # cache state -> count
-        self._latency: dict[str, dict[str, _Histogram]] = {}  # kind -> histogram
-        self._limited: dict[str, dict[str, int]] = {}  # limit -> count (refusals cost next to nothing)
+        # (tenant, method, outcome, HTTP status // 100) -> answered requests: one count per request,
+        # summed into the requests and responses families when scraped.
+        self._requests: dict[tuple[str, str, str, int], int] = {}
+        self._cache: dict[tuple[str, str], int] = {}
+        self._latency: dict[tuple[str, str], _Histogram] = {}
+        self._limited: dict[tuple[str, str], int] = {}  # a flood of refusals counts for next to nothing
+        self._state_calls: dict[str, _Histogram] = {}  # Redis round trips, by operation
+        self.loop_lag = _Histogram()  # how late the event loop ran a timer (ops/runtime_metrics.py)
+        self.open_streams: dict[tuple[str, str], int] = {}  # (tenant, get | listen) -> streams open now
         registry.register(_GaugeCollector(self._request_families))
+        registry.register(_GaugeCollector(self._runtime_families))
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            registry.register(collector)  # (they read the process when scraped; any registry may hold them)
         self.policy_denials = Counter(
             "mcp_proxy_policy_denials_total", "Requests refused by a policy rule, by tenant and rule",
             ["tenant", "rule"], registry=registry,
@@ -113,6 +129,8 @@ class Metrics:
             "mcp_proxy_config_reloads_total", "Config reloads, by result (ok or invalid)",
             ["result"], registry=registry,
         )  # fmt: skip
+        for result in ("ok", "invalid"):  # at 0 from the start: an alert's increase() sees the first one
+            self.reloads.labels(result)
 
     def observe_request(
         self,
@@ -122,47 +140,62 @@ class Metrics:
         total_seconds: float,
         upstream_seconds: float | None,
         cache_state: str | None,
+        status: int = 200,
     ) -> None:
         """Everything one answered request of a tenant adds to the metrics."""
-        requests = self._requests.get(tenant)
-        if requests is None:
-            requests = self._requests[tenant] = {}
-        key = (method_label(method), outcome)
-        requests[key] = requests.get(key, 0) + 1
-        latency = self._latency.get(tenant)
-        if latency is None:
-            latency = self._latency[tenant] = {"request": _Histogram(), "overhead": _Histogram()}
-        latency["request"].observe(total_seconds)
+        key = (tenant, method_label(method), outcome, status // 100)
+        self._requests[key] = self._requests.get(key, 0) + 1
+        self._histogram("request", tenant).observe(total_seconds)
         if upstream_seconds is not None:
-            upstream = latency.get("upstream")
-            if upstream is None:
-                upstream = latency["upstream"] = _Histogram()
-            upstream.observe(upstream_seconds)
-        latency["overhead"].observe(max(0.0, total_seconds - (upstream_seconds or 0.0)))
+            self._histogram("upstream", tenant).observe(upstream_seconds)
+        self._histogram("overhead", tenant).observe(max(0.0, total_seconds - (upstream_seconds or 0.0)))
         if cache_state is not None:
-            cache = self._cache.get(tenant)
-            if cache is None:
-                cache = self._cache[tenant] = {}
-            cache[cache_state] = cache.get(cache_state, 0) + 1
+            cache_key = (tenant, cache_state)
+            self._cache[cache_key] = self._cache.get(cache_key, 0) + 1
 
     def count_limited(self, tenant: str, limit: str) -> None:
         """A request refused by one of the tenant's limits (rate, concurrency, circuit, processes)."""
-        limited = self._limited.get(tenant)
-        if limited is None:
-            limited = self._limited[tenant] = {}
-        limited[limit] = limited.get(limit, 0) + 1
+        key = (tenant, limit)
+        self._limited[key] = self._limited.get(key, 0) + 1
 
     def forget(self, tenants: Collection[str]) -> None:
         """Drop the series of tenants this process no longer serves (removed by a reload, or idle
         template tenants): counters that come back later start again from zero, which Prometheus
-        reads as a counter reset."""
-        for tenant in tenants:
-            self._requests.pop(tenant, None)
-            self._cache.pop(tenant, None)
-            self._latency.pop(tenant, None)
-            self._limited.pop(tenant, None)
+        reads as a counter reset. (Rare: a walk over the keys is fine.)"""
+        gone = set(tenants)
+        for request_key in [key for key in self._requests if key[0] in gone]:
+            del self._requests[request_key]
+        for table in (self._cache, self._limited):
+            for key in [key for key in table if key[0] in gone]:
+                del table[key]
+        for latency_key in [key for key in self._latency if key[1] in gone]:
+            del self._latency[latency_key]
+        for key in [key for key, count in self.open_streams.items() if key[0] in gone and count == 0]:
+            del self.open_streams[key]
+        for tenant in gone:
             for counter in (self.policy_denials, self.spoof_attempts, self.upstream_errors):
                 counter.remove_by_labels({"tenant": tenant})
+
+    def observe_state_call(self, operation: str, seconds: float) -> None:
+        """One Redis round trip (operation: a fixed name of the proxy's, never a key)."""
+        histogram = self._state_calls.get(operation)
+        if histogram is None:
+            histogram = self._state_calls[operation] = _Histogram()
+        histogram.observe(seconds)
+
+    def stream_opened(self, tenant: str, kind: str) -> None:
+        key = (tenant, kind)
+        self.open_streams[key] = self.open_streams.get(key, 0) + 1
+
+    def stream_closed(self, tenant: str, kind: str) -> None:
+        key = (tenant, kind)
+        self.open_streams[key] = max(0, self.open_streams.get(key, 0) - 1)
+
+    def _histogram(self, kind: str, tenant: str) -> _Histogram:
+        histogram = self._latency.get((kind, tenant))
+        if histogram is None:
+            histogram = self._latency[(kind, tenant)] = _Histogram()
+        return histogram
 
     def _request_families(self) -> Iterable[Metric]:
         requests = CounterMetricFamily(
@@ -170,32 +203,58 @@ class Metrics:
             "MCP requests by tenant, method and outcome",
             labels=["tenant", "method", "outcome"],
         )
-        for tenant, counts in self._requests.items():
-            for (method, outcome), count in counts.items():
-                requests.add_metric([tenant, method, outcome], count)
+        by_method: dict[tuple[str, str, str], int] = {}
+        by_status: dict[tuple[str, int], int] = {}
+        for (tenant, method, outcome, status_class), count in self._requests.items():
+            by_method[(tenant, method, outcome)] = by_method.get((tenant, method, outcome), 0) + count
+            by_status[(tenant, status_class)] = by_status.get((tenant, status_class), 0) + count
+        for request_labels, count in by_method.items():
+            requests.add_metric(list(request_labels), count)
         yield requests
+        responses = CounterMetricFamily(
+            "mcp_proxy_responses",
+            "Answers to a tenant's requests by HTTP status class (2xx, 4xx, 5xx; an error inside an SSE "
+            "stream or a 200 JSON-RPC error counts as its HTTP status)",
+            labels=["tenant", "status_class"],
+        )
+        for (tenant, status_class), count in by_status.items():
+            responses.add_metric([tenant, f"{status_class}xx"], count)
+        yield responses
         cache = CounterMetricFamily(
             "mcp_proxy_cache_requests", "Cache use by tenant: hit, miss or bypass", labels=["tenant", "state"]
         )
-        for tenant, states in self._cache.items():
-            for state, count in states.items():
-                cache.add_metric([tenant, state], count)
+        for cache_labels, count in self._cache.items():
+            cache.add_metric(list(cache_labels), count)
         yield cache
         limited = CounterMetricFamily(
             "mcp_proxy_limited", "Requests refused by a per-tenant limit, by tenant and limit",
             labels=["tenant", "limit"],
         )  # fmt: skip
-        for tenant, limits in self._limited.items():
-            for limit, count in limits.items():
-                limited.add_metric([tenant, limit], count)
+        for limited_labels, count in self._limited.items():
+            limited.add_metric(list(limited_labels), count)
         yield limited
         for kind, (name, documentation) in _LATENCY_FAMILIES.items():
             family = HistogramMetricFamily(name, documentation, labels=["tenant"])
-            for tenant, histograms in self._latency.items():
-                histogram = histograms.get(kind)
-                if histogram is not None:
+            for (histogram_kind, tenant), histogram in self._latency.items():
+                if histogram_kind == kind:
                     family.add_metric([tenant], histogram.buckets(), histogram.sum)
             yield family
+
+    def _runtime_families(self) -> Iterable[Metric]:
+        lag = HistogramMetricFamily(
+            "mcp_proxy_event_loop_lag_seconds",
+            "How late the event loop ran a timer it was due to run (every request waits as long)",
+        )
+        lag.add_metric([], self.loop_lag.buckets(), self.loop_lag.sum)
+        yield lag
+        calls = HistogramMetricFamily(
+            "mcp_proxy_state_call_duration_seconds",
+            "Round trips to the shared state backend (Redis), by operation",
+            labels=["operation"],
+        )
+        for operation, histogram in self._state_calls.items():
+            calls.add_metric([operation], histogram.buckets(), histogram.sum)
+        yield calls
 
     def add_gauges(self, gauges: Families) -> None:
         self.registry.register(_GaugeCollector(gauges))
@@ -218,4 +277,5 @@ def observe(exchange: Exchange) -> None:
         exchange.duration_seconds,
         exchange.upstream_seconds if exchange.upstream_contacted else None,
         exchange.cache_state if message is not None and message.kind is MessageKind.REQUEST else None,
+        exchange.status,
     )

@@ -45,6 +45,8 @@ def _check_fixed(old: ProxyConfig, new: ProxyConfig) -> None:
     for key in _FIXED_LISTEN_KEYS:
         if getattr(old.listen, key) != getattr(new.listen, key):
             raise ConfigError(new.source, f"listen.{key}", "cannot change while running; restart the proxy")
+    if old.tracing != new.tracing:  # the flows were built with (or without) tracing at start-up
+        raise ConfigError(new.source, "tracing", "cannot change while running; restart the proxy")
 
 
 Stamp = tuple[int, int, int] | None  # modified (ns), size, inode; None: missing

@@ -126,6 +126,10 @@ class HttpUpstream:
     def connections_in_use(self) -> int:
         return self._pool.in_use
 
+    @property
+    def connections_idle(self) -> int:
+        return self._pool.idle
+
     async def send(self, request: UpstreamRequest) -> HttpUpstreamResponse:
         headers = {**request.headers, **self._base_headers}
         try:

@@ -111,6 +111,11 @@ class ConnectionPool:
         """Connections handed out (or being opened) and not yet released: what a leak would grow."""
         return self._max - self._free
 
+    @property
+    def idle(self) -> int:
+        """Connections kept alive for the next request (some may have expired unnoticed)."""
+        return len(self._idle)
+
     async def request(
         self, method: str, headers: Mapping[str, str], body: bytes | None = None
     ) -> HttpResponse:

@@ -100,7 +100,8 @@ class RedisState:
         return ":".join((self.prefix, f"{{{tenant}}}", *parts))
 
     async def call(self, operation: str, awaitable: Awaitable[T]) -> T:
-        """Await one Redis call; a failure raises StateUnavailable (unreachable: marks it down).
+        """Await one Redis call, timed (by operation); a failure raises StateUnavailable (unreachable:
+        marks it down).
 
         While it is down, calls fail at once for RETRY_SECONDS after each failure, so an unreachable
         Redis costs a request nothing but the fallback; then one call tries again."""
@@ -109,6 +110,7 @@ class RedisState:
                 awaitable.close()
             self._metrics.state_errors.labels(operation).inc()
             raise StateUnavailable(operation)
+        started = time.perf_counter()
         try:
             result = await awaitable
         except self._credentials_refused as exc:
@@ -122,6 +124,8 @@ class RedisState:
             log.error("state_backend_refused", operation=operation, error=type(exc).__name__)
             self._metrics.state_errors.labels(operation).inc()
             raise StateUnavailable(operation) from None
+        finally:  # answered or not: a slow Redis shows in its latency before it fails
+            self._metrics.observe_state_call(operation, time.perf_counter() - started)
         self.problem = None
         if not self.up:
             log.info("state_backend_back")

@@ -3,7 +3,8 @@
 One JSON line per MCP request in `<audit.dir>/<tenant>.jsonl`, rendered by orjson (pure ASCII):
 
     ts, tenant, subject, session (hash), era, method, name, argument_keys, outcome, cache,
-    error_code, result_bytes, result_sha256, duration_ms, task (hash), task_event
+    error_code, result_bytes, result_sha256, duration_ms, task (hash), task_event, and with
+    tracing on, trace_id (the request's trace, to find its spans)
 
 outcome is ok, error, denied, spoof or cancelled (the client went away before its answer, or
 cancelled the request itself).
@@ -79,13 +80,17 @@ class AuditRecord(NamedTuple):
     duration_ms: float
     task: str | None  # a hash of the task id this request created or saw finish, never the id
     task_event: str | None  # created | completed | failed | cancelled
+    trace_id: str | None = None  # with tracing on: the request's trace (absent from the line otherwise)
 
     def as_dict(self) -> JsonObject:
         record = self._asdict()
         record["ts"] = datetime.fromtimestamp(self.ts, UTC).isoformat(timespec="milliseconds")
         del record["argument_names"]
         record["argument_keys"] = [name[:MAX_KEY_CHARS] for name in self.argument_names]
-        return {key: record[key] for key in _FIELD_ORDER}
+        shown = {key: record[key] for key in _FIELD_ORDER}
+        if self.trace_id is not None:
+            shown["trace_id"] = self.trace_id
+        return shown
 
 
 _FIELD_ORDER = (
@@ -99,7 +104,7 @@ def bounded_method(method: str | None) -> str | None:
     return method[:MAX_METHOD_CHARS] if method is not None else None
 
 
-def summarize(exchange: Exchange) -> AuditRecord | None:
+def summarize(exchange: Exchange, trace_id: str | None = None) -> AuditRecord | None:
     """The audit record of one exchange, or None when no tenant was established."""
     ctx = exchange.ctx
     if ctx is None:
@@ -125,12 +130,13 @@ def summarize(exchange: Exchange) -> AuditRecord | None:
         round(exchange.duration_seconds * 1000, 3),
         exchange.task,
         exchange.task_event,
+        trace_id,
     )
 
 
-def audit_record(exchange: Exchange) -> None:
-    """The done hook: the exchange's summary in its tenant's trail."""
-    exchange.services.audit.record(exchange)
+def audit_record(exchange: Exchange, trace_id: str | None = None) -> None:
+    """The done hook: the exchange's summary in its tenant's trail (naming its trace, if traced)."""
+    exchange.services.audit.record(exchange, trace_id)
 
 
 class AuditLog:
@@ -155,8 +161,8 @@ class AuditLog:
             self._thread = threading.Thread(target=self._write_forever, name="audit-writer", daemon=True)
             self._thread.start()
 
-    def record(self, exchange: Exchange) -> None:
-        summary = summarize(exchange)
+    def record(self, exchange: Exchange, trace_id: str | None = None) -> None:
+        summary = summarize(exchange, trace_id)
         if summary is None:
             return
         self._recent.setdefault(summary.tenant, deque(maxlen=RECENT_PER_TENANT)).append(summary)

@@ -20,6 +20,7 @@ _ADMITTED = "limits.admitted"  # the exchange's place under its tenant's limits
 _LIMITS = "limits.tenant"  # this process's view of the tenant's limits (its circuit breaker)
 _TRIAL = "limits.trial"  # the exchange is the half-open circuit's trial, not yet decided
 _STREAM = "limits.stream"  # the tenant's limits a stream of this exchange is counted against
+_STREAM_KIND = "limits.stream_kind"  # get | listen, as the open-streams gauge counts it
 
 
 class Admission(Around[Call]):
@@ -93,7 +94,8 @@ class Circuit(Around[Request]):
 
 class Streams(Around[Call]):
     """Long-lived streams (a session's GET stream, subscriptions/listen) have their own per-tenant
-    cap, `limits.max_streams` (per replica: a stream is held by the replica that serves it)."""
+    cap, `limits.max_streams` (per replica: a stream is held by the replica that serves it), and
+    are counted as they open and close (the open-streams gauge)."""
 
     async def enter(self, call: Call) -> bool:
         if call.request.method == "POST" and (
@@ -108,11 +110,14 @@ class Streams(Around[Call]):
             call.outcome = "denied"
             raise
         call.slots[_STREAM] = limits
+        kind = call.slots[_STREAM_KIND] = "get" if call.request.method == "GET" else "listen"
+        call.services.metrics.stream_opened(call.ctx.tenant, kind)
         return True
 
     def leave(self, call: Call, failure: BaseException | None) -> None:
         limits: TenantLimits = call.slots.pop(_STREAM)
         limits.close_stream()
+        call.services.metrics.stream_closed(call.ctx.tenant, call.slots.pop(_STREAM_KIND))
 
 
 def _refused(call: Call, limit: str) -> None:
