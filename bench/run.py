@@ -40,6 +40,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.loadgen import HANDSHAKE_VERSION, MODERN_VERSION, open_sessions
+from bench.nginx import nginx_binary, nginx_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -292,6 +293,32 @@ class Harness:
         proc = Proc(f"{kind}-upstream", argv, self._path(f"{kind}-upstream", ".log"), self.env)
         self.procs.append(proc)
         pin(proc.pid, GEN_CORE if self.settings.pin else None)
+        wait_for_port(port, proc, timeout=300 if wrap else 30)
+        return Upstream(proc, f"http://127.0.0.1:{port}/mcp")
+
+    def start_nginx(self, upstream: Upstream, wrap: list[str] | None = None) -> Upstream | None:
+        """nginx relaying to `upstream` (one process, kept-alive upstream connections), or None when
+        nginx is not installed."""
+        binary = nginx_binary()
+        if binary is None:
+            return None
+        work = self._path("nginx")
+        port = free_port()
+        upstream_port = int(upstream.url.split(":")[2].split("/")[0])
+        work.mkdir(parents=True)
+        (work / "nginx.conf").write_text(nginx_config(work, port, upstream_port))
+        argv = [
+            *(wrap or []),
+            binary,
+            "-p",
+            str(work),
+            "-e",
+            str(work / "error.log"),
+            "-c",
+            str(work / "nginx.conf"),
+        ]
+        proc = Proc("nginx", argv, work / "nginx.log", self.env)
+        self.procs.append(proc)
         wait_for_port(port, proc, timeout=300 if wrap else 30)
         return Upstream(proc, f"http://127.0.0.1:{port}/mcp")
 
@@ -1139,6 +1166,9 @@ def s3_cached(h: Harness) -> tuple[list[Row], dict[str, Any]]:
     return rows, m
 
 
+NGINX_MISSING = "skipped: nginx is not installed (apt-get install -y nginx-light)"
+
+
 def s4_ceiling(h: Harness) -> tuple[list[Row], dict[str, Any]]:
     """The proxy's own ceiling: a static JSON responder upstream, full policy, no cache."""
     up = h.start_upstream("static")
@@ -1167,11 +1197,20 @@ def s4_ceiling(h: Harness) -> tuple[list[Row], dict[str, Any]]:
     )  # fmt: skip
     rows.append(_cost_row("4 ceiling", "proxy CPU per request", m["proxy_c16"]))
     # The floor: a bare aiohttp forwarder (no auth, parsing, policy, audit) in the proxy's place;
-    # and a reference, not a proxy: the same forwarder with asyncio streams instead of ClientSession.
+    # a reference, not a proxy: the same forwarder with asyncio streams instead of ClientSession;
+    # and the floor of any hop: nginx proxy_pass, one process, kept-alive upstream connections.
     for kind, label in (("forwarder", "bare aiohttp forwarder"),
-                        ("streams-forwarder", "streams forwarder (no ClientSession)")):  # fmt: skip
+                        ("streams-forwarder", "streams forwarder (no ClientSession)"),
+                        ("nginx", "nginx proxy_pass")):  # fmt: skip
         key = kind.replace("-", "_")
-        fw = h.start_upstream(kind, target=up.url)
+        if kind == "nginx":
+            found = h.start_nginx(up)
+            if found is None:
+                rows.append(Row("4 ceiling", NGINX_MISSING, None, None, "", ""))
+                continue
+            fw = found
+        else:
+            fw = h.start_upstream(kind, target=up.url)
         bare = modern_call(f"{kind}-call", fw.url, "lookup", {"tenant_id": "acme", "key": "k1"})
         bare.probe()
         m["layout"][key] = h.pin({up.proc: GEN_CORE, fw.proc: SUT_CORE})
@@ -1485,23 +1524,40 @@ def _instructions_per_request(proc: Proc, target: Target, count: int, output: Pa
 
 
 def s8_instructions(h: Harness) -> tuple[list[Row], dict[str, Any]]:
-    """Instructions per forwarded tools/call (valgrind's callgrind): the bare aiohttp forwarder, the
-    proxy with full policy, and the proxy configured with 1,000 tenants (the last one called),
-    all against the static upstream. Unlike times, these counts do not move with other load on
-    the machine: the figures to compare the proxy's own cost by."""
+    """Instructions per request (valgrind's callgrind), all against the static upstream: forwarded
+    tools/call through the bare aiohttp forwarder, nginx proxy_pass (the floor of any hop) and the
+    proxy with full policy (also configured with 1,000 tenants, the last one called); a cached
+    tools/call and a request refused by a rate limit (429). Unlike times, these counts do not move
+    with other load on the machine: the figures to compare the proxy's own cost by."""
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         skipped = Row("8 instructions", "skipped: valgrind is not installed", None, None, "", "")
         return [skipped], {"skipped": "valgrind is not installed"}
     up = h.start_upstream("static")
     names = [f"t{i:04d}" for i in range(1, h.settings.tenants + 1)]
     counts: dict[str, float] = {}
-    for name in ("forwarder", "streams_forwarder", "proxy", "proxy_many_tenants"):
+    kinds = ("forwarder", "streams_forwarder", "nginx", "proxy", "proxy_many_tenants", "proxy_cached",
+             "proxy_refused")  # fmt: skip
+    for name in kinds:
         output = h.tmp / f"callgrind-{name}.out"
         wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={output}", "--instr-atstart=no"]
-        if name in ("forwarder", "streams_forwarder"):
-            fw = h.start_upstream(name.replace("_", "-"), target=up.url, wrap=wrap)
+        if name in ("forwarder", "streams_forwarder", "nginx"):
+            fw = h.start_nginx(up, wrap=wrap) if name == "nginx" else (
+                h.start_upstream(name.replace("_", "-"), target=up.url, wrap=wrap))  # fmt: skip
+            if fw is None:
+                continue
             proc = fw.proc
             target = modern_call(f"{name}-call", fw.url, "lookup", {"tenant_id": "acme", "key": "k1"})
+        elif name == "proxy_cached":
+            px = h.start_proxy({"acme": up.url}, policy=CACHED_POLICY, cache=True, wrap=wrap)
+            proc = px.proc
+            target = modern_call(f"{name}-call", px.url, "lookup", {"key": "k1"}, px.token("acme"))
+            target.probe()  # stored: every counted request is a hit
+        elif name == "proxy_refused":
+            px = h.start_proxy({"acme": up.url}, tenant_limits={"acme": REFUSED_LIMITS}, wrap=wrap)
+            proc = px.proc
+            with contextlib.suppress(RuntimeError):
+                _refused_call(px, "acme").probe()  # (the first one is within its burst)
+            target = _refused_call(px, "acme")
         else:
             tenants = {"acme": up.url} if name == "proxy" else dict.fromkeys(names, up.url)
             px = h.start_proxy(tenants, wrap=wrap)
@@ -1510,16 +1566,28 @@ def s8_instructions(h: Harness) -> tuple[list[Row], dict[str, Any]]:
             target = modern_call(f"{name}-call", px.url, "lookup", {"key": "k1"}, px.token(caller))
         counts[name] = _instructions_per_request(proc, target, h.settings.counted_requests, output)
     many = f"tenant #{len(names):,} of {len(names):,}"
+    scenario = "8 instructions"
     rows = [
-        Row("8 instructions", "instructions per tools/call (forwarder | proxy)", counts["forwarder"],
+        Row(scenario, "instructions per tools/call (forwarder | proxy)", counts["forwarder"],
             counts["proxy"], "", "ratio"),
-        Row("8 instructions", "the proxy's own instructions per tools/call", None,
+        Row(scenario, "the proxy's own instructions per tools/call", None,
             counts["proxy"] - counts["forwarder"], "", ""),
-        Row("8 instructions", f"proxy instructions per tools/call (1 tenant | {many})", counts["proxy"],
+        Row(scenario, "proxy instructions per forwarded tools/call", None, counts["proxy"], "", "",
+            "<= 600,000", counts["proxy"] <= 600_000),
+        Row(scenario, "proxy instructions per cached tools/call", None, counts["proxy_cached"], "", "",
+            "<= 150,000", counts["proxy_cached"] <= 150_000),
+        Row(scenario, "proxy instructions per refused request (429)", None, counts["proxy_refused"], "",
+            "", "<= 120,000", counts["proxy_refused"] <= 120_000),
+        Row(scenario, f"proxy instructions per tools/call (1 tenant | {many})", counts["proxy"],
             counts["proxy_many_tenants"], "", "ratio"),
-        Row("8 instructions", "forwarder instructions per tools/call (ClientSession | asyncio streams)",
+        Row(scenario, "forwarder instructions per tools/call (ClientSession | asyncio streams)",
             counts["forwarder"], counts["streams_forwarder"], "", "ratio"),
     ]  # fmt: skip
+    if "nginx" in counts:
+        rows.append(Row(scenario, "instructions per tools/call (nginx proxy_pass | proxy)", counts["nginx"],
+                        counts["proxy"], "", "ratio"))  # fmt: skip
+    else:
+        rows.append(Row(scenario, NGINX_MISSING, None, None, "", ""))
     return rows, {"instructions_per_request": counts, "counted_requests": h.settings.counted_requests}
 
 
