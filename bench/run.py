@@ -1601,13 +1601,14 @@ def _refused_call(px: Proxy, tenant: str) -> Target:
     return target
 
 
-def _flood(h: Harness, target: Target) -> Proc:
-    """A paced wrk load in the background (its summary is written when it is stopped with SIGINT)."""
+def _flood(h: Harness, target: Target, connections: int = FLOOD_CONNECTIONS) -> Proc:
+    """A wrk load in the background, paced by the target's delay (its summary is written when it
+    is stopped with SIGINT)."""
     script = h._path(f"wrk-{target.name}", ".lua")
     script.write_text(target.lua())
     argv = [
         *(["taskset", "-c", str(GEN_CORE)] if h.settings.pin else []),
-        "wrk", "-t1", f"-c{FLOOD_CONNECTIONS}", "-d3600s", "--timeout", "10s", "-s", str(script), target.url,
+        "wrk", "-t1", f"-c{connections}", "-d3600s", "--timeout", "30s", "-s", str(script), target.url,
     ]  # fmt: skip
     proc = Proc("flood", argv, h._path("flood", ".log"), h.env)
     h.procs.append(proc)
@@ -1685,6 +1686,79 @@ def s9_refusals(h: Harness) -> tuple[list[Row], dict[str, Any]]:
     return rows, m
 
 
+REJECTING_POLICY = FULL_POLICY.replace("on_mismatch: rewrite", "on_mismatch: reject")
+WORST_IN_FLIGHT = 3
+WORST_BODY_BYTES = 4 * 1024 * 1024 - 4096  # just under listen.max_body_bytes (4 MiB by default)
+
+
+def _worst_case_arguments() -> dict[str, dict[str, Any]]:
+    """tools/call arguments of about 4 MB naming another tenant, refused without an upstream call:
+    the shape of issue 26's report (350,000 members: refused by listen.max_json_members), and JSON
+    documents held in strings (each within the members bound, as the policy looks into them)."""
+    members = {"tenant_id": "acme", **{f"k{i}": 1 for i in range(350_000)}}
+    document = "[" + ",".join(["[]"] * 9_000) + "]"
+    count = WORST_BODY_BYTES // (len(document) + 16)
+    documents = {"tenant_id": "acme", **{f"d{i}": document for i in range(count)}}
+    return {"350,000 members": members, "JSON documents in strings": documents}
+
+
+WORST_BYTES_PER_SECOND = 1_000_000  # the last row: B's limits.bytes_per_second
+
+
+def _worst_case_row(
+    h: Harness, px: Proxy, up: Upstream, shape: str, arguments: dict[str, Any], limited: bool
+) -> tuple[Row, dict[str, Any]]:
+    """Tenant A's p50 at c=1 alone, then while B keeps WORST_IN_FLIGHT refused requests in flight."""
+    victim = modern_call("victim-call", px.url, "lookup", {"key": "k1"}, px.token("acme"))
+    victim.probe()
+    attack = modern_call("worst-case", px.url, "lookup", arguments, px.token("globex"))
+    status, _, answer = http_request(attack.url, attack.body(), attack.headers)
+    if b'"error"' not in answer or len(attack.body()) > WORST_BODY_BYTES + 1024:
+        raise RuntimeError(f"{shape}: not refused as expected: HTTP {status} {answer[:200]!r}")
+    refusal = json.loads(answer)["error"]
+    attack.status, attack.expect = (429, '"error"') if limited else (status, '"error"')
+    m: dict[str, Any] = {"shape": shape, "bytes": len(attack.body()), "status": status,
+                         "code": refusal["code"], "message": refusal["message"],
+                         "layout": h.pin({up.proc: GEN_CORE, px.proc: SUT_CORE})}  # fmt: skip
+    m["alone"] = alone = h.load(victim, 1, {"proxy": px.proc})
+    flooder = _flood(h, attack, WORST_IN_FLIGHT)
+    try:
+        m["attacked"] = attacked = h.load(victim, 1, {"proxy": px.proc, "flood": flooder})
+    finally:
+        m["flood"] = flood = _flood_result(flooder)
+    answered = f"{refusal['code']}" + (f", then 429 over {WORST_BYTES_PER_SECOND:,} B/s" if limited else "")
+    metric = (f"tenant A p50 c=1 (alone | B keeps {WORST_IN_FLIGHT} x {len(attack.body()) / 1e6:.1f} MB in "
+              f"flight: {shape}, {answered}; {flood['rps']:.1f}/s)")  # fmt: skip
+    ratio = attacked["p50_ms"] / alone["p50_ms"]
+    row = Row("10 worst case", metric, alone["p50_ms"], attacked["p50_ms"], "ms", "ratio", "<= 1.5x",
+              ratio <= 1.5, _valid(alone, attacked), _noisy(alone, attacked))  # fmt: skip
+    return row, m
+
+
+def s10_worst_case(h: Harness) -> tuple[list[Row], dict[str, Any]]:
+    """One tenant keeps three worst-case refused requests in flight (about 4 MB each, naming another
+    tenant); another tenant's tools/call p50 at c=1 against its p50 alone (static upstream, the
+    proxy alone on its core, every generator and the upstream on the other). With the defaults, then
+    with B held to a bytes-per-second limit."""
+    if h.settings.generator != "wrk":
+        return [Row("10 worst case", "skipped: the background load needs wrk", None, None, "", "")], {}
+    up = h.start_upstream("static")
+    tenants = {"acme": up.url, "globex": up.url}
+    px = h.start_proxy(tenants, policy=REJECTING_POLICY)
+    rows: list[Row] = []
+    m: dict[str, Any] = {"in_flight": WORST_IN_FLIGHT}
+    shapes = _worst_case_arguments()
+    for index, (shape, arguments) in enumerate(shapes.items()):
+        row, m[f"defaults_{index}"] = _worst_case_row(h, px, up, shape, arguments, limited=False)
+        rows.append(row)
+    limits = {"globex": {"bytes_per_second": WORST_BYTES_PER_SECOND}}
+    limited = h.start_proxy(tenants, policy=REJECTING_POLICY, tenant_limits=limits)
+    shape = "JSON documents in strings"
+    row, m["limited"] = _worst_case_row(h, limited, up, shape, shapes[shape], limited=True)
+    rows.append(row)
+    return rows, m
+
+
 SCENARIOS: dict[str, Scenario] = {
     "s1_modern": s1_modern,
     "s2_handshake": s2_handshake,
@@ -1696,6 +1770,7 @@ SCENARIOS: dict[str, Scenario] = {
     "s7_redis": s7_redis,
     "s8_instructions": s8_instructions,
     "s9_refusals": s9_refusals,
+    "s10_worst_case": s10_worst_case,
 }
 
 
