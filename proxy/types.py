@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 JsonObject: TypeAlias = dict[str, Any]
@@ -32,9 +32,11 @@ class TenantContext:
     issuer: str
     scopes: frozenset[str]
     expires_at: float
+    # Who binds sessions, tasks, private cache entries and request state: the subject as its issuer
+    # knows it (one `sub` from two issuers of a tenant is two principals). Made once per verified
+    # token (the token cache keeps the context), not on each of the several uses a request makes.
+    principal: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def principal(self) -> str:
-        """Who binds sessions, tasks, private cache entries and request state: the subject as its
-        issuer knows it (one `sub` from two issuers of a tenant is two principals)."""
-        return json.dumps([self.issuer, self.subject], ensure_ascii=False, separators=(",", ":"))
+    def __post_init__(self) -> None:
+        principal = json.dumps([self.issuer, self.subject], ensure_ascii=False, separators=(",", ":"))
+        object.__setattr__(self, "principal", principal)
