@@ -40,6 +40,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.loadgen import HANDSHAKE_VERSION, MODERN_VERSION, open_sessions
+from bench.nginx import nginx_binary, nginx_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -308,6 +309,32 @@ class Harness:
         proc = Proc(f"{kind}-upstream", argv, self._path(f"{kind}-upstream", ".log"), self.env)
         self.procs.append(proc)
         pin(proc.pid, GEN_CORE if self.settings.pin else None)
+        wait_for_port(port, proc, timeout=300 if wrap else 30)
+        return Upstream(proc, f"http://127.0.0.1:{port}/mcp")
+
+    def start_nginx(self, upstream: Upstream, wrap: list[str] | None = None) -> Upstream | None:
+        """nginx relaying to `upstream` (one process, kept-alive upstream connections), or None when
+        nginx is not installed."""
+        binary = nginx_binary()
+        if binary is None:
+            return None
+        work = self._path("nginx")
+        port = free_port()
+        upstream_port = int(upstream.url.split(":")[2].split("/")[0])
+        work.mkdir(parents=True)
+        (work / "nginx.conf").write_text(nginx_config(work, port, upstream_port))
+        argv = [
+            *(wrap or []),
+            binary,
+            "-p",
+            str(work),
+            "-e",
+            str(work / "error.log"),
+            "-c",
+            str(work / "nginx.conf"),
+        ]
+        proc = Proc("nginx", argv, work / "nginx.log", self.env)
+        self.procs.append(proc)
         wait_for_port(port, proc, timeout=300 if wrap else 30)
         return Upstream(proc, f"http://127.0.0.1:{port}/mcp")
 
@@ -1156,6 +1183,9 @@ def s3_cached(h: Harness) -> tuple[list[Row], dict[str, Any]]:
     return rows, m
 
 
+NGINX_MISSING = "skipped: nginx is not installed (apt-get install -y nginx-light)"
+
+
 def s4_ceiling(h: Harness) -> tuple[list[Row], dict[str, Any]]:
     """The proxy's own ceiling: a static JSON responder upstream, full policy, no cache."""
     up = h.start_upstream("static")
@@ -1184,11 +1214,20 @@ def s4_ceiling(h: Harness) -> tuple[list[Row], dict[str, Any]]:
     )  # fmt: skip
     rows.append(_cost_row("4 ceiling", "proxy CPU per request", m["proxy_c16"]))
     # The floor: a bare aiohttp forwarder (no auth, parsing, policy, audit) in the proxy's place;
-    # and a reference, not a proxy: the same forwarder with asyncio streams instead of ClientSession.
+    # a reference, not a proxy: the same forwarder with asyncio streams instead of ClientSession;
+    # and the floor of any hop: nginx proxy_pass, one process, kept-alive upstream connections.
     for kind, label in (("forwarder", "bare aiohttp forwarder"),
-                        ("streams-forwarder", "streams forwarder (no ClientSession)")):  # fmt: skip
+                        ("streams-forwarder", "streams forwarder (no ClientSession)"),
+                        ("nginx", "nginx proxy_pass")):  # fmt: skip
         key = kind.replace("-", "_")
-        fw = h.start_upstream(kind, target=up.url)
+        if kind == "nginx":
+            found = h.start_nginx(up)
+            if found is None:
+                rows.append(Row("4 ceiling", NGINX_MISSING, None, None, "", ""))
+                continue
+            fw = found
+        else:
+            fw = h.start_upstream(kind, target=up.url)
         bare = modern_call(f"{kind}-call", fw.url, "lookup", {"tenant_id": "acme", "key": "k1"})
         bare.probe()
         m["layout"][key] = h.pin({up.proc: GEN_CORE, fw.proc: SUT_CORE})
@@ -1502,23 +1541,40 @@ def _instructions_per_request(proc: Proc, target: Target, count: int, output: Pa
 
 
 def s8_instructions(h: Harness) -> tuple[list[Row], dict[str, Any]]:
-    """Instructions per forwarded tools/call (valgrind's callgrind): the bare aiohttp forwarder, the
-    proxy with full policy, and the proxy configured with 1,000 tenants (the last one called),
-    all against the static upstream. Unlike times, these counts do not move with other load on
-    the machine: the figures to compare the proxy's own cost by."""
+    """Instructions per request (valgrind's callgrind), all against the static upstream: forwarded
+    tools/call through the bare aiohttp forwarder, nginx proxy_pass (the floor of any hop) and the
+    proxy with full policy (also configured with 1,000 tenants, the last one called); a cached
+    tools/call and a request refused by a rate limit (429). Unlike times, these counts do not move
+    with other load on the machine: the figures to compare the proxy's own cost by."""
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         skipped = Row("8 instructions", "skipped: valgrind is not installed", None, None, "", "")
         return [skipped], {"skipped": "valgrind is not installed"}
     up = h.start_upstream("static")
     names = [f"t{i:04d}" for i in range(1, h.settings.tenants + 1)]
     counts: dict[str, float] = {}
-    for name in ("forwarder", "streams_forwarder", "proxy", "proxy_many_tenants"):
+    kinds = ("forwarder", "streams_forwarder", "nginx", "proxy", "proxy_many_tenants", "proxy_cached",
+             "proxy_refused")  # fmt: skip
+    for name in kinds:
         output = h.tmp / f"callgrind-{name}.out"
         wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={output}", "--instr-atstart=no"]
-        if name in ("forwarder", "streams_forwarder"):
-            fw = h.start_upstream(name.replace("_", "-"), target=up.url, wrap=wrap)
+        if name in ("forwarder", "streams_forwarder", "nginx"):
+            fw = h.start_nginx(up, wrap=wrap) if name == "nginx" else (
+                h.start_upstream(name.replace("_", "-"), target=up.url, wrap=wrap))  # fmt: skip
+            if fw is None:
+                continue
             proc = fw.proc
             target = modern_call(f"{name}-call", fw.url, "lookup", {"tenant_id": "acme", "key": "k1"})
+        elif name == "proxy_cached":
+            px = h.start_proxy({"acme": up.url}, policy=CACHED_POLICY, cache=True, wrap=wrap)
+            proc = px.proc
+            target = modern_call(f"{name}-call", px.url, "lookup", {"key": "k1"}, px.token("acme"))
+            target.probe()  # stored: every counted request is a hit
+        elif name == "proxy_refused":
+            px = h.start_proxy({"acme": up.url}, tenant_limits={"acme": REFUSED_LIMITS}, wrap=wrap)
+            proc = px.proc
+            with contextlib.suppress(RuntimeError):
+                _refused_call(px, "acme").probe()  # (the first one is within its burst)
+            target = _refused_call(px, "acme")
         else:
             tenants = {"acme": up.url} if name == "proxy" else dict.fromkeys(names, up.url)
             px = h.start_proxy(tenants, wrap=wrap)
@@ -1527,16 +1583,28 @@ def s8_instructions(h: Harness) -> tuple[list[Row], dict[str, Any]]:
             target = modern_call(f"{name}-call", px.url, "lookup", {"key": "k1"}, px.token(caller))
         counts[name] = _instructions_per_request(proc, target, h.settings.counted_requests, output)
     many = f"tenant #{len(names):,} of {len(names):,}"
+    scenario = "8 instructions"
     rows = [
-        Row("8 instructions", "instructions per tools/call (forwarder | proxy)", counts["forwarder"],
+        Row(scenario, "instructions per tools/call (forwarder | proxy)", counts["forwarder"],
             counts["proxy"], "", "ratio"),
-        Row("8 instructions", "the proxy's own instructions per tools/call", None,
+        Row(scenario, "the proxy's own instructions per tools/call", None,
             counts["proxy"] - counts["forwarder"], "", ""),
-        Row("8 instructions", f"proxy instructions per tools/call (1 tenant | {many})", counts["proxy"],
+        Row(scenario, "proxy instructions per forwarded tools/call", None, counts["proxy"], "", "",
+            "<= 600,000", counts["proxy"] <= 600_000),
+        Row(scenario, "proxy instructions per cached tools/call", None, counts["proxy_cached"], "", "",
+            "<= 150,000", counts["proxy_cached"] <= 150_000),
+        Row(scenario, "proxy instructions per refused request (429)", None, counts["proxy_refused"], "",
+            "", "<= 120,000", counts["proxy_refused"] <= 120_000),
+        Row(scenario, f"proxy instructions per tools/call (1 tenant | {many})", counts["proxy"],
             counts["proxy_many_tenants"], "", "ratio"),
-        Row("8 instructions", "forwarder instructions per tools/call (ClientSession | asyncio streams)",
+        Row(scenario, "forwarder instructions per tools/call (ClientSession | asyncio streams)",
             counts["forwarder"], counts["streams_forwarder"], "", "ratio"),
     ]  # fmt: skip
+    if "nginx" in counts:
+        rows.append(Row(scenario, "instructions per tools/call (nginx proxy_pass | proxy)", counts["nginx"],
+                        counts["proxy"], "", "ratio"))  # fmt: skip
+    else:
+        rows.append(Row(scenario, NGINX_MISSING, None, None, "", ""))
     return rows, {"instructions_per_request": counts, "counted_requests": h.settings.counted_requests}
 
 
@@ -1550,13 +1618,14 @@ def _refused_call(px: Proxy, tenant: str) -> Target:
     return target
 
 
-def _flood(h: Harness, target: Target) -> Proc:
-    """A paced wrk load in the background (its summary is written when it is stopped with SIGINT)."""
+def _flood(h: Harness, target: Target, connections: int = FLOOD_CONNECTIONS) -> Proc:
+    """A wrk load in the background, paced by the target's delay (its summary is written when it
+    is stopped with SIGINT)."""
     script = h._path(f"wrk-{target.name}", ".lua")
     script.write_text(target.lua())
     argv = [
         *(["taskset", "-c", str(GEN_CORE)] if h.settings.pin else []),
-        "wrk", "-t1", f"-c{FLOOD_CONNECTIONS}", "-d3600s", "--timeout", "10s", "-s", str(script), target.url,
+        "wrk", "-t1", f"-c{connections}", "-d3600s", "--timeout", "30s", "-s", str(script), target.url,
     ]  # fmt: skip
     proc = Proc("flood", argv, h._path("flood", ".log"), h.env)
     h.procs.append(proc)
@@ -1742,6 +1811,79 @@ def s10_templates(h: Harness) -> tuple[list[Row], dict[str, Any]]:
     return rows, m
 
 
+REJECTING_POLICY = FULL_POLICY.replace("on_mismatch: rewrite", "on_mismatch: reject")
+WORST_IN_FLIGHT = 3
+WORST_BODY_BYTES = 4 * 1024 * 1024 - 4096  # just under listen.max_body_bytes (4 MiB by default)
+
+
+def _worst_case_arguments() -> dict[str, dict[str, Any]]:
+    """tools/call arguments of about 4 MB naming another tenant, refused without an upstream call:
+    the shape of issue 26's report (350,000 members: refused by listen.max_json_members), and JSON
+    documents held in strings (each within the members bound, as the policy looks into them)."""
+    members = {"tenant_id": "acme", **{f"k{i}": 1 for i in range(350_000)}}
+    document = "[" + ",".join(["[]"] * 9_000) + "]"
+    count = WORST_BODY_BYTES // (len(document) + 16)
+    documents = {"tenant_id": "acme", **{f"d{i}": document for i in range(count)}}
+    return {"350,000 members": members, "JSON documents in strings": documents}
+
+
+WORST_BYTES_PER_SECOND = 1_000_000  # the last row: B's limits.bytes_per_second
+
+
+def _worst_case_row(
+    h: Harness, px: Proxy, up: Upstream, shape: str, arguments: dict[str, Any], limited: bool
+) -> tuple[Row, dict[str, Any]]:
+    """Tenant A's p50 at c=1 alone, then while B keeps WORST_IN_FLIGHT refused requests in flight."""
+    victim = modern_call("victim-call", px.url, "lookup", {"key": "k1"}, px.token("acme"))
+    victim.probe()
+    attack = modern_call("worst-case", px.url, "lookup", arguments, px.token("globex"))
+    status, _, answer = http_request(attack.url, attack.body(), attack.headers)
+    if b'"error"' not in answer or len(attack.body()) > WORST_BODY_BYTES + 1024:
+        raise RuntimeError(f"{shape}: not refused as expected: HTTP {status} {answer[:200]!r}")
+    refusal = json.loads(answer)["error"]
+    attack.status, attack.expect = (429, '"error"') if limited else (status, '"error"')
+    m: dict[str, Any] = {"shape": shape, "bytes": len(attack.body()), "status": status,
+                         "code": refusal["code"], "message": refusal["message"],
+                         "layout": h.pin({up.proc: GEN_CORE, px.proc: SUT_CORE})}  # fmt: skip
+    m["alone"] = alone = h.load(victim, 1, {"proxy": px.proc})
+    flooder = _flood(h, attack, WORST_IN_FLIGHT)
+    try:
+        m["attacked"] = attacked = h.load(victim, 1, {"proxy": px.proc, "flood": flooder})
+    finally:
+        m["flood"] = flood = _flood_result(flooder)
+    answered = f"{refusal['code']}" + (f", then 429 over {WORST_BYTES_PER_SECOND:,} B/s" if limited else "")
+    metric = (f"tenant A p50 c=1 (alone | B keeps {WORST_IN_FLIGHT} x {len(attack.body()) / 1e6:.1f} MB in "
+              f"flight: {shape}, {answered}; {flood['rps']:.1f}/s)")  # fmt: skip
+    ratio = attacked["p50_ms"] / alone["p50_ms"]
+    row = Row("11 worst case", metric, alone["p50_ms"], attacked["p50_ms"], "ms", "ratio", "<= 1.5x",
+              ratio <= 1.5, _valid(alone, attacked), _noisy(alone, attacked))  # fmt: skip
+    return row, m
+
+
+def s11_worst_case(h: Harness) -> tuple[list[Row], dict[str, Any]]:
+    """One tenant keeps three worst-case refused requests in flight (about 4 MB each, naming another
+    tenant); another tenant's tools/call p50 at c=1 against its p50 alone (static upstream, the
+    proxy alone on its core, every generator and the upstream on the other). With the defaults, then
+    with B held to a bytes-per-second limit."""
+    if h.settings.generator != "wrk":
+        return [Row("11 worst case", "skipped: the background load needs wrk", None, None, "", "")], {}
+    up = h.start_upstream("static")
+    tenants = {"acme": up.url, "globex": up.url}
+    px = h.start_proxy(tenants, policy=REJECTING_POLICY)
+    rows: list[Row] = []
+    m: dict[str, Any] = {"in_flight": WORST_IN_FLIGHT}
+    shapes = _worst_case_arguments()
+    for index, (shape, arguments) in enumerate(shapes.items()):
+        row, m[f"defaults_{index}"] = _worst_case_row(h, px, up, shape, arguments, limited=False)
+        rows.append(row)
+    limits = {"globex": {"bytes_per_second": WORST_BYTES_PER_SECOND}}
+    limited = h.start_proxy(tenants, policy=REJECTING_POLICY, tenant_limits=limits)
+    shape = "JSON documents in strings"
+    row, m["limited"] = _worst_case_row(h, limited, up, shape, shapes[shape], limited=True)
+    rows.append(row)
+    return rows, m
+
+
 SCENARIOS: dict[str, Scenario] = {
     "s1_modern": s1_modern,
     "s2_handshake": s2_handshake,
@@ -1754,6 +1896,7 @@ SCENARIOS: dict[str, Scenario] = {
     "s8_instructions": s8_instructions,
     "s9_refusals": s9_refusals,
     "s10_templates": s10_templates,
+    "s11_worst_case": s11_worst_case,
 }
 
 

@@ -261,6 +261,14 @@ class AuthConfig(StrictModel):
     issuers: tuple[IssuerConfig, ...] = Field(
         description="The trusted token issuers; a token is verified by the one its `iss` names."
     )
+    cache_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        le=3600,
+        description="How long a verified token is remembered (by a hash of it) instead of being verified "
+        "again: never past its `exp` less the issuer's leeway; forgotten on reload and when a JWKS key "
+        "set is fetched again; failures are never remembered. 0: every request is verified.",
+    )
 
     @field_validator("issuers")
     @classmethod

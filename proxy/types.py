@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 JsonObject: TypeAlias = dict[str, Any]
@@ -34,12 +34,14 @@ class TenantContext:
     scopes: frozenset[str]
     expires_at: float
     template: int | None = None  # the tenant template serving the tenant; None: its `tenants` entry
+    # Who binds sessions, tasks, private cache entries and request state: the subject as its issuer
+    # knows it (one `sub` from two issuers of a tenant is two principals). Made once per verified
+    # token (the token cache keeps the context), not on each of the several uses a request makes.
+    principal: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def principal(self) -> str:
-        """Who binds sessions, tasks, private cache entries and request state: the subject as its
-        issuer knows it (one `sub` from two issuers of a tenant is two principals)."""
-        return json.dumps([self.issuer, self.subject], ensure_ascii=False, separators=(",", ":"))
+    def __post_init__(self) -> None:
+        principal = json.dumps([self.issuer, self.subject], ensure_ascii=False, separators=(",", ":"))
+        object.__setattr__(self, "principal", principal)
 
 
 def principal_hash(tenant: str, principal: str) -> str:

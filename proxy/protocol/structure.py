@@ -19,11 +19,13 @@ _TOKENS: Final = re.compile(rb'"[^"]*"|[:,\[\]{}]')
 _QUOTE, _COLON, _COMMA, _OPEN_LIST, _OPEN_OBJECT = 34, 58, 44, 91, 123
 
 
-def check_structure(raw: bytes, max_members: int, max_depth: int) -> None:
+def check_structure(raw: bytes, max_members: int, max_depth: int) -> int:
     """ParseError when `raw` has more than `max_members` members and elements in all, or nests
-    deeper than `max_depth`; nothing else is judged here (the parser judges the syntax)."""
-    if raw.count(b":") + raw.count(b",") <= max_members and raw.count(b"[") + raw.count(b"{") <= max_depth:
-        return  # the characters alone cannot add up to more, wherever they stand
+    deeper than `max_depth`; nothing else is judged here (the parser judges the syntax). Returns
+    the members and elements counted: exactly, or an upper bound when that alone was within bounds."""
+    separators = raw.count(b":") + raw.count(b",")
+    if separators <= max_members and raw.count(b"[") + raw.count(b"{") <= max_depth:
+        return separators  # the characters alone cannot add up to more, wherever they stand
     text = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
     members = depth = 0
     for token in _TOKENS.finditer(text):
@@ -40,3 +42,4 @@ def check_structure(raw: bytes, max_members: int, max_depth: int) -> None:
                 raise ParseError(f"Parse error: the JSON is nested deeper than {max_depth} levels")
         else:
             depth -= 1
+    return members

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from proxy.cli import start_server
 from proxy.config import ProxyConfig
+from proxy.http.keys import RUNTIME
 from proxy.protocol.errors import Unauthenticated
 from tests.conftest import MCP_ACCEPT, proxy_config
 from tests.factories import RsaKeys
@@ -100,6 +101,11 @@ class JwksServer:
 class JwksProxy:
     url: str
     jwks: JwksServer
+    app: web.Application
+
+    def verified_tokens(self) -> int:
+        """How many tokens the running config's verified-token cache holds."""
+        return len(self.app[RUNTIME].current.authenticator._verified)
 
     def token(
         self,
@@ -198,7 +204,7 @@ async def start_proxy(
         )
         runner, _ = await start_server(ProxyConfig.model_validate(data, context={}))
         runners.append(runner)
-        yield JwksProxy(url, jwks_server)
+        yield JwksProxy(url, jwks_server, runner.app)
 
     yield start
     for runner in runners:
@@ -362,6 +368,24 @@ async def test_a_key_removed_from_the_set_stops_working_after_the_cache_expires(
         await asyncio.sleep(0.5)
         assert await proxy.statuses([proxy.token(key2)]) == [AUTHENTICATED]
         assert await proxy.statuses([proxy.token(key1)]) == [UNAUTHENTICATED]
+
+
+async def test_a_rotation_revokes_cached_tokens_of_the_old_key_at_the_refetch(
+    start_proxy: StartProxy, key1: RsaKeys, key2: RsaKeys
+) -> None:
+    """A token verified (and cached) with key1 is refused as soon as the key set is fetched again
+    without key1, although its cache entry had not expired yet."""
+    async with start_proxy(jwks_cache_seconds=300, jwks_refetch_cooldown_seconds=0) as proxy:
+        old = proxy.token(key1)
+        assert await proxy.statuses([old, old]) == [AUTHENTICATED] * 2
+        assert proxy.jwks.fetches() == 1
+        assert proxy.verified_tokens() == 1
+        proxy.jwks.keys = [key2.jwk()]  # rotated: key1 is gone
+        assert await proxy.statuses([proxy.token(key2)]) == [AUTHENTICATED]  # an unknown kid: refetch
+        assert proxy.jwks.fetches() == 2
+        assert proxy.verified_tokens() == 1  # the old set's entries went with it
+        assert await proxy.statuses([old]) == [UNAUTHENTICATED]
+        assert await proxy.statuses([proxy.token(key2)]) == [AUTHENTICATED]
 
 
 async def test_wrong_signature_with_a_known_kid_is_401(

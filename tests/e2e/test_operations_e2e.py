@@ -395,6 +395,26 @@ async def test_a_result_fetched_under_the_old_config_never_serves_the_new_one(
         assert len(countdowns()) == 2  # served from the cache, stored under the new config
 
 
+async def test_a_reload_forgets_verified_tokens(
+    upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any
+) -> None:
+    """A token verified under the old config is verified again under the new one: here the issuer
+    now requires a scope the token lacks, so the same token that passed a moment ago gets 403."""
+    async with reloadable_proxy(upstreams, tmp_path, rsa_keys) as (running, data, path):
+        raw = running.token("acme")
+        body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                "params": {"name": "whoami", "arguments": {}, "_meta": META}}  # fmt: skip
+        headers = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": "whoami"}
+        assert (await running.post(body, token=raw, headers=headers))[0] == 200
+        after = json.loads(json.dumps(data))
+        after["auth"]["issuers"][0]["required_scopes"] = ["notes:admin"]
+        write_config(path, after)
+        assert await asyncio.wait_for(reload_config(running.app), 2)
+        status, response_headers, _ = await running.post(body, token=raw, headers=headers)
+        assert status == 403
+        assert 'error="insufficient_scope"' in response_headers["WWW-Authenticate"]
+
+
 async def test_a_removed_tenant_keeps_no_activity_records_even_from_pending_reports(
     upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

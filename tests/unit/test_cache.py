@@ -51,6 +51,17 @@ def test_digest_ignores_key_order_and_volatile_meta() -> None:
     assert params_digest({"arguments": {"a": [1, 2]}}) != params_digest({"arguments": {"a": [2, 1]}})
 
 
+def test_digest_of_values_orjson_refuses_is_stable_and_apart() -> None:
+    """Integers beyond 64 bits and lone surrogates take the standard library's way: still one digest
+    for one value, whatever its key order, and never another value's."""
+    big = {"arguments": {"n": 10**30, "s": "\udc80", "t": "é"}}
+    reordered = {"arguments": {"t": "é", "s": "\udc80", "n": 10**30}}
+    assert params_digest(big) == params_digest(reordered)
+    assert params_digest(big) != params_digest({"arguments": {"n": 10**30 + 1, "s": "\udc80", "t": "é"}})
+    assert params_digest({"arguments": {"n": 10**30}}) != params_digest({"arguments": {"n": 1e30}})
+    assert params_digest({"arguments": {"s": "\udc80"}}) != params_digest({"arguments": {"s": "\\udc80"}})
+
+
 def test_keys_are_tuples_so_separator_tricks_cannot_collide() -> None:
     cache = ResponseCache(1 << 20, 1 << 16)
     cache.put(key("a:b", name="c"), b'{"v":"a:b/c"}', 60)

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.layers.data_access.engine import (
+    UNCHANGED,
     Action,
     Decision,
     evaluate,
@@ -514,6 +515,21 @@ def test_a_json_string_too_deep_for_the_proxy_to_read_is_refused(depth: int) -> 
         assert decision.action is Action.DENY
         assert (decision.argument or "").startswith("query")
         assert "nested too deeply" in decision.reason
+
+
+def test_json_documents_in_strings_are_bounded_together_not_only_one_by_one() -> None:
+    """Each document within the bound, but 100 of them: 1.4 million nodes to decode and walk for a
+    4 MB request. Refused once the request's documents hold more than the bound between them,
+    before the rest is decoded; a few such documents still pass."""
+    document = "[" + ",".join(["[]"] * 9_000) + "]"
+    many = {f"d{number}": document for number in range(100)}
+    decision = evaluate(REJECT, "acme", "tools/call", call(many))
+    assert decision.action is Action.DENY
+    assert decision.argument == "d2"  # the third document crossed the bound
+    assert "holds too much JSON inside strings" in decision.reason
+    assert evaluate(REJECT, "acme", "tools/call", call({"d0": document, "d1": document})) is UNCHANGED
+    foreign = evaluate(REJECT, "acme", "tools/call", call({"d0": document, "d1": '{"tenant_id":"globex"}'}))
+    assert foreign.action is Action.DENY and foreign.spoof
 
 
 def test_a_document_python_cannot_parse_but_javascript_can_is_still_checked() -> None:

@@ -12,7 +12,8 @@ The tenant is decided here, from verified claims only:
 Keys: HS* from the environment variable `secret_env` (refused when short, a placeholder or
 guessable: hmac_secret_problem); asymmetric keys from `public_key_file`, or from `jwks_url` through
 PyJWKClient (set cached; an unknown kid refetches at most once per cooldown; the last good set is
-kept through an outage; fetches run off the event loop).
+kept through an outage; fetches run off the event loop). A token verified once is not verified
+again while it lives in the verified-token cache (token_cache.py).
 """
 
 from __future__ import annotations
@@ -23,17 +24,18 @@ import math
 import os
 import re
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Collection, Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from jwt import PyJWK, PyJWKClient
+from jwt import PyJWKClient, PyJWKSet
 
 from proxy.config import ConfigError, IssuerConfig, ProxyConfig
+from proxy.layers.auth.token_cache import VerifiedTokens, token_key
 from proxy.protocol.errors import BadRequest, Forbidden, InsufficientScope, Unauthenticated
 from proxy.tenants.templates import NOT_SERVED, TenantResolver, claim_at
 from proxy.types import JsonObject, TenantContext
@@ -51,7 +53,6 @@ _PLACEHOLDER = re.compile(
     r"|(?<![A-Za-z0-9])(?:(?i:todo)|x{3,}|X{3,})(?![A-Za-z0-9])"
 )
 MAX_TOKEN_CHARS = 8192
-VERIFIED_TOKENS_KEPT = 10_000
 # Header parameters that point at keys chosen by the token's author: never honoured, always refused.
 _KEY_POINTING_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c"})
 _TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
@@ -88,7 +89,7 @@ class _ResilientJWKClient(PyJWKClient):
 class JwksKeys:
     """Signing keys from one issuer's JWKS; lookups never block the event loop on the network."""
 
-    def __init__(self, issuer: IssuerConfig) -> None:
+    def __init__(self, issuer: IssuerConfig, on_new_key_set: Callable[[], None]) -> None:
         assert issuer.jwks_url is not None
         self._client = _ResilientJWKClient(
             issuer.jwks_url,
@@ -97,32 +98,44 @@ class JwksKeys:
             timeout=issuer.jwks_timeout_seconds,
             cooldown_duration=issuer.jwks_refetch_cooldown_seconds,
         )
+        self._on_new_key_set = on_new_key_set
         self._lock = asyncio.Lock()
 
-    def _cached(self, kid: str) -> PyJWK | None:
+    def key_set(self) -> PyJWKSet | None:
+        """The issuer's current key set (None once it has expired, until it is fetched again)."""
         cache = self._client.jwk_set_cache
-        jwk_set = cache.get() if cache is not None else None
+        return cache.get() if cache is not None else None
+
+    def _cached(self, kid: str) -> tuple[Any, PyJWKSet | None] | None:
+        jwk_set = self.key_set()
         if jwk_set is None:
             return None
-        return next((key for key in jwk_set.keys if key.key_id == kid), None)
+        key = next((key for key in jwk_set.keys if key.key_id == kid), None)
+        return None if key is None else (key.key, jwk_set)
 
-    def holds(self, kid: str, key: Any) -> bool:
-        """Whether `key` is still the issuer's key `kid` in its current (unexpired) key set."""
-        current = self._cached(kid)
-        return current is not None and current.key is key
-
-    async def key_for(self, kid: str) -> Any:
-        """The key with this kid, or None when the JWKS has none (or cannot be had at all)."""
-        key = self._cached(kid)
-        if key is None:
+    async def key_for(self, kid: str) -> tuple[Any, PyJWKSet | None] | None:
+        """The key with this kid and the key set holding it, or None when the JWKS has none (or
+        cannot be had at all)."""
+        found = self._cached(kid)
+        if found is None:
             async with self._lock:  # one fetch at a time, however many requests wait for it
-                key = self._cached(kid)
-                if key is None:
-                    try:
-                        key = await asyncio.to_thread(self._client.get_signing_key, kid)
-                    except (jwt.PyJWTError, ValueError):
-                        return None
-        return key.key
+                found = self._cached(kid)
+                if found is None:
+                    found = await self._fetch(kid)
+        return found
+
+    async def _fetch(self, kid: str) -> tuple[Any, PyJWKSet | None] | None:
+        cache = self._client.jwk_set_cache
+        before = cache.jwk_set_with_timestamp if cache is not None else None
+        try:
+            key = await asyncio.to_thread(self._client.get_signing_key, kid)
+        except (jwt.PyJWTError, ValueError):
+            return None
+        finally:
+            if before is not None and cache is not None and cache.jwk_set_with_timestamp is not before:
+                self._on_new_key_set()  # rotated or refetched: tokens verified by the old set go
+        stored = cache.jwk_set_with_timestamp if cache is not None else None  # (expired or not)
+        return key.key, stored.get_jwk_set() if stored is not None else None
 
 
 def _period(text: str) -> int:
@@ -221,8 +234,7 @@ class Authenticator:
         self._tenants = tenants if tenants is not None else TenantResolver(config)
         self._static_keys: dict[str, Any] = {}
         self._jwks: dict[str, JwksKeys] = {}
-        # token -> (caller, valid until, (kid, key) for a JWKS issuer): verified tokens, newest last
-        self._verified: OrderedDict[str, tuple[TenantContext, float, tuple[str, Any] | None]] = OrderedDict()
+        self._verified = VerifiedTokens(config.auth.cache_seconds)
         self.resource_url = config.listen.resource_url
         # public_url is this resource's identifier (RFC 8707): every issuer's tokens may name it.
         self._audiences = {
@@ -254,7 +266,7 @@ class Authenticator:
                     issuer.public_key_file, config.source, where
                 )
             else:
-                self._jwks[issuer.issuer] = JwksKeys(issuer)
+                self._jwks[issuer.issuer] = JwksKeys(issuer, self._verified.clear)
 
     def challenge(self, error: str | None = None, description: str | None = None) -> str:
         value = f'Bearer resource_metadata="{self.metadata_url}"'
@@ -294,31 +306,28 @@ class Authenticator:
             raise self._unauthenticated("the bearer token is not a compact JWS", True)
 
     async def authenticate(self, authorization: Iterable[str]) -> TenantContext:
-        """The caller of a request. A token verified before (by this config) is not verified again
-        until it expires: the cache maps the exact token string to what its verification gave."""
+        """The caller of a request. A token verified before (by this config) is taken from the
+        verified-token cache while its entry lives and, for a JWKS issuer, while the key set that
+        verified it is still the issuer's current one (an expired set is fetched again first)."""
         token = self.bearer_token(authorization)
-        known = self._verified.get(token)
+        key = token_key(token)
+        known = self._verified.get(key)
         if known is not None:
-            ctx, good_until, jwks_key = known
-            # A JWKS key must still be in the issuer's current key set: dropping it revokes tokens.
-            if time.time() < good_until and (jwks_key is None or self._jwks[ctx.issuer].holds(*jwks_key)):
-                self._verified.move_to_end(token)
-                return ctx
-            del self._verified[token]
+            jwks = self._jwks.get(known.caller.issuer)
+            if jwks is None or (known.key_set is not None and jwks.key_set() is known.key_set):
+                return known.caller
+            self._verified.discard(key)
         self._check_shape(token)
-        ctx, leeway, jwks_key = await self._verify(token)
-        self._verified[token] = (ctx, ctx.expires_at + leeway, jwks_key)
-        if len(self._verified) > VERIFIED_TOKENS_KEPT:
-            self._verified.popitem(last=False)
-        return ctx
+        caller, leeway, key_set = await self._verify(token)
+        self._verified.put(key, caller, leeway, key_set)
+        return caller
 
     def forget_tenants(self, tenants: Collection[str]) -> None:
         """Tenants this process no longer serves (idle template tenants): their tokens are verified
         again on their next request, and nothing of theirs stays in memory meanwhile."""
-        for token in [t for t, (ctx, _, _) in self._verified.items() if ctx.tenant in tenants]:
-            del self._verified[token]
+        self._verified.forget_tenants(tenants)
 
-    async def _verify(self, token: str) -> tuple[TenantContext, float, tuple[str, Any] | None]:
+    async def _verify(self, token: str) -> tuple[TenantContext, float, PyJWKSet | None]:
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
@@ -333,15 +342,15 @@ class Authenticator:
         if header.get("alg") not in issuer.algorithms:
             raise self._unauthenticated("the token's algorithm is not allowed for its issuer", True)
         key = self._static_keys.get(issuer.issuer)
-        jwks_key: tuple[str, Any] | None = None
+        key_set: PyJWKSet | None = None
         if key is None:
             kid = header.get("kid")
             if not isinstance(kid, str) or not _KID_SHAPE.fullmatch(kid):
                 raise self._unauthenticated("the token has no usable kid", True)
-            key = await self._jwks[issuer.issuer].key_for(kid)
-            if key is None:
+            found = await self._jwks[issuer.issuer].key_for(kid)
+            if found is None:
                 raise self._unauthenticated("no signing key matches the token's kid", True)
-            jwks_key = (kid, key)
+            key, key_set = found
         try:
             claims = jwt.decode(
                 token,
@@ -366,7 +375,7 @@ class Authenticator:
             value = claims.get(name)
             if name in claims and (not isinstance(value, int | float) or isinstance(value, bool)):
                 raise self._unauthenticated(f"the token's {name} claim is not a number", True)
-        return self._context(issuer, claims), issuer.leeway_seconds, jwks_key
+        return self._context(issuer, claims), issuer.leeway_seconds, key_set
 
     def _context(self, issuer: IssuerConfig, claims: Mapping[str, Any]) -> TenantContext:
         subject = claim_at(claims, issuer.subject_claim)

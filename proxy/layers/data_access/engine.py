@@ -77,7 +77,7 @@ def apply_rewrites(params: JsonObject, rewrites: tuple[Rewrite, ...]) -> None:
 JSON_STRING: Final = "<json>"  # a path part: what follows is inside a JSON document held in a string
 MAX_JSON_NESTING: Final = 3  # JSON in a string in JSON in a string ...: refused beyond this
 MAX_ARGUMENT_DEPTH: Final = 128
-MAX_DOCUMENT_MEMBERS: Final = 20_000  # members and elements of one JSON document held in a string
+MAX_DOCUMENT_MEMBERS: Final = 20_000  # members and elements of the JSON documents in one request's strings
 
 
 def describe(path: Path) -> str:
@@ -103,10 +103,24 @@ _DUPLICATE: Final = _Duplicate()
 
 class _Undecidable(Exception):
     """A string some upstream parser may decode, which the proxy cannot look into (nested past the
-    interpreter's own parsing depth): it is refused, never passed on unchecked."""
+    interpreter's own parsing depth, or past the request's budget of members): it is refused,
+    never passed on unchecked."""
 
 
-def _decode_document(text: str, names: frozenset[str]) -> tuple[Any, bool]:
+class _DocumentBudget:
+    """Members and elements of the JSON documents held in one request's strings, all together.
+
+    listen.max_json_members bounds the body, but the strings in it may hold documents of their own,
+    each within MAX_DOCUMENT_MEMBERS: 4 MB of strings holding `[[],[],...]` made 1.4 million nodes
+    to decode and walk, seconds of the event loop for one request. The total is bounded instead."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, members: int = MAX_DOCUMENT_MEMBERS) -> None:
+        self.left = members  # -1 once a document was refused: the request is, whatever else it holds
+
+
+def _decode_document(text: str, names: frozenset[str], budget: _DocumentBudget) -> tuple[Any, bool]:
     """A string as an upstream would JSON-decode it, and whether the proxy can send it on rewritten.
 
     Python's and JavaScript's parsers keep the last of duplicate keys: a duplicated tenant argument
@@ -123,9 +137,13 @@ def _decode_document(text: str, names: frozenset[str]) -> tuple[Any, bool]:
             result[key] = _DUPLICATE if key in result and key in names else value
         return result
 
+    if budget.left < 0:  # the request is refused already: no more work on it
+        raise _Undecidable()
     try:  # bounded before it is parsed, as a request body is: refused, never passed on unchecked
-        check_structure(stripped.encode("utf-8", "surrogatepass"), MAX_DOCUMENT_MEMBERS, MAX_ARGUMENT_DEPTH)
+        encoded = stripped.encode("utf-8", "surrogatepass")
+        budget.left -= check_structure(encoded, min(budget.left, MAX_DOCUMENT_MEMBERS), MAX_ARGUMENT_DEPTH)
     except ParseError:
+        budget.left = -1
         raise _Undecidable() from None
     rewritable = True
     try:
@@ -159,9 +177,16 @@ class _ArgumentWalk:
     """
 
     def __init__(
-        self, tenant: str, names: frozenset[str], index: SchemaIndex | None, rewrite: bool, sniff: bool
+        self,
+        tenant: str,
+        names: frozenset[str],
+        index: SchemaIndex | None,
+        rewrite: bool,
+        sniff: bool,
+        budget: _DocumentBudget | None = None,
     ) -> None:
         self.tenant = tenant
+        self.budget = _DocumentBudget() if budget is None else budget  # shared by the inner walks
         self.names = names
         self.index = index
         self.rewrite = rewrite
@@ -239,7 +264,7 @@ class _ArgumentWalk:
         if not (decoded_by_schema or self.sniff):
             return None
         try:
-            document, rewritable = _decode_document(text, self.names)
+            document, rewritable = _decode_document(text, self.names, self.budget)
         except _Undecidable:
             self.too_deep = self.too_deep or path
             return None
@@ -250,7 +275,7 @@ class _ArgumentWalk:
             return None
         # A document the schema did not ask for is only looked into: nothing is filled in it.
         inner = _ArgumentWalk(self.tenant, self.names, self.index if decoded_by_schema else None,
-                              self.rewrite, self.sniff)  # fmt: skip
+                              self.rewrite, self.sniff, self.budget)  # fmt: skip
         inner_schemas = schemas if decoded_by_schema else []
         changed = inner.walk(document, (*path, JSON_STRING), inner_schemas, level + 1, inside=True)
         self.mismatches.extend(inner.mismatches)
@@ -294,7 +319,7 @@ def _check_arguments(
     if walk.too_deep is not None:
         return Decision(
             Action.DENY, "tenant_arguments", describe(walk.too_deep),
-            detail="is nested too deeply (JSON inside strings, or depth) to be checked",
+            detail="is nested too deeply, or holds too much JSON inside strings, to be checked",
         )  # fmt: skip
     mismatches = sorted(walk.mismatches, key=lambda p: [str(part) for part in p])
     if mismatches and walk.unrewritable is not None:
