@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from proxy.backends.redis.client import RedisState
+from proxy.bridge.tenant import TenantBridge
 from proxy.config import ConfigError, LimitsConfig, ProxyConfig, TenantConfig
 from proxy.layers.auth.authenticator import Authenticator
 from proxy.layers.cache.backend import Cache
@@ -46,6 +47,8 @@ class TenantRuntime:
     catalog: Catalog
     policy: Policy | None
     limits: LimitsConfig
+    # What stands in for the upstream when it speaks another protocol era than the client (bridge/).
+    bridge: TenantBridge
     # The upstream as cache keys name it: its identity and a digest of the tenant's upstream config
     # and policy, so a result fetched under an older config (a request in flight across a reload,
     # an entry a failed invalidation left) is never found by requests on a newer one.
@@ -151,9 +154,11 @@ class Runtime:
                 policy_digests.get(tenant_config.policy or ""),
             ]
             scope = hashlib.sha256(json.dumps(scope_of, sort_keys=True).encode()).hexdigest()[:16]
+            eras = UpstreamEras()
             tenants[tenant_id] = TenantRuntime(
                 tenant_id, tenant_config, upstream, catalog, policy, config.limits_for(tenant_id),
-                f"{upstream.identity}#{scope}", cache_budget=budget,
+                TenantBridge(tenant_id, upstream, eras, catalog, config), f"{upstream.identity}#{scope}",
+                eras, budget,
             )  # fmt: skip
         return cls(config, authenticator, tenants, OriginPolicy.from_config(config), _metrics_token(config))
 
@@ -162,8 +167,14 @@ class Runtime:
         kept = {id(t.upstream) for t in other.tenants.values()}
         return [t.upstream for t in self.tenants.values() if id(t.upstream) not in kept]
 
+    def retire_bridges(self) -> None:
+        """This runtime was replaced: what its bridges hold upstream ends (once its calls are done)."""
+        for tenant in self.tenants.values():
+            tenant.bridge.retire()
+
     async def close(self) -> None:
         for tenant in self.tenants.values():
+            await tenant.bridge.close()
             await tenant.upstream.close()
 
 

@@ -15,6 +15,7 @@ from typing import Generic
 
 from aiohttp import web
 
+from proxy.bridge import stage as bridge
 from proxy.flow import (
     Around,
     C,
@@ -46,7 +47,6 @@ from proxy.layers.sessions import tasks
 from proxy.ops.log import request_line
 from proxy.ops.metrics import observe
 from proxy.protocol.errors import MethodNotAllowed, ProxyError
-from proxy.upstreams import eras
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ POST: Flow[Request] = Flow(
     stages=(
         sessions.bind,
         limits.streams,  # subscriptions/listen: a long-lived stream
-        eras.speaks_modern,  # a handshake-only upstream: -32022 at once, so the client falls back
+        bridge.route,  # the upstream speaks another era: bridged (or -32022 at once when bridging is off)
         tasks.resolve,  # task ids name the caller's own tasks (else: an unknown task, no upstream call)
         capabilities.open_request_state,
         recent_activity.answer,
@@ -120,6 +120,7 @@ POST: Flow[Request] = Flow(
         data_access.render_mirrored_headers,
         cache.lookup,
         limits.circuit,
+        bridge.hold,  # a bridged 2026-07-28 request: its caller's held upstream session
     ),
     forward=relay.forward_post,
     hooks=HOOKS,

@@ -135,7 +135,7 @@ async def forward_post(call: Request, hooks: Hooks) -> Reply:
     started = time.perf_counter()
     try:
         request = UpstreamRequest("POST", headers, dumps(call.message.body), call.ctx.principal)
-        response = await call.tenant.upstream.send(request)
+        response = await call.upstream.send(request)
     except UpstreamError as error:
         call.upstream_fault, call.error_code = True, error.code
         raise

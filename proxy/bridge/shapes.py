@@ -1,0 +1,102 @@
+"""What one message becomes in the other protocol era: pure functions, no I/O (tested from tables).
+
+2026-07-28 (per request)                      handshake era (per session)
+_meta protocolVersion, clientCapabilities,    initialize: protocolVersion, capabilities,
+  clientInfo                                    clientInfo
+_meta logLevel                                logging/setLevel (here: log messages filtered)
+server/discover                               the initialize result
+resultType, ttlMs, cacheScope on results      absent
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+from proxy.layers.cache.store import HINTED_METHODS
+from proxy.protocol.headers import CLIENT_CAPABILITIES_META, PROTOCOL_VERSION_META
+from proxy.types import HANDSHAKE_VERSIONS, LATEST_MODERN_VERSION, JsonObject
+
+CLIENT_INFO_META: Final = "io.modelcontextprotocol/clientInfo"
+LOG_LEVEL_META: Final = "io.modelcontextprotocol/logLevel"
+SERVER_INFO_META: Final = "io.modelcontextprotocol/serverInfo"
+PROGRESS_TOKEN: Final = "progressToken"  # noqa: S105 - a field name
+# What 2026-07-28 says in every request's _meta and the handshake era says once, in initialize.
+ENVELOPE_META: Final = frozenset(
+    {PROTOCOL_VERSION_META, CLIENT_CAPABILITIES_META, CLIENT_INFO_META, LOG_LEVEL_META}
+)
+HANDSHAKE_VERSION: Final = "2025-11-25"  # what the proxy asks a handshake-era upstream for
+SUPPORTED_VERSIONS: Final = [LATEST_MODERN_VERSION, *sorted(HANDSHAKE_VERSIONS)]
+LOG_LEVELS: Final = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+PROXY_CLIENT_INFO: Final = {"name": "mcp-tenant-proxy", "version": "bridge"}
+
+
+def meta_of(params: Any) -> JsonObject:
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def capabilities_key(capabilities: Any) -> str:
+    """One held session per set of client capabilities: their canonical form."""
+    return json.dumps(
+        capabilities if isinstance(capabilities, dict) else {}, sort_keys=True, separators=(",", ":")
+    )
+
+
+# --- 2026-07-28 client -> handshake-era upstream ------------------------------------------------
+
+
+def handshake_params(params: Any, progress_token: str | None) -> JsonObject:
+    """A modern request's params as a held session sends them: the envelope left out (the session
+    said it in initialize) and the progress token replaced by one unique on that session."""
+    if not isinstance(params, dict):
+        return {}
+    meta = {k: v for k, v in meta_of(params).items() if k not in ENVELOPE_META}
+    if PROGRESS_TOKEN in meta:
+        if progress_token is None:
+            del meta[PROGRESS_TOKEN]
+        else:
+            meta[PROGRESS_TOKEN] = progress_token
+    out = {k: v for k, v in params.items() if k not in ("_meta", "requestState", "inputResponses")}
+    if meta:
+        out["_meta"] = meta
+    return out
+
+
+def modern_result(method: str | None, result: JsonObject) -> JsonObject:
+    """A handshake result as 2026-07-28 shapes it: resultType, and the cache hints its methods carry
+    (0 and private: a bridged answer is never offered for caching unless the policy says so)."""
+    shaped = {"resultType": "complete", **result}
+    if method in HINTED_METHODS:
+        shaped.setdefault("ttlMs", 0)
+        shaped.setdefault("cacheScope", "private")
+    return shaped
+
+
+def discover_result(initialize_result: JsonObject) -> JsonObject:
+    """server/discover answered from a held session's initialize result."""
+    capabilities = initialize_result.get("capabilities")
+    capabilities = (
+        {k: v for k, v in capabilities.items() if k != "tasks"} if isinstance(capabilities, dict) else {}
+    )
+    result: JsonObject = {
+        "resultType": "complete",
+        "supportedVersions": SUPPORTED_VERSIONS,
+        "capabilities": capabilities,
+        "ttlMs": 0,
+        "cacheScope": "private",
+    }
+    if isinstance(initialize_result.get("instructions"), str):
+        result["instructions"] = initialize_result["instructions"]
+    if isinstance(initialize_result.get("serverInfo"), dict):
+        result["_meta"] = {SERVER_INFO_META: initialize_result["serverInfo"]}
+    return result
+
+
+def log_wanted(opt_in: Any, notification: JsonObject) -> bool:
+    """2026-07-28 log messages reach only requests that opted in, at or above their level."""
+    if opt_in not in LOG_LEVELS:
+        return False
+    params = notification.get("params")
+    level = params.get("level") if isinstance(params, dict) else None
+    return level in LOG_LEVELS and LOG_LEVELS.index(level) >= LOG_LEVELS.index(opt_in)
