@@ -522,13 +522,14 @@ class SessionsConfig(StrictModel):
 
 
 class BridgingConfig(StrictModel):
-    """Era bridging: 2026-07-28 clients served by handshake-only upstreams, on upstream sessions the
-    proxy holds per tenant and caller."""
+    """Era bridging: 2026-07-28 clients served by handshake-only upstreams (on upstream sessions the
+    proxy holds per tenant and caller), and handshake clients by modern-only upstreams."""
 
     enabled: bool = Field(
         default=True,
         description="false: a 2026-07-28 request for a handshake-only upstream gets -32022 (HTTP 400, "
-        "data.supported) so the client falls back to initialize.",
+        "data.supported) so the client falls back to initialize, and a handshake client's initialize "
+        "is forwarded as it is whatever the upstream speaks.",
     )
     idle_seconds: float = Field(
         default=300.0,

@@ -10,7 +10,10 @@ resultType, ttlMs, cacheScope on results      absent
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import secrets
 from typing import Any, Final
 
 from proxy.layers.cache.store import HINTED_METHODS
@@ -28,6 +31,7 @@ ENVELOPE_META: Final = frozenset(
 HANDSHAKE_VERSION: Final = "2025-11-25"  # what the proxy asks a handshake-era upstream for
 SUPPORTED_VERSIONS: Final = [LATEST_MODERN_VERSION, *sorted(HANDSHAKE_VERSIONS)]
 LOG_LEVELS: Final = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+MODERN_ONLY_RESULT_KEYS: Final = ("resultType", "ttlMs", "cacheScope")
 PROXY_CLIENT_INFO: Final = {"name": "mcp-tenant-proxy", "version": "bridge"}
 
 
@@ -100,3 +104,70 @@ def log_wanted(opt_in: Any, notification: JsonObject) -> bool:
     params = notification.get("params")
     level = params.get("level") if isinstance(params, dict) else None
     return level in LOG_LEVELS and LOG_LEVELS.index(level) >= LOG_LEVELS.index(opt_in)
+
+
+# --- handshake-era client -> 2026-07-28 upstream ------------------------------------------------
+
+REVERSE_PREFIX: Final = "mtp-bridge."
+
+
+def reverse_session_token(capabilities: Any, client_info: Any) -> str:
+    """The upstream session id of a session the proxy keeps itself: what every forwarded request's
+    _meta is built from (kept in the session record, so every replica can build it), and a nonce
+    (two sessions with the same client are two sessions)."""
+    state = {
+        "c": capabilities if isinstance(capabilities, dict) else {},
+        "i": client_info,
+        "n": secrets.token_hex(8),
+    }
+    raw = json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
+    return REVERSE_PREFIX + base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def reverse_session_state(token: str | None) -> tuple[JsonObject, JsonObject] | None:
+    """(client capabilities, client info) of a reverse-bridged session, or None for any other id."""
+    if token is None or not token.startswith(REVERSE_PREFIX):
+        return None
+    text = token[len(REVERSE_PREFIX) :]
+    try:
+        state = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("c"), dict):
+        return None
+    info = state.get("i")
+    return state["c"], info if isinstance(info, dict) else dict(PROXY_CLIENT_INFO)
+
+
+def modern_envelope(capabilities: JsonObject, client_info: JsonObject, log_level: str | None) -> JsonObject:
+    meta: JsonObject = {
+        PROTOCOL_VERSION_META: LATEST_MODERN_VERSION,
+        CLIENT_CAPABILITIES_META: capabilities,
+        CLIENT_INFO_META: client_info,
+    }
+    if log_level is not None:
+        meta[LOG_LEVEL_META] = log_level
+    return meta
+
+
+def handshake_result(result: JsonObject) -> JsonObject:
+    """A 2026-07-28 result as a handshake-era client reads it (no resultType or cache hints)."""
+    return {k: v for k, v in result.items() if k not in MODERN_ONLY_RESULT_KEYS}
+
+
+def initialize_result(requested: Any, discover: JsonObject) -> JsonObject:
+    """initialize answered from the upstream's server/discover: the version the client asked for
+    when the proxy speaks it (else the newest handshake one), the server's capabilities and name."""
+    version = requested if requested in HANDSHAKE_VERSIONS else HANDSHAKE_VERSION
+    capabilities = discover.get("capabilities")
+    server_info = meta_of(discover).get(SERVER_INFO_META)
+    result: JsonObject = {
+        "protocolVersion": version,
+        "capabilities": capabilities if isinstance(capabilities, dict) else {},
+        "serverInfo": server_info
+        if isinstance(server_info, dict)
+        else {"name": "mcp-server", "version": "unknown"},
+    }
+    if isinstance(discover.get("instructions"), str):
+        result["instructions"] = discover["instructions"]
+    return result

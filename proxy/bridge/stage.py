@@ -2,10 +2,12 @@
 
     route      POST check (where the era is known): a 2026-07-28 request for a handshake-only
                upstream is bridged (or, with bridging off, refused with -32022 so the client falls
-               back); what cannot be bridged is refused
+               back); what cannot be bridged is refused; a handshake-era session the proxy keeps
+               itself, and every initialize, go through the reverse bridge
     hold       POST Around, after the policy and the cache: a bridged 2026-07-28 request takes the
                caller's held session (its principal and client capabilities as the policy left
                them) and gives it back when the exchange ends
+    session    GET/DELETE check: a session the proxy keeps itself is served by the reverse bridge
 
 Everything else in the flow (audit, limits, policy, cache) runs for a bridged exchange as for any
 other: the bridge only stands in for the upstream (`Exchange.bridged`).
@@ -20,8 +22,8 @@ from aiohttp import web
 
 from proxy.bridge.calls import HandshakeBridge
 from proxy.bridge.held import HeldSession, SessionRefused
-from proxy.bridge.shapes import CLIENT_INFO_META, meta_of
-from proxy.flow import Around, Request
+from proxy.bridge.shapes import CLIENT_INFO_META, meta_of, reverse_session_state
+from proxy.flow import Around, Call, Request
 from proxy.layers.data_access.catalog import Listing, SessionRoute
 from proxy.protocol.errors import MethodNotFound, ProxyError, UpstreamError
 from proxy.protocol.headers import CLIENT_CAPABILITIES_META, PARAM_HEADER_PREFIX
@@ -38,7 +40,11 @@ _CATALOG_KINDS: Final[dict[str, Listing]] = {"tools/call": "tools", "prompts/get
 async def route(call: Request) -> None:
     """Whether the bridge carries this exchange, and which way."""
     bridge = call.tenant.bridge
-    if call.era is not Era.MODERN:
+    if call.era is Era.HANDSHAKE:
+        if bridge.enabled and (call.session is None or _kept_by_proxy(call)):
+            call.bridged = bridge.to_modern  # (an initialize: bridged only if the upstream keeps no session)
+            if call.session is not None and _catalog_needed(call):
+                await _learn_catalog(call, None)
         return
     if await call.tenant.eras.speaks_modern(call.tenant.upstream) is not False:
         return
@@ -63,6 +69,11 @@ async def route(call: Request) -> None:
             bridge.to_handshake.sessions.give_back(held)
 
 
+def _kept_by_proxy(call: Call) -> bool:
+    session = call.session
+    return session is not None and reverse_session_state(session.upstream_session_id) is not None
+
+
 def _catalog_needed(call: Request) -> bool:
     """Whether the policy (or Mcp-Param-* headers) will ask the catalog about a tool or prompt it
     does not know yet."""
@@ -75,9 +86,10 @@ def _catalog_needed(call: Request) -> bool:
     return call.tenant.policy is not None or mirrored
 
 
-async def _learn_catalog(call: Request, route: SessionRoute) -> None:
-    """The tool or prompt the request names, learned before the policy needs its schema (on a held
-    session: the catalog would otherwise list a handshake-only upstream in 2026-07-28)."""
+async def _learn_catalog(call: Request, route: SessionRoute | None) -> None:
+    """The tool or prompt the request names, learned before the policy needs its schema: the
+    catalog would otherwise list a handshake-only upstream in 2026-07-28, or a modern one on a
+    session it does not have."""
     kind = _CATALOG_KINDS[call.message.method or ""]
     with contextlib.suppress(ProxyError):  # (the policy stage fails closed itself if it must know)
         await call.tenant.catalog.lookup(kind, call.message.name or "", route)
@@ -113,6 +125,12 @@ class Hold(Around[Request]):
 
 
 hold = Hold()
+
+
+async def session(call: Call) -> None:
+    """GET and DELETE of a session the proxy keeps itself: the reverse bridge answers them."""
+    if call.tenant.bridge.enabled and _kept_by_proxy(call):
+        call.bridged = call.tenant.bridge.to_modern
 
 
 class HeldCall:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from proxy.bridge.calls import HandshakeBridge
 from proxy.bridge.held import HeldSessions
+from proxy.bridge.reverse import ReverseBridge
 from proxy.config import ProxyConfig
 from proxy.layers.data_access.catalog import Catalog
 from proxy.upstreams.base import Upstream
@@ -18,6 +19,8 @@ class TenantBridge:
         answer_timeout = config.sessions.answer_timeout_seconds
         # 2026-07-28 clients, handshake-era upstream: on sessions the proxy holds
         self.to_handshake = HandshakeBridge(HeldSessions(tenant, upstream, config.bridging), answer_timeout)
+        # handshake-era clients, 2026-07-28 upstream without sessions: sessions kept by the proxy
+        self.to_modern = ReverseBridge(upstream, eras, catalog, answer_timeout)
 
     def retire(self) -> None:
         """A reload replaced the tenant's runtime: calls waiting for input end, held sessions end
@@ -29,3 +32,4 @@ class TenantBridge:
         """Shutdown: everything held upstream ends."""
         self.to_handshake.close()
         await self.to_handshake.sessions.close()
+        await self.to_modern.close()
