@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from mcp.server.mcpserver import Context, MCPServer
+from mcp_types import EmptyResult, SubscribeRequestParams, UnsubscribeRequestParams
 
 from proxy.demo_upstream import build_notes_server
 from tests.upstreams import (
@@ -97,11 +98,24 @@ def add_memory_tools(server: MCPServer) -> None:
         return {"memory": MEMORY.get(session_of(ctx), [])}
 
 
+def add_subscriptions(server: MCPServer) -> None:
+    """resources/subscribe and unsubscribe, so the server offers `resources.subscribe` (updates are
+    sent by the `broadcast_update` tool, on the session's GET stream)."""
+
+    async def accept(context: Any, params: Any) -> EmptyResult:
+        return EmptyResult()
+
+    lowlevel = server._lowlevel_server  # (MCPServer has no decorator for these)
+    lowlevel.add_request_handler("resources/subscribe", SubscribeRequestParams, accept)
+    lowlevel.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, accept)
+
+
 def _server(tenant: str, canary: str) -> MCPServer:
     server = build_notes_server(tenant, canary)
     add_test_tools(server, canary)
     add_notification_tools(server)
     add_memory_tools(server)
+    add_subscriptions(server)
     return server
 
 

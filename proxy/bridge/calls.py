@@ -1,6 +1,7 @@
 """2026-07-28 requests carried on held handshake-era sessions (held.py): one call at a time.
 
     server/discover        answered from the held session's initialize result
+    subscriptions/listen   on the held session's subscriptions and GET stream (listen.py)
     a request              sent on the session under an id of the proxy's (and a progress token of
                            its own), its stream relayed as 2026-07-28 shapes it: the answer with
                            resultType, progress with the caller's token, log messages only as asked
@@ -31,6 +32,7 @@ import structlog
 
 from proxy.bridge.answers import Answered, event
 from proxy.bridge.held import HeldSession, HeldSessions, post, post_and_close
+from proxy.bridge.listen import Listens
 from proxy.bridge.shapes import (
     LOG_LEVEL_META,
     PROGRESS_TOKEN,
@@ -114,6 +116,7 @@ class HandshakeBridge:
         self.sessions = sessions
         self.upstream = sessions.upstream
         self.answer_timeout_seconds = answer_timeout_seconds
+        self.listens = Listens(sessions)
         self._waiting: dict[str, BridgedCall] = {}
         self._sent: set[asyncio.Task[None]] = set()
 
@@ -129,6 +132,8 @@ class HandshakeBridge:
             return await self._resume(held, body, state)
         if body["method"] == "server/discover":
             return Answered.result(request_id, discover_result(held.initialize_result))
+        if body["method"] == "subscriptions/listen":
+            return await self.listens.open(held, body)
         return await self._start(held, body)
 
     async def _start(self, held: HeldSession, body: JsonObject) -> UpstreamResponse | None:
