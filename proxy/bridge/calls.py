@@ -36,11 +36,14 @@ from proxy.bridge.listen import Listens
 from proxy.bridge.shapes import (
     LOG_LEVEL_META,
     PROGRESS_TOKEN,
+    answered_here,
+    call_notification,
     discover_result,
+    for_the_client,
     handshake_params,
-    log_wanted,
+    member,
     meta_of,
-    modern_result,
+    modern_answer,
 )
 from proxy.protocol.errors import InvalidParams, UpstreamError
 from proxy.protocol.sse import KEEPALIVE, Comment, Event
@@ -194,13 +197,13 @@ class HandshakeBridge:
                         continue
                     if "method" not in message:
                         if same_id(message.get("id"), call.upstream_id):
-                            out.append(event(self._answer(call, message)))
+                            out.append(event(modern_answer(call.client_id, call.method, message)))
                             call.done = True
                             break
                     elif "id" in message:
                         self._asked(call, message, asks)
                     else:
-                        note = self._notification(call, message)
+                        note = call_notification(message, call.upstream_id, call.client_token, call.log_level)
                         if note is not None:
                             out.append(event(note))
                 if asks and not call.done:
@@ -226,41 +229,14 @@ class HandshakeBridge:
         call.response.close()
         call.response, call.events = response, incoming(response)
 
-    def _answer(self, call: BridgedCall, message: JsonObject) -> JsonObject:
-        answer: JsonObject = {"jsonrpc": "2.0", "id": call.client_id}
-        result = message.get("result")
-        if isinstance(result, dict):
-            answer["result"] = modern_result(call.method, result)
-        else:
-            answer["error"] = message.get("error")  # (the relay keeps its code, never its internals)
-        return answer
-
-    def _notification(self, call: BridgedCall, message: JsonObject) -> JsonObject | None:
-        """What of the call's notifications a 2026-07-28 client gets: its progress, and the log
-        messages it asked for; nothing else is about this request."""
-        method, params = message.get("method"), message.get("params")
-        if method == "notifications/progress" and isinstance(params, dict):
-            if call.client_token is None or params.get(PROGRESS_TOKEN) != call.upstream_id:
-                return None
-            return {**message, "params": {**params, PROGRESS_TOKEN: call.client_token}}
-        if method == "notifications/message" and log_wanted(call.log_level, message):
-            return message
-        return None
-
     def _asked(self, call: BridgedCall, request: JsonObject, asks: dict[str, JsonObject]) -> None:
         """A server request during the call: for the client when its capabilities offer it, else
-        answered here (ping; -32601 for anything the client does not offer)."""
-        method, declared = request.get("method"), json.loads(call.held.capabilities)
-        if isinstance(method, str) and ASKS.get(method) in declared:
+        answered here."""
+        if for_the_client(request, json.loads(call.held.capabilities)):
             call.asked += 1
             asks[f"input-{call.asked}"] = request
-            return
-        if method == "ping":
-            answer: JsonObject = {"jsonrpc": "2.0", "id": request.get("id"), "result": {}}
         else:
-            error = {"code": -32601, "message": f"Method not found: the client does not offer {method}"}
-            answer = {"jsonrpc": "2.0", "id": request.get("id"), "error": error}
-        self._send_soon(call.held, answer)
+            self._send_soon(call.held, answered_here(request))
 
     def _wait(self, call: BridgedCall, asks: dict[str, JsonObject]) -> JsonObject:
         """The call waits for its client's input: input_required, and a state naming the call."""
@@ -283,7 +259,7 @@ class HandshakeBridge:
         del self._waiting[token]
         if call.expiry is not None:
             call.expiry.cancel()
-        params = _params(body)
+        params = member(body, "params")
         given = params.get("inputResponses")
         for key, server_id in (call.waiting or {}).items():
             answer = given.get(key) if isinstance(given, dict) else None
@@ -344,8 +320,3 @@ class HandshakeBridge:
             call.waiting = None
             self._cancel(call)
             self.sessions.give_back(call.held)
-
-
-def _params(body: JsonObject) -> JsonObject:
-    params = body.get("params")
-    return params if isinstance(params, dict) else {}

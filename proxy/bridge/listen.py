@@ -26,6 +26,7 @@ import structlog
 
 from proxy.bridge.answers import event
 from proxy.bridge.held import HeldSession, HeldSessions, post, post_and_close
+from proxy.bridge.shapes import member
 from proxy.protocol.errors import ProxyError, UpstreamError
 from proxy.protocol.sse import KEEPALIVE, Comment, Event
 from proxy.types import JsonObject, RequestId
@@ -56,8 +57,8 @@ class Listener:
     def offer(self, message: JsonObject) -> None:
         """A change notification for this listen, stamped with its id; a backlog beyond the bound
         is dropped (list changes repeat; the client refetches)."""
-        params = _object(message.get("params"))
-        meta = _object(params.get("_meta"))
+        params = member(message, "params")
+        meta = member(params, "_meta")
         stamped = {**message, "params": {**params, "_meta": {**meta, SUBSCRIPTION_ID: self.listen_id}}}
         if self.queue.qsize() < MAX_QUEUED:
             self.queue.put_nowait(stamped)
@@ -127,8 +128,8 @@ class Listens:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def open(self, held: HeldSession, body: JsonObject) -> ListenStream:
-        asked = _object(_object(body.get("params")).get("notifications"))
-        capabilities = _object(held.initialize_result.get("capabilities"))
+        asked = member(member(body, "params"), "notifications")
+        capabilities = member(held.initialize_result, "capabilities")
         wanted = frozenset(
             key
             for key, kind in LIST_CHANGED.values()
@@ -240,10 +241,6 @@ class Listens:
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def _object(value: Any) -> JsonObject:
-    return value if isinstance(value, dict) else {}
 
 
 def _offers(capabilities: JsonObject, kind: str, flag: str) -> bool:

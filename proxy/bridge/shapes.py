@@ -33,11 +33,22 @@ SUPPORTED_VERSIONS: Final = [LATEST_MODERN_VERSION, *sorted(HANDSHAKE_VERSIONS)]
 LOG_LEVELS: Final = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 MODERN_ONLY_RESULT_KEYS: Final = ("resultType", "ttlMs", "cacheScope")
 PROXY_CLIENT_INFO: Final = {"name": "mcp-tenant-proxy", "version": "bridge"}
+# The client capability each server-to-client request needs.
+ASKS: Final = {
+    "sampling/createMessage": "sampling",
+    "elicitation/create": "elicitation",
+    "roots/list": "roots",
+}
+
+
+def member(value: Any, key: str) -> JsonObject:
+    """The object at `key` of a JSON object (params of a message, _meta of params), or {}."""
+    found = value.get(key) if isinstance(value, dict) else None
+    return found if isinstance(found, dict) else {}
 
 
 def meta_of(params: Any) -> JsonObject:
-    meta = params.get("_meta") if isinstance(params, dict) else None
-    return meta if isinstance(meta, dict) else {}
+    return member(params, "_meta")
 
 
 def capabilities_key(capabilities: Any) -> str:
@@ -75,6 +86,50 @@ def modern_result(method: str | None, result: JsonObject) -> JsonObject:
         shaped.setdefault("ttlMs", 0)
         shaped.setdefault("cacheScope", "private")
     return shaped
+
+
+def modern_answer(client_id: Any, method: str | None, answer: JsonObject) -> JsonObject:
+    """The upstream's answer to a bridged request, as the client's request's answer."""
+    shaped: JsonObject = {"jsonrpc": "2.0", "id": client_id}
+    result = answer.get("result")
+    if isinstance(result, dict):
+        shaped["result"] = modern_result(method, result)
+    else:
+        shaped["error"] = answer.get("error")  # (the relay keeps its code, never its internals)
+    return shaped
+
+
+def call_notification(
+    message: JsonObject, upstream_token: str, client_token: Any, log_level: Any
+) -> JsonObject | None:
+    """What of a call's notifications a 2026-07-28 client gets: its progress (under its own token),
+    and the log messages it asked for; nothing else is about the request."""
+    method, params = message.get("method"), message.get("params")
+    if method == "notifications/progress" and isinstance(params, dict):
+        if client_token is None or params.get(PROGRESS_TOKEN) != upstream_token:
+            return None
+        return {**message, "params": {**params, PROGRESS_TOKEN: client_token}}
+    if method == "notifications/message" and log_wanted(log_level, message):
+        return message
+    return None
+
+
+def for_the_client(request: JsonObject, declared: JsonObject) -> bool:
+    """Whether a server request during a call goes to the client: one its declared capabilities
+    (as the held session was initialized with them) offer."""
+    method = request.get("method")
+    return isinstance(method, str) and ASKS.get(method) in declared
+
+
+def answered_here(request: JsonObject) -> JsonObject:
+    """The proxy's answer to a server request not for the client: ping, else -32601."""
+    if request.get("method") == "ping":
+        return {"jsonrpc": "2.0", "id": request.get("id"), "result": {}}
+    error = {
+        "code": -32601,
+        "message": f"Method not found: the client does not offer {request.get('method')}",
+    }
+    return {"jsonrpc": "2.0", "id": request.get("id"), "error": error}
 
 
 def discover_result(initialize_result: JsonObject) -> JsonObject:

@@ -128,6 +128,37 @@ async def test_an_elicitation_during_a_call_is_answered_through_an_input_require
     assert answers[0][0] == call[0]  # the answer went back on the call's own session
 
 
+async def test_log_messages_reach_a_2026_client_only_as_it_asked_for_them(
+    make_proxy: StartProxy, upstream: Any
+) -> None:
+    running = await make_proxy({"acme": upstream})
+    logged: list[Any] = []
+
+    async def on_log(params: Any) -> None:
+        logged.append(params.data)
+
+    token = running.token("acme")
+    async with client_for(running.url, token, MODERN, logging_callback=on_log, log_level="info") as client:
+        await client.call_tool("announce", {"marker": "asked"})
+    async with client_for(running.url, token, MODERN, logging_callback=on_log) as client:
+        await client.call_tool("announce", {"marker": "not-asked"})
+    assert logged == ["request-log asked"]  # the call's own, as opted in; never the session's
+
+
+async def test_what_cannot_be_bridged_is_refused_with_a_clear_error(
+    make_proxy: StartProxy, upstream: Any
+) -> None:
+    running = await make_proxy({"acme": upstream})
+    body = modern_body("tasks/get", {"taskId": "t-1"})
+    status, _, raw = await running.post(
+        body, token=running.token("acme"), headers=modern_headers("tasks/get", "t-1")
+    )
+    error = json.loads(raw)["error"]
+    assert (status, error["code"]) == (404, -32601)
+    assert "not bridged" in error["message"]
+    assert bodies(upstream) == []
+
+
 async def input_required(running: RunningProxy, token: str, topic: str) -> dict[str, Any]:
     body = call_body("ask_user", {"topic": topic})
     body["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"] = {"elicitation": {}}
