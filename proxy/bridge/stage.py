@@ -25,7 +25,7 @@ from proxy.bridge.held import HeldSession, SessionRefused
 from proxy.bridge.shapes import CLIENT_INFO_META, meta_of, reverse_session_state
 from proxy.flow import Around, Call, Request
 from proxy.layers.data_access.catalog import Listing, SessionRoute
-from proxy.protocol.errors import MethodNotFound, ProxyError, UpstreamError
+from proxy.protocol.errors import MethodNotFound, ProxyError, TooManyRequests, UpstreamError
 from proxy.protocol.headers import CLIENT_CAPABILITIES_META, PARAM_HEADER_PREFIX
 from proxy.protocol.jsonrpc import TASK_ID_METHODS, MessageKind
 from proxy.types import Era, JsonObject
@@ -98,6 +98,10 @@ async def _learn_catalog(call: Request, route: SessionRoute | None) -> None:
 async def _take(call: Request, principal: str | None, capabilities: JsonObject, info: object) -> HeldSession:
     try:
         return await call.tenant.bridge.to_handshake.sessions.take(principal, capabilities, info)
+    except TooManyRequests:  # (counted with the tenant's other limits)
+        call.outcome, call.limited = "denied", "bridged_sessions"
+        call.services.metrics.count_limited(call.ctx.tenant, "bridged_sessions")
+        raise
     except UpstreamError as error:  # (the circuit learns of the upstream's failures, not its refusals)
         call.upstream_contacted, call.upstream_fault = True, not isinstance(error, SessionRefused)
         raise
