@@ -312,7 +312,8 @@ class HandshakeBridge:
         task.add_done_callback(self._sent.discard)
 
     def close(self) -> None:
-        """Shutdown or reload: waiting calls are cancelled (their retries find nothing)."""
+        """Shutdown or reload: listens end, waiting calls are cancelled (their retries find nothing)."""
+        self.listens.close()
         for token in list(self._waiting):
             call = self._waiting.pop(token)
             if call.expiry is not None:

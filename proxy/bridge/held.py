@@ -38,8 +38,8 @@ Key = tuple[str | None, str]  # (principal, capabilities); principal None: the p
 
 
 class SessionRefused(UpstreamError):
-    """The upstream answered the proxy's initialize without opening a session: its refusal, not a
-    failure of the upstream (the circuit does not count it)."""
+    """No held session for the call, and no failure of the upstream (the circuit does not count it):
+    it answered the proxy's initialize without opening one, or a reload retired these sessions."""
 
 
 @dataclass(eq=False)
@@ -95,7 +95,7 @@ class HeldSessions:
         key = (principal, capabilities_key(capabilities))
         while True:
             if self._retired:
-                raise UpstreamError("The tenant's configuration changed while the request was on its way")
+                raise SessionRefused("The tenant's configuration changed while the request was on its way")
             held = self._held.get(key)
             if held is not None:
                 held.users += 1
@@ -114,7 +114,7 @@ class HeldSessions:
             opened.set_result(None)
         if self._retired:
             self._end_soon(held)
-            raise UpstreamError("The tenant's configuration changed while the request was on its way")
+            raise SessionRefused("The tenant's configuration changed while the request was on its way")
         self._held[key] = held
         held.users += 1
         if self._reaper is None:

@@ -237,6 +237,13 @@ class Listens:
             for listener in feed.listeners:
                 listener.queue.put_nowait(_END)
 
+    def close(self) -> None:
+        """Reload or shutdown: every listen ends gracefully (its result), so its held session is
+        given back and ends."""
+        for feed in list(self._feeds.values()):
+            if feed.reader is not None:
+                feed.reader.cancel()  # (its way out ends the listens)
+
     def _spawn(self, work: Any) -> None:
         task = asyncio.create_task(work)
         self._tasks.add(task)

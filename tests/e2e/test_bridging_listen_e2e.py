@@ -10,8 +10,9 @@ import pytest
 from mcp.client.subscriptions import ResourceUpdated
 
 from proxy.demo import client_for
+from proxy.http.keys import RUNTIME
 from tests.conftest import StartProxy
-from tests.e2e.test_bridging_e2e import MODERN, bodies, handshake_only, upstream, wait_for
+from tests.e2e.test_bridging_e2e import MODERN, bodies, deleted, handshake_only, upstream, wait_for
 
 pytestmark = pytest.mark.e2e
 __all__ = ["handshake_only", "upstream"]  # (the fixtures, shared with test_bridging_e2e)
@@ -45,3 +46,16 @@ async def test_a_listen_gets_its_own_sessions_resource_updates_and_nobody_elses(
     assert sorted(by_session.values()) == [[alice_uri], [alice_uri, bob_uri]]
     # the listens closed: their subscriptions end upstream
     assert await wait_for(lambda: len(bodies(upstream, "resources/unsubscribe")) == 3)
+
+
+async def test_a_reload_ends_a_listen_gracefully_and_then_its_held_session(
+    make_proxy: StartProxy, upstream: Any
+) -> None:
+    running = await make_proxy({"acme": upstream})
+    client = client_for(running.url, running.token("acme"), MODERN)
+    async with client, client.listen(resource_subscriptions=["notes://acme/x"]) as listening:
+        running.app[RUNTIME].current.retire_bridges()  # what a reload does to the runtime it replaced
+        with pytest.raises(StopAsyncIteration):  # the listen's result: a graceful end, not a loss
+            await asyncio.wait_for(anext(listening), 10)
+    ((session, _),) = bodies(upstream, "resources/subscribe")
+    assert await wait_for(lambda: deleted(upstream) == [session])
