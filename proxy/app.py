@@ -105,6 +105,7 @@ async def drop_idle_tenants(runtime: Runtime, services: Services, now: float) ->
     dropped = runtime.tenants.drop_idle(now, lambda tenant: services.sessions.count(tenant) > 0)
     for tenant in dropped:
         with contextlib.suppress(Exception):
+            await tenant.bridge.close()
             await tenant.upstream.close()
     gone = {t.id for t in dropped if runtime.tenants.of_tenant(t.id) is None}
     if gone:

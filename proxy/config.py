@@ -615,6 +615,29 @@ class SessionsConfig(StrictModel):
     )
 
 
+class BridgingConfig(StrictModel):
+    """Era bridging: 2026-07-28 clients served by handshake-only upstreams (on upstream sessions the
+    proxy holds per tenant and caller), and handshake clients by modern-only upstreams."""
+
+    enabled: bool = Field(
+        default=True,
+        description="false: a 2026-07-28 request for a handshake-only upstream gets -32022 (HTTP 400, "
+        "data.supported) so the client falls back to initialize, and a handshake client's initialize "
+        "is forwarded as it is whatever the upstream speaks.",
+    )
+    idle_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="An upstream session held for 2026-07-28 callers that nothing used this long is ended.",
+    )
+    max_sessions_per_tenant: int = Field(
+        default=100,
+        ge=1,
+        description="Upstream sessions held for a tenant's 2026-07-28 callers at once (one per caller and "
+        "set of client capabilities); one more gets 429 while none is idle.",
+    )
+
+
 class AuditConfig(StrictModel):
     """The audit trail: one JSON line per request in DIR/<tenant>.jsonl, summaries only."""
 
@@ -816,6 +839,7 @@ class ProxyConfig(StrictModel):
     )
     cache: CacheConfig = Field(default_factory=CacheConfig, description=CacheConfig.__doc__)
     sessions: SessionsConfig = Field(default_factory=SessionsConfig, description=SessionsConfig.__doc__)
+    bridging: BridgingConfig = Field(default_factory=BridgingConfig, description=BridgingConfig.__doc__)
     audit: AuditConfig = Field(default_factory=AuditConfig, description=AuditConfig.__doc__)
     limits: LimitsConfig = Field(
         default_factory=LimitsConfig,

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from proxy.protocol.jsonrpc import Message
     from proxy.runtime import Runtime, Services
     from proxy.tenants.directory import TenantRuntime
+    from proxy.upstreams.base import Upstream
 
 Reply = web.StreamResponse
 E = TypeVar("E", bound="Exchange")
@@ -97,6 +98,8 @@ class Exchange:
     task_event: str | None = None  # created | completed | failed | cancelled
     # The upstream ended a resumable stream before answering: the answer may come on a resumed GET.
     awaiting_resumption: bool = False
+    # What stands in for the tenant's upstream when the two speak different protocol eras (bridge/).
+    bridged: Upstream | None = None
 
     def finished(self) -> None:
         self.duration_seconds = time.perf_counter() - self.started
@@ -113,6 +116,14 @@ class Exchange:
             self.outcome = "denied" if denied else "error"
         self.error_code = code
         self.status = status
+
+    @property
+    def upstream(self) -> Upstream:
+        """Where this exchange's upstream messages go: the tenant's upstream, or the era bridge."""
+        if self.bridged is not None:
+            return self.bridged
+        assert self.tenant is not None  # (only authenticated exchanges reach an upstream)
+        return self.tenant.upstream
 
     @property
     def request_id(self) -> RequestId | None:

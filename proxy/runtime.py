@@ -129,8 +129,14 @@ class Runtime:
         kept = {id(t.upstream) for t in other.tenants}
         return [t.upstream for t in self.tenants if id(t.upstream) not in kept]
 
+    def retire_bridges(self) -> None:
+        """This runtime was replaced: what its bridges hold upstream ends (once its calls are done)."""
+        for tenant in self.tenants:
+            tenant.bridge.retire()
+
     async def close(self) -> None:
         for tenant in self.tenants:
+            await tenant.bridge.close()
             await tenant.upstream.close()
 
 

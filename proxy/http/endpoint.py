@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Generic
 
 from aiohttp import web
 
+from proxy.bridge import stage as bridge
 from proxy.flow import (
     Around,
     C,
@@ -49,7 +50,6 @@ from proxy.ops.log import request_line
 from proxy.ops.metrics import observe
 from proxy.protocol.errors import MethodNotAllowed, ProxyError
 from proxy.tenants import stage as tenants
-from proxy.upstreams import eras
 
 if TYPE_CHECKING:
     from proxy.ops.tracing import Tracing
@@ -118,7 +118,7 @@ POST: Flow[Request] = Flow(
     stages=(
         sessions.bind,
         limits.streams,  # subscriptions/listen: a long-lived stream
-        eras.speaks_modern,  # a handshake-only upstream: -32022 at once, so the client falls back
+        bridge.route,  # the upstream speaks another era: bridged (or -32022 at once when bridging is off)
         tasks.resolve,  # task ids name the caller's own tasks (else: an unknown task, no upstream call)
         capabilities.open_request_state,
         recent_activity.answer,
@@ -128,6 +128,7 @@ POST: Flow[Request] = Flow(
         data_access.render_mirrored_headers,
         cache.lookup,
         limits.circuit,
+        bridge.hold,  # a bridged 2026-07-28 request: its caller's held upstream session
     ),
     forward=relay.forward_post,
     hooks=HOOKS,
@@ -138,7 +139,7 @@ GET: Flow[Call] = Flow(
     authenticate=authenticate,
     admitted=(tenants.hold,),
     parse=as_is,
-    stages=(require_event_stream, sessions.bind, limits.streams),
+    stages=(require_event_stream, sessions.bind, limits.streams, bridge.session),
     forward=relay.relay_get,
     hooks=HOOKS,
     done=DONE,
@@ -148,7 +149,7 @@ DELETE: Flow[Call] = Flow(
     authenticate=authenticate,
     admitted=(tenants.hold,),
     parse=as_is,
-    stages=(sessions.bind,),
+    stages=(sessions.bind, bridge.session),
     forward=relay.forward_delete,
     hooks=Hooks(()),
     done=DONE,

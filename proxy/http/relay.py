@@ -137,7 +137,7 @@ async def forward_post(call: Request, hooks: Hooks) -> Reply:
     started = time.perf_counter()
     try:
         request = UpstreamRequest("POST", headers, dumps(call.message.body), call.ctx.principal)
-        response = await call.tenant.upstream.send(request)
+        response = await call.upstream.send(request)
     except UpstreamError as error:
         call.upstream_fault, call.error_code = True, error.code
         raise
@@ -355,7 +355,7 @@ async def _abandon_upstream_session(call: Call, response: UpstreamResponse) -> N
         return
     headers = {SESSION_HEADER: response.session_id}
     with contextlib.suppress(ProxyError):
-        (await call.tenant.upstream.send(UpstreamRequest("DELETE", headers))).close()
+        (await call.upstream.send(UpstreamRequest("DELETE", headers))).close()
 
 
 # --- GET: the session's own stream -----------------------------------------------------------------
@@ -381,7 +381,7 @@ async def relay_get(call: Call, hooks: Hooks) -> Reply:
     if session.ended is None:
         session.ended = asyncio.Event()
     try:
-        response = await call.tenant.upstream.send(UpstreamRequest("GET", headers))
+        response = await call.upstream.send(UpstreamRequest("GET", headers))
         try:
             await _check_get_answer(call, response)
             return await _relay_get_stream(call, response, hooks, None)
@@ -413,7 +413,7 @@ async def _resume_post_stream(
         session.ended = asyncio.Event()
     session.busy += 1  # a session waiting for an answer is never idle
     try:
-        response = await call.tenant.upstream.send(UpstreamRequest("GET", headers))
+        response = await call.upstream.send(UpstreamRequest("GET", headers))
         try:
             await _check_get_answer(call, response)
             return await _relay_get_stream(call, response, hooks, resumed)
@@ -539,7 +539,7 @@ async def _until(events: AsyncIterator[T], *stops: asyncio.Event) -> AsyncIterat
 async def forward_delete(call: Call, hooks: Hooks) -> Reply:
     session = call.session
     assert session is not None  # (sessions.bind binds one for every DELETE or refuses it)
-    status = await end_upstream_session(call.tenant.upstream, session)
+    status = await end_upstream_session(call.upstream, session)
     if status == 405:
         raise MethodNotAllowed(
             "Method not allowed: the upstream MCP server does not let clients end sessions"

@@ -108,6 +108,7 @@ async def _reload(app: web.Application) -> bool:
         log.error("reload_rejected", error=str(exc))
         return False
     ref.current = new
+    old.retire_bridges()  # upstream sessions held for 2026-07-28 callers are the old config's
     services.sessions.idle_timeout_seconds = config.sessions.idle_timeout_seconds
     services.sessions.max_per_tenant = config.sessions.max_per_tenant
     services.reports.run_now()  # reports of the old config's last answers first: then forget

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from proxy.bridge.tenant import TenantBridge
 from proxy.config import LimitsConfig, ProxyConfig, TenantConfig
 from proxy.layers.cache.store import tenant_budget
 from proxy.layers.data_access.catalog import Catalog
@@ -53,6 +54,8 @@ class TenantRuntime:
     catalog: Catalog
     policy: Policy | None
     limits: LimitsConfig
+    # What stands in for the upstream when it speaks another protocol era than the client (bridge/).
+    bridge: TenantBridge
     # The upstream as cache keys name it: its identity and a digest of the tenant's upstream config
     # and policy, so a result fetched under an older config (a request in flight across a reload,
     # an entry a failed invalidation left) is never found by requests on a newer one.
@@ -121,9 +124,11 @@ class TenantDirectory:
             catalog, usage = Catalog(upstream), Usage()
         scope_of = [config.upstream.model_dump(mode="json"), config.policy, digest]
         scope = hashlib.sha256(json.dumps(scope_of, sort_keys=True).encode()).hexdigest()[:16]
+        eras = UpstreamEras()
         return TenantRuntime(
             tenant_id, config, upstream, catalog, policy, self.config.limits_of(config),
-            f"{upstream.identity}#{scope}",
+            TenantBridge(tenant_id, upstream, eras, catalog, self.config), f"{upstream.identity}#{scope}",
+            eras=eras,
             template=template.index if template is not None else None,
             idle_seconds=template.config.idle_seconds if template is not None else None,
             usage=usage,

@@ -1,5 +1,6 @@
 """Which protocol eras a tenant's upstream speaks: learned once, so a 2026-07-28 request for a server
-that speaks only the initialize handshake is answered at once, the way clients expect.
+that speaks only the initialize handshake is bridged to it, or answered at once the way clients
+expect.
 
 Most servers speak 2025-11-25 at most, and SDK clients (the Python SDK's default `auto` mode, the
 TypeScript SDK v2) open with a 2026-07-28 request and fall back to `initialize` on an unsupported-
@@ -16,8 +17,9 @@ the upstream once, with the spec's own probe (server/discover):
       one that says nothing (an internal error, a malformed result) -> nothing learned (asked again
                                                                        after a while)
 
-and a handshake-only upstream's 2026-07-28 requests get -32022 (HTTP 400) listing the versions the
-proxy serves that tenant, with no upstream call, no process started and nothing for the circuit.
+and a handshake-only upstream's 2026-07-28 requests are bridged (bridge/), or with bridging off get
+-32022 (HTTP 400) listing the versions the proxy serves that tenant, with no upstream call, no
+process started and nothing for the circuit.
 What was learned belongs to the tenant's runtime: a reload (or a restart) learns it again.
 """
 
@@ -34,7 +36,7 @@ from proxy import __version__
 from proxy.flow import Request
 from proxy.protocol.errors import MethodNotFound, ProxyError, UnsupportedProtocolVersion
 from proxy.protocol.jsonrpc import dumps, loads_upstream
-from proxy.types import HANDSHAKE_VERSIONS, LATEST_MODERN_VERSION, MODERN_VERSIONS, Era, JsonObject
+from proxy.types import HANDSHAKE_VERSIONS, LATEST_MODERN_VERSION, MODERN_VERSIONS, JsonObject
 from proxy.upstreams.base import JSON, Upstream, UpstreamRequest, UpstreamResponse, answer_to
 
 log = structlog.get_logger("proxy.upstreams.eras")
@@ -128,14 +130,12 @@ def _judged(answer: JsonObject) -> bool | None:
     return False if error.get("code") == MethodNotFound.code else None
 
 
-async def speaks_modern(call: Request) -> None:
-    """A 2026-07-28 request for a handshake-only upstream: -32022 at once, naming what the proxy
-    serves this tenant (the handshake versions), so the client falls back to initialize."""
-    if call.era is not Era.MODERN:
-        return
-    if await call.tenant.eras.speaks_modern(call.tenant.upstream) is False:
-        raise UnsupportedProtocolVersion(
-            "Unsupported protocol version: this tenant's MCP server speaks only the initialize "
-            "handshake era; use one of data.supported",
-            data={"supported": sorted(HANDSHAKE_VERSIONS), "requested": call.protocol_version},
-        )
+def unsupported_version(call: Request) -> UnsupportedProtocolVersion:
+    """A 2026-07-28 request for a handshake-only upstream, not bridged (bridging.enabled: false):
+    -32022 at once, naming what the proxy serves this tenant (the handshake versions), so the
+    client falls back to initialize."""
+    return UnsupportedProtocolVersion(
+        "Unsupported protocol version: this tenant's MCP server speaks only the initialize "
+        "handshake era; use one of data.supported",
+        data={"supported": sorted(HANDSHAKE_VERSIONS), "requested": call.protocol_version},
+    )

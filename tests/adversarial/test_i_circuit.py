@@ -181,6 +181,9 @@ async def refusing_upstream(stack: contextlib.AsyncExitStack) -> str:
 
     async def handle(request: web.Request) -> web.Response:
         message = await request.json()
+        if message["method"] == "server/discover":  # (the proxy's era probe: a 2026-07-28 server)
+            result = {"supportedVersions": ["2026-07-28"], "capabilities": {}, "resultType": "complete"}
+            return web.json_response({"jsonrpc": "2.0", "id": message["id"], "result": result})
         if message["method"] == "tools/list":  # (the proxy learns the tenant's tools for its policy)
             tools = [{"name": name, "inputSchema": {"type": "object"}} for name in ("whoami", "forbidden")]
             return web.json_response({"jsonrpc": "2.0", "id": message["id"], "result": {"tools": tools}})

@@ -1,7 +1,7 @@
 """A server that speaks only the initialize handshake (server-everything speaks 2025-11-25 at most)
-behind the proxy: a 2026-07-28 request gets the unsupported-version error at once, so SDK clients in
-their default `auto` mode fall back to initialize; never a 5xx, never a process started per request,
-never an open circuit.
+behind the proxy with era bridging off: a 2026-07-28 request gets the unsupported-version error at
+once, so SDK clients in their default `auto` mode fall back to initialize; never a 5xx, never a
+process started per request, never an open circuit. (Bridged: test_bridging_interop.py.)
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ async def test_a_modern_request_to_a_handshake_only_stdio_server_starts_nothing_
         {"acme": "http://unused.invalid/mcp"},
         tenants={"acme": {"upstream": {"command": ["sh", "-c", command]}}},
         readiness={"upstreams": "ignore"},  # (a readiness check would start a child of its own)
+        bridging={"enabled": False},
     )
     token = running.token("acme")
     for attempt in range(7):  # more than the circuit's five failures
@@ -64,7 +65,7 @@ async def test_a_modern_request_to_a_handshake_only_stdio_server_starts_nothing_
 async def test_a_modern_request_to_a_handshake_only_http_server_gets_the_unsupported_version_error(
     make_proxy: StartProxy, everything_http: str
 ) -> None:
-    running = await make_proxy({"acme": everything_http})
+    running = await make_proxy({"acme": everything_http}, bridging={"enabled": False})
     token = running.token("acme")
     for request_id in (1, 2):
         status, _, raw = await running.post(

@@ -132,7 +132,7 @@ def track(call: Call, message: ServerMessage) -> ServerMessage | None:
         write = store.expect_answer(session, request_id)
         if write is not None:
             call.slots.setdefault(_WRITES, []).append(write)
-        _answer_deadline(call.tenant.upstream, store, session, request_id)
+        _answer_deadline(call.upstream, store, session, request_id)
         return message
     if message.kind is ServerKind.ANSWER and session is not None and message.answers is not None:
         session.answered(message.answers.id)
@@ -191,7 +191,7 @@ def send_on_session_soon(call: Call, message: JsonObject) -> None:
     """Send a message of the proxy's own to the upstream on the call's session (an answer to a
     server-to-client request the policy answers or refuses), without the exchange waiting for it."""
     if call.session is not None:
-        _spawn(_send_on_session(call.tenant.upstream, call.session, message))
+        _spawn(_send_on_session(call.upstream, call.session, message))
 
 
 async def _send_on_session(upstream: Upstream, session: Session, message: JsonObject) -> None:
