@@ -12,48 +12,17 @@ import gc
 import signal
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
-from aiohttp import web
 
 from proxy.config import ConfigError, ProxyConfig, load_config
 from proxy.ops.log import configure_logging
 
-if TYPE_CHECKING:
-    from proxy.http.server import ProxyRunner
-
 EXIT_CONFIG = 2
-
-
-async def start_server(config: ProxyConfig) -> tuple[ProxyRunner, int]:
-    """Start serving `config` (and its metrics listener); returns the runner and the bound port."""
-    from proxy.app import create_app
-    from proxy.http.keys import METRICS_LISTENER
-    from proxy.http.server import ProxyRunner
-
-    app = create_app(config)
-    runner = ProxyRunner(
-        app,
-        handler_cancellation=True,
-        shutdown_timeout=config.listen.shutdown_grace_seconds,  # (a drain shortens it: ops/drain.py)
-        access_log=None,
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, config.listen.host, config.listen.port, reuse_address=True)
-    await site.start()
-    server = site._server
-    sockets = getattr(server, "sockets", None) or []
-    port = sockets[0].getsockname()[1] if sockets else config.listen.port
-    try:
-        await app[METRICS_LISTENER].start(app)
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner, port
 
 
 async def serve(config: ProxyConfig) -> None:
     import structlog
+
+    from proxy.http.server import start_server
 
     log = structlog.get_logger("proxy")
     runner, port = await start_server(config)

@@ -145,9 +145,9 @@ def _text(result: Any) -> str:
 
 
 async def run_demo() -> int:
-    from proxy.cli import start_server
     from proxy.config import ProxyConfig
     from proxy.http.keys import SERVICES
+    from proxy.http.server import start_server
     from proxy.layers.auth.authenticator import mint_token
     from proxy.ops.log import configure_logging
 

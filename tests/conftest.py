@@ -150,8 +150,8 @@ StartProxy = Callable[..., Awaitable[RunningProxy]]
 @pytest.fixture
 async def make_proxy(tmp_path: Path, rsa_keys: RsaKeys) -> AsyncIterator[StartProxy]:
     """Start proxies for this test: tenant -> upstream URL, optional tenant -> policy mapping."""
-    from proxy.cli import start_server
     from proxy.config import ProxyConfig
+    from proxy.http.server import start_server
     from tests.upstreams import free_port
 
     runners: list[web.AppRunner] = []

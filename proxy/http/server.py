@@ -1,6 +1,7 @@
-"""The HTTP server around the app: requests aiohttp refuses before any handler runs (a header line
-too long, malformed chunking, conflicting lengths) still get a JSON-RPC error body, and never an
-echo of what the client sent."""
+"""The HTTP server around the app, and starting it (`start_server`: the CLI, the demo and tests
+call it). Requests aiohttp refuses before any handler runs (a header line too long, malformed
+chunking, conflicting lengths) still get a JSON-RPC error body, and never an echo of what the
+client sent."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from proxy.config import ProxyConfig
+from proxy.http.keys import METRICS_LISTENER
 from proxy.protocol.jsonrpc import dumps, error_body
 
 
@@ -56,3 +59,28 @@ class ProxyRunner(web.AppRunner):
         """How long cleanup() gives connections still busy (aiohttp takes it only when constructed):
         after a drain they have had their grace already (ops/drain.py)."""
         self._shutdown_timeout = seconds
+
+
+async def start_server(config: ProxyConfig) -> tuple[ProxyRunner, int]:
+    """Start serving `config` (and its metrics listener); returns the runner and the bound port."""
+    from proxy.app import create_app  # (the app's modules import this one's neighbours)
+
+    app = create_app(config)
+    runner = ProxyRunner(
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=config.listen.shutdown_grace_seconds,  # (a drain shortens it: ops/drain.py)
+        access_log=None,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, config.listen.host, config.listen.port, reuse_address=True)
+    await site.start()
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    port = sockets[0].getsockname()[1] if sockets else config.listen.port
+    try:
+        await app[METRICS_LISTENER].start(app)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, port

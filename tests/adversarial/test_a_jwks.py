@@ -23,9 +23,9 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from proxy.cli import start_server
 from proxy.config import ProxyConfig
 from proxy.http.keys import RUNTIME
+from proxy.http.server import start_server
 from proxy.protocol.errors import Unauthenticated
 from tests.conftest import MCP_ACCEPT, proxy_config
 from tests.factories import RsaKeys

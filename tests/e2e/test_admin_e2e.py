@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.cli import start_server
 from proxy.config import load_config
 from proxy.http.keys import METRICS_LISTENER
+from proxy.http.server import start_server
 from proxy.ops.reload import reload_config
 from proxy.types import principal_hash
 from tests.conftest import RunningProxy, StartProxy, proxy_config

@@ -21,10 +21,10 @@ import pytest
 from mcp.shared.exceptions import MCPError
 from mcp_types import ElicitResult
 
-from proxy.cli import start_server
 from proxy.config import load_config
 from proxy.demo import client_for
 from proxy.http.keys import SERVICES
+from proxy.http.server import start_server
 from proxy.ops.reload import reload_config
 from tests.conftest import MCP_ACCEPT, RunningProxy, StartProxy, proxy_config
 from tests.e2e.test_transport_e2e import call_body, modern_body, modern_headers, sse_messages

@@ -22,8 +22,8 @@ import redis.asyncio as redis_asyncio
 from aiohttp import web
 from redis.crc import key_slot
 
-from proxy.cli import start_server
 from proxy.config import ProxyConfig
+from proxy.http.server import start_server
 from tests.conftest import TENANTS, proxy_config
 from tests.e2e.test_scaleout_e2e import (
     HANDSHAKE,

@@ -19,9 +19,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.cli import start_server
 from proxy.config import load_config
 from proxy.http.keys import METRICS_LISTENER, SERVICES
+from proxy.http.server import start_server
 from proxy.ops.reload import reload_config
 from tests.conftest import MCP_ACCEPT, TENANTS, RunningProxy, StartProxy, proxy_config
 from tests.factories import DEV_SECRET, DEV_SECRET_ENV, HANDSHAKE_INITIALIZE

@@ -27,10 +27,10 @@ import yaml
 from aiohttp import web
 
 from proxy.backends.redis.sessions import RedisSessionRegistry
-from proxy.cli import start_server
 from proxy.config import ProxyConfig
 from proxy.demo import client_for
 from proxy.http.keys import SERVICES
+from proxy.http.server import start_server
 from proxy.layers.containment.request_state import RequestState
 from proxy.runtime import Services
 from proxy.types import TenantContext

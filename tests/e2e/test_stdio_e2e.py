@@ -232,8 +232,8 @@ async def _raw_whoami(url: str, token: str, modern: bool) -> int:
 
 
 async def test_shutdown_leaves_no_child(tmp_path: Path, rsa_keys: Any) -> None:
-    from proxy.cli import start_server
     from proxy.config import ProxyConfig
+    from proxy.http.server import start_server
     from tests.conftest import proxy_config
     from tests.upstreams import free_port
 

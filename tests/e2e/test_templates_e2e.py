@@ -17,10 +17,10 @@ import aiohttp
 import pytest
 
 from proxy.app import drop_idle_tenants
-from proxy.cli import start_server
 from proxy.config import load_config
 from proxy.demo import client_for
 from proxy.http.keys import RUNTIME, SERVICES
+from proxy.http.server import start_server
 from proxy.ops.reload import reload_config
 from tests.conftest import MCP_ACCEPT, RunningProxy, StartProxy, proxy_config
 from tests.e2e.test_stdio_e2e import SERVER, exited, structured

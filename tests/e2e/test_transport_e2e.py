@@ -134,8 +134,8 @@ async def proxy_variant(
     sessions: dict[str, Any] | None = None,
 ) -> AsyncIterator[RunningProxy]:
     """Another proxy on a free port, configured like `base` but for the listen and upstream changes."""
-    from proxy.cli import start_server
     from proxy.config import ProxyConfig
+    from proxy.http.server import start_server
 
     port = free_port()
     url = f"http://127.0.0.1:{port}{base.config.listen.path}"
