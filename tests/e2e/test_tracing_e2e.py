@@ -295,3 +295,43 @@ def test_changing_tracing_needs_a_restart() -> None:
     after = before.model_copy(update={"tracing": TracingConfig(enabled=True)})
     with pytest.raises(ConfigError, match=r"tracing.*restart"):
         _check_fixed(before, after)
+
+
+# --- what the upstream is told --------------------------------------------------------------------
+
+CLIENT_BAGGAGE = "tenant=globex"
+
+
+@pytest.mark.parametrize("tracing", ["off", "on", "trusted"])
+@pytest.mark.parametrize("era", ["2026-07-28", "handshake"])
+async def test_a_client_trace_context_and_baggage_in_meta_never_reach_the_upstream(
+    make_proxy: StartProxy, upstreams: dict[str, Any], collector: Collector, tracing: str, era: str
+) -> None:
+    """SDK servers extract `_meta` with the default propagators: a client's baggage (`tenant=...`)
+    would reach every service behind a shared upstream, its trace context would choose the trace
+    the upstream's work joins. Only the proxy's own traceparent goes upstream (with tracing on)."""
+    if tracing == "off":
+        running = await make_proxy(upstreams)
+    else:
+        trusted = tracing == "trusted"
+        running = await traced_proxy(make_proxy, upstreams, collector, trust_client_context=trusted)
+    token = running.token("acme")
+    body = call_body("whoami", {})
+    client_meta = {"traceparent": CLIENT_TRACEPARENT, "tracestate": "k=v", "baggage": CLIENT_BAGGAGE}
+    if era == "handshake":
+        from tests.e2e.test_transport_e2e import initialize, session_headers
+
+        headers = session_headers(await initialize(running, token))
+        body["params"]["_meta"] = client_meta
+    else:
+        headers = modern_headers("tools/call", "whoami")
+        body["params"]["_meta"] = {**META, **client_meta}
+    status, _, answer = await running.post(body, token=token, headers=headers)
+    assert status == 200, answer
+    [(_, upstream_body)] = upstream_calls(upstreams["acme"])
+    meta = upstream_body["params"].get("_meta", {})
+    assert "baggage" not in meta
+    assert meta.get("traceparent") != CLIENT_TRACEPARENT
+    # (A trusted client's trace is continued: its tracestate goes with it, as W3C prescribes.)
+    assert ("tracestate" in meta) == (tracing == "trusted")
+    assert ("traceparent" in meta) == (tracing != "off")

@@ -6,7 +6,8 @@ MRTR request state that carries a multi-round-trip request through the client (2
                          client was asked for plus the proxy's own answers
     restrict             check: the client's capabilities as the upstream sees them (initialize,
                          and every 2026-07-28 request's _meta; extensions as in extensions.py);
-                         roots list_changed dropped
+                         roots list_changed dropped; a client's trace context and baggage in
+                         _meta dropped
     server_requests      response hook: a server-to-client request the policy does not let through
                          is answered by the proxy itself (roots) or refused, never relayed
     settle_input         response hook: an input_required result's requests handled the same way,
@@ -27,6 +28,12 @@ from proxy.protocol.errors import InvalidParams, PolicyDenied
 from proxy.protocol.headers import CLIENT_CAPABILITIES_META
 from proxy.protocol.jsonrpc import MessageKind
 from proxy.types import Era, JsonObject
+
+# W3C trace context and baggage a client may put in `_meta` (SDK servers extract them with the
+# default propagators): what the upstream's trace is part of, and which baggage (`tenant=...`) every
+# service behind it receives, is never the client's to choose. With tracing on, the proxy's own
+# `traceparent` goes upstream (ops/tracing.py, which reads a trusted client's context before this).
+CLIENT_TRACE_META = frozenset({"traceparent", "tracestate", "baggage"})
 
 log = structlog.get_logger("proxy.layers.containment")
 
@@ -83,6 +90,9 @@ async def restrict(call: Request) -> None:
     if message.kind is not MessageKind.REQUEST or not isinstance(message.body.get("params"), dict):
         return
     params = message.body["params"]
+    meta = params.get("_meta")
+    if isinstance(meta, dict) and not CLIENT_TRACE_META.isdisjoint(meta):
+        params["_meta"] = {key: value for key, value in meta.items() if key not in CLIENT_TRACE_META}
     if message.method == "initialize" and "capabilities" in params:
         params["capabilities"] = only_allowed(capabilities.filter(params["capabilities"]), allowed(call))
     meta = params.get("_meta")
