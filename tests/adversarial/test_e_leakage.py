@@ -597,3 +597,51 @@ async def test_recent_activity_shows_the_callers_own_records_and_never_a_planted
         ]
     assert planted not in json.dumps(records)
     assert "(not shown)" in {r["name"] for r in records}  # mallory's refused call, without its name
+
+
+async def test_console_log_lines_escape_every_client_chosen_value(
+    upstream_servers: dict[str, Any], tmp_path: Path, rsa_keys: RsaKeys
+) -> None:
+    """The console log format (a terminal, or --log-format console): acme's method names carry
+    terminal escapes (cursor moves, a window title, concealed text), C1 and DEL bytes, line
+    separators and lookalikes of '=', to forge a line for globex. What reaches stderr is printable
+    ASCII, one line per request, naming acme only."""
+    from tests.adversarial.proxy_process import write_proxy_config
+    from tests.e2e.test_transport_e2e import modern_body, modern_headers
+
+    esc, lookalike_equals = "\x1b", "\ua78a"
+    forged = (
+        f"{esc}[1G{esc}[2K2026-12-06T17:45:00Z{esc}[C[info]{esc}[Cmcp_request{esc}[Cmethod{lookalike_equals}"
+        f"tools/call{esc}[Ctenant{lookalike_equals}globex{esc}[8m"
+    )
+    methods = [
+        forged,
+        f"x{esc}]0;PWNED-TITLE\x07{esc}[3J",
+        "a\x9b31mb\x7fc\rtenant=globex",
+        "a\u2028tenant=globex\u2029b\x85c",
+    ]
+    process = write_proxy_config(tmp_path, upstream_servers, rsa_keys)
+    process.start(log_level="info", log_format="console")
+    try:
+        async with aiohttp.ClientSession() as http:
+            for method in methods:
+                headers = {
+                    **modern_headers("tools/list"),
+                    "Authorization": f"Bearer {process.client.token('acme')}",
+                    "Accept": MCP_ACCEPT,
+                    "Content-Type": "application/json",
+                }
+                body = {**modern_body("tools/list"), "method": method}
+                async with http.post(process.url, data=json.dumps(body), headers=headers) as response:
+                    await response.read()
+    finally:
+        assert process.stop() == 0
+    raw = process.stderr_path.read_bytes()
+    assert raw.isascii(), [line for line in raw.splitlines() if not line.isascii()][:2]
+    text = raw.decode("ascii")
+    assert not [c for c in text if not c.isprintable() and c != "\n"]  # no ESC, BEL, CR, DEL, C1
+    request_lines = [line for line in text.split("\n") if "mcp_request" in line]
+    assert len(request_lines) == len(methods)
+    assert all(line.endswith(" tenant=acme") for line in request_lines)
+    assert " tenant=globex" not in text  # globex appears only inside escaped values
+    assert "\\x1b]0;PWNED-TITLE\\x07" in text and "tenant\\ua78aglobex" in text
