@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import orjson
 import structlog
 
-from proxy.http.keys import REQUEST_ID
+from proxy.http.keys import CLIENT_REQUEST_ID, REQUEST_ID
 
 if TYPE_CHECKING:
     from proxy.flow import Exchange
@@ -173,6 +173,7 @@ def request_line(exchange: Exchange, trace_id: str | None = None) -> None:
     logger.info(
         "mcp_request",
         request_id=exchange.request.get(REQUEST_ID),
+        client_request_id=exchange.request.get(CLIENT_REQUEST_ID),
         http_method=exchange.request.method,
         tenant=ctx.tenant if ctx is not None else None,
         era=era.value if era is not None else None,

@@ -445,7 +445,8 @@ async def test_log_lines_are_one_json_object_each_and_hold_no_value_token_or_for
     process = write_proxy_config(tmp_path, upstream_servers, rsa_keys, policies=policies)
     tokens = {tenant: process.client.token(tenant) for tenant in TENANTS}
     secrets_sent = {tenant: f"SECRET-VALUE-{tenant}-{secrets.token_hex(6)}" for tenant in TENANTS}
-    request_tenant: dict[str, str | None] = {}  # X-Request-Id -> the tenant whose request it was
+    request_tenant: dict[str, str | None] = {}  # the client's X-Request-Id -> the tenant whose request it was
+    proxy_ids: dict[str, str] = {}  # the client's X-Request-Id -> the proxy's own id, echoed
     expected_code: dict[str, int | None] = {}
 
     async def send(tenant: str | None, token: str, step: Step) -> tuple[dict[str, str], Any]:
@@ -467,7 +468,8 @@ async def test_log_lines_are_one_json_object_each_and_hold_no_value_token_or_for
             raw = await response.read()
             answer_headers = {name.lower(): value for name, value in response.headers.items()}
         assert response.status == step.status, (request_id, raw)
-        assert answer_headers["x-request-id"] == request_id
+        proxy_ids[request_id] = answer_headers["x-request-id"]
+        assert re.fullmatch("[0-9a-f]{16}", proxy_ids[request_id])  # the proxy's own, never the client's
         answer = answer_in(raw) if raw else None
         assert (answer or {}).get("error", {}).get("code") == step.code, (request_id, answer)
         return answer_headers, answer
@@ -515,19 +517,20 @@ async def test_log_lines_are_one_json_object_each_and_hold_no_value_token_or_for
     assert not [line for line in lines if line.get("event") == "forged"]
     requests = [line for line in lines if line.get("event") == "mcp_request"]
     for line in lines:
-        if line.get("request_id") in request_tenant:
-            owner = request_tenant[line["request_id"]]
+        if line.get("client_request_id") in request_tenant:
+            owner = request_tenant[line["client_request_id"]]
             assert line.get("tenant") in (owner, None), line
         elif "tenant" in line:
             assert line["tenant"] in (*TENANTS, None), line
-    by_id = {line["request_id"]: line for line in requests}
+    by_id = {line["client_request_id"]: line for line in requests}
     assert set(by_id) == set(request_tenant), "a request has no mcp_request line, or one too many"
     assert len(requests) == len(request_tenant)
     for request_id, owner in request_tenant.items():
         assert by_id[request_id]["tenant"] == owner
+        assert by_id[request_id]["request_id"] == proxy_ids[request_id]
         assert by_id[request_id]["error_code"] == expected_code[request_id]
     spoofs = [line for line in lines if line.get("event") == "policy_spoof"]
-    assert {(s["tenant"], s["request_id"]) for s in spoofs} == {
+    assert {(s["tenant"], s["client_request_id"]) for s in spoofs} == {
         (tenant, f"{tenant}-{label}") for tenant in TENANTS for label in ("3", "4")
     }
     assert {s.get("argument") for s in spoofs} == {"tenant_id", None}
@@ -645,3 +648,51 @@ async def test_console_log_lines_escape_every_client_chosen_value(
     assert all(line.endswith(" tenant=acme") for line in request_lines)
     assert " tenant=globex" not in text  # globex appears only inside escaped values
     assert "\\x1b]0;PWNED-TITLE\\x07" in text and "tenant\\ua78aglobex" in text
+
+
+async def test_a_tenant_cannot_log_its_requests_under_another_tenants_request_ids(
+    upstream_servers: dict[str, Any], tmp_path: Path, rsa_keys: RsaKeys
+) -> None:
+    """globex's request id is seen (an echoed header); acme sends it, and the id a counter would
+    give next, as its own X-Request-Id. The proxy's ids are its own and unpredictable: acme's
+    requests are logged under ids no globex line has, its ids only as `client_request_id`."""
+    from tests.adversarial.proxy_process import write_proxy_config
+    from tests.e2e.test_transport_e2e import call_body, modern_headers
+
+    process = write_proxy_config(tmp_path, upstream_servers, rsa_keys)
+
+    async def call(http: aiohttp.ClientSession, tenant: str, **extra: str) -> str:
+        headers = {
+            **modern_headers("tools/call", "whoami"),
+            "Authorization": f"Bearer {process.client.token(tenant)}",
+            "Accept": MCP_ACCEPT,
+            "Content-Type": "application/json",
+            **extra,
+        }
+        body = json.dumps(call_body("whoami", {}))
+        async with http.post(process.url, data=body, headers=headers) as response:
+            await response.read()
+            assert response.status == 200
+            return response.headers["X-Request-Id"]
+
+    process.start(log_level="info")
+    try:
+        async with aiohttp.ClientSession() as http:
+            seen = await call(http, "globex")
+            claimed = [seen, format(int(seen, 16) + 1, "x"), "acme-own.id_1"]
+            echoed = [await call(http, "acme", **{"X-Request-Id": claim}) for claim in claimed]
+            following = await call(http, "globex")
+            odd = await call(http, "acme", **{"X-Request-Id": "bad id\x7f"[:6] + "/" * 70})
+    finally:
+        assert process.stop() == 0
+    assert not set(echoed) & {seen, following, *claimed}
+    assert len({seen, following, odd, *echoed}) == 6 and all(re.fullmatch("[0-9a-f]{16}", i) for i in echoed)
+    lines = [json.loads(line) for line in process.stderr_text().split("\n") if line]
+    requests = [line for line in lines if line.get("event") == "mcp_request"]
+    tenants_by_id: dict[str, set[str]] = {}
+    for line in requests:
+        tenants_by_id.setdefault(line["request_id"], set()).add(line["tenant"])
+    assert all(len(tenants) == 1 for tenants in tenants_by_id.values()), tenants_by_id
+    acme = [line for line in requests if line["tenant"] == "acme"]
+    assert [line.get("client_request_id") for line in acme] == [*claimed, None]  # the odd one is not kept
+    assert [line["request_id"] for line in acme] == [*echoed, odd]
