@@ -94,6 +94,7 @@ async def test_recent_activity_returns_only_the_callers_tenant(audited: RunningP
     for tenant in TENANTS:
         async with client_for(audited.url, audited.token(tenant)) as client:
             await client.call_tool("whoami", {})
+            await client.list_resource_templates()  # the catalog learns the URIs it may show
             await client.read_resource(f"notes://{tenant}/diary-of-{tenant}")
     for tenant in TENANTS:
         other = next(t for t in TENANTS if t != tenant)
