@@ -72,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from proxy.runtime import Runtime
 
     Runtime.build(config)  # fail on secrets and keys before binding the port
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, {"auto": None, "json": True, "console": False}[args.log_format])
     _use_uvloop()
     asyncio.run(serve(config))
     return 0
@@ -154,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="serve until SIGTERM/SIGINT")
     run.add_argument("--config", required=True)
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--log-format",
+        default="auto",
+        choices=["auto", "json", "console"],
+        help="log lines on stderr: JSON lines, or console text for people (auto: console when stderr "
+        "is a terminal); either way client-chosen values are bounded and cannot forge a line",
+    )
     run.set_defaults(handler=cmd_run)
 
     check = commands.add_parser("check-config", help="validate the config and every policy it names")

@@ -5,6 +5,7 @@ Run as `python tests/stdio_server.py TENANT CANARY`; it speaks MCP on stdin/stdo
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import sys
@@ -102,6 +103,24 @@ def main() -> None:
                 await ctx.info(f"chatter {tag} {index}")
                 await anyio.sleep(every)
         return f"chatter {tag} done"
+
+    background: set[asyncio.Task[None]] = set()
+
+    @server.tool()
+    async def background_chatter(tag: str, n: int, every: float, ctx: Context) -> str:
+        """Answers at once and goes on logging n lines in the background (a chatty server): those
+        lines name no request, and arrive while other calls are in flight."""
+        session = ctx.session
+
+        async def chatter_on() -> None:
+            for index in range(n):
+                await session.send_log_message(level="info", data=f"background {tag} {index}", logger="bg")
+                await asyncio.sleep(every)
+
+        task = asyncio.get_running_loop().create_task(chatter_on())
+        background.add(task)
+        task.add_done_callback(background.discard)
+        return f"background {tag} started"
 
     @server.tool()
     def slow_events(tag: str) -> list[str]:

@@ -1,15 +1,15 @@
 """The HTTP edge: what every request gets before and after the MCP flow.
 
-The `edge` middleware gives each request an id (the client's X-Request-Id when well-formed) on
-every log line and in the answer, and turns anything that escapes into a JSON-RPC error body,
-never a traceback. `check_origin` is the flows' first check (DNS rebinding); `error_reply` is how
-every refusal of a flow is answered.
+The `edge` middleware gives each request an id of the proxy's own (random, so no client can predict
+another's and log under it) on every log line and in the answer's X-Request-Id; a client's own
+well-formed X-Request-Id is kept beside it as `client_request_id`, never as the id. It turns
+anything that escapes into a JSON-RPC error body, never a traceback. `check_origin` is the flows'
+first check (DNS rebinding); `error_reply` is how every refusal of a flow is answered.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -18,7 +18,7 @@ import structlog
 from aiohttp import hdrs, web
 
 from proxy.flow import Exchange
-from proxy.http.keys import REQUEST_ID
+from proxy.http.keys import CLIENT_REQUEST_ID, REQUEST_ID
 from proxy.protocol.errors import BadRequest, Forbidden, ProxyError, http_status
 from proxy.protocol.jsonrpc import dumps, error_body
 from proxy.upstreams.base import JSON
@@ -26,20 +26,23 @@ from proxy.upstreams.base import JSON
 log = structlog.get_logger("proxy.app")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 NO_STORE = {"Cache-Control": "no-store"}
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-# Request ids: a random prefix per process and a counter (unique, and no syscall per request).
-_ID_PREFIX = secrets.token_hex(4)
-_ids = itertools.count(1)
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # what of a client's id may reach a log line
 
 
 @web.middleware
 async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every request: a request id on each log line, and whatever goes wrong a JSON-RPC error."""
-    offered = request.headers.get("X-Request-Id", "")
-    request_id = offered if _REQUEST_ID.fullmatch(offered) else f"{_ID_PREFIX}{next(_ids):x}"
+    # 64 random bits per request (about a microsecond): a counter, even behind a random prefix,
+    # would let a tenant that saw one id claim the next, another tenant's, in its own requests.
+    request_id = secrets.token_hex(8)
     request[REQUEST_ID] = request_id
     structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=request_id)
+    offered = request.headers.getall("X-Request-Id", [])
+    if len(offered) == 1 and _CLIENT_REQUEST_ID.fullmatch(offered[0]):
+        request[CLIENT_REQUEST_ID] = offered[0]
+        structlog.contextvars.bind_contextvars(request_id=request_id, client_request_id=offered[0])
+    else:
+        structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
         return await handler(request)
     except web.HTTPException as exc:

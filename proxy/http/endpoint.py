@@ -100,6 +100,8 @@ HOOKS = Hooks(
         hook(capabilities.settle_input, ANSWER, methods=("tools/call", "prompts/get", "resources/read")),
         # lists filtered, tenant arguments hidden
         hook(data_access.filter_lists, ANSWER, methods=data_access.FILTERED),
+        # the tenant's known resources follow its (filtered) resource lists
+        hook(data_access.learn_resources, ANSWER, NOTIFICATION, methods=data_access.RESOURCE_LISTS),
         # proxy_recent_activity on the first tools/list page
         hook(recent_activity.offer, ANSWER, methods=("tools/list",)),
         # a cacheable answer stored; its followers answered

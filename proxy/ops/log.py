@@ -1,4 +1,11 @@
-"""structlog setup: JSON lines on stderr (console rendering when stderr is a terminal).
+"""structlog setup: JSON lines on stderr (console rendering when stderr is a terminal, or with
+`run --log-format console`).
+
+Values in log lines may be a client's (a method name, a header): `SafeValues` bounds every string
+value before any renderer sees it, and for the console escapes what a terminal would act on
+(C0 and C1 controls, ESC, DEL, line and paragraph separators) and anything beyond ASCII (lookalikes
+of `=` or of spaces), so no value can move the cursor, set the window title or forge a line. JSON
+lines escape those themselves (ascii_json: pure ASCII).
 
 JSON lines are rendered by orjson and written as bytes, gathered per event-loop turn: one write
 for every line of a turn instead of one system call per line (structlog's own loggers flush each
@@ -13,12 +20,13 @@ import atexit
 import json
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 import structlog
 
-from proxy.http.keys import REQUEST_ID
+from proxy.http.keys import CLIENT_REQUEST_ID, REQUEST_ID
 
 if TYPE_CHECKING:
     from proxy.flow import Exchange
@@ -68,7 +76,48 @@ class _BatchedBytesLoggerFactory:
         return self._logger
 
 
+MAX_VALUE_CHARS = 1024  # a longer string value is cut (JSON and console alike)
+MAX_EXCEPTION_CHARS = 20_000  # a traceback keeps its lines (escaped otherwise), up to this
+
+
+def _escape_char(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+class SafeValues:
+    """A structlog processor: every string value bounded in length; for the console also escaped to
+    printable ASCII (a traceback keeps its line breaks, it is the proxy's own)."""
+
+    def __init__(self, escape: bool) -> None:
+        self.escape = escape
+
+    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        for key, value in event.items():
+            if not isinstance(value, str):
+                continue  # (the console renders other values with repr: escaped already)
+            limit = MAX_EXCEPTION_CHARS if key == "exception" else MAX_VALUE_CHARS
+            fine = len(value) <= limit and (not self.escape or (value.isascii() and value.isprintable()))
+            if not fine:
+                event[key] = self._safe(value, limit, keep_lines=key == "exception")
+        return event
+
+    def _safe(self, value: str, limit: int, keep_lines: bool) -> str:
+        cut = value[:limit]
+        if self.escape:
+            cut = "".join(
+                char
+                if (char.isascii() and char.isprintable()) or (keep_lines and char == "\n")
+                else _escape_char(char)
+                for char in cut
+            )
+        return cut if len(value) <= limit else f"{cut}...(+{len(value) - limit} chars)"
+
+
 def configure_logging(level: str = "info", json_lines: bool | None = None) -> None:
+    """Logging for `level`; JSON lines unless stderr is a terminal (json_lines decides when given)."""
     as_json = (not sys.stderr.isatty()) if json_lines is None else json_lines
     stderr_bytes: BinaryIO | None = getattr(sys.stderr, "buffer", None)
     renderer: structlog.types.Processor
@@ -87,6 +136,7 @@ def configure_logging(level: str = "info", json_lines: bool | None = None) -> No
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            SafeValues(escape=not as_json),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
@@ -123,6 +173,7 @@ def request_line(exchange: Exchange, trace_id: str | None = None) -> None:
     logger.info(
         "mcp_request",
         request_id=exchange.request.get(REQUEST_ID),
+        client_request_id=exchange.request.get(CLIENT_REQUEST_ID),
         http_method=exchange.request.method,
         tenant=ctx.tenant if ctx is not None else None,
         era=era.value if era is not None else None,

@@ -6,6 +6,10 @@
     mcp_proxy_upstream_connections{tenant,state}   a tenant's HTTP upstream pool: in_use, idle
     mcp_proxy_open_streams{tenant,kind}            long-lived streams open on this replica: get (a
                                                    session's GET stream), listen (subscriptions/listen)
+    mcp_proxy_unattributed_notifications_dropped_total{tenant}
+                                                   counter: messages of a tenant's shared stdio process
+                                                   that named no request and could not be attributed
+                                                   to one user's request (dropped, never guessed)
 
 The gauges are read from live state when /metrics is scraped; the lag timer is the only thing that
 runs meanwhile (a few times a second, nothing per request). Labels are configured tenant ids and
@@ -21,11 +25,12 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Final
 
 from aiohttp import web
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from proxy.http.keys import RUNTIME, SERVICES
 from proxy.ops.metrics import Metrics
 from proxy.upstreams.http import HttpUpstream
+from proxy.upstreams.stdio.upstream import StdioUpstream
 
 LAG_INTERVAL_SECONDS: Final = 1.0
 STREAM_KINDS: Final = ("get", "listen")
@@ -66,8 +71,8 @@ async def watch_loop_lag(app: web.Application) -> AsyncIterator[None]:
     lag.stop()
 
 
-def resource_gauges(app: web.Application) -> Callable[[], Iterable[GaugeMetricFamily]]:
-    def collect() -> Iterable[GaugeMetricFamily]:
+def resource_gauges(app: web.Application) -> Callable[[], Iterable[Metric]]:
+    def collect() -> Iterable[Metric]:
         services, runtime = app[SERVICES], app[RUNTIME].current
         connections = GaugeMetricFamily(
             "mcp_proxy_upstream_connections",
@@ -80,15 +85,24 @@ def resource_gauges(app: web.Application) -> Callable[[], Iterable[GaugeMetricFa
             "(subscriptions/listen)",
             labels=["tenant", "kind"],
         )
+        unattributed = CounterMetricFamily(
+            "mcp_proxy_unattributed_notifications_dropped",
+            "Messages of a tenant's shared stdio process that named no request and could not be "
+            "attributed to one user's request: dropped",
+            labels=["tenant"],
+        )
         open_streams = services.metrics.open_streams
         for tenant in runtime.tenants:  # (template tenants: those active)
             tenant_id, upstream = tenant.id, tenant.upstream
             if isinstance(upstream, HttpUpstream):
                 connections.add_metric([tenant_id, "in_use"], upstream.connections_in_use)
                 connections.add_metric([tenant_id, "idle"], upstream.connections_idle)
+            elif isinstance(upstream, StdioUpstream):
+                unattributed.add_metric([tenant_id], upstream.unattributed_dropped)
             for kind in STREAM_KINDS:
                 streams.add_metric([tenant_id, kind], open_streams.get((tenant_id, kind), 0))
         yield connections
         yield streams
+        yield unattributed
 
     return collect

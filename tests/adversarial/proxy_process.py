@@ -49,11 +49,11 @@ class ProxyProcess:
         assert self.process is not None
         return self.process.pid
 
-    def start(self, log_level: str = "debug", timeout: float = 30.0) -> None:
+    def start(self, log_level: str = "debug", timeout: float = 30.0, log_format: str = "auto") -> None:
         with self.stderr_path.open("wb") as stderr:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "run", "--config", str(self.config_path),
-                 "--log-level", log_level],
+                 "--log-level", log_level, "--log-format", log_format],
                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                 env={**os.environ, DEV_SECRET_ENV: DEV_SECRET},
             )  # fmt: skip

@@ -394,7 +394,7 @@ async def test_a_cancelled_users_late_log_lines_never_reach_another_users_call(
         ) as alice,
         client_for(running.url, running.token("acme", "bob"), mode, logging_callback=listener("bob")) as bob,
     ):
-        await bob.list_tools()
+        await alice.list_tools()  # the child has served alice alone so far: her lines are hers
         chatty = asyncio.create_task(alice.call_tool("chatter", {"tag": "alice", "n": 30, "every": 0.04}))
         await asyncio.wait_for(first_line.wait(), 30)
         chatty.cancel()  # alice gives up; her tool goes on logging
@@ -403,3 +403,44 @@ async def test_a_cancelled_users_late_log_lines_never_reach_another_users_call(
         result = await bob.call_tool("slow", {"tag": "bob", "seconds": 0.6})
         assert "slow bob done" in result.content[0].text
     assert not [line for line in heard["bob"] if "chatter alice" in line]
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_a_finished_calls_background_log_lines_never_reach_another_users_call(
+    make_proxy: StartProxy, mode: str
+) -> None:
+    """Alice's call has been answered; her tool goes on logging in the background on the tenant's
+    shared process (per_tenant; 2026-07-28 requests always share one). Those lines name no request:
+    none reaches bob's call in flight meanwhile; they are dropped and counted."""
+    from tests.e2e.test_runtime_metrics_e2e import scrape, value
+
+    running = await make_proxy(
+        dict.fromkeys(TENANTS, "http://unused.invalid/mcp"),
+        tenants=stdio_tenants("per_tenant"),
+        readiness=NOT_PROBED,
+    )
+    heard: dict[str, list[str]] = {"alice": [], "bob": []}
+
+    def listener(name: str) -> Any:
+        async def on_log(params: Any) -> None:
+            heard[name].append(str(params.data))
+
+        return on_log
+
+    options: dict[str, Any] = {"log_level": "debug"} if mode == "auto" else {}
+    async with (
+        client_for(
+            running.url, running.token("acme", "alice"), mode, logging_callback=listener("alice"), **options
+        ) as alice,
+        client_for(
+            running.url, running.token("acme", "bob"), mode, logging_callback=listener("bob"), **options
+        ) as bob,
+    ):
+        started = await alice.call_tool("background_chatter", {"tag": "alice", "n": 400, "every": 0.01})
+        assert started.content[0].text == "background alice started"
+        result = await bob.call_tool("slow", {"tag": "bob", "seconds": 1.0})
+        assert "slow bob done" in result.content[0].text
+        samples = await scrape(running)
+    assert not [line for line in heard["bob"] if "alice" in line]
+    dropped = value(samples, "mcp_proxy_unattributed_notifications_dropped_total", tenant="acme")
+    assert dropped is not None and dropped > 0  # her lines did arrive, and went to nobody

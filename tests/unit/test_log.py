@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import structlog
 
-from proxy.ops.log import BatchedBytesLogger, ascii_json
+from proxy.ops.log import MAX_VALUE_CHARS, BatchedBytesLogger, SafeValues, ascii_json
 
 
 class CountingFile(io.BytesIO):
@@ -82,3 +82,27 @@ def test_no_string_can_break_a_log_line_for_any_reader(breaker: str) -> None:
     assert line.isascii()
     assert len(line.decode("ascii").splitlines()) == 1
     assert json.loads(line)["method"] == forged
+
+
+TERMINAL_AND_LINE_BREAKERS = ["\x1b", "\x07", "\x00", "\x7f", "\x85", "\x9b", "\r", "\n", "\u2028", "\u2029"]
+
+
+@pytest.mark.parametrize("char", TERMINAL_AND_LINE_BREAKERS)
+def test_console_values_are_escaped_to_printable_ascii(char: str) -> None:
+    event = SafeValues(escape=True)(None, "info", {"event": "mcp_request", "method": f"a{char}b\ua78ac"})
+    assert event["method"].isascii() and event["method"].isprintable()
+    assert event["method"].startswith("a\\") and event["method"].endswith("b\\ua78ac")
+
+
+def test_long_values_are_cut_in_both_formats_and_json_values_stay_as_they_were() -> None:
+    long = "x" * (MAX_VALUE_CHARS + 500)
+    for escape in (True, False):
+        event = SafeValues(escape)(None, "info", {"event": "e", "path": long, "n": 3})
+        assert event["path"] == "x" * MAX_VALUE_CHARS + "...(+500 chars)" and event["n"] == 3
+    kept = SafeValues(escape=False)(None, "info", {"event": "e", "method": "a\x1bb\u2028"})
+    assert kept["method"] == "a\x1bb\u2028"  # JSON escapes it itself (ascii_json), losslessly
+
+
+def test_a_traceback_keeps_its_lines_on_the_console() -> None:
+    event = SafeValues(escape=True)(None, "error", {"event": "e", "exception": "Traceback\n  x\x1b[2J\n"})
+    assert event["exception"] == "Traceback\n  x\\x1b[2J\n"

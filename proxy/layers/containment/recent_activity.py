@@ -1,6 +1,7 @@
 """`proxy_recent_activity`: a tool the proxy itself offers (policy `recent_activity`), answering from
 the audit summaries of the caller (by default) or of the caller's tenant (`scope: tenant`), and
-nothing else; names the tenant's catalog does not know are never echoed.
+nothing else; names the tenant's catalog does not know are never echoed (tools and prompts it
+lists; URIs its resources/list offered or its resource templates match, printable and bounded).
 
     answer         check: a call of the tool is answered here, never forwarded
     offer          response hook: the first page of tools/list lists the tool
@@ -15,6 +16,7 @@ from aiohttp import web
 from proxy.flow import Call, Request, ServerKind, ServerMessage
 from proxy.layers.containment.audit import RECENT_PER_TENANT
 from proxy.layers.data_access.catalog import Listing
+from proxy.layers.data_access.engine import foreign_uri
 from proxy.protocol.jsonrpc import answer_bytes, dumps
 from proxy.types import Era, JsonObject
 
@@ -79,9 +81,9 @@ async def answer(call: Request) -> None:
 
 
 def _shown_name(call: Request, record: JsonObject) -> str | None:
-    """A record's name as the tool shows it: only names the tenant's catalog knows (tools, prompts)
-    or resources that were read; what was refused or unknown is a fixed marker, so no client can
-    plant text in a colleague's context through a name."""
+    """A record's name as the tool shows it: only names the tenant's catalog knows (tools, prompts,
+    resource URIs listed or matching a template); what was refused or unknown is a fixed marker, so
+    no client can plant text in a colleague's context through a name or a URI."""
     name, method = record.get("name"), record.get("method")
     if not isinstance(name, str):
         return None
@@ -92,7 +94,12 @@ def _shown_name(call: Request, record: JsonObject) -> str | None:
     listing = _LISTINGS.get(method) if isinstance(method, str) else None
     if listing is not None:
         return name if call.tenant.catalog.cached(listing, name) is not None else HIDDEN_NAME
-    return name if method == "resources/read" else HIDDEN_NAME
+    if method != "resources/read":
+        return HIDDEN_NAME
+    policy = call.tenant.policy
+    if policy is not None and foreign_uri(policy, call.ctx.tenant, name):
+        return HIDDEN_NAME
+    return name if call.tenant.catalog.resources.knows(name) else HIDDEN_NAME
 
 
 def offer(call: Call, message: ServerMessage) -> ServerMessage | None:

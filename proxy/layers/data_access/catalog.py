@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from proxy import __version__
+from proxy.layers.data_access.known_resources import KnownResources
 from proxy.layers.data_access.schemas import SchemaIndex
 from proxy.protocol.errors import ProxyError, UpstreamError
 from proxy.protocol.headers import ParamHeader, param_headers_of
@@ -70,6 +71,7 @@ class Catalog:
         self._entries: dict[Listing, dict[str, CatalogEntry]] = {"tools": {}, "prompts": {}}
         self._fetched_at: dict[Listing, float] = {"tools": 0.0, "prompts": 0.0}
         self._lock = asyncio.Lock()
+        self.resources = KnownResources()  # URIs and templates its lists offered the tenant
 
     def learn(self, kind: Listing, result: Any) -> None:
         """Record the tools or prompts of a list result page the upstream sent."""

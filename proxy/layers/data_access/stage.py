@@ -218,6 +218,20 @@ def learn(call: Call, message: ServerMessage) -> ServerMessage | None:
     return message
 
 
+def learn_resources(call: Call, message: ServerMessage) -> ServerMessage | None:
+    """The tenant's known resources follow what its resource lists offered, after filtering (so
+    a URI hidden from the tenant is never learned); list_changed resets them."""
+    known = call.tenant.catalog.resources
+    if message.kind is ServerKind.ANSWER and message.answers is not None:
+        known.learn(message.answers.method or "", message.body.get("result"))
+    elif message.kind is ServerKind.NOTIFICATION:
+        known.forget()
+    return message
+
+
+RESOURCE_LISTS = ("resources/list", "resources/templates/list", "notifications/resources/list_changed")
+
+
 def filter_lists(call: Call, message: ServerMessage) -> ServerMessage | None:
     """What the caller's tenant may see of a result (lists filtered, tenant arguments hidden)."""
     policy = call.tenant.policy

@@ -6,9 +6,10 @@
 
 Every request sent to a child gets a proxy id (and a proxy progress token), so several sessions
 can share one child; each answer, progress notification and subscription notification goes back
-to the request that caused it. What cannot be attributed goes to the session that owns the child
-(per_session), to the one request in flight, or nowhere: never to another tenant, never to a
-session that did not cause it. A child belongs to exactly one tenant.
+to the request that caused it. What names no request (a log message: stdio carries no
+relatedRequestId) goes to the session that owns the child (per_session), to the one request in
+flight while the child has only ever served that request's user, or nowhere (counted): never to
+another tenant, never to another user. A child belongs to exactly one tenant.
 """
 
 from __future__ import annotations
@@ -122,9 +123,11 @@ class Connection:
         self.last_used = time.monotonic()
         self.stopping = False
         self._ids = itertools.count(1)
-        # Whose requests were cancelled lately (principal -> when): the child may go on with such a
-        # request for a while, so a notification naming no request may still be theirs.
-        self._cancelled: dict[str, float] = {}
+        # Whom the child has served: a line naming no request may come from any call it ever took
+        # (a tool logging in the background after its answer, after a cancel or a timeout), so it
+        # can be attributed only while every such call was of one user.
+        self._served: str | None = None
+        self._served_many = False
 
     @property
     def alive(self) -> bool:
@@ -148,6 +151,11 @@ class Connection:
             raise UpstreamError("The stdio MCP server is not running")
         proxy_id = next(self._ids)
         pending = Pending(proxy_id, message["id"], session, principal=principal)
+        if principal is not None:  # (the proxy's own requests, None, are answered by the proxy)
+            if self._served is None:
+                self._served = principal
+            elif principal != self._served:
+                self._served_many = True
         outgoing = {**message, "id": proxy_id}
         params = message.get("params")
         meta = params.get("_meta") if isinstance(params, dict) else None
@@ -165,20 +173,10 @@ class Connection:
             raise
         return pending
 
-    def _cancelled_by(self, principal: str | None) -> None:
-        if principal is None:
-            return  # the proxy's own requests (readiness, catalog) log nothing for anyone
-        now = time.monotonic()
-        self._cancelled[principal] = now
-        horizon = now - self.upstream.config.read_timeout_seconds
-        for stale in [who for who, when in self._cancelled.items() if when < horizon]:
-            del self._cancelled[stale]
-
     def cancel(self, pending: Pending) -> None:
         """The client went away before the answer: tell the child, forget the request."""
         if pending.proxy_id not in self.pending:
             return
-        self._cancelled_by(pending.principal)  # the child may go on with it for a while
         self._forget(pending.proxy_id)
         self._send_soon(
             {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": pending.proxy_id}}
@@ -197,7 +195,6 @@ class Connection:
                 and pending.original_id == wanted
             ):
                 self._forget(pending.proxy_id)
-                self._cancelled_by(pending.principal)  # the child may go on with it for a while
                 cancel: JsonObject = {"requestId": pending.proxy_id}
                 if isinstance(params.get("reason"), str):
                     cancel["reason"] = params["reason"]
@@ -269,12 +266,13 @@ class Connection:
                 if subscriber is not None:
                     subscriber.deliver(message)  # to the sessions that subscribed to it, no other
             return
-        if "id" not in message and len(self.pending) == 1:
+        if "id" not in message and len(self.pending) == 1 and not self._served_many:
             # A notification naming no request (a log message, say) while exactly one request is in
-            # flight: it is that request's, unless someone else's request was cancelled lately
-            # (the child may still be running it, and logging).
+            # flight, on a child that has only ever served that request's user: whichever of their
+            # calls it came from (this one, or one answered, cancelled or timed out before), it is
+            # theirs. Once a second user has been served, no such line can be told apart: dropped.
             only = next(iter(self.pending.values()))
-            if all(who == only.principal for who in self._cancelled):
+            if only.principal is not None and only.principal == self._served:
                 only.deliver(message)
                 return
         if "id" in message:
@@ -289,7 +287,8 @@ class Connection:
                     },
                 }
             )
-        log.info("stdio_message_dropped", tenant=self.upstream.tenant, method=message["method"][:100])
+        self.upstream.unattributed_dropped += 1
+        log.debug("stdio_message_dropped", tenant=self.upstream.tenant, method=message["method"][:100])
 
     def _on_exit(self, child: Child) -> None:
         failure = child.failure()
@@ -392,6 +391,9 @@ class StdioUpstream:
         # and how the last one that could not start failed (cleared when one answers).
         self.proven = False
         self.start_problem: str | None = None
+        # Messages of its children that named no request and could not be attributed (dropped):
+        # read by /metrics (mcp_proxy_unattributed_notifications_dropped_total).
+        self.unattributed_dropped = 0
 
     # --- the Upstream protocol ---------------------------------------------------------------
 
