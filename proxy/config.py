@@ -634,7 +634,16 @@ class BridgingConfig(StrictModel):
         default=100,
         ge=1,
         description="Upstream sessions held for a tenant's 2026-07-28 callers at once (one per caller and "
-        "set of client capabilities); one more gets 429 while none is idle.",
+        "set of client capabilities); one more gets 429 while none is idle that may make room (an idle "
+        "session of the caller's own, or of a caller holding more than it does).",
+    )
+    max_sessions_per_caller: int = Field(
+        default=4,
+        ge=1,
+        description="Upstream sessions held for one caller (principal) of a tenant at once, and always "
+        "fewer than max_sessions_per_tenant unless that is 1: one more ends the caller's own least "
+        "recently used idle one, else gets 429, so no caller can take the tenant's sessions from the "
+        "others. A caller needs more than one only when it declares different client capabilities.",
     )
 
 

@@ -233,7 +233,7 @@ class HandshakeBridge:
     def _asked(self, call: BridgedCall, request: JsonObject, asks: dict[str, JsonObject]) -> None:
         """A server request during the call: for the client when its capabilities offer it, else
         answered here."""
-        if for_the_client(request, json.loads(call.held.capabilities)):
+        if for_the_client(request, call.held.declared.capabilities):
             call.asked += 1
             asks[f"input-{call.asked}"] = request
         else:

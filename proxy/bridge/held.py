@@ -2,10 +2,18 @@
 
 One per caller and set of client capabilities: a session is never shared across subjects (the
 caller is TenantContext.principal, issuer and subject) and is initialized with the capabilities the
-caller declares in `_meta`, as the policy leaves them (different ones: a session of their own). A
-per_session stdio upstream gives each its own process. A session nothing used for
-`bridging.idle_seconds` is ended; a tenant holds at most `bridging.max_sessions_per_tenant` (the
-least recently used idle one makes room, else 429); all of them end on reload and shutdown.
+caller declares in `_meta`, as the policy leaves them and as the bridge keeps them (declared.py:
+what changes what the proxy forwards; experimental and unknown members neither reach the upstream
+nor make a session of their own). A per_session stdio upstream gives each its own process. A
+session nothing used for `bridging.idle_seconds` is ended; all of them end on reload and shutdown.
+
+Caps, so that no caller can take the tenant's sessions from the others:
+    per caller   at most `bridging.max_sessions_per_caller` (and fewer than the tenant's cap, when
+                 that is more than 1): the caller's own least recently used idle one makes room,
+                 else 429; a caller never ends another's session to get one more of its own
+    per tenant   at most `bridging.max_sessions_per_tenant`: an idle session makes room, one of
+                 the caller holding the most first (the least recently used of those), else 429;
+                 a session in use is never ended for another
 
 They live in this process: with several replicas each holds its own (a caller's requests may land
 on any replica, each then talks to the upstream on a session of its own).
@@ -17,12 +25,14 @@ import asyncio
 import contextlib
 import itertools
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Final
 
 import structlog
 
-from proxy.bridge.shapes import HANDSHAKE_VERSION, PROXY_CLIENT_INFO, capabilities_key
+from proxy.bridge.declared import Declared
+from proxy.bridge.shapes import HANDSHAKE_VERSION, PROXY_CLIENT_INFO
 from proxy.config import BridgingConfig
 from proxy.protocol.errors import ProxyError, TooManyRequests, UpstreamError
 from proxy.protocol.jsonrpc import dumps
@@ -45,7 +55,7 @@ class SessionRefused(UpstreamError):
 @dataclass(eq=False)
 class HeldSession:
     principal: str | None
-    capabilities: str
+    declared: Declared  # what it was initialized with
     upstream_session_id: str | None  # None: the upstream keeps no sessions (stateless)
     protocol_version: str
     initialize_result: JsonObject
@@ -55,7 +65,7 @@ class HeldSession:
 
     @property
     def key(self) -> Key:
-        return (self.principal, self.capabilities)
+        return (self.principal, self.declared.key)
 
     def headers(self, accept: str = ACCEPT_BOTH) -> dict[str, str]:
         headers = {"Content-Type": JSON, "Accept": accept, "MCP-Protocol-Version": self.protocol_version}
@@ -80,6 +90,9 @@ class HeldSessions:
         self.tenant = tenant
         self.upstream = upstream
         self.config = config
+        # A caller's share: never the whole of the tenant's (unless the tenant may hold only one).
+        tenant_cap = config.max_sessions_per_tenant
+        self.per_caller = min(config.max_sessions_per_caller, max(1, tenant_cap - 1))
         self._held: dict[Key, HeldSession] = {}
         self._opening: dict[Key, asyncio.Future[None]] = {}
         self._retired = False
@@ -89,10 +102,10 @@ class HeldSessions:
     def __len__(self) -> int:
         return len(self._held)
 
-    async def take(self, principal: str | None, capabilities: JsonObject, client_info: object) -> HeldSession:
-        """The caller's session for these capabilities, opened now if there is none; the caller
+    async def take(self, principal: str | None, declared: Declared) -> HeldSession:
+        """The caller's session for these declarations, opened now if there is none; the caller
         gives it back (`give_back`) once done with it."""
-        key = (principal, capabilities_key(capabilities))
+        key = (principal, declared.key)
         while True:
             if self._retired:
                 raise SessionRefused("The tenant's configuration changed while the request was on its way")
@@ -104,11 +117,11 @@ class HeldSessions:
             if opening is None:
                 break
             await asyncio.wait({opening})  # (opened, or failed: then this caller tries itself)
-        self._make_room()
+        self._make_room(principal)
         opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._opening[key] = opened
         try:
-            held = await self._open(principal, key[1], capabilities, client_info)
+            held = await self._open(principal, declared)
         finally:
             del self._opening[key]
             opened.set_result(None)
@@ -133,27 +146,45 @@ class HeldSessions:
         if self._held.get(held.key) is held:
             del self._held[held.key]
 
-    def _make_room(self) -> None:
-        if len(self._held) + len(self._opening) < self.config.max_sessions_per_tenant:
+    def _make_room(self, principal: str | None) -> None:
+        """Room for one more session of `principal`'s, or TooManyRequests."""
+        holding = Counter(held.principal for held in self._held.values())
+        holding.update(key[0] for key in self._opening)
+        if holding[principal] >= self.per_caller:
+            own = [h for h in self._held.values() if h.principal == principal and h.users == 0]
+            if not own:
+                raise TooManyRequests(
+                    "Too many requests: the proxy already holds as many sessions with this tenant's MCP "
+                    "server for this caller as it holds for one caller, all in use; retry later",
+                    data={"limit": "bridged_sessions_per_caller"},
+                    headers={"Retry-After": "5"},
+                )
+            self._end_soon(min(own, key=lambda held: held.last_used))
+            holding[principal] -= 1
+        if holding.total() < self.config.max_sessions_per_tenant:
             return
-        idle = [held for held in self._held.values() if held.users == 0]
+        # Max-min fair: an idle session of the caller's own, or of a caller holding more than it does.
+        mine = holding[principal]
+        idle = [
+            held
+            for held in self._held.values()
+            if held.users == 0 and (held.principal == principal or holding[held.principal] > mine)
+        ]
         if not idle:
             raise TooManyRequests(
                 "Too many requests: this tenant's MCP server already has as many sessions as the proxy "
-                "holds for it, all in use; retry later",
+                "holds for it, in use or held for callers with no more than this one; retry later",
                 data={"limit": "bridged_sessions"},
                 headers={"Retry-After": "5"},
             )
-        self._end_soon(min(idle, key=lambda held: held.last_used))
+        self._end_soon(min(idle, key=lambda held: (-holding[held.principal], held.last_used)))
 
-    async def _open(
-        self, principal: str | None, key: str, capabilities: JsonObject, client_info: object
-    ) -> HeldSession:
+    async def _open(self, principal: str | None, declared: Declared) -> HeldSession:
         request_id = f"mcp-tenant-proxy-bridge-initialize-{next(_ids)}"
         params = {
             "protocolVersion": HANDSHAKE_VERSION,
-            "capabilities": capabilities,
-            "clientInfo": client_info if isinstance(client_info, dict) else PROXY_CLIENT_INFO,
+            "capabilities": declared.capabilities,
+            "clientInfo": declared.client_info or PROXY_CLIENT_INFO,
         }
         body = {"jsonrpc": "2.0", "id": request_id, "method": "initialize", "params": params}
         headers = {"Content-Type": JSON, "Accept": ACCEPT_BOTH}
@@ -164,7 +195,7 @@ class HeldSessions:
             response.close()
         result = answer.get("result") if answer is not None else None
         version = result.get("protocolVersion") if isinstance(result, dict) else None
-        held = HeldSession(principal, key, response.session_id, str(version), result or {})
+        held = HeldSession(principal, declared, response.session_id, str(version), result or {})
         if not isinstance(result, dict) or version not in HANDSHAKE_VERSIONS:
             self._end_soon(held)
             failed = UpstreamError if response.status >= 500 else SessionRefused

@@ -3,8 +3,9 @@
 initialize             forwarded as it is; an upstream that answers it with a session keeps
                        serving it unbridged. One that answers without a session (stateless) or
                        refuses it, and speaks 2026-07-28, is bridged: the proxy keeps the session
-                       on its side (its upstream session id is a token holding the client's
-                       capabilities and info, so any replica can serve it) and answers
+                       on its side (its upstream session id is a token holding what the bridge
+                       keeps of the client's capabilities and info, bounded: declared.py; so any
+                       replica can serve it) and answers
                        initialize from the upstream's answer or from server/discover
 a request              sent statelessly with the _meta the session's initialize (and
                        logging/setLevel) makes (reverse_calls.py)
@@ -23,8 +24,10 @@ from collections.abc import AsyncIterator
 from typing import Any, Final
 
 from proxy.bridge.answers import Answered
+from proxy.bridge.declared import declared
 from proxy.bridge.reverse_calls import ReverseCalls
 from proxy.bridge.shapes import (
+    LOG_LEVELS,
     initialize_result,
     member,
     modern_envelope,
@@ -118,7 +121,9 @@ class ReverseBridge:
         if method == "ping":
             return Answered.result(request_id, {})
         if method == "logging/setLevel":
-            self._remember_level(token, body.get("params"))
+            if not self._remember_level(token, body.get("params")):
+                return Answered.error(200, request_id, -32602, "Invalid params: level must be one of "
+                                      + ", ".join(LOG_LEVELS))  # fmt: skip
             return Answered.result(request_id, {})
         if method in NOT_BRIDGED:
             return Answered.error(200, request_id, -32601, f"Method not found: {method} is not bridged to "
@@ -148,7 +153,7 @@ class ReverseBridge:
         if await self.eras.speaks_modern(self.upstream) is not True:
             return Answered(response.status, answer)  # as the upstream answered it: not bridged
         params = member(body, "params")
-        token = reverse_session_token(member(params, "capabilities"), params.get("clientInfo"))
+        token = reverse_session_token(declared(params.get("capabilities"), params.get("clientInfo")))
         result = answer.get("result") if answer is not None else None
         if not isinstance(result, dict):  # it refused initialize: the session is answered from discover
             discover = await self._discover(token, request.principal)
@@ -174,10 +179,13 @@ class ReverseBridge:
         capabilities, client_info = state if state is not None else ({}, {})
         return modern_envelope(capabilities, client_info, self._levels.get(token))
 
-    def _remember_level(self, token: str, params: Any) -> None:
+    def _remember_level(self, token: str, params: Any) -> bool:
+        """Whether the level is one MCP defines (only such a level is kept)."""
         level = params.get("level") if isinstance(params, dict) else None
-        if isinstance(level, str):
-            self._levels[token] = level
-            self._levels.move_to_end(token)
-            while len(self._levels) > MAX_SESSIONS_REMEMBERED:
-                self._levels.popitem(last=False)
+        if level not in LOG_LEVELS:
+            return False
+        self._levels[token] = level
+        self._levels.move_to_end(token)
+        while len(self._levels) > MAX_SESSIONS_REMEMBERED:
+            self._levels.popitem(last=False)
+        return True

@@ -16,6 +16,7 @@ import json
 import secrets
 from typing import Any, Final
 
+from proxy.bridge.declared import Declared
 from proxy.layers.cache.store import HINTED_METHODS
 from proxy.protocol.headers import CLIENT_CAPABILITIES_META, PROTOCOL_VERSION_META
 from proxy.types import HANDSHAKE_VERSIONS, LATEST_MODERN_VERSION, JsonObject
@@ -49,13 +50,6 @@ def member(value: Any, key: str) -> JsonObject:
 
 def meta_of(params: Any) -> JsonObject:
     return member(params, "_meta")
-
-
-def capabilities_key(capabilities: Any) -> str:
-    """One held session per set of client capabilities: their canonical form."""
-    return json.dumps(
-        capabilities if isinstance(capabilities, dict) else {}, sort_keys=True, separators=(",", ":")
-    )
 
 
 # --- 2026-07-28 client -> handshake-era upstream ------------------------------------------------
@@ -166,15 +160,12 @@ def log_wanted(opt_in: Any, notification: JsonObject) -> bool:
 REVERSE_PREFIX: Final = "mtp-bridge."
 
 
-def reverse_session_token(capabilities: Any, client_info: Any) -> str:
+def reverse_session_token(kept: Declared) -> str:
     """The upstream session id of a session the proxy keeps itself: what every forwarded request's
-    _meta is built from (kept in the session record, so every replica can build it), and a nonce
-    (two sessions with the same client are two sessions)."""
-    state = {
-        "c": capabilities if isinstance(capabilities, dict) else {},
-        "i": client_info,
-        "n": secrets.token_hex(8),
-    }
+    _meta is built from (kept in the session record, so every replica can build it: only what the
+    bridge keeps of the client's declarations, bounded), and a nonce (two sessions with the same
+    client are two sessions)."""
+    state = {"c": kept.capabilities, "i": kept.client_info, "n": secrets.token_hex(8)}
     raw = json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
     return REVERSE_PREFIX + base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
 

@@ -4,9 +4,11 @@
                upstream is bridged (or, with bridging off, refused with -32022 so the client falls
                back); what cannot be bridged is refused; a handshake-era session the proxy keeps
                itself, and every initialize, go through the reverse bridge
-    hold       POST Around, after the policy and the cache: a bridged 2026-07-28 request takes the
-               caller's held session (its principal and client capabilities as the policy left
-               them) and gives it back when the exchange ends
+    declare    POST check, after the policy: what the bridge keeps of the client's capabilities
+               and clientInfo (declared.py; a 2026-07-28 request's _meta, a handshake initialize),
+               bounded: more is refused with -32602 before any upstream call
+    hold       POST Around, after the cache: a bridged 2026-07-28 request takes the caller's held
+               session (its principal and what declare kept) and gives it back when the exchange ends
     session    GET/DELETE check: a session the proxy keeps itself is served by the reverse bridge
 
 Everything else in the flow (audit, limits, policy, cache) runs for a bridged exchange as for any
@@ -16,11 +18,12 @@ other: the bridge only stands in for the upstream (`Exchange.bridged`).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Final
+from typing import Final
 
 from aiohttp import web
 
 from proxy.bridge.calls import HandshakeBridge
+from proxy.bridge.declared import Declared, declared
 from proxy.bridge.held import HeldSession, SessionRefused
 from proxy.bridge.shapes import CLIENT_INFO_META, meta_of, reverse_session_state
 from proxy.flow import Around, Call, Request
@@ -28,12 +31,14 @@ from proxy.layers.data_access.catalog import Listing, SessionRoute
 from proxy.protocol.errors import MethodNotFound, ProxyError, TooManyRequests, UpstreamError
 from proxy.protocol.headers import CLIENT_CAPABILITIES_META, PARAM_HEADER_PREFIX
 from proxy.protocol.jsonrpc import TASK_ID_METHODS, MessageKind
-from proxy.types import Era, JsonObject
+from proxy.types import Era
 from proxy.upstreams.base import UpstreamRequest, UpstreamResponse
 from proxy.upstreams.eras import unsupported_version
 
 _BRIDGED: Final = "bridge.bridged"  # this 2026-07-28 request goes to a handshake-only upstream
 _HELD: Final = "bridge.held"
+_DECLARED: Final = "bridge.declared"
+_UNDECLARED: Final = Declared({}, None)  # the proxy's own session
 _CATALOG_KINDS: Final[dict[str, Listing]] = {"tools/call": "tools", "prompts/get": "prompts"}
 
 
@@ -61,7 +66,7 @@ async def route(call: Request) -> None:
         )
     call.slots[_BRIDGED] = True
     if _catalog_needed(call):
-        held = await _take(call, None, {}, None)  # the proxy's own session: the catalog lists on it
+        held = await _take(call, None, _UNDECLARED)  # the proxy's own session: the catalog lists on it
         try:
             if held.upstream_session_id is not None:
                 await _learn_catalog(call, SessionRoute(held.upstream_session_id, held.protocol_version))
@@ -95,12 +100,30 @@ async def _learn_catalog(call: Request, route: SessionRoute | None) -> None:
         await call.tenant.catalog.lookup(kind, call.message.name or "", route)
 
 
-async def _take(call: Request, principal: str | None, capabilities: JsonObject, info: object) -> HeldSession:
+async def declare(call: Request) -> None:
+    """What the bridge will keep of the client's declarations (after the policy filtered them),
+    bounded before anything is opened or stored: a bridged 2026-07-28 request's _meta, and a
+    handshake initialize the proxy may keep the session of (whether it does is known only from
+    the upstream's answer, so every initialize the reverse bridge carries)."""
+    message = call.message
+    if message.kind is not MessageKind.REQUEST:
+        return
+    params = message.params
+    if call.slots.get(_BRIDGED):
+        meta = meta_of(params)
+        call.slots[_DECLARED] = declared(meta.get(CLIENT_CAPABILITIES_META), meta.get(CLIENT_INFO_META))
+    elif message.method == "initialize" and call.bridged is call.tenant.bridge.to_modern:
+        declared(params.get("capabilities"), params.get("clientInfo"))
+
+
+async def _take(call: Request, principal: str | None, kept: Declared) -> HeldSession:
     try:
-        return await call.tenant.bridge.to_handshake.sessions.take(principal, capabilities, info)
-    except TooManyRequests:  # (counted with the tenant's other limits)
-        call.outcome, call.limited = "denied", "bridged_sessions"
-        call.services.metrics.count_limited(call.ctx.tenant, "bridged_sessions")
+        return await call.tenant.bridge.to_handshake.sessions.take(principal, kept)
+    except TooManyRequests as refused:  # (counted with the tenant's other limits)
+        data = refused.data if isinstance(refused.data, dict) else {}
+        limit = str(data.get("limit", "bridged_sessions"))
+        call.outcome, call.limited = "denied", limit
+        call.services.metrics.count_limited(call.ctx.tenant, limit)
         raise
     except UpstreamError as error:  # (the circuit learns of the upstream's failures, not its refusals)
         call.upstream_contacted, call.upstream_fault = True, not isinstance(error, SessionRefused)
@@ -114,11 +137,9 @@ class Hold(Around[Request]):
     async def enter(self, call: Request) -> bool:
         if not call.slots.get(_BRIDGED) or call.message.kind is not MessageKind.REQUEST:
             return False
-        meta = meta_of(call.message.params)
-        capabilities = meta.get(CLIENT_CAPABILITIES_META)
-        capabilities = capabilities if isinstance(capabilities, dict) else {}
-        held = await _take(call, call.ctx.principal, capabilities, meta.get(CLIENT_INFO_META))
-        stand_in = HeldCall(call.tenant.bridge.to_handshake, held, capabilities, meta.get(CLIENT_INFO_META))
+        kept: Declared = call.slots[_DECLARED]
+        held = await _take(call, call.ctx.principal, kept)
+        stand_in = HeldCall(call.tenant.bridge.to_handshake, held)
         call.slots[_HELD] = stand_in
         call.bridged = stand_in
         return True
@@ -141,22 +162,18 @@ class HeldCall:
     """The upstream as one bridged exchange sees it: its caller's held session. An upstream that
     forgot the session (restarted, expired it) gets a new one, once."""
 
-    def __init__(
-        self, bridge: HandshakeBridge, held: HeldSession, capabilities: JsonObject, info: Any
-    ) -> None:
+    def __init__(self, bridge: HandshakeBridge, held: HeldSession) -> None:
         self.bridge = bridge
         self.held = held
         self.tenant = bridge.upstream.tenant
         self.identity = bridge.upstream.identity
-        self._capabilities = capabilities
-        self._info = info
 
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         response = await self.bridge.forward(self.held, request)
         if response is None:
             sessions, gone = self.bridge.sessions, self.held
             sessions.forget(gone)
-            self.held = await sessions.take(gone.principal, self._capabilities, self._info)
+            self.held = await sessions.take(gone.principal, gone.declared)
             sessions.give_back(gone)
             response = await self.bridge.forward(self.held, request)
         if response is None:

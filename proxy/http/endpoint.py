@@ -127,6 +127,7 @@ POST: Flow[Request] = Flow(
         data_access.check_mirrored_headers,
         data_access.enforce_policy,
         capabilities.restrict,
+        bridge.declare,  # what the bridge keeps of the client's capabilities and info: bounded
         data_access.render_mirrored_headers,
         cache.lookup,
         limits.circuit,

@@ -5,7 +5,8 @@
     │   ├── ParseError                  -32700  400  malformed JSON, invalid UTF-8, duplicate keys
     │   ├── InvalidParams               -32602  400  params of the wrong shape
     │   │   ├── UnknownResource       * -32602  400  a resource the caller's tenant may not see
-    │   │   └── UnknownTask           * -32602  400  a task id not issued to the caller (or gone)
+    │   │   ├── UnknownTask           * -32602  400  a task id not issued to the caller (or gone)
+    │   │   └── DeclaredTooLarge      * -32602  400  capabilities/clientInfo beyond what the bridge keeps
     │   ├── HeaderMismatch              -32020  400  Mcp-Method, Mcp-Name, Mcp-Param-*, version
     │   ├── UnsupportedProtocolVersion  -32022  400  data.supported lists what we speak
     │   ├── MissingSession              -32600  400  handshake-era request without Mcp-Session-Id
@@ -117,6 +118,13 @@ class UnknownTask(InvalidParams):
 
     answer = True
     default_message = "Failed to retrieve task: Task not found"
+
+
+class DeclaredTooLarge(InvalidParams):
+    """A client's capabilities and clientInfo come to more than the bridge keeps of them
+    (bridge/declared.py): a well-formed request the proxy will not carry."""
+
+    answer = True
 
 
 class HeaderMismatch(BadRequest):

@@ -14,6 +14,7 @@ from proxy.layers.sessions.registry import (
     SessionRegistry,
 )
 from proxy.protocol.errors import SessionNotFound, TooManyRequests
+from proxy.protocol.jsonrpc import parse_message
 from proxy.types import TenantContext
 
 
@@ -234,6 +235,18 @@ async def test_event_id_map_is_bounded() -> None:
     assert session.upstream_event_id("10") is None
     assert session.upstream_event_id("11") == "u10"
     assert session.upstream_event_id(str(MAX_EVENT_IDS + 10)) == f"u{MAX_EVENT_IDS + 9}"
+
+
+async def test_a_resumable_post_stream_keeps_its_requests_summary_not_its_body() -> None:
+    session = await new(registry())
+    raw = b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"t","arguments":{"blob":"%s"}}}'
+    request = parse_message(raw % (b"A" * 100_000))
+    proxy_id = session.issue_event_id("u1", request)
+    assert proxy_id is not None
+    kept = session.post_stream_of(proxy_id)
+    assert kept is not None
+    assert (kept.request.id, kept.request.method, kept.request.name) == (7, "tools/call", "t")
+    assert "arguments" not in kept.request.params  # (the client's body is not kept with the session)
 
 
 # --- server-to-client requests ------------------------------------------------------------------------

@@ -94,7 +94,7 @@ class Session:
             self.event_ids.popitem(last=False)
         if stream is not None and stream.id is not None:
             if stream.id not in self.post_streams:
-                self.post_streams[stream.id] = PostStream(stream)
+                self.post_streams[stream.id] = PostStream(stream.summary())  # (id, method, name only)
                 if len(self.post_streams) > MAX_RESUMABLE_STREAMS:
                     self.post_streams.popitem(last=False)
             self.post_streams.move_to_end(stream.id)
