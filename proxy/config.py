@@ -477,11 +477,13 @@ class LimitsConfig(StrictModel):
         ge=0,
         le=1,
         description="Share of this replica's event loop a tenant's heavy requests may take while other "
-        "tenants are being served. Each exchange's synchronous work (reading, checking and parsing its "
-        "body, the policy walk, serialisation) beyond an ordinary request's 2 ms is charged to a budget "
-        "refilled at this many seconds a second (holding one second's worth); a tenant in debt gets 429 "
+        "tenants are being served. Each step of an exchange on the loop (synchronous work between two "
+        "waits: checking and parsing a body, the policy walk, serialisation) beyond an ordinary step's "
+        "2 ms is charged to a budget refilled at this many seconds a second (holding one second's "
+        "worth); a tenant in debt gets 429 "
         "with Retry-After before its body is read, but only while another tenant was admitted in the "
-        "last 10 s: a tenant alone is never refused for it, and ordinary requests are never charged. "
+        "last 10 s: a tenant alone is never refused for it, and ordinary requests or streams are never "
+        "charged. "
         "0: no budget.",
     )
     refusal_hold_seconds: float = Field(

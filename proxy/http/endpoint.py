@@ -257,7 +257,7 @@ def mcp_handler(tracing: Tracing | None = None) -> Handler:
         finally:
             services.drain.leave(in_flight)
             tenant = exchange.tenant
-            if meter.seconds > work.ORDINARY_SECONDS and exchange.ctx is not None and tenant is not None:
+            if meter.seconds and exchange.ctx is not None and tenant is not None:
                 work.charge(services.limiter.of(exchange.ctx.tenant, tenant.limits).work, meter.seconds)
 
     return handle_mcp

@@ -3,10 +3,12 @@
 Every tenant of a replica shares one event loop: while one request's synchronous work runs
 (reading, checking and parsing its body, the policy walk, serialisation), no other request moves.
 Bounds on bodies keep each request's work finite, but a tenant that keeps heavy requests in flight
-could still take most of the loop. So each exchange's time on the loop is measured (`Metered`),
-what it spends beyond an ordinary request's cost is charged to its tenant's budget (`WorkBudget`,
-`limits.work_share`), and a tenant in debt is refused before its next body is read (`LoopShare`),
-but only while other tenants are being served: a tenant alone on a replica is never held back.
+could still take most of the loop. So each exchange's steps on the loop (the runs between two
+waits) are timed (`Metered`), what a step holds the loop beyond an ordinary step is charged to its
+tenant's budget (`WorkBudget`, `limits.work_share`), and a tenant in debt is refused before its
+next body is read (`LoopShare`), but only while other tenants are being served: a tenant alone on
+a replica is never held back. Charging steps, not whole exchanges, charges what blocks the loop:
+a long stream relaying many small messages, like any ordinary request, is never charged.
 """
 
 from __future__ import annotations
@@ -20,16 +22,16 @@ from proxy.protocol.errors import TooManyRequests
 
 T = TypeVar("T")
 
-# An ordinary request holds the loop well under a millisecond (the proxy's whole CPU per forwarded
-# call is about 0.3 ms): only what an exchange spends beyond this is charged.
+# An ordinary step holds the loop well under a millisecond (the proxy's whole CPU per forwarded
+# call is about 0.3 ms): only what a step holds it beyond this is charged.
 ORDINARY_SECONDS = 0.002
 # How recently another tenant must have been admitted for a tenant's debt to be enforced.
 CONTENTION_SECONDS = 10.0
 
 
 class Metered(Generic[T]):
-    """Awaits a coroutine, adding up the time each of its steps holds the event loop (not the time
-    it waits: that is other requests' time)."""
+    """Awaits a coroutine, adding up the time each of its steps holds the event loop beyond an
+    ordinary step (not the time it waits: that is other requests' time)."""
 
     __slots__ = ("_coroutine", "seconds")
 
@@ -38,7 +40,7 @@ class Metered(Generic[T]):
         self.seconds = 0.0
 
     def __await__(self) -> Generator[Any, Any, T]:
-        coroutine, clock = self._coroutine, time.perf_counter
+        coroutine, clock, allowance = self._coroutine, time.perf_counter, ORDINARY_SECONDS
         value: Any = None
         error: BaseException | None = None
         while True:
@@ -46,12 +48,12 @@ class Metered(Generic[T]):
             try:
                 yielded = coroutine.send(value) if error is None else coroutine.throw(error)
             except StopIteration as done:
-                self.seconds += clock() - start
+                self._add(clock() - start, allowance)
                 return done.value  # type: ignore[no-any-return]
             except BaseException:
-                self.seconds += clock() - start
+                self._add(clock() - start, allowance)
                 raise
-            self.seconds += clock() - start
+            self._add(clock() - start, allowance)
             value, error = None, None
             try:
                 value = yield yielded
@@ -60,6 +62,10 @@ class Metered(Generic[T]):
                 raise
             except BaseException as thrown:  # a cancellation, delivered where the coroutine waits
                 error = thrown
+
+    def _add(self, step: float, allowance: float) -> None:
+        if step > allowance:
+            self.seconds += step - allowance
 
 
 class WorkBudget:
@@ -123,6 +129,6 @@ class LoopShare:
 
 
 def charge(budget: WorkBudget | None, seconds: float) -> None:
-    """Charge an exchange's time on the loop beyond an ordinary request's to its tenant's budget."""
-    if budget is not None and seconds > ORDINARY_SECONDS:
-        budget.charge(seconds - ORDINARY_SECONDS, time.monotonic())
+    """Charge what an exchange's steps held the loop beyond ordinary ones to its tenant's budget."""
+    if budget is not None and seconds > 0:
+        budget.charge(seconds, time.monotonic())
