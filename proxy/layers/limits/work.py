@@ -40,7 +40,9 @@ class Metered(Generic[T]):
         self.seconds = 0.0
 
     def __await__(self) -> Generator[Any, Any, T]:
-        coroutine, clock, allowance = self._coroutine, time.perf_counter, ORDINARY_SECONDS
+        # The thread's CPU time, not the wall clock: a step the OS preempted (other processes on
+        # the cores) did not hold the loop for longer in work, and is not charged for it.
+        coroutine, clock, allowance = self._coroutine, time.thread_time, ORDINARY_SECONDS
         value: Any = None
         error: BaseException | None = None
         while True:
