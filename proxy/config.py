@@ -472,6 +472,30 @@ class LimitsConfig(StrictModel):
         description="Long-lived streams open at once (GET streams, subscriptions/listen), per replica; "
         "beyond it 429; 0: no limit.",
     )
+    work_share: float = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="Share of this replica's event loop a tenant's heavy requests may take while other "
+        "tenants are being served. Each step of an exchange on the loop (synchronous work between two "
+        "waits: checking and parsing a body, the policy walk, serialisation) beyond an ordinary step's "
+        "2 ms is charged to a budget refilled at this many seconds a second (holding one second's "
+        "worth); a tenant in debt gets 429 "
+        "with Retry-After before its body is read, but only while another tenant was admitted in the "
+        "last 10 s: a tenant alone is never refused for it, and ordinary requests or streams are never "
+        "charged. "
+        "0: no budget.",
+    )
+    refusal_hold_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        le=30,
+        description="A request refused by these limits before its body has arrived is answered after "
+        "this long (at most its Retry-After) with the connection closed, costing no CPU meanwhile: a "
+        "client that ignores Retry-After and sends large bodies again at once goes at the hold's pace. "
+        "At most max_concurrent (16 when unlimited) of a tenant's refusals are held at once; more are "
+        "answered at once. 0: answered at once.",
+    )
 
 
 class TenantLimitsConfig(StrictModel):
@@ -493,6 +517,10 @@ class TenantLimitsConfig(StrictModel):
         default=None, ge=0, description="Overrides limits.bytes_per_second."
     )
     max_streams: int | None = Field(default=None, ge=0, description="Overrides limits.max_streams.")
+    work_share: float | None = Field(default=None, ge=0, le=1, description="Overrides limits.work_share.")
+    refusal_hold_seconds: float | None = Field(
+        default=None, ge=0, le=30, description="Overrides limits.refusal_hold_seconds."
+    )
 
 
 PolicyName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+$")]

@@ -94,6 +94,6 @@ def error_reply(exchange: Exchange, error: ProxyError) -> web.Response:
         content_type=JSON,
         headers={**NO_STORE, **error.headers},
     )
-    if error.status in (408, 413):  # the rest of the body is unread: close rather than drain it
-        response.force_close()
+    if error.status in (408, 413) or not exchange.request.content.is_eof():
+        response.force_close()  # the rest of the body is unread (refused before it came): close
     return response

@@ -43,6 +43,8 @@ from proxy.layers.containment import capabilities, extensions, recent_activity
 from proxy.layers.containment.audit import audit_record
 from proxy.layers.data_access import stage as data_access
 from proxy.layers.limits import stage as limits
+from proxy.layers.limits import work
+from proxy.layers.limits.work import Metered
 from proxy.layers.sessions import stage as sessions
 from proxy.layers.sessions import tasks
 from proxy.ops import drain
@@ -247,11 +249,19 @@ def mcp_handler(tracing: Tracing | None = None) -> Handler:
         if request.method not in ("POST", "GET", "DELETE"):
             return error_reply(exchange, MethodNotAllowed(headers={"Allow": "GET, POST, DELETE"}))
         in_flight = services.drain.enter()  # a stop waits for it, and answers it if the grace runs out
+        # Its time on the event loop is charged to its tenant (limits.work_share) before the answer
+        # leaves: the tenant's next request is judged with it.
+        meter: Metered[Reply]
+        if request.method == "POST":
+            meter = Metered(serve(exchange, post))
+        else:
+            meter = Metered(serve(exchange, get if request.method == "GET" else delete))
         try:
-            if request.method == "POST":
-                return await serve(exchange, post)
-            return await serve(exchange, get if request.method == "GET" else delete)
+            return await meter
         finally:
             services.drain.leave(in_flight)
+            tenant = exchange.tenant
+            if meter.seconds and exchange.ctx is not None and tenant is not None:
+                work.charge(services.limiter.of(exchange.ctx.tenant, tenant.limits).work, meter.seconds)
 
     return handle_mcp

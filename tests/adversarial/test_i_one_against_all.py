@@ -59,23 +59,50 @@ async def test_a_body_beyond_the_structural_bounds_is_refused_before_parsing(
 
 
 def test_the_structure_check_stops_where_a_bound_is_crossed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The cost of a refusal is proportional to what was accepted, not to the body's size."""
+    """The cost of a refusal is proportional to what was accepted, not to the body's size: strings
+    are cut out window by window, and the first window past the bound ends the check."""
     examined: list[int] = []
-    real = structure._TOKENS
+    real = structure._STRING
 
     class Counting:
-        def finditer(self, text: bytes) -> Any:
-            for token in real.finditer(text):
-                examined.append(1)
-                yield token
+        def sub(self, replacement: bytes, text: bytes) -> bytes:
+            examined.append(len(text))
+            return real.sub(replacement, text)
 
-    monkeypatch.setattr(structure, "_TOKENS", Counting())
+    monkeypatch.setattr(structure, "_STRING", Counting())
     huge = json.dumps({f"k{i}": "v" for i in range(300_000)}).encode()
-    with pytest.raises(ParseError):
+    with pytest.raises(ParseError, match="more than 1000 members"):
         structure.check_structure(huge, max_members=1_000, max_depth=64)
-    assert len(examined) < 2 * 1_000 + 10  # members, their strings, and the first brackets only
+    assert sum(examined) <= structure._WINDOW + 64  # one window of about 4 MB
     escaped = json.dumps({"s": 'a\\"b,:' * 100_000}).encode()  # separators inside one string
     structure.check_structure(escaped, max_members=1_000, max_depth=64)  # not members: accepted
+
+
+@pytest.mark.parametrize("max_depth", [64, 100, 512])
+def test_depth_is_judged_on_the_brackets_at_any_bound(max_depth: int) -> None:
+    """Balanced groups nested up to the bound pass, one level more is refused, and so is a body of
+    many wide groups whose one path goes one level too deep."""
+
+    def nested(depth: int) -> bytes:
+        return b"[" * depth + b"]" * depth
+
+    wide = b"[" + b",".join([nested(max_depth - 1)] * 50) + b"]"
+    assert structure.check_structure(wide, max_members=20_000, max_depth=max_depth) == 49
+    assert structure.check_structure(nested(max_depth), 20_000, max_depth) == 0
+    too_deep = b"[" + b",".join([nested(max_depth - 1)] * 49 + [nested(max_depth)]) + b"]"
+    for body in (nested(max_depth + 1), too_deep, b'{"a":' + too_deep + b',"s":"[[[["}'):
+        with pytest.raises(ParseError, match=f"nested deeper than {max_depth} levels"):
+            structure.check_structure(body, max_members=20_000, max_depth=max_depth)
+    strings = json.dumps({"s": "[" * (max_depth + 10)}).encode()  # brackets inside a string: not depth
+    assert structure.check_structure(strings, 20_000, max_depth) == 1
+
+
+def test_brackets_no_json_can_have_are_refused_before_any_depth_walk() -> None:
+    """4 MB of `[][][]...` (no separators, millions of brackets) once took the token walk seconds:
+    a value right after a closed one is no JSON, refused from the brackets alone."""
+    for body in (b"[" + b"[]" * 2_000_000 + b"]", b'{"a":[1] {"b":2}}', b'[{}"x" {}]'):
+        with pytest.raises(ParseError, match="without a comma"):
+            structure.check_structure(body, max_members=20_000, max_depth=1)
 
 
 async def test_request_bytes_in_flight_are_bounded_per_tenant(

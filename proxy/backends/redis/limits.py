@@ -64,6 +64,7 @@ class RedisLimiter:
     def __init__(self, state: RedisState) -> None:
         self.local = LocalLimiter()
         self.refusals = self.local.refusals
+        self.loop_share = self.local.loop_share  # event-loop time is this replica's own
         self.state = state
         self._admit = state.client.register_script(_ADMIT)
         # Slots whose release did not reach Redis (it stalled): given back with the tenant's next

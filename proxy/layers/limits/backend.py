@@ -7,10 +7,12 @@ from typing import Protocol
 
 from proxy.config import LimitsConfig
 from proxy.layers.limits.limiter import Admission, RefusalLog, TenantLimits
+from proxy.layers.limits.work import LoopShare
 
 
 class Limiter(Protocol):
     refusals: RefusalLog  # refusals are logged as counts per tenant, limit and second
+    loop_share: LoopShare  # who used this replica's event loop lately (work budgets, work.py)
 
     async def admit(self, tenant: str, settings: LimitsConfig, body_bytes: int = 0) -> Admission:
         """A place for one request of `tenant` and its body (bytes are charged in this replica),

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from proxy.config import LimitsConfig
+from proxy.layers.limits.work import LoopShare, WorkBudget
 from proxy.protocol.errors import TooManyRequests, UpstreamUnavailable
 
 log = structlog.get_logger("proxy.limits")
@@ -87,6 +88,8 @@ class TenantLimits:
         self.in_flight = 0
         self.bytes_in_flight = 0
         self.streams = 0
+        self.held = 0  # refusals held back before they are answered (stage.py)
+        self.work = WorkBudget(settings.work_share) if settings.work_share else None
         byte_rate = settings.bytes_per_second
         self.byte_bucket = TokenBucket(byte_rate, max(byte_rate, 1.0)) if byte_rate else None
         self.breaker = CircuitBreaker(settings.circuit_failures, settings.circuit_open_seconds)
@@ -211,6 +214,7 @@ class LocalLimiter:
     def __init__(self) -> None:
         self._tenants: dict[str, TenantLimits] = {}
         self.refusals = RefusalLog()
+        self.loop_share = LoopShare()
 
     async def admit(self, tenant: str, settings: LimitsConfig, body_bytes: int = 0) -> Admission:
         """A place for one request of `tenant` (and its body), or TooManyRequests (no upstream call)."""

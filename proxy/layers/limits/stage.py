@@ -9,6 +9,7 @@ or cancels teaches it nothing, nor does an answer the upstream did give (a 4xx, 
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from proxy.flow import Around, Call, Request
@@ -21,29 +22,56 @@ _LIMITS = "limits.tenant"  # this process's view of the tenant's limits (its cir
 _TRIAL = "limits.trial"  # the exchange is the half-open circuit's trial, not yet decided
 _STREAM = "limits.stream"  # the tenant's limits a stream of this exchange is counted against
 _STREAM_KIND = "limits.stream_kind"  # get | listen, as the open-streams gauge counts it
+HELD_WHEN_UNLIMITED = 16  # refusals of a tenant held at once when it has no concurrency limit
 
 
 class Admission(Around[Call]):
-    """The tenant's rate and concurrency limits: a place for the whole exchange, or a refusal
-    (429 with Retry-After) that makes no upstream call."""
+    """The tenant's rate, concurrency, bytes and work limits: a place for the whole exchange, or a
+    refusal (429 with Retry-After) that makes no upstream call and reads no body."""
 
     async def enter(self, call: Call) -> bool:
-        tenant = call.ctx.tenant
+        tenant, settings = call.ctx.tenant, call.tenant.limits
         body_bytes = 0
         if call.request.method == "POST":  # charged before the body is read (unknown length: the most)
             length = call.request.content_length
             body_bytes = length if length is not None else call.runtime.config.listen.max_body_bytes
+        limiter = call.services.limiter
+        limits = limiter.of(tenant, settings)
         try:
-            admitted = await call.services.limiter.admit(tenant, call.tenant.limits, body_bytes)
+            limiter.loop_share.admit(tenant, limits.work)
+            admitted = await limiter.admit(tenant, settings, body_bytes)
         except ProxyError as refusal:
             _refused(call, refusal.data.get("limit", "other") if isinstance(refusal.data, dict) else "other")
             call.outcome = "denied"
+            await _hold(call, limits, refusal)
             raise
         call.slots[_ADMITTED] = admitted
         return True
 
     def leave(self, call: Call, failure: BaseException | None) -> None:
         call.services.limiter.release(call.ctx.tenant, call.slots.pop(_ADMITTED))
+
+
+async def _hold(call: Call, limits: TenantLimits, refusal: ProxyError) -> None:
+    """A refusal whose body is still on its way is answered only after `refusal_hold_seconds` (and
+    then the connection closes: edge.error_reply). Meanwhile the connection costs nothing: the body
+    stays in the socket (the server stops reading past its buffer). A client that ignores
+    Retry-After and sends its large bodies again at once would otherwise turn each refusal, its
+    reconnect and the upload it starts into load; held, it goes at the hold's pace. At most the
+    tenant's concurrency limit is held at once, so a flooder cannot pin sockets beyond it."""
+    seconds = limits.settings.refusal_hold_seconds
+    if not seconds or call.request.content.is_eof():
+        return
+    if limits.held >= (limits.settings.max_concurrent or HELD_WHEN_UNLIMITED):
+        return
+    retry_after = refusal.headers.get("Retry-After", "")
+    if retry_after.isdigit():
+        seconds = min(seconds, float(retry_after))
+    limits.held += 1
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        limits.held -= 1
 
 
 class Circuit(Around[Request]):

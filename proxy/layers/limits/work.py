@@ -1,0 +1,136 @@
+"""Event-loop time, accounted to the tenant whose request spent it.
+
+Every tenant of a replica shares one event loop: while one request's synchronous work runs
+(reading, checking and parsing its body, the policy walk, serialisation), no other request moves.
+Bounds on bodies keep each request's work finite, but a tenant that keeps heavy requests in flight
+could still take most of the loop. So each exchange's steps on the loop (the runs between two
+waits) are timed (`Metered`), what a step holds the loop beyond an ordinary step is charged to its
+tenant's budget (`WorkBudget`, `limits.work_share`), and a tenant in debt is refused before its
+next body is read (`LoopShare`), but only while other tenants are being served: a tenant alone on
+a replica is never held back. Charging steps, not whole exchanges, charges what blocks the loop:
+a long stream relaying many small messages, like any ordinary request, is never charged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Coroutine, Generator
+from typing import Any, Generic, TypeVar
+
+from proxy.protocol.errors import TooManyRequests
+
+T = TypeVar("T")
+
+# An ordinary step holds the loop well under a millisecond (the proxy's whole CPU per forwarded
+# call is about 0.3 ms): only what a step holds it beyond this is charged.
+ORDINARY_SECONDS = 0.002
+# How recently another tenant must have been admitted for a tenant's debt to be enforced.
+CONTENTION_SECONDS = 10.0
+
+
+class Metered(Generic[T]):
+    """Awaits a coroutine, adding up the time each of its steps holds the event loop beyond an
+    ordinary step (not the time it waits: that is other requests' time)."""
+
+    __slots__ = ("_coroutine", "seconds")
+
+    def __init__(self, coroutine: Coroutine[Any, Any, T]) -> None:
+        self._coroutine = coroutine
+        self.seconds = 0.0
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        # The thread's CPU time, not the wall clock: a step the OS preempted (other processes on
+        # the cores) did not hold the loop for longer in work, and is not charged for it.
+        coroutine, clock, allowance = self._coroutine, time.thread_time, ORDINARY_SECONDS
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            start = clock()
+            try:
+                yielded = coroutine.send(value) if error is None else coroutine.throw(error)
+            except StopIteration as done:
+                self._add(clock() - start, allowance)
+                return done.value  # type: ignore[no-any-return]
+            except BaseException:
+                self._add(clock() - start, allowance)
+                raise
+            self._add(clock() - start, allowance)
+            value, error = None, None
+            try:
+                value = yield yielded
+            except GeneratorExit:
+                coroutine.close()
+                raise
+            except BaseException as thrown:  # a cancellation, delivered where the coroutine waits
+                error = thrown
+
+    def _add(self, step: float, allowance: float) -> None:
+        if step > allowance:
+            self.seconds += step - allowance
+
+
+class WorkBudget:
+    """A token bucket of event-loop seconds: refilled at `share` seconds a second, holding one
+    second's worth. Charged after the work is done, so it may go into debt (by at most what the
+    tenant's requests in flight cost); while in debt the tenant's requests may be refused."""
+
+    __slots__ = ("capacity", "share", "tokens", "updated")
+
+    def __init__(self, share: float) -> None:
+        self.share = share
+        self.capacity = share
+        self.tokens = share
+        self.updated = time.monotonic()
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.share)
+        self.updated = now
+
+    def charge(self, seconds: float, now: float) -> None:
+        self._refill(now)
+        self.tokens -= seconds
+
+    def debt_seconds(self, now: float) -> float:
+        """0 when the budget is not in debt, else how long until it is not."""
+        if self.tokens >= 0:  # the usual case: no clock arithmetic
+            return 0.0
+        self._refill(now)
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.share
+
+
+class LoopShare:
+    """This process's view of who is using the loop: the two most recently admitted tenants (enough
+    to answer "was another tenant served lately?" in constant time, with any number of tenants)."""
+
+    __slots__ = ("_latest", "_latest_at", "_other_at")
+
+    def __init__(self) -> None:
+        self._latest: str | None = None
+        self._latest_at = -math.inf
+        self._other_at = -math.inf  # when a tenant other than the latest one was last admitted
+
+    def admit(self, tenant: str, budget: WorkBudget | None) -> None:
+        """Note the tenant's request; refuse it (429, before its body is read) when its budget is
+        in debt while another tenant is being served."""
+        now = time.monotonic()
+        if budget is not None and budget.tokens < 0:
+            wait = budget.debt_seconds(now)
+            if wait and self._other_seen_at(tenant) > now - CONTENTION_SECONDS:
+                raise TooManyRequests(
+                    "Too many requests: this tenant's requests took more than its share of the proxy's time",
+                    data={"limit": "work"},
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                )
+        if tenant != self._latest:
+            self._other_at, self._latest = self._latest_at, tenant
+        self._latest_at = now
+
+    def _other_seen_at(self, tenant: str) -> float:
+        return self._latest_at if tenant != self._latest else self._other_at
+
+
+def charge(budget: WorkBudget | None, seconds: float) -> None:
+    """Charge what an exchange's steps held the loop beyond ordinary ones to its tenant's budget."""
+    if budget is not None and seconds > 0:
+        budget.charge(seconds, time.monotonic())
