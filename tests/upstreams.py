@@ -8,6 +8,7 @@ and what did not, reach an upstream.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
@@ -115,6 +116,21 @@ def add_test_tools(server: MCPServer, canary: str) -> None:
             await ctx.report_progress(step + 1, n, f"step {step + 1}")
             await anyio.sleep(delay)
         return {"done": n, "canary": canary}
+
+    @server.tool()
+    def read_document(doc: str) -> dict[str, Any]:
+        """The tenant a JSON document names, decoding `doc` until it is no longer a string, as a server
+        accepting documents that clients JSON-encoded more than once does."""
+        value: Any = doc
+        for _ in range(4):
+            if not isinstance(value, str):
+                break
+            try:
+                value = json.loads(value)
+            except ValueError:
+                break
+        named = value.get("tenant_id") if isinstance(value, dict) else None
+        return {"tenant_id": named, "canary": canary}
 
     @server.tool()
     def fail(message: str) -> str:
