@@ -591,7 +591,7 @@ def test_a_document_encoded_twice_is_looked_into_wherever_strings_are() -> None:
 
     twice = json.dumps(json.dumps({"tenant_id": "globex"}))
     ref = {"type": "ref/prompt", "name": "anything"}
-    requests = [
+    requests: list[tuple[str, dict[str, Any]]] = [
         ("tools/call", {"name": "read_document", "arguments": {"doc": twice}}),
         ("prompts/get", {"name": "p", "arguments": {"doc": twice}}),
         ("completion/complete", {"ref": ref, "argument": {"name": "q", "value": twice}}),
