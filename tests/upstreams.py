@@ -183,6 +183,15 @@ def add_test_tools(server: MCPServer, canary: str) -> None:
         return Completion(values=[f"{named}-{argument.name}-{canary}"])
 
     @server.tool()
+    async def ask_user_on_session(topic: str, ctx: Context) -> dict[str, Any]:
+        """ask_user, with the elicitation sent on the session's GET stream (no related request), as
+        servers that ask on the standalone stream do (handshake era only)."""
+        schema = {"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]}
+        answer = await ctx.session.elicit_form(f"Pick a colour for {topic}", schema)
+        colour = (answer.content or {}).get("colour")
+        return {"topic": topic, "colour": colour, "canary": canary}
+
+    @server.tool()
     async def ask_org(topic: str, choice: Annotated[OrgChoice, Resolve(_elicit_org)]) -> dict[str, Any]:
         """Asks the user (elicitation) which organisation's notes to use: a tenant-trusting server."""
         return {"topic": topic, "org_id": choice.org_id, "canary": canary}

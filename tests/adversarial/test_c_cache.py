@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 from mcp.server.caching import CacheHint
 from mcp.server.mcpserver import MCPServer
+from mcp_types import ElicitResult
 
 from proxy.demo import client_for
 from proxy.http.keys import SERVICES
@@ -351,3 +352,45 @@ async def test_json_rpc_error_answers_are_never_cached(
     cache = running.app[SERVICES].cache
     assert cache is not None
     assert len(cache) == 0
+
+
+# --- results of exchanges with server-to-client requests (attack pass F2) ---------------------------
+
+ASKING_TOOLS = {"ask_user": 60, "ask_user_on_session": 60, "whoami": 60}
+
+
+def text_of(result: Any) -> str:
+    return " ".join(getattr(block, "text", "") for block in getattr(result, "content", []))
+
+
+def answering(name: str, elicited: list[str]) -> Any:
+    async def elicit(context: Any, params: Any) -> ElicitResult:
+        elicited.append(name)
+        return ElicitResult(action="accept", content={"colour": f"{name}-secret-colour"})
+
+    return elicit
+
+
+@pytest.mark.parametrize("tool", ["ask_user", "ask_user_on_session"], ids=["post-stream", "get-stream"])
+async def test_a_result_an_answered_server_request_went_into_is_never_cached(
+    upstreams: dict[str, Any], make_proxy: StartProxy, tool: str
+) -> None:
+    """alice answers the upstream's elicitation (on her call's stream, or on her session's GET
+    stream) during a tool call the policy caches: bob's identical call is asked himself and gets his
+    own answer, never alice's; a call without server requests is still cached."""
+    running = await make_proxy(upstreams, policies={"acme": {"tools": {"cache_ttl_seconds": ASKING_TOOLS}}})
+    elicited: list[str] = []
+    answers = {}
+    for name, mode in (("alice", "legacy"), ("bob", "legacy"), ("carol", "auto")):
+        if mode == "auto" and tool == "ask_user_on_session":
+            continue  # the 2026-07-28 era has no session stream to ask on
+        token = running.token("acme", name)
+        async with client_for(running.url, token, mode, elicitation_callback=answering(name, elicited)) as c:
+            answers[name] = json.loads(text_of(await c.call_tool(tool, {"topic": "pin"})))["colour"]
+            await c.call_tool("whoami", {})
+    assert answers == {name: f"{name}-secret-colour" for name in answers}
+    assert elicited == list(answers)
+    cache = running.app[SERVICES].cache
+    assert isinstance(cache, ResponseCache)
+    assert {key[5] for key, _ in cache.entries()} == {"whoami"}
+    assert not any(b"secret-colour" in entry.result for _, entry in cache.entries())

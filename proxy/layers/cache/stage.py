@@ -2,7 +2,10 @@
 
 lookup       Around: a hit answers at once; a miss leads the flight for its key (identical
              calls of the same tenant wait for it) and settles it however the exchange ends
-store        response hook: a cacheable answer goes in, and its followers get it at once
+store        response hook: a cacheable answer goes in, and its followers get it at once, unless
+             the caller's session relayed or answered a server-to-client request meanwhile
+             (an elicitation answer, a sampled message: the result may be that user's alone;
+             followers then go upstream themselves)
 invalidate   response hook: list_changed and resources/updated drop the tenant's copies
 """
 
@@ -21,6 +24,7 @@ NO_STORE = {"Cache-Control": "no-store"}
 _PLAN = "cache.plan"
 INVALIDATING = (*LIST_CHANGED, "notifications/resources/updated")  # notifications invalidate handles
 _FLIGHT = "cache.flight"
+_SERVER_REQUESTS = "cache.server_requests"  # the session's count when the flight began
 
 
 class Lookup(Around[Request]):
@@ -64,6 +68,7 @@ class Lookup(Around[Request]):
             return False
         call.cache_state = "miss"
         call.slots[_FLIGHT] = plan.flight_key
+        call.slots[_SERVER_REQUESTS] = _server_requests(call)
         return True
 
     def leave(self, call: Request, failure: BaseException | None) -> None:
@@ -73,6 +78,12 @@ class Lookup(Around[Request]):
 
 
 lookup = Lookup()
+
+
+def _server_requests(call: Call) -> int:
+    """How many server-to-client requests the caller's session has relayed or answered so far (a
+    2026-07-28 exchange has none: its input_required results are never stored)."""
+    return call.session.server_requests if call.session is not None else 0
 
 
 def _answer_from_cache(call: Request, result: bytes) -> Reply:
@@ -88,6 +99,8 @@ def store(call: Call, message: ServerMessage) -> ServerMessage | None:
     plan: CachePlan | None = call.slots.get(_PLAN)
     if message.kind is not ServerKind.ANSWER or cache is None or plan is None:
         return message
+    if _server_requests(call) != call.slots.get(_SERVER_REQUESTS):
+        return message  # the user answered the upstream meanwhile: the result may be theirs alone
     result = message.body.get("result")
     target = plan.store_key_and_ttl(result) if isinstance(result, dict) else None
     if target is None:
