@@ -119,7 +119,7 @@ async def _reload(app: web.Application) -> bool:
         upstream_changed = after is None or after.upstream is not before.upstream
         policy_changed = after is None or after.policy != before.policy
         if (upstream_changed or policy_changed) and services.cache is not None:
-            services.cache.invalidate(tenant_id)  # (entries of the old config are unreachable anyway)
+            services.cache.retire(tenant_id)  # stores of calls begun before the reload: not kept
         if upstream_changed:
             moved.append((tenant_id, before.upstream))
         if new.tenants.of_tenant(tenant_id) is None:  # removed, or a template tenant built anew if used

@@ -24,6 +24,7 @@ from proxy.config import load_config
 from proxy.http.keys import METRICS_LISTENER, SERVICES
 from proxy.ops.reload import reload_config
 from tests.conftest import MCP_ACCEPT, TENANTS, RunningProxy, StartProxy, proxy_config
+from tests.e2e.test_scaleout_e2e import redis_server  # noqa: F401 - a fixture
 from tests.factories import DEV_SECRET, DEV_SECRET_ENV, HANDSHAKE_INITIALIZE
 from tests.upstreams import free_port, start_notes_upstream
 
@@ -393,6 +394,50 @@ async def test_a_result_fetched_under_the_old_config_never_serves_the_new_one(
         assert countdowns() == ["Bearer upstream-secret-acme", "Bearer rotated-secret"]
         assert (await call(running, "acme", "countdown", arguments))[0] == 200
         assert len(countdowns()) == 2  # served from the cache, stored under the new config
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_a_call_in_flight_while_its_tenant_is_removed_stores_nothing_a_readded_tenant_finds(
+    upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any, request: pytest.FixtureRequest, backend: str
+) -> None:
+    """Attack pass F9: a cached call in flight while a reload removes its tenant; the tenant id is
+    added back (same upstream, same policy); a new call must go upstream, not get the old result."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "cached.yaml").write_text(yaml.safe_dump({"tools": {"cache_ttl_seconds": {"countdown": 60}}}))
+    overrides: dict[str, Any] = {"policies_dir": str(policies), "cache": {"max_bytes": 1 << 20}}
+    if backend == "redis":
+        redis = request.getfixturevalue("redis_server")
+        overrides["state"] = {"backend": "redis", "url": redis.url, "key_prefix": f"f9{os.getpid()}"}
+    arguments = {"n": 3, "delay": 0.2}
+
+    def countdowns() -> int:
+        return sum(
+            '"name":"countdown"' in r.text.replace(" ", "") for r in upstreams["acme"].recorder.snapshot()
+        )
+
+    async with reloadable_proxy(upstreams, tmp_path, rsa_keys, **overrides) as (running, data, path):
+        data["tenants"]["acme"]["policy"] = "cached"
+        write_config(path, data)
+        assert await asyncio.wait_for(reload_config(running.app), 2)
+        old_call = asyncio.create_task(call(running, "acme", "countdown", arguments))
+        async with asyncio.timeout(10):
+            while countdowns() == 0:  # the call has reached the upstream
+                await asyncio.sleep(0.01)
+        removed = json.loads(json.dumps(data))
+        removed["tenants"].pop("acme")
+        write_config(path, removed)
+        assert await asyncio.wait_for(reload_config(running.app), 2)
+        write_config(path, data)  # acme again, as it was
+        assert await asyncio.wait_for(reload_config(running.app), 2)
+        await old_call  # it finishes on the runtime it began on
+        shared = running.app[SERVICES].shared
+        if shared is not None:
+            await shared.written()  # whatever it would have stored has landed
+        assert (await call(running, "acme", "countdown", arguments))[0] == 200
+        assert countdowns() == 2  # asked upstream again: nothing of the removed tenant's was found
+        assert (await call(running, "acme", "countdown", arguments))[0] == 200
+        assert countdowns() == 2  # and the new answer is cached as usual
 
 
 async def test_a_reload_forgets_verified_tokens(

@@ -5,7 +5,8 @@ lookup       Around: a hit answers at once; a miss leads the flight for its key 
 store        response hook: a cacheable answer goes in, and its followers get it at once, unless
              the caller's session relayed or answered a server-to-client request meanwhile
              (an elicitation answer, a sampled message: the result may be that user's alone;
-             followers then go upstream themselves)
+             followers then go upstream themselves), or a reload removed or changed the
+             tenant since the exchange began (its generation moved on)
 invalidate   response hook: list_changed and resources/updated drop the tenant's copies
 """
 
@@ -25,6 +26,7 @@ _PLAN = "cache.plan"
 INVALIDATING = (*LIST_CHANGED, "notifications/resources/updated")  # notifications invalidate handles
 _FLIGHT = "cache.flight"
 _SERVER_REQUESTS = "cache.server_requests"  # the session's count when the flight began
+_GENERATION = "cache.generation"  # the tenant's generation then (a reload that changes it: a new one)
 
 
 class Lookup(Around[Request]):
@@ -69,6 +71,7 @@ class Lookup(Around[Request]):
         call.cache_state = "miss"
         call.slots[_FLIGHT] = plan.flight_key
         call.slots[_SERVER_REQUESTS] = _server_requests(call)
+        call.slots[_GENERATION] = cache.generation(call.ctx.tenant)
         return True
 
     def leave(self, call: Request, failure: BaseException | None) -> None:
@@ -101,6 +104,8 @@ def store(call: Call, message: ServerMessage) -> ServerMessage | None:
         return message
     if _server_requests(call) != call.slots.get(_SERVER_REQUESTS):
         return message  # the user answered the upstream meanwhile: the result may be theirs alone
+    if cache.generation(call.ctx.tenant) != call.slots.get(_GENERATION):
+        return message  # a reload removed or changed the tenant meanwhile: an old config's answer
     result = message.body.get("result")
     target = plan.store_key_and_ttl(result) if isinstance(result, dict) else None
     if target is None:
