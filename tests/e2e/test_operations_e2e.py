@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.cli import start_server
@@ -25,6 +26,7 @@ from proxy.http.keys import METRICS_LISTENER, SERVICES
 from proxy.ops.reload import reload_config
 from tests.conftest import MCP_ACCEPT, TENANTS, RunningProxy, StartProxy, proxy_config
 from tests.e2e.test_scaleout_e2e import redis_server  # noqa: F401 - a fixture
+from tests.e2e.test_transport_e2e import sse_messages
 from tests.factories import DEV_SECRET, DEV_SECRET_ENV, HANDSHAKE_INITIALIZE
 from tests.upstreams import free_port, start_notes_upstream
 
@@ -438,6 +440,96 @@ async def test_a_call_in_flight_while_its_tenant_is_removed_stores_nothing_a_rea
         assert countdowns() == 2  # asked upstream again: nothing of the removed tenant's was found
         assert (await call(running, "acme", "countdown", arguments))[0] == 200
         assert countdowns() == 2  # and the new answer is cached as usual
+
+
+class HeldStreams:
+    """An upstream that answers every 2026-07-28 request with an SSE stream it holds open: one log
+    message at once, more each time `emit` is called, and no answer, as a listen stream or a long
+    call that keeps reporting does."""
+
+    def __init__(self) -> None:
+        self.streams: list[web.StreamResponse] = []
+        self.done = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        message = json.loads(await request.read())
+        if message.get("method") == "server/discover":
+            result = {"supportedVersions": ["2026-07-28"], "capabilities": {}, "serverInfo": {"name": "held"}}
+            return web.json_response({"jsonrpc": "2.0", "id": message["id"], "result": result})
+        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await stream.prepare(request)
+        self.streams.append(stream)
+        await self.send(stream, "before the reload")
+        await self.done.wait()
+        return stream
+
+    @staticmethod
+    async def send(stream: web.StreamResponse, text: str) -> None:
+        note = {
+            "jsonrpc": "2.0",
+            "method": "notifications/message",
+            "params": {"level": "info", "data": text},
+        }
+        await stream.write(f"event: message\ndata: {json.dumps(note)}\n\n".encode())
+
+    async def emit(self, text: str) -> None:
+        for stream in self.streams:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.send(stream, text)
+
+
+@pytest.mark.parametrize("method", ["subscriptions/listen", "tools/call"])
+async def test_a_removed_tenants_streams_end_at_once_and_relay_nothing_more(
+    tmp_path: Path, rsa_keys: Any, method: str
+) -> None:
+    """Attack pass F8: a tenant holding a subscriptions/listen stream (or a long call's SSE stream)
+    is removed by a reload; the upstream goes on sending. The stream ends at once with the answer a
+    new request would get (-32003), and nothing the upstream sent after the removal reaches it."""
+    upstream = HeldStreams()
+    app = web.Application()
+    app.router.add_post("/mcp", upstream.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.2)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}/mcp"
+    params: dict[str, Any] = {"_meta": META}
+    headers = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": method}
+    if method == "tools/call":
+        params.update(name="long_report", arguments={})
+        headers["Mcp-Name"] = "long_report"
+    else:
+        params["notifications"] = {"resourcesListChanged": True}
+    body = {"jsonrpc": "2.0", "id": 5, "method": method, "params": params}
+    try:
+        async with reloadable_proxy({"acme": url, "globex": url}, tmp_path, rsa_keys) as (
+            running,
+            data,
+            path,
+        ):
+            headers.update(Accept=MCP_ACCEPT, Authorization=f"Bearer {running.token('acme')}")
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(running.url, json=body, headers=headers) as held,
+            ):
+                assert held.status == 200
+                messages = sse_messages(held)
+                first = await asyncio.wait_for(anext(messages), 10)
+                assert first["params"]["data"] == "before the reload"
+                removed = json.loads(json.dumps(data))
+                removed["tenants"].pop("acme")
+                write_config(path, removed)
+                assert await asyncio.wait_for(reload_config(running.app), 2)
+                await upstream.emit("after the reload")
+                async with asyncio.timeout(10):  # the upstream never ends it: only the proxy can
+                    rest = [message async for message in messages]
+        assert rest == [
+            {"jsonrpc": "2.0", "id": 5,
+             "error": {"code": -32003, "message": "Forbidden: this tenant is no longer served"}}
+        ]  # fmt: skip
+    finally:
+        upstream.done.set()
+        await runner.cleanup()
 
 
 async def test_a_reload_forgets_verified_tokens(
