@@ -19,7 +19,7 @@ from mcp_types import ElicitResult
 from proxy.demo import client_for
 from proxy.http.keys import SERVICES
 from proxy.layers.cache.store import ResponseCache
-from tests.conftest import TENANTS, RunningProxy, StartProxy
+from tests.conftest import OTHER_ISSUER, TENANTS, RunningProxy, StartProxy
 from tests.upstreams import Recorder, free_port
 
 pytestmark = pytest.mark.e2e
@@ -166,16 +166,21 @@ async def test_private_list_results_are_cached_per_subject(
     def lists(tenant: str) -> int:
         return sum('"method":"tools/list"' in r.text for r in counting_upstreams[tenant][1].snapshot())
 
+    callers = {
+        ("dev", "alice"): cached.token("acme", "alice"),
+        ("dev", "bob"): cached.token("acme", "bob"),
+        (OTHER_ISSUER, "alice"): cached.other_issuer_token("acme", "alice"),  # alice again, elsewhere
+    }
     for _ in range(2):
-        for subject in ("alice", "bob"):
-            async with client_for(cached.url, cached.token("acme", subject), cache=None) as client:
+        for token in callers.values():
+            async with client_for(cached.url, token, cache=None) as client:
                 tools = await client.list_tools()
                 assert {t.name for t in tools.tools} == {"lookup", "slow_lookup", "broken"}
-    assert lists("acme") == 2  # one per subject; the second round came from the proxy's cache
+    assert lists("acme") == 3  # one per principal; the second round came from the proxy's cache
     cache = cached.app[SERVICES].cache
     assert isinstance(cache, ResponseCache)
     assert {key[1] for key, _ in cache.entries() if key[4] == "tools/list"} == {
-        json.dumps(["dev", subject], separators=(",", ":")) for subject in ("alice", "bob")
+        json.dumps(list(principal), separators=(",", ":")) for principal in callers
     }  # the principal: issuer and subject
 
 
