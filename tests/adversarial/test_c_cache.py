@@ -399,3 +399,34 @@ async def test_a_result_an_answered_server_request_went_into_is_never_cached(
     assert isinstance(cache, ResponseCache)
     assert {key[5] for key, _ in cache.entries()} == {"whoami"}
     assert not any(b"secret-colour" in entry.result for _, entry in cache.entries())
+
+
+async def test_a_call_waiting_for_another_users_asked_call_is_not_kept_waiting_for_it(
+    upstreams: dict[str, Any], make_proxy: StartProxy
+) -> None:
+    """bob's identical call joins alice's flight; once the upstream asks alice something, her
+    result will not be stored, so bob goes upstream at once and is asked himself (alice answers
+    only after bob was asked: were bob kept waiting for her flight, neither would finish)."""
+    running = await make_proxy(upstreams, policies={"acme": {"tools": {"cache_ttl_seconds": ASKING_TOOLS}}})
+    bob_asked = asyncio.Event()
+
+    async def alice_answers(context: Any, params: Any) -> ElicitResult:
+        await bob_asked.wait()
+        return ElicitResult(action="accept", content={"colour": "alice-secret-colour"})
+
+    async def bob_answers(context: Any, params: Any) -> ElicitResult:
+        bob_asked.set()
+        return ElicitResult(action="accept", content={"colour": "bob-secret-colour"})
+
+    async def ask(name: str, answer: Any) -> str:
+        token = running.token("acme", name)
+        async with client_for(running.url, token, "legacy", elicitation_callback=answer) as client:
+            return str(json.loads(text_of(await client.call_tool("ask_user", {"topic": "pin"})))["colour"])
+
+    async with asyncio.timeout(30):
+        alice = asyncio.create_task(ask("alice", alice_answers))
+        async with asyncio.timeout(10):
+            while not any("ask_user" in r.text for r in upstreams["acme"].recorder.snapshot()):
+                await asyncio.sleep(0.01)  # alice's call leads the flight
+        bob = await ask("bob", bob_answers)
+        assert (await alice, bob) == ("alice-secret-colour", "bob-secret-colour")

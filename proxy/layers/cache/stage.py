@@ -7,6 +7,8 @@ store        response hook: a cacheable answer goes in, and its followers get it
              (an elicitation answer, a sampled message: the result may be that user's alone;
              followers then go upstream themselves), or a reload removed or changed the
              tenant since the exchange began (its generation moved on)
+forgo        response hook: a server-to-client request on the exchange's stream lets its
+             followers go upstream at once (they are not kept waiting for a result never stored)
 invalidate   response hook: list_changed and resources/updated drop the tenant's copies
 """
 
@@ -115,6 +117,15 @@ def store(call: Call, message: ServerMessage) -> ServerMessage | None:
         flight: CacheKey | None = call.slots.pop(_FLIGHT, None)
         if flight is not None:
             cache.settle(flight, raw)
+    return message
+
+
+def forgo(call: Call, message: ServerMessage) -> ServerMessage | None:
+    """The upstream asks this exchange's caller something: its result may be theirs alone and will
+    not be stored, so identical calls waiting for it go upstream themselves now."""
+    flight: CacheKey | None = call.slots.pop(_FLIGHT, None)
+    if flight is not None and call.services.cache is not None:
+        call.services.cache.settle(flight, None)
     return message
 
 
