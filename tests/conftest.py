@@ -14,6 +14,8 @@ from aiohttp import web
 
 from tests.factories import DEV_SECRET, DEV_SECRET_ENV, RsaKeys, config_dict, token
 
+OTHER_ISSUER = "https://rsa.idp.test"  # a second issuer for every tenant (tenant claim org.id)
+
 os.environ[DEV_SECRET_ENV] = DEV_SECRET
 
 TENANTS = ("acme", "globex")
@@ -74,6 +76,7 @@ class RunningProxy:
     url: str
     config: Any
     app: web.Application
+    rsa: RsaKeys | None = None  # the second issuer's key (make_proxy's proxies)
 
     @property
     def metrics_url(self) -> str:
@@ -84,6 +87,12 @@ class RunningProxy:
 
     def token(self, tenant: str = "acme", sub: str = "alice", **claims: Any) -> str:
         return token(tenant=tenant, sub=sub, aud=self.url, **claims)
+
+    def other_issuer_token(self, tenant: str = "acme", sub: str = "alice") -> str:
+        """The same tenant and `sub` from the second issuer (RS256): another principal."""
+        assert self.rsa is not None, "only make_proxy's proxies know the second issuer's key"
+        claims = {"iss": OTHER_ISSUER, "org": {"id": tenant}, "sub": sub, "aud": self.url}
+        return token(claims, key=self.rsa.private_pem, algorithm="RS256", drop=("tenant",))
 
     async def post(
         self,
@@ -125,7 +134,7 @@ def proxy_config(
                 "tenant_claim": "tenant",
             },
             {
-                "issuer": "https://rsa.idp.test",
+                "issuer": OTHER_ISSUER,
                 "audiences": [url],
                 "algorithms": ["RS256"],
                 "public_key_file": str(public_key),
@@ -171,7 +180,7 @@ async def make_proxy(tmp_path: Path, rsa_keys: RsaKeys) -> AsyncIterator[StartPr
         config = ProxyConfig.model_validate(data, context={})
         runner, _ = await start_server(config)
         runners.append(runner)
-        return RunningProxy(url, config, runner.app)
+        return RunningProxy(url, config, runner.app, rsa_keys)
 
     try:
         yield start

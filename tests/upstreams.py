@@ -8,6 +8,7 @@ and what did not, reach an upstream.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
@@ -117,6 +118,21 @@ def add_test_tools(server: MCPServer, canary: str) -> None:
         return {"done": n, "canary": canary}
 
     @server.tool()
+    def read_document(doc: str) -> dict[str, Any]:
+        """The tenant a JSON document names, decoding `doc` until it is no longer a string, as a server
+        accepting documents that clients JSON-encoded more than once does."""
+        value: Any = doc
+        for _ in range(4):
+            if not isinstance(value, str):
+                break
+            try:
+                value = json.loads(value)
+            except ValueError:
+                break
+        named = value.get("tenant_id") if isinstance(value, dict) else None
+        return {"tenant_id": named, "canary": canary}
+
+    @server.tool()
     def fail(message: str) -> str:
         """Always raises: the answer is an isError result."""
         raise RuntimeError(message)
@@ -165,6 +181,15 @@ def add_test_tools(server: MCPServer, canary: str) -> None:
         arguments = (context.arguments if context is not None else None) or {}
         named = arguments.get("tenant") or arguments.get("tenant_id") or "nobody"
         return Completion(values=[f"{named}-{argument.name}-{canary}"])
+
+    @server.tool()
+    async def ask_user_on_session(topic: str, ctx: Context) -> dict[str, Any]:
+        """ask_user, with the elicitation sent on the session's GET stream (no related request), as
+        servers that ask on the standalone stream do (handshake era only)."""
+        schema = {"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]}
+        answer = await ctx.session.elicit_form(f"Pick a colour for {topic}", schema)
+        colour = (answer.content or {}).get("colour")
+        return {"topic": topic, "colour": colour, "canary": canary}
 
     @server.tool()
     async def ask_org(topic: str, choice: Annotated[OrgChoice, Resolve(_elicit_org)]) -> dict[str, Any]:

@@ -106,8 +106,9 @@ HOOKS = Hooks(
         hook(data_access.learn_resources, ANSWER, NOTIFICATION, methods=data_access.RESOURCE_LISTS),
         # proxy_recent_activity on the first tools/list page
         hook(recent_activity.offer, ANSWER, methods=("tools/list",)),
-        # a cacheable answer stored; its followers answered
+        # a cacheable answer stored; its followers answered (or, once the caller is asked, let go)
         hook(cache.store, ANSWER),
+        hook(cache.forgo, SERVER_REQUEST),
         # list_changed and resources/updated drop cached copies
         hook(cache.invalidate, NOTIFICATION, methods=cache.INVALIDATING),
     )

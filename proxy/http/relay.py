@@ -30,6 +30,7 @@ from proxy.layers.sessions.registry import PostStream, Session
 from proxy.layers.sessions.stage import SESSION_HEADER, end_upstream_session, open_session, settled
 from proxy.protocol.errors import (
     Conflict,
+    Forbidden,
     MethodNotAllowed,
     ProxyError,
     SessionNotFound,
@@ -228,11 +229,14 @@ async def _relay_post_stream(call: Request, response: UpstreamResponse, hooks: H
     answered = False
     primed = False  # an event id went out: the client can resume the stream (handshake era)
     events = incoming(response, _waited(call))
+    removed = call.tenant.removed
     try:
-        async for batch in events:
+        async for batch in _until(events, removed):
             out: list[bytes] = []  # what arrived together goes out in one write
             try:
                 for item in batch:
+                    if removed.is_set():
+                        break
                     primed = primed or (bool(item.event_id) and call.session is not None)
                     answered = _relay_item(call, item, hooks, out) or answered
                     if answered:
@@ -253,7 +257,12 @@ async def _relay_post_stream(call: Request, response: UpstreamResponse, hooks: H
             call.upstream_fault = isinstance(error, UpstreamError)
             await stream.write(encode_event(dumps(error.to_jsonrpc(call.message.id))))
             answered = True
-    if not answered and primed:
+    if not answered and removed.is_set():
+        # A reload removed the tenant: the stream ends now, with the answer a new request would get.
+        gone = Forbidden("Forbidden: this tenant is no longer served")
+        call.outcome, call.error_code = "error", gone.code
+        await stream.write(encode_event(dumps(gone.to_jsonrpc(call.message.id))))
+    elif not answered and primed:
         # The upstream closed a resumable stream before answering (SEP-1699 polling): so does the
         # proxy, and the client resumes it with GET + Last-Event-ID (relay_get), where the rest of
         # it, the answer included, comes through the same hooks.
@@ -265,7 +274,8 @@ async def _relay_post_stream(call: Request, response: UpstreamResponse, hooks: H
         await stream.write(encode_event(dumps(lost.to_jsonrpc(call.message.id))))
     await stream.write_eof()
     call.delivered = True
-    await _drain(events)
+    if not removed.is_set():  # (a removed tenant's stream is dropped, not read on)
+        await _drain(events)
     return stream
 
 
@@ -450,10 +460,13 @@ async def _relay_get_stream(
     stream = call.stream = web.StreamResponse(status=200, headers=SSE_HEADERS)
     await stream.prepare(call.request)
     try:
-        async for batch in _until(incoming(response), call.services.shutting_down, session.ended):
+        removed = call.tenant.removed  # (a reload removing the tenant ends the session a little later)
+        async for batch in _until(incoming(response), call.services.shutting_down, session.ended, removed):
             out: list[bytes] = []
             answered = False
             for item in batch:
+                if removed.is_set():
+                    break
                 answered = _relay_get_item(call, item, hooks, out, resumed)
                 if answered:
                     break

@@ -6,7 +6,8 @@ One edit is one reload: the file watch and SIGHUP both compare the files with wh
 The new config is validated completely (keys, secrets, every policy) before anything changes; an
 invalid one leaves the old config serving and logs one line saying why. A valid one replaces the
 runtime whole: new requests use it, requests in flight finish on the one they started with.
-Removed tenants are refused at once and lose their cache entries, sessions and limits; a tenant
+Removed tenants are refused at once, their open streams (GET, POST SSE, subscriptions/listen) end
+at once, and they lose their cache entries, sessions and limits; a tenant
 whose upstream or policy changed loses its cache entries (and, for a new upstream, its sessions);
 upstreams no tenant uses any more are closed after the shutdown grace period. Template tenants
 active at the reload are carried over when their template still serves them with the same upstream;
@@ -120,11 +121,12 @@ async def _reload(app: web.Application) -> bool:
         upstream_changed = after is None or after.upstream is not before.upstream
         policy_changed = after is None or after.policy != before.policy
         if (upstream_changed or policy_changed) and services.cache is not None:
-            services.cache.invalidate(tenant_id)  # (entries of the old config are unreachable anyway)
+            services.cache.retire(tenant_id)  # stores of calls begun before the reload: not kept
         if upstream_changed:
             moved.append((tenant_id, before.upstream))
         if new.tenants.of_tenant(tenant_id) is None:  # removed, or a template tenant built anew if used
             gone.add(tenant_id)
+            before.removed.set()  # its streams end now, before anything more is relayed on them
     services.forget_tenants(gone)
     ended: list[tuple[Upstream, Session]] = []
     for tenant_id, upstream in moved:  # their sessions are gone for clients at once ...

@@ -16,6 +16,7 @@ reached, one never admitted is refused (503) until it can.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -68,6 +69,8 @@ class TenantRuntime:
     # The protocol eras the upstream speaks, learned on first use: a reload learns them again.
     eras: UpstreamEras = field(default_factory=UpstreamEras)
     cache_budget: int | None = None  # the tenant's own share of the response cache, in bytes
+    # Set when a reload removes the tenant: its open streams end at once, relaying nothing more.
+    removed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def key(self) -> TenantKey:

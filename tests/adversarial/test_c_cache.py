@@ -14,11 +14,12 @@ import pytest
 from aiohttp import web
 from mcp.server.caching import CacheHint
 from mcp.server.mcpserver import MCPServer
+from mcp_types import ElicitResult
 
 from proxy.demo import client_for
 from proxy.http.keys import SERVICES
 from proxy.layers.cache.store import ResponseCache
-from tests.conftest import TENANTS, RunningProxy, StartProxy
+from tests.conftest import OTHER_ISSUER, TENANTS, RunningProxy, StartProxy
 from tests.upstreams import Recorder, free_port
 
 pytestmark = pytest.mark.e2e
@@ -165,16 +166,21 @@ async def test_private_list_results_are_cached_per_subject(
     def lists(tenant: str) -> int:
         return sum('"method":"tools/list"' in r.text for r in counting_upstreams[tenant][1].snapshot())
 
+    callers = {
+        ("dev", "alice"): cached.token("acme", "alice"),
+        ("dev", "bob"): cached.token("acme", "bob"),
+        (OTHER_ISSUER, "alice"): cached.other_issuer_token("acme", "alice"),  # alice again, elsewhere
+    }
     for _ in range(2):
-        for subject in ("alice", "bob"):
-            async with client_for(cached.url, cached.token("acme", subject), cache=None) as client:
+        for token in callers.values():
+            async with client_for(cached.url, token, cache=None) as client:
                 tools = await client.list_tools()
                 assert {t.name for t in tools.tools} == {"lookup", "slow_lookup", "broken"}
-    assert lists("acme") == 2  # one per subject; the second round came from the proxy's cache
+    assert lists("acme") == 3  # one per principal; the second round came from the proxy's cache
     cache = cached.app[SERVICES].cache
     assert isinstance(cache, ResponseCache)
     assert {key[1] for key, _ in cache.entries() if key[4] == "tools/list"} == {
-        json.dumps(["dev", subject], separators=(",", ":")) for subject in ("alice", "bob")
+        json.dumps(list(principal), separators=(",", ":")) for principal in callers
     }  # the principal: issuer and subject
 
 
@@ -351,3 +357,76 @@ async def test_json_rpc_error_answers_are_never_cached(
     cache = running.app[SERVICES].cache
     assert cache is not None
     assert len(cache) == 0
+
+
+# --- results of exchanges with server-to-client requests (attack pass F2) ---------------------------
+
+ASKING_TOOLS = {"ask_user": 60, "ask_user_on_session": 60, "whoami": 60}
+
+
+def text_of(result: Any) -> str:
+    return " ".join(getattr(block, "text", "") for block in getattr(result, "content", []))
+
+
+def answering(name: str, elicited: list[str]) -> Any:
+    async def elicit(context: Any, params: Any) -> ElicitResult:
+        elicited.append(name)
+        return ElicitResult(action="accept", content={"colour": f"{name}-secret-colour"})
+
+    return elicit
+
+
+@pytest.mark.parametrize("tool", ["ask_user", "ask_user_on_session"], ids=["post-stream", "get-stream"])
+async def test_a_result_an_answered_server_request_went_into_is_never_cached(
+    upstreams: dict[str, Any], make_proxy: StartProxy, tool: str
+) -> None:
+    """alice answers the upstream's elicitation (on her call's stream, or on her session's GET
+    stream) during a tool call the policy caches: bob's identical call is asked himself and gets his
+    own answer, never alice's; a call without server requests is still cached."""
+    running = await make_proxy(upstreams, policies={"acme": {"tools": {"cache_ttl_seconds": ASKING_TOOLS}}})
+    elicited: list[str] = []
+    answers = {}
+    for name, mode in (("alice", "legacy"), ("bob", "legacy"), ("carol", "auto")):
+        if mode == "auto" and tool == "ask_user_on_session":
+            continue  # the 2026-07-28 era has no session stream to ask on
+        token = running.token("acme", name)
+        async with client_for(running.url, token, mode, elicitation_callback=answering(name, elicited)) as c:
+            answers[name] = json.loads(text_of(await c.call_tool(tool, {"topic": "pin"})))["colour"]
+            await c.call_tool("whoami", {})
+    assert answers == {name: f"{name}-secret-colour" for name in answers}
+    assert elicited == list(answers)
+    cache = running.app[SERVICES].cache
+    assert isinstance(cache, ResponseCache)
+    assert {key[5] for key, _ in cache.entries()} == {"whoami"}
+    assert not any(b"secret-colour" in entry.result for _, entry in cache.entries())
+
+
+async def test_a_call_waiting_for_another_users_asked_call_is_not_kept_waiting_for_it(
+    upstreams: dict[str, Any], make_proxy: StartProxy
+) -> None:
+    """bob's identical call joins alice's flight; once the upstream asks alice something, her
+    result will not be stored, so bob goes upstream at once and is asked himself (alice answers
+    only after bob was asked: were bob kept waiting for her flight, neither would finish)."""
+    running = await make_proxy(upstreams, policies={"acme": {"tools": {"cache_ttl_seconds": ASKING_TOOLS}}})
+    bob_asked = asyncio.Event()
+
+    async def alice_answers(context: Any, params: Any) -> ElicitResult:
+        await bob_asked.wait()
+        return ElicitResult(action="accept", content={"colour": "alice-secret-colour"})
+
+    async def bob_answers(context: Any, params: Any) -> ElicitResult:
+        bob_asked.set()
+        return ElicitResult(action="accept", content={"colour": "bob-secret-colour"})
+
+    async def ask(name: str, answer: Any) -> str:
+        token = running.token("acme", name)
+        async with client_for(running.url, token, "legacy", elicitation_callback=answer) as client:
+            return str(json.loads(text_of(await client.call_tool("ask_user", {"topic": "pin"})))["colour"])
+
+    async with asyncio.timeout(30):
+        alice = asyncio.create_task(ask("alice", alice_answers))
+        async with asyncio.timeout(10):
+            while not any("ask_user" in r.text for r in upstreams["acme"].recorder.snapshot()):
+                await asyncio.sleep(0.01)  # alice's call leads the flight
+        bob = await ask("bob", bob_answers)
+        assert (await alice, bob) == ("alice-secret-colour", "bob-secret-colour")

@@ -594,14 +594,20 @@ async def get_and_delete(proxy: RunningProxy, token: str, session_id: str) -> li
     return answers
 
 
-@pytest.mark.parametrize(("tenant", "subject"), [("acme", "mallory"), ("globex", "alice")])
+@pytest.mark.parametrize(
+    ("tenant", "subject"),
+    [("acme", "mallory"), ("globex", "alice"), ("acme", "alice@other-issuer")],  # the last: alice elsewhere
+)
 async def test_get_and_delete_with_someone_elses_session_id_answer_exactly_as_for_an_unknown_id(
     owner_proxy: RunningProxy, own_upstreams: dict[str, Upstream], tenant: str, subject: str
 ) -> None:
     proxy = owner_proxy
     alice = proxy.token("acme", "alice")
     session_id = await initialize(proxy, alice)
-    thief = proxy.token(tenant, subject)
+    if subject.endswith("@other-issuer"):
+        thief = proxy.other_issuer_token(tenant, subject.removesuffix("@other-issuer"))
+    else:
+        thief = proxy.token(tenant, subject)
     never_issued = secrets.token_urlsafe(24)  # the same shape as the proxy's own ids
     assert len(never_issued) == len(session_id)
     before = {t: len(u.recorder.snapshot()) for t, u in own_upstreams.items()}

@@ -185,7 +185,12 @@ async def test_request_state_round_trips_only_for_its_caller(
     before = len(recorder.snapshot())
     retry = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
              "params": {"name": "confirm", "requestState": sealed, "_meta": META}}  # fmt: skip
-    for thief in (running.token("globex", "alice"), running.token("acme", "mallory")):
+    thieves = (
+        running.token("globex", "alice"),
+        running.token("acme", "mallory"),
+        running.other_issuer_token("acme", "alice"),  # alice's subject, from another issuer
+    )
+    for thief in thieves:
         status, _, raw = await running.post(retry, token=thief, headers=HEADERS)
         assert status == 400
         error = json.loads(raw)["error"]
@@ -589,6 +594,9 @@ async def test_recent_activity_shows_the_callers_own_records_and_never_a_planted
         own = (await alice.call_tool("proxy_recent_activity", {"limit": 10})).structured_content["records"]
     assert [r["name"] for r in own if r["method"] == "tools/call"] == ["list_notes"]  # alice's own only
     assert planted not in json.dumps(own)
+    async with client_for(running.url, running.other_issuer_token("acme", "alice")) as elsewhere:
+        theirs = await elsewhere.call_tool("proxy_recent_activity", {"limit": 10})
+    assert [r for r in theirs.structured_content["records"] if r["method"] == "tools/call"] == []
     wide = {**policy, "recent_activity": {**policy["recent_activity"], "scope": "tenant"}}
     shared = await make_proxy(upstreams, policies=dict.fromkeys(TENANTS, wide))
     async with client_for(shared.url, shared.token("acme", "mallory")) as mallory:

@@ -127,6 +127,53 @@ async def test_rewrite_mode_rewrites_inside_the_json_string_and_keeps_it_a_strin
     assert 'mcp_proxy_spoof_attempts_total{rule="tenant_arguments",tenant="acme"} 1.0' in metrics
 
 
+def encoded(document: Any, times: int) -> str:
+    text = json.dumps(document)
+    for _ in range(times - 1):
+        text = json.dumps(text)
+    return text
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_document_json_encoded_twice_is_looked_into_again(
+    share: ShareProxy, shared_upstream: Any, mode: str
+) -> None:
+    """A string whose JSON value is a string holding the document: upstreams that decode until they
+    hold no string read the tenant inside. Refused in reject mode; beyond the nesting bound, refused
+    whatever it names."""
+    running = await share(policy("reject"))
+    async with client_for(running.url, running.token("acme"), mode) as client:
+        for smuggled in (
+            encoded({"tenant_id": "globex"}, 2),
+            "  " + encoded({"q": 1, "tenant_id": "globex"}, 3),
+            encoded({"tenant_id": "acme"}, 4),  # past the bound: refused even naming the caller
+        ):
+            with pytest.raises(MCPError) as refused:
+                await client.call_tool("read_document", {"doc": smuggled})
+            assert refused.value.error.code == -32005
+            assert "doc<json><json>" in refused.value.error.message
+        own = await client.call_tool("read_document", {"doc": encoded({"tenant_id": "acme"}, 2)})
+    assert json.loads(text_of(own))["tenant_id"] == "acme"
+    assert [p["arguments"]["doc"] for _, p in upstream_calls(shared_upstream.recorder, "tools/call")] == [
+        encoded({"tenant_id": "acme"}, 2)
+    ]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_rewrite_mode_rewrites_a_twice_encoded_document_and_encodes_it_back_twice(
+    share: ShareProxy, shared_upstream: Any, mode: str
+) -> None:
+    running = await share(policy("rewrite"))
+    async with client_for(running.url, running.token("acme"), mode) as client:
+        answer = await client.call_tool("read_document", {"doc": encoded({"tenant_id": "globex", "n": 1}, 2)})
+    assert json.loads(text_of(answer))["tenant_id"] == "acme"
+    ((header, params),) = upstream_calls(shared_upstream.recorder, "tools/call")
+    sent = params["arguments"]["doc"]
+    assert header == "acme"
+    assert isinstance(json.loads(sent), str)  # still a string holding a string holding the document
+    assert json.loads(json.loads(sent)) == {"tenant_id": "acme", "n": 1}
+
+
 @pytest.mark.parametrize("mode", MODES)
 async def test_a_nested_model_behind_a_ref_is_hidden_and_filled(
     share: ShareProxy, shared_upstream: Any, mode: str

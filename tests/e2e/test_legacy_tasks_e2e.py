@@ -32,8 +32,8 @@ def legacy_server() -> Iterator[tuple[Upstream, LegacyTasks]]:
 
 
 class Caller:
-    def __init__(self, running: RunningProxy, tenant: str) -> None:
-        self.running, self.token = running, running.token(tenant)
+    def __init__(self, running: RunningProxy, tenant: str, token: str | None = None) -> None:
+        self.running, self.token = running, token or running.token(tenant)
         self.session = ""
         self.ids = 0
 
@@ -86,6 +86,13 @@ async def test_each_caller_sees_its_own_tasks_only_under_the_proxys_ids(
         status, refused = await globex.ask("tasks/result", {"taskId": mine})
         assert (status, refused["error"]["code"]) == (200, -32602)
         assert upstream.recorder.snapshot() == []
+        # acme's alice again, from the tenant's other issuer: another principal, none of her tasks.
+        elsewhere = await Caller(running, "acme", running.other_issuer_token("acme", "alice")).open()
+        for method in ("tasks/get", "tasks/result", "tasks/cancel"):
+            status, refused = await elsewhere.ask(method, {"taskId": mine})
+            assert (status, refused["error"]["code"]) == (200, -32602), (method, refused)
+        status, listed = await elsewhere.ask("tasks/list", {})
+        assert status == 200 and listed["result"]["tasks"] == []
         status, result = await acme.ask("tasks/result", {"taskId": mine})  # waits for the task to finish
         assert status == 200, result
         assert result["result"]["content"][0]["text"] == f"{upstream.canary} acme-work"

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import load_config
@@ -24,6 +25,8 @@ from proxy.http.keys import METRICS_LISTENER, SERVICES
 from proxy.http.server import start_server
 from proxy.ops.reload import reload_config
 from tests.conftest import MCP_ACCEPT, TENANTS, RunningProxy, StartProxy, proxy_config
+from tests.e2e.test_scaleout_e2e import redis_server  # noqa: F401 - a fixture
+from tests.e2e.test_transport_e2e import sse_messages
 from tests.factories import DEV_SECRET, DEV_SECRET_ENV, HANDSHAKE_INITIALIZE
 from tests.upstreams import free_port, start_notes_upstream
 
@@ -393,6 +396,140 @@ async def test_a_result_fetched_under_the_old_config_never_serves_the_new_one(
         assert countdowns() == ["Bearer upstream-secret-acme", "Bearer rotated-secret"]
         assert (await call(running, "acme", "countdown", arguments))[0] == 200
         assert len(countdowns()) == 2  # served from the cache, stored under the new config
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_a_call_in_flight_while_its_tenant_is_removed_stores_nothing_a_readded_tenant_finds(
+    upstreams: dict[str, Any], tmp_path: Path, rsa_keys: Any, request: pytest.FixtureRequest, backend: str
+) -> None:
+    """Attack pass F9: a cached call in flight while a reload removes its tenant; the tenant id is
+    added back (same upstream, same policy); a new call must go upstream, not get the old result."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "cached.yaml").write_text(yaml.safe_dump({"tools": {"cache_ttl_seconds": {"countdown": 60}}}))
+    overrides: dict[str, Any] = {"policies_dir": str(policies), "cache": {"max_bytes": 1 << 20}}
+    if backend == "redis":
+        redis = request.getfixturevalue("redis_server")
+        overrides["state"] = {"backend": "redis", "url": redis.url, "key_prefix": f"f9{os.getpid()}"}
+    arguments = {"n": 3, "delay": 0.2}
+
+    def countdowns() -> int:
+        return sum(
+            '"name":"countdown"' in r.text.replace(" ", "") for r in upstreams["acme"].recorder.snapshot()
+        )
+
+    async with reloadable_proxy(upstreams, tmp_path, rsa_keys, **overrides) as (running, data, path):
+        data["tenants"]["acme"]["policy"] = "cached"
+        write_config(path, data)
+        assert await asyncio.wait_for(reload_config(running.app), 2)
+        old_call = asyncio.create_task(call(running, "acme", "countdown", arguments))
+        async with asyncio.timeout(10):
+            while countdowns() == 0:  # the call has reached the upstream
+                await asyncio.sleep(0.01)
+        removed = json.loads(json.dumps(data))
+        removed["tenants"].pop("acme")
+        write_config(path, removed)
+        assert await asyncio.wait_for(reload_config(running.app), 2)
+        write_config(path, data)  # acme again, as it was
+        assert await asyncio.wait_for(reload_config(running.app), 2)
+        await old_call  # it finishes on the runtime it began on
+        shared = running.app[SERVICES].shared
+        if shared is not None:
+            await shared.written()  # whatever it would have stored has landed
+        assert (await call(running, "acme", "countdown", arguments))[0] == 200
+        assert countdowns() == 2  # asked upstream again: nothing of the removed tenant's was found
+        assert (await call(running, "acme", "countdown", arguments))[0] == 200
+        assert countdowns() == 2  # and the new answer is cached as usual
+
+
+class HeldStreams:
+    """An upstream that answers every 2026-07-28 request with an SSE stream it holds open: one log
+    message at once, more each time `emit` is called, and no answer, as a listen stream or a long
+    call that keeps reporting does."""
+
+    def __init__(self) -> None:
+        self.streams: list[web.StreamResponse] = []
+        self.done = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        message = json.loads(await request.read())
+        if message.get("method") == "server/discover":
+            result = {"supportedVersions": ["2026-07-28"], "capabilities": {}, "serverInfo": {"name": "held"}}
+            return web.json_response({"jsonrpc": "2.0", "id": message["id"], "result": result})
+        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await stream.prepare(request)
+        self.streams.append(stream)
+        await self.send(stream, "before the reload")
+        await self.done.wait()
+        return stream
+
+    @staticmethod
+    async def send(stream: web.StreamResponse, text: str) -> None:
+        note = {
+            "jsonrpc": "2.0",
+            "method": "notifications/message",
+            "params": {"level": "info", "data": text},
+        }
+        await stream.write(f"event: message\ndata: {json.dumps(note)}\n\n".encode())
+
+    async def emit(self, text: str) -> None:
+        for stream in self.streams:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.send(stream, text)
+
+
+@pytest.mark.parametrize("method", ["subscriptions/listen", "tools/call"])
+async def test_a_removed_tenants_streams_end_at_once_and_relay_nothing_more(
+    tmp_path: Path, rsa_keys: Any, method: str
+) -> None:
+    """Attack pass F8: a tenant holding a subscriptions/listen stream (or a long call's SSE stream)
+    is removed by a reload; the upstream goes on sending. The stream ends at once with the answer a
+    new request would get (-32003), and nothing the upstream sent after the removal reaches it."""
+    upstream = HeldStreams()
+    app = web.Application()
+    app.router.add_post("/mcp", upstream.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.2)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}/mcp"
+    params: dict[str, Any] = {"_meta": META}
+    headers = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": method}
+    if method == "tools/call":
+        params.update(name="long_report", arguments={})
+        headers["Mcp-Name"] = "long_report"
+    else:
+        params["notifications"] = {"resourcesListChanged": True}
+    body = {"jsonrpc": "2.0", "id": 5, "method": method, "params": params}
+    try:
+        async with reloadable_proxy({"acme": url, "globex": url}, tmp_path, rsa_keys) as (
+            running,
+            data,
+            path,
+        ):
+            headers.update(Accept=MCP_ACCEPT, Authorization=f"Bearer {running.token('acme')}")
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(running.url, json=body, headers=headers) as held,
+            ):
+                assert held.status == 200
+                messages = sse_messages(held)
+                first = await asyncio.wait_for(anext(messages), 10)
+                assert first["params"]["data"] == "before the reload"
+                removed = json.loads(json.dumps(data))
+                removed["tenants"].pop("acme")
+                write_config(path, removed)
+                assert await asyncio.wait_for(reload_config(running.app), 2)
+                await upstream.emit("after the reload")
+                async with asyncio.timeout(10):  # the upstream never ends it: only the proxy can
+                    rest = [message async for message in messages]
+        assert rest == [
+            {"jsonrpc": "2.0", "id": 5,
+             "error": {"code": -32003, "message": "Forbidden: this tenant is no longer served"}}
+        ]  # fmt: skip
+    finally:
+        upstream.done.set()
+        await runner.cleanup()
 
 
 async def test_a_reload_forgets_verified_tokens(

@@ -53,12 +53,14 @@ async def send(
     tenant: str = "acme",
     sub: str = "alice",
     name: str | None = None,
+    token: str | None = None,
 ) -> tuple[int, dict[str, Any]]:
     body = {"jsonrpc": "2.0", "id": 7, "method": method, "params": {**params, "_meta": WITH_TASKS}}
     headers = {"MCP-Protocol-Version": MODERN, "Mcp-Method": method}
     if name is not None:
         headers["Mcp-Name"] = name
-    status, _, raw = await running.post(body, token=running.token(tenant, sub), headers=headers)
+    token = token or running.token(tenant, sub)
+    status, _, raw = await running.post(body, token=token, headers=headers)
     return status, json.loads(raw)
 
 
@@ -103,13 +105,13 @@ async def test_a_task_answers_its_caller_and_is_unknown_to_everyone_else(
     assert tasks_server.canary in done["result"]["content"][0]["text"]
     tasks_server.recorder.clear()
 
-    async def refused_everywhere(tenant: str, sub: str, presented: str) -> None:
+    async def refused_everywhere(tenant: str, sub: str, presented: str, token: str | None = None) -> None:
         """Exactly the answer of an unknown task, whatever the method, and no upstream call."""
         for method in ("tasks/get", "tasks/cancel", "tasks/update"):
             params: dict[str, Any] = {"taskId": presented}
             if method == "tasks/update":
                 params["inputResponses"] = {}
-            status, answer = await send(shared, method, params, tenant, sub, name=presented)
+            status, answer = await send(shared, method, params, tenant, sub, presented, token)
             assert tasks_server.canary not in json.dumps(answer)
             assert (status, answer.get("error")) == (
                 400,
@@ -119,6 +121,8 @@ async def test_a_task_answers_its_caller_and_is_unknown_to_everyone_else(
 
     await refused_everywhere("globex", "alice", task_id)  # another tenant on the same upstream
     await refused_everywhere("acme", "mallory", task_id)  # another user of the same tenant
+    # The same tenant and subject from another issuer of the tenant: another principal.
+    await refused_everywhere("acme", "alice", task_id, shared.other_issuer_token("acme", "alice"))
     altered = task_id[:-2] + ("BB" if task_id.endswith("AA") else "AA")
     await refused_everywhere("acme", "alice", altered)
     await refused_everywhere("acme", "alice", "t1.bm9wZQ.AAAAAAAAAAAAAAAAAAAAAAAA")  # forged
@@ -245,5 +249,7 @@ async def test_a_task_started_on_one_replica_is_followed_on_the_other_by_its_cal
     assert tasks_server.canary in got["result"]["result"]["content"][0]["text"]
     refused = await send_to(replicas.b.url, "tasks/get", {"taskId": task_id}, "globex")
     assert refused["error"]["code"] == -32602
-    owner = ("acme", "alice", f"http:{tasks_server.url}")
+    owner = ("acme", '["dev","alice"]', f"http:{tasks_server.url}")  # the principal: issuer and subject
     assert await replicas.b.services.tasks.owned(owner) == {upstream_id_in(task_id)}  # whose it is, shared
+    elsewhere = ("acme", '["https://rsa.idp.test","alice"]', owner[2])  # alice from another issuer
+    assert await replicas.b.services.tasks.owned(elsewhere) == frozenset()

@@ -582,3 +582,43 @@ def test_null_arguments_are_filled_like_absent_ones() -> None:
     params: dict[str, Any] = {"name": "list_notes", "arguments": None}
     decision = evaluate(REJECT, "acme", "tools/call", params, SCHEMA_PATHS)
     assert apply(params, decision)["arguments"] == {"tenant_id": "acme"}
+
+
+def test_a_document_encoded_twice_is_looked_into_wherever_strings_are() -> None:
+    """A string whose JSON value is a string holding a document (F11): arguments, completion values
+    and context, MRTR inputResponses and answers to server-to-client requests alike."""
+    from proxy.layers.data_access.engine import evaluate_answer
+
+    twice = json.dumps(json.dumps({"tenant_id": "globex"}))
+    ref = {"type": "ref/prompt", "name": "anything"}
+    requests: list[tuple[str, dict[str, Any]]] = [
+        ("tools/call", {"name": "read_document", "arguments": {"doc": twice}}),
+        ("prompts/get", {"name": "p", "arguments": {"doc": twice}}),
+        ("completion/complete", {"ref": ref, "argument": {"name": "q", "value": twice}}),
+        (
+            "completion/complete",
+            {"ref": ref, "argument": {"name": "q"}, "context": {"arguments": {"d": twice}}},
+        ),
+        ("tools/call", {"name": "b", "inputResponses": {"who": {"content": {"doc": twice}}}}),
+    ]
+    for method, params in requests:
+        refused = evaluate(REJECT, "acme", method, params)
+        assert (refused.action, refused.spoof) == (Action.DENY, True), (method, params)
+        assert refused.argument is not None and "<json><json>.tenant_id" in refused.argument
+        rewritten = apply(params, evaluate(REWRITE, "acme", method, copy.deepcopy(params)))
+        assert "globex" not in json.dumps(rewritten) and "acme" in json.dumps(rewritten)
+    answer = {"jsonrpc": "2.0", "id": 3, "result": {"content": {"type": "text", "text": twice}}}
+    assert evaluate_answer(REJECT, "acme", answer).action is Action.DENY
+    own = json.dumps(json.dumps({"tenant_id": "acme"}))
+    assert evaluate(REJECT, "acme", "tools/call", {"name": "t", "arguments": {"doc": own}}) == UNCHANGED
+    plain = {"name": "t", "arguments": {"doc": json.dumps("just text"), "n": '"{not json"'}}
+    assert evaluate(REJECT, "acme", "tools/call", plain) == UNCHANGED
+
+
+def test_rewriting_a_document_encoded_twice_encodes_it_back_twice() -> None:
+    params = {"name": "t", "arguments": {"doc": json.dumps(json.dumps({"tenant_id": "globex", "n": [1]}))}}
+    sent = apply(params, evaluate(REWRITE, "acme", "tools/call", copy.deepcopy(params)))["arguments"]["doc"]
+    assert json.loads(json.loads(sent)) == {"tenant_id": "acme", "n": [1]}
+    nested = json.dumps(json.dumps(json.dumps(json.dumps({"tenant_id": "acme"}))))  # past the bound
+    too_deep = evaluate(REJECT, "acme", "tools/call", {"name": "t", "arguments": {"doc": nested}})
+    assert too_deep.action is Action.DENY

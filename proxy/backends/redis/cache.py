@@ -16,9 +16,11 @@ Unreachable Redis: a lookup is a miss (the upstream answers), a store or invalid
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
+from typing import Any
 
 from proxy.backends.redis.client import RedisState, StateUnavailable
 from proxy.layers.cache.store import ENTRY_OVERHEAD_BYTES, CacheKey, SingleFlight
@@ -116,6 +118,16 @@ class RedisResponseCache(SingleFlight):
     def invalidate(self, tenant: str, methods: Iterable[str] | None = None, name: str | None = None) -> int:
         self.state.spawn("cache_invalidate", self._invalidate(tenant, methods, name))
         return 0
+
+    def retire(self, tenant: str) -> None:
+        self._next_generation(tenant)
+        stores = self.state.writes_in_flight()  # a store spawned before may land after a purge
+        self.state.spawn("cache_invalidate", self._after(stores, self._invalidate(tenant, None, None)))
+
+    async def _after(self, stores: set[asyncio.Task[Any]], purge: Awaitable[int]) -> int:
+        if stores:
+            await asyncio.wait(stores, timeout=self.state.timeout_seconds * 2)
+        return await purge
 
     async def flush(self, tenant: str) -> int:
         """Every entry of the tenant, on every replica, dropped now (StateUnavailable: not done)."""

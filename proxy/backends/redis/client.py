@@ -197,6 +197,10 @@ class RedisState:
             return False
         return True
 
+    def writes_in_flight(self) -> set[asyncio.Task[Any]]:
+        """The writes spawned so far and not finished (a purge waits for the stores among them)."""
+        return set(self._tasks)
+
     def flush_deferred(self) -> None:
         """Send the writes deferred to the end of this event-loop turn now."""
         if self._deferred:

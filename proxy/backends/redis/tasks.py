@@ -1,6 +1,6 @@
 """Whose tasks the upstream's task ids are, shared by the replicas (state.backend: redis).
 
-    <prefix>:{<tenant>}:tasks:<digest of subject and upstream>   sorted set: upstream task ids by
+    <prefix>:{<tenant>}:tasks:<digest of principal and upstream> sorted set: upstream task ids by
                                                                   creation time, the newest 1024,
                                                                   expiring a day after the last one
 

@@ -35,6 +35,16 @@ class Cache(Protocol):
         """Drop every entry of the tenant now (an operator's flush); returns how many went."""
         ...
 
+    def retire(self, tenant: str) -> None:
+        """A reload removed or changed the tenant: a new generation begins (answers of exchanges
+        begun before it are not stored), and the tenant's entries are dropped once no store of the
+        old generation can land after the drop."""
+        ...
+
+    def generation(self, tenant: str) -> int:
+        """The tenant's generation now (`retire` starts the next one)."""
+        ...
+
     def join(self, key: CacheKey) -> asyncio.Future[bytes | None] | None:
         """A leader's pending result to wait for, or None: the caller leads and must `settle`."""
         ...

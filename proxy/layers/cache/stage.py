@@ -2,7 +2,13 @@
 
 lookup       Around: a hit answers at once; a miss leads the flight for its key (identical
              calls of the same tenant wait for it) and settles it however the exchange ends
-store        response hook: a cacheable answer goes in, and its followers get it at once
+store        response hook: a cacheable answer goes in, and its followers get it at once, unless
+             the caller's session relayed or answered a server-to-client request meanwhile
+             (an elicitation answer, a sampled message: the result may be that user's alone;
+             followers then go upstream themselves), or a reload removed or changed the
+             tenant since the exchange began (its generation moved on)
+forgo        response hook: a server-to-client request on the exchange's stream lets its
+             followers go upstream at once (they are not kept waiting for a result never stored)
 invalidate   response hook: list_changed and resources/updated drop the tenant's copies
 """
 
@@ -21,6 +27,8 @@ NO_STORE = {"Cache-Control": "no-store"}
 _PLAN = "cache.plan"
 INVALIDATING = (*LIST_CHANGED, "notifications/resources/updated")  # notifications invalidate handles
 _FLIGHT = "cache.flight"
+_SERVER_REQUESTS = "cache.server_requests"  # the session's count when the flight began
+_GENERATION = "cache.generation"  # the tenant's generation then (a reload that changes it: a new one)
 
 
 class Lookup(Around[Request]):
@@ -64,6 +72,8 @@ class Lookup(Around[Request]):
             return False
         call.cache_state = "miss"
         call.slots[_FLIGHT] = plan.flight_key
+        call.slots[_SERVER_REQUESTS] = _server_requests(call)
+        call.slots[_GENERATION] = cache.generation(call.ctx.tenant)
         return True
 
     def leave(self, call: Request, failure: BaseException | None) -> None:
@@ -73,6 +83,12 @@ class Lookup(Around[Request]):
 
 
 lookup = Lookup()
+
+
+def _server_requests(call: Call) -> int:
+    """How many server-to-client requests the caller's session has relayed or answered so far (a
+    2026-07-28 exchange has none: its input_required results are never stored)."""
+    return call.session.server_requests if call.session is not None else 0
 
 
 def _answer_from_cache(call: Request, result: bytes) -> Reply:
@@ -88,6 +104,10 @@ def store(call: Call, message: ServerMessage) -> ServerMessage | None:
     plan: CachePlan | None = call.slots.get(_PLAN)
     if message.kind is not ServerKind.ANSWER or cache is None or plan is None:
         return message
+    if _server_requests(call) != call.slots.get(_SERVER_REQUESTS):
+        return message  # the user answered the upstream meanwhile: the result may be theirs alone
+    if cache.generation(call.ctx.tenant) != call.slots.get(_GENERATION):
+        return message  # a reload removed or changed the tenant meanwhile: an old config's answer
     result = message.body.get("result")
     target = plan.store_key_and_ttl(result) if isinstance(result, dict) else None
     if target is None:
@@ -97,6 +117,15 @@ def store(call: Call, message: ServerMessage) -> ServerMessage | None:
         flight: CacheKey | None = call.slots.pop(_FLIGHT, None)
         if flight is not None:
             cache.settle(flight, raw)
+    return message
+
+
+def forgo(call: Call, message: ServerMessage) -> ServerMessage | None:
+    """The upstream asks this exchange's caller something: its result may be theirs alone and will
+    not be stored, so identical calls waiting for it go upstream themselves now."""
+    flight: CacheKey | None = call.slots.pop(_FLIGHT, None)
+    if flight is not None and call.services.cache is not None:
+        call.services.cache.settle(flight, None)
     return message
 
 

@@ -88,10 +88,21 @@ def tenant_budget(max_bytes: int, max_entry_bytes: int, per_tenant: int | None, 
 
 class SingleFlight:
     """Concurrent identical misses share one upstream call (per process: a flight never spans
-    replicas, and a key always holds its tenant, so tenants never share one)."""
+    replicas, and a key always holds its tenant, so tenants never share one).
+
+    Also each tenant's generation: a reload that removes or changes a tenant starts a new one
+    (`retire`), and an answer is stored only under the generation its exchange began in, so a call
+    in flight across the reload cannot store the old configuration's result after the purge."""
 
     def __init__(self) -> None:
         self._in_flight: dict[CacheKey, asyncio.Future[bytes | None]] = {}
+        self._generations: dict[str, int] = {}
+
+    def generation(self, tenant: str) -> int:
+        return self._generations.get(tenant, 0)
+
+    def _next_generation(self, tenant: str) -> None:
+        self._generations[tenant] = self.generation(tenant) + 1
 
     def join(self, key: CacheKey) -> asyncio.Future[bytes | None] | None:
         """A leader's pending result to wait for, or None: then the caller leads and must `settle`."""
@@ -211,6 +222,11 @@ class ResponseCache(SingleFlight):
 
     async def flush(self, tenant: str) -> int:
         return self.invalidate(tenant)
+
+    def retire(self, tenant: str) -> None:
+        """The tenant was removed or changed by a reload: a new generation, its entries gone."""
+        self._next_generation(tenant)
+        self.invalidate(tenant)
 
 
 def hinted_ttl(result: Any) -> tuple[float, bool] | None:

@@ -126,10 +126,20 @@ def _decode_document(text: str, names: frozenset[str], budget: _DocumentBudget) 
     Python's and JavaScript's parsers keep the last of duplicate keys: a duplicated tenant argument
     becomes a value no tenant can match. A document Python refuses only for its number limits
     (JavaScript reads it) is looked into with those numbers stood in for, and cannot be rewritten.
-    (None, True) when the string is not a JSON object or array."""
+    A JSON string literal (a document JSON-encoded once more) decodes to the string it holds, which
+    the caller looks into again. (None, True) when the string is not a JSON object, array or string.
+    """
     stripped = text.strip()
-    if not stripped or stripped[0] not in "{[":
+    if not stripped or stripped[0] not in '{["':
         return None, True
+    if stripped[0] == '"':
+        if budget.left < 0:
+            raise _Undecidable()
+        try:  # a string literal has no structure to bound: decoding it is linear in its length
+            literal = json.loads(stripped)
+        except ValueError:
+            return None, True
+        return (literal if isinstance(literal, str) else None), True
 
     def pairs(items: list[tuple[str, Any]]) -> JsonObject:
         result: JsonObject = {}
@@ -273,6 +283,11 @@ class _ArgumentWalk:
         if level >= MAX_JSON_NESTING:
             self.too_deep = self.too_deep or path
             return None
+        if isinstance(document, str):
+            # Encoded once more (`"{\"tenant_id\": ...}"`): upstreams that decode until they hold no
+            # string read the document inside. Rewritten, it is encoded back as many times.
+            inner_text = self._string(document, (*path, JSON_STRING), schemas, level + 1)
+            return None if inner_text is None else _serialise_document(inner_text)
         # A document the schema did not ask for is only looked into: nothing is filled in it.
         inner = _ArgumentWalk(self.tenant, self.names, self.index if decoded_by_schema else None,
                               self.rewrite, self.sniff, self.budget)  # fmt: skip

@@ -68,8 +68,11 @@ class ToolsSpec(StrictModel):
     )
     cache_ttl_seconds: dict[str, float] = Field(
         default_factory=dict,
-        description="Tool name -> seconds its tools/call results are cached, per tenant and principal "
-        "(never errors); a tool not named here is never cached by tool.",
+        description="Tool name -> seconds its tools/call results are cached. One entry per tenant, shared "
+        "by all the tenant's users (whatever their issuer and subject): name only tools whose result "
+        "does not depend on who calls. Never stored: errors, isError, input_required and task results, "
+        "and a result whose exchange involved a server-to-client request (elicitation, sampling, "
+        "roots). A tool not named here is never cached by tool.",
     )
 
     @field_validator("cache_ttl_seconds")

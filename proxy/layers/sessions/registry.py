@@ -56,6 +56,9 @@ class Session:
     forwarded: OrderedDict[RequestId, Message] = field(default_factory=OrderedDict)
     # Those of them the client cancelled (notifications/cancelled): how they end is its doing.
     cancelled: set[RequestId] = field(default_factory=set)
+    # Server-to-client requests relayed or answered on this session so far: an exchange during which
+    # this changes may have been shaped by the user's answers, and its result is not cached.
+    server_requests: int = 0
     get_stream_open: bool = False
     busy: int = 0  # requests in flight: a session answering one is never idle
     ended: asyncio.Event | None = None  # set when the session is removed: its GET stream ends too
@@ -111,12 +114,14 @@ class Session:
         return self.post_streams.get(origin[1]) if origin is not None and origin[1] is not None else None
 
     def expect_answer(self, request_id: RequestId) -> None:
+        self.server_requests += 1
         self.pending_server_requests[request_id] = None
         if len(self.pending_server_requests) > MAX_PENDING_SERVER_REQUESTS:
             self.pending_server_requests.popitem(last=False)
 
     def take_answer(self, request_id: RequestId) -> bool:
         """True (and forgotten) when request_id is a server request this session still owes an answer."""
+        self.server_requests += 1  # (also one another replica relayed)
         return self.pending_server_requests.pop(request_id, False) is None
 
     def forward(self, request: Message) -> None:

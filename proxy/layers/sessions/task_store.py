@@ -4,7 +4,7 @@ A task id is a bearer token at the upstream (servers such as FastMCP keep every 
 caller's tasks in one space), and an upstream may be shared by tenants. So a client only ever sees
 the proxy's id for a task, issued to it alone:
 
-    t1.<upstream id, base64url>.<HMAC-SHA256 over (tenant, subject, upstream, upstream id), 144 bits>
+    t1.<upstream id, base64url>.<HMAC-SHA256 over (tenant, principal, upstream, upstream id), 144 bits>
 
 under the key requestState is sealed with (the replicas' common key with state.backend: redis).
 It opens only for the caller it was issued to, on the same upstream: any other caller, a reload
@@ -25,7 +25,7 @@ from typing import Final
 
 from proxy.layers.containment.request_state import RequestStateSeal
 
-Owner = tuple[str, str, str]  # (tenant, subject, upstream identity)
+Owner = tuple[str, str, str]  # (tenant, principal: issuer and subject, upstream identity)
 PREFIX: Final = "t1."
 MAX_UPSTREAM_ID_BYTES: Final = 512
 MAX_TASKS_PER_OWNER: Final = 1024

@@ -9,7 +9,7 @@
         notifications/tasks/status on the session's streams
 
 Clients see only the proxy's task ids, the upstream only its own (task_store.py: an id bound to
-the caller's tenant, subject and upstream). In the flow:
+the caller's tenant, principal (issuer and subject) and upstream). In the flow:
 
     resolve    stage: a task request names one of the caller's tasks, or gets exactly the answer of
                an unknown task (-32602) without an upstream call; the upstream gets its own id
@@ -64,7 +64,7 @@ _SENT_SOON: set[asyncio.Task[None]] = set()
 
 
 def owner_of(call: Call) -> Owner:
-    return (call.ctx.tenant, call.ctx.subject, call.tenant.upstream.identity)
+    return (call.ctx.tenant, call.ctx.principal, call.tenant.upstream.identity)
 
 
 def _proxy_id(call: Call, upstream_id: str) -> str:
