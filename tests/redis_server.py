@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -65,3 +66,14 @@ class RedisServer:
             self.process.kill()
             self.process.wait(timeout=10)
         self.process = None
+
+
+def started_redis_server() -> Iterator[RedisServer]:
+    """A redis-server of its own while a fixture is active: `yield from` it in a fixture of the
+    scope the tests want."""
+    server = RedisServer(require_redis_server())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -23,7 +23,7 @@ import yaml
 
 from tests.conftest import StartProxy
 from tests.e2e.test_transport_e2e import call_body, initialize, modern_headers
-from tests.redis_server import RedisServer, require_redis_server
+from tests.redis_server import RedisServer, started_redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus-rules.yaml"
@@ -97,12 +97,7 @@ def unexported(expressions: dict[str, str], exported: set[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer(require_redis_server())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from started_redis_server()
 
 
 async def scraped(make_proxy: StartProxy, upstreams: dict[str, Any], redis: RedisServer) -> str:

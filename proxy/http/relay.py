@@ -391,12 +391,7 @@ async def relay_get(call: Call, hooks: Hooks) -> Reply:
     if session.ended is None:
         session.ended = asyncio.Event()
     try:
-        response = await call.upstream.send(UpstreamRequest("GET", headers))
-        try:
-            await _check_get_answer(call, response)
-            return await _relay_get_stream(call, response, hooks, None)
-        finally:
-            response.close()
+        return await _upstream_get(call, headers, hooks, None)
     finally:
         session.get_stream_open = False
 
@@ -423,15 +418,22 @@ async def _resume_post_stream(
         session.ended = asyncio.Event()
     session.busy += 1  # a session waiting for an answer is never idle
     try:
-        response = await call.upstream.send(UpstreamRequest("GET", headers))
-        try:
-            await _check_get_answer(call, response)
-            return await _relay_get_stream(call, response, hooks, resumed)
-        finally:
-            response.close()
+        return await _upstream_get(call, headers, hooks, resumed)
     finally:
         session.busy -= 1
         session.last_seen = time.monotonic()
+
+
+async def _upstream_get(
+    call: Call, headers: dict[str, str], hooks: Hooks, resumed: PostStream | None
+) -> Reply:
+    """The session's GET upstream (its own stream, or a POST stream resumed), relayed to the client."""
+    response = await call.upstream.send(UpstreamRequest("GET", headers))
+    try:
+        await _check_get_answer(call, response)
+        return await _relay_get_stream(call, response, hooks, resumed)
+    finally:
+        response.close()
 
 
 async def _check_get_answer(call: Call, response: UpstreamResponse) -> None:

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.ops.runtime_metrics import LAG_INTERVAL_SECONDS
 from tests.conftest import RunningProxy, StartProxy
 from tests.e2e.test_transport_e2e import _get_headers, call_body, initialize, modern_headers
-from tests.redis_server import RedisServer, require_redis_server
+from tests.redis_server import RedisServer, started_redis_server
 
 pytestmark = pytest.mark.e2e
 
@@ -113,12 +113,7 @@ async def test_answers_are_counted_by_http_status_class(
 
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer(require_redis_server())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from started_redis_server()
 
 
 async def test_redis_round_trips_are_timed_by_operation(

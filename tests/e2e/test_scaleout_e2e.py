@@ -36,7 +36,7 @@ from proxy.runtime import Services
 from proxy.types import TenantContext
 from tests.conftest import MCP_ACCEPT, TENANTS, RunningProxy, proxy_config
 from tests.factories import RsaKeys, token
-from tests.redis_server import RedisServer, require_redis_server
+from tests.redis_server import RedisServer, started_redis_server
 from tests.upstreams import free_port
 
 pytestmark = pytest.mark.e2e
@@ -58,12 +58,7 @@ MODERN_META = {
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer(require_redis_server())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from started_redis_server()
 
 
 @dataclass
