@@ -238,3 +238,34 @@ async def test_the_upstreams_own_faults_still_open_the_circuit(make_proxy: Start
         statuses.append(status)
     assert statuses == [502, 502, 503]
     assert breaker(running).breaker.is_open
+
+
+async def test_one_users_timeouts_never_shut_the_tenants_other_users_out(
+    make_proxy: StartProxy, upstreams: dict[str, Any]
+) -> None:
+    """A caller chooses how long its call runs (a long search, an export): timeouts of one user's
+    calls do not open the tenant's circuit; timeouts of two users' calls do (the control)."""
+    slow_upstream = {"url": upstreams["acme"].url, "read_timeout_seconds": 0.3}
+    running = await make_proxy(
+        {"acme": upstreams["acme"].url, "globex": upstreams["globex"].url},
+        tenants={"acme": {"upstream": slow_upstream}},
+        limits=LIMITS,
+    )
+    slow = call_body("countdown", {"n": 1, "delay": 3})
+    headers = modern_headers("tools/call", "countdown")
+
+    async def timed_out(sub: str) -> None:
+        status, _, answer = await running.post(slow, token=running.token(sub=sub), headers=headers)
+        assert b"-32011" in answer, (status, answer)
+
+    for _ in range(ATTEMPTS):
+        await timed_out("mallory")
+    assert not breaker(running).breaker.is_open
+    whoami = call_body("whoami", {})
+    status, _, answer = await running.post(
+        whoami, token=running.token(sub="bob"), headers=modern_headers("tools/call", "whoami")
+    )
+    assert status == 200 and b"-32012" not in answer, answer
+    await timed_out("mallory")
+    await timed_out("carol")  # another user's call times out as well: the upstream is slow for all
+    assert breaker(running).breaker.is_open

@@ -39,6 +39,21 @@ def test_breaker_opens_fails_fast_half_opens_and_closes() -> None:
     assert breaker.admit(23) == 0.0
 
 
+def test_one_principals_timeouts_never_open_the_breaker_two_principals_do() -> None:
+    """A call's length follows its arguments: one user's slow calls are not the upstream failing."""
+    breaker = CircuitBreaker(threshold=2, open_seconds=10)
+    for now in range(5):
+        breaker.record(False, now, timed_out="mallory")
+    assert not breaker.is_open
+    breaker.record(False, 6, timed_out="bob")  # a second user's call timed out too
+    assert breaker.is_open
+    breaker.record(True, 17)
+    assert not breaker.is_open
+    breaker.record(False, 18, timed_out="mallory")
+    breaker.record(False, 19)  # any other fault counts as before
+    assert breaker.is_open
+
+
 def test_tenant_limits_refuse_with_the_right_error_and_release_slots() -> None:
     limits = TenantLimits(LimitsConfig(max_concurrent=1, circuit_failures=1))
     limits.admit()

@@ -4,7 +4,8 @@ tenant's circuit breaker around the upstream call.
 
 The breaker learns only the upstream's own faults (`Call.upstream_fault`, set by the relay:
 unreachable, 5xx, timeout, malformed or missing answer, a crashed child). A client that goes away
-or cancels teaches it nothing, nor does an answer the upstream did give (a 4xx, a JSON-RPC error).
+or cancels teaches it nothing, nor does an answer the upstream did give (a 4xx, a JSON-RPC error);
+timeouts open it only when more than one principal's calls timed out (limiter.CircuitBreaker).
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ class Circuit(Around[Request]):
         if not limits.settings.circuit_failures:
             return
         if fault is not None:
-            limits.breaker.record(not fault, time.monotonic())
+            timed_out = call.ctx.principal if fault and call.error_code == UpstreamTimeout.code else None
+            limits.breaker.record(not fault, time.monotonic(), timed_out)
         elif call.slots.pop(
             _TRIAL, False
         ):  # the trial ended without a verdict (client gone): another may try
