@@ -31,7 +31,7 @@ from starlette.routing import Route
 from tests.upstreams import Recorder, Upstream, UpstreamThread, free_port
 
 
-def start_fastmcp_tasks(runner: UpstreamThread, canary: str) -> Upstream:
+def start_fastmcp_tasks(runner: UpstreamThread, canary: str, stateless: bool = False) -> Upstream:
     server = FastMCP("tasks-upstream")
     server.add_extension(TasksExtension(url="memory://"))
 
@@ -56,7 +56,7 @@ def start_fastmcp_tasks(runner: UpstreamThread, canary: str) -> Upstream:
         content = getattr(answer, "content", None) or {}
         return f"{canary} hello {content.get('name')}"
 
-    recorder = Recorder(server.http_app())
+    recorder = Recorder(server.http_app(stateless_http=stateless or None))
     port = free_port()
     runner.serve(recorder, port)
     return Upstream("tasks", canary, port, recorder)

@@ -33,6 +33,7 @@ from proxy.bridge.shapes import (
     modern_envelope,
     reverse_session_state,
     reverse_session_token,
+    without_tasks,
 )
 from proxy.layers.data_access.catalog import Catalog
 from proxy.protocol.errors import UpstreamError
@@ -128,6 +129,9 @@ class ReverseBridge:
         if method in NOT_BRIDGED:
             return Answered.error(200, request_id, -32601, f"Method not found: {method} is not bridged to "
                                   "this tenant's 2026-07-28 MCP server")  # fmt: skip
+        params = body.get("params")
+        if isinstance(params, dict) and "task" in params:  # (no task capability was offered: see shapes)
+            body = {**body, "params": {key: value for key, value in params.items() if key != "task"}}
         return await self.calls.start(token, body, self._envelope(token), request.principal)
 
     async def sweep(self) -> None:
@@ -158,6 +162,8 @@ class ReverseBridge:
         if not isinstance(result, dict):  # it refused initialize: the session is answered from discover
             discover = await self._discover(token, request.principal)
             result = initialize_result(params.get("protocolVersion"), discover)
+        elif isinstance(result.get("capabilities"), dict):
+            result = {**result, "capabilities": without_tasks(result["capabilities"])}
         return Answered.result(body.get("id"), result, session_id=token)
 
     async def _discover(self, token: str, principal: str | None) -> JsonObject:

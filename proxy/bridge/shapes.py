@@ -18,6 +18,7 @@ from typing import Any, Final
 
 from proxy.bridge.declared import Declared
 from proxy.layers.cache.store import HINTED_METHODS
+from proxy.layers.containment.extensions import TASKS_EXTENSION
 from proxy.protocol.headers import CLIENT_CAPABILITIES_META, PROTOCOL_VERSION_META
 from proxy.types import HANDSHAKE_VERSIONS, LATEST_MODERN_VERSION, JsonObject
 
@@ -185,10 +186,21 @@ def reverse_session_state(token: str | None) -> tuple[JsonObject, JsonObject] | 
     return state["c"], info if isinstance(info, dict) else dict(PROXY_CLIENT_INFO)
 
 
+def without_tasks(capabilities: JsonObject) -> JsonObject:
+    """Capabilities (a client's or a server's) without tasks: task handles are not bridged, so
+    neither side is told the other can use them (an upstream told so answers plain calls with a
+    task the handshake client could never get or cancel)."""
+    kept = {key: value for key, value in capabilities.items() if key != "tasks"}
+    extensions = kept.get("extensions")
+    if isinstance(extensions, dict) and TASKS_EXTENSION in extensions:
+        kept["extensions"] = {name: value for name, value in extensions.items() if name != TASKS_EXTENSION}
+    return kept
+
+
 def modern_envelope(capabilities: JsonObject, client_info: JsonObject, log_level: str | None) -> JsonObject:
     meta: JsonObject = {
         PROTOCOL_VERSION_META: LATEST_MODERN_VERSION,
-        CLIENT_CAPABILITIES_META: capabilities,
+        CLIENT_CAPABILITIES_META: without_tasks(capabilities),
         CLIENT_INFO_META: client_info,
     }
     if log_level is not None:
@@ -209,7 +221,7 @@ def initialize_result(requested: Any, discover: JsonObject) -> JsonObject:
     server_info = meta_of(discover).get(SERVER_INFO_META)
     result: JsonObject = {
         "protocolVersion": version,
-        "capabilities": capabilities if isinstance(capabilities, dict) else {},
+        "capabilities": without_tasks(capabilities) if isinstance(capabilities, dict) else {},
         "serverInfo": server_info
         if isinstance(server_info, dict)
         else {"name": "mcp-server", "version": "unknown"},

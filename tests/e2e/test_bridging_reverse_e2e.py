@@ -126,3 +126,51 @@ async def test_each_session_kept_by_the_proxy_is_its_callers_alone(
     status, _, _ = await running.post(body, token=bob, headers=session_headers(sessions["alice"]))
     assert status == 404  # alice's session is not bob's
     assert len(calls(stateless)) == 2
+
+
+@pytest.fixture(scope="module")
+def stateless_tasks_server(upstream_runner: Any) -> Any:
+    from tests.task_upstreams import start_fastmcp_tasks
+
+    return start_fastmcp_tasks(upstream_runner, f"CANARY-acme-{secrets.token_hex(4)}", stateless=True)
+
+
+async def test_a_legacy_client_is_never_handed_an_upstream_task_it_could_not_follow(
+    make_proxy: StartProxy, stateless_tasks_server: Any
+) -> None:
+    """Task handles are not bridged: the stateless upstream (FastMCP with the tasks extension) is not
+    told the client can use tasks, nor the client that the server offers them, and a 2025-11-25
+    task-augmented call is answered as a plain call; never a raw upstream task id nobody can get or
+    cancel (while its work runs on upstream)."""
+    upstream = stateless_tasks_server
+    upstream.recorder.clear()
+    running = await make_proxy({"acme": upstream})
+    token = running.token("acme")
+    extension: dict[str, Any] = {"extensions": {"io.modelcontextprotocol/tasks": {}}, "tasks": {"requests": {}}}
+    status, headers, raw = await running.post(
+        {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": extension,
+            "clientInfo": {"name": "raw-test", "version": "0"}}},
+        token=token,
+    )  # fmt: skip
+    assert status == 200, raw
+    capabilities = json.loads(raw)["result"]["capabilities"]
+    assert "tasks" not in capabilities
+    assert "io.modelcontextprotocol/tasks" not in capabilities.get("extensions", {})
+    session = session_headers(headers["Mcp-Session-Id"])
+    initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    await running.post(initialized, token=token, headers=session)
+    plain = {"name": "slow_canary", "arguments": {}}
+    for params in (plain, {**plain, "task": {}}):
+        body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}
+        status, _, raw = await running.post(body, token=token, headers=session)
+        assert status == 200, raw
+        events = [line[5:] for line in raw.decode().splitlines() if line.startswith("data:")]
+        [message] = [json.loads(data) for data in events] or [json.loads(raw)]
+        result = message["result"]
+        assert "task" not in result and "taskId" not in json.dumps(result), result
+        assert upstream.canary in json.dumps(result)
+    for _, message in calls(upstream):
+        declared = message["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"]
+        assert "io.modelcontextprotocol/tasks" not in declared.get("extensions", {})
+        assert "task" not in message["params"]
