@@ -146,7 +146,10 @@ async def test_a_legacy_client_is_never_handed_an_upstream_task_it_could_not_fol
     upstream.recorder.clear()
     running = await make_proxy({"acme": upstream})
     token = running.token("acme")
-    extension: dict[str, Any] = {"extensions": {"io.modelcontextprotocol/tasks": {}}, "tasks": {"requests": {}}}
+    extension: dict[str, Any] = {
+        "extensions": {"io.modelcontextprotocol/tasks": {}},
+        "tasks": {"requests": {}},
+    }
     status, headers, raw = await running.post(
         {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
             "protocolVersion": "2025-11-25", "capabilities": extension,
