@@ -452,7 +452,8 @@ class LimitsConfig(StrictModel):
         default=5,
         ge=0,
         description="Consecutive upstream failures that open the tenant's circuit (fail fast with 503); "
-        "timeouts alone open it only when calls of at least two principals timed out; 0: never.",
+        "timeouts and HTTP 500 answers alone open it only when requests of at least two principals met them; "
+        "0: never.",
     )
     circuit_open_seconds: float = Field(
         default=30.0, gt=0, description="How long an open circuit fails fast before one trial request."

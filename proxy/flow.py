@@ -91,6 +91,7 @@ class Exchange:
     slots: dict[str, Any] = field(default_factory=dict)
     # Called with the upstream's HTTP status as soon as it answers (the circuit's trial is decided).
     on_upstream_status: list[Callable[[int], None]] = field(default_factory=list)
+    upstream_status: int | None = None  # the HTTP status of the upstream's answer to the request
     # Whether the upstream itself failed this call (None: it was not asked, or nothing is known).
     upstream_fault: bool | None = None
     # A task this exchange created or saw finish (audit): a hash of its id, and what happened.

@@ -148,6 +148,7 @@ async def forward_post(call: Request, hooks: Hooks) -> Reply:
         raise
     finally:
         call.upstream_seconds += time.perf_counter() - started
+    call.upstream_status = response.status
     for listener in call.on_upstream_status:
         listener(response.status)
     try:

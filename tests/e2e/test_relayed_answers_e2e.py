@@ -192,3 +192,46 @@ async def test_a_429_without_a_usable_retry_after_is_relayed_as_before(
     assert status == 429 and "Retry-After" not in headers
     assert error_of(body) == {"code": -32000, "message": "Upstream server error"}
     assert json.loads(body)["id"] == 1
+
+
+def failing_for(word: str) -> Answer:
+    """The handshake answered; a tools/call whose arguments hold `word` answered with HTTP 500 (a
+    tool that fails on some input), any other with a result."""
+
+    def answer(message: dict[str, Any]) -> web.Response:
+        if message.get("method") == "initialize":
+            return initialized(message)
+        if "id" not in message:
+            return web.Response(status=202)
+        if word in json.dumps(message.get("params", {}).get("arguments", {})):
+            return web.Response(status=500, text="Internal Server Error")
+        result = {"content": [{"type": "text", "text": "ok"}], "isError": False}
+        return web.json_response({"jsonrpc": "2.0", "id": message.get("id"), "result": result})
+
+    return answer
+
+
+async def test_one_users_500s_never_shut_the_tenants_other_users_out(make_proxy: StartProxy) -> None:
+    """A 500 may follow from the caller's own arguments: one user's calls failing so do not open the
+    tenant's circuit; two users' do (the control)."""
+    async with upstream_answering(failing_for("boom")) as url:
+        running = await make_proxy({"acme": url, "globex": UNUSED}, limits={"circuit_failures": 2})
+
+        async def session_of(sub: str) -> dict[str, str]:
+            status, headers, _ = await running.post(HANDSHAKE_INITIALIZE, token=running.token(sub=sub))
+            assert status == 200
+            return {"Mcp-Session-Id": headers["Mcp-Session-Id"], "MCP-Protocol-Version": HANDSHAKE}
+
+        async def call(sub: str, session: dict[str, str], argument: str) -> int:
+            body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                    "params": {"name": "lookup", "arguments": {"q": argument}}}  # fmt: skip
+            status, _, _ = await running.post(body, token=running.token(sub=sub), headers=session)
+            return status
+
+        mallory, bob = await session_of("mallory"), await session_of("bob")
+        assert [await call("mallory", mallory, "boom") for _ in range(4)] == [502] * 4
+        assert not breaker(running).breaker.is_open
+        assert await call("bob", bob, "fine") == 200
+        await call("mallory", mallory, "boom")
+        assert await call("bob", bob, "boom") == 502  # a second user's call fails too
+        assert breaker(running).breaker.is_open

@@ -43,13 +43,13 @@ def test_one_principals_timeouts_never_open_the_breaker_two_principals_do() -> N
     """A call's length follows its arguments: one user's slow calls are not the upstream failing."""
     breaker = CircuitBreaker(threshold=2, open_seconds=10)
     for now in range(5):
-        breaker.record(False, now, timed_out="mallory")
+        breaker.record(False, now, caused_by="mallory")
     assert not breaker.is_open
-    breaker.record(False, 6, timed_out="bob")  # a second user's call timed out too
+    breaker.record(False, 6, caused_by="bob")  # a second user's call timed out too
     assert breaker.is_open
     breaker.record(True, 17)
     assert not breaker.is_open
-    breaker.record(False, 18, timed_out="mallory")
+    breaker.record(False, 18, caused_by="mallory")
     breaker.record(False, 19)  # any other fault counts as before
     assert breaker.is_open
 

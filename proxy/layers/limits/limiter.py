@@ -44,19 +44,20 @@ class CircuitBreaker:
     """Closed until `threshold` consecutive failures; then open (fail fast) for `open_seconds`;
     then one trial request decides: success closes it, failure opens it again.
 
-    A timeout is the one fault a caller can choose (a call's length follows its arguments: a long
-    search, an export): timeouts alone open the circuit only when they came from at least two
-    principals, so one user cannot shut the tenant's other users out with slow calls of its own.
-    Any other fault (unreachable, 5xx, a malformed answer, a crashed child) counts as before."""
+    A timeout or an HTTP 500 answer is a fault a caller can cause with its own arguments (a call's
+    length follows them; a tool may fail with a 500 on some input): such faults alone open the
+    circuit only when requests of at least two principals met them, so one user cannot shut the
+    tenant's other users out. Any other fault (unreachable, 502-504, a malformed answer, a crashed
+    child) counts as before."""
 
     threshold: int
     open_seconds: float
     failures: int = 0
     opened_at: float | None = None
     trial_running: bool = False
-    faults: int = 0  # failures of the current run that were not timeouts
-    timed_out: str | None = None  # the first principal whose call timed out in the current run
-    several_timed_out: bool = False  # and another principal's did too
+    faults: int = 0  # failures of the current run no caller's arguments could have caused
+    caused_by: str | None = None  # the first principal whose request met a timeout or a 5xx
+    several_caused: bool = False  # and another principal's did too
 
     @property
     def is_open(self) -> bool:
@@ -78,21 +79,22 @@ class CircuitBreaker:
         """A trial request ended without an upstream verdict (client gone): let another try."""
         self.trial_running = False
 
-    def record(self, success: bool, now: float, timed_out: str | None = None) -> None:
-        """How an upstream call went; `timed_out`: the principal whose call timed out, if it did."""
+    def record(self, success: bool, now: float, caused_by: str | None = None) -> None:
+        """How an upstream call went; `caused_by`: the principal whose request met a fault its
+        arguments could have caused (a timeout, a 500), if it did."""
         if success:
             self.failures, self.opened_at, self.trial_running = 0, None, False
-            self.faults, self.timed_out, self.several_timed_out = 0, None, False
+            self.faults, self.caused_by, self.several_caused = 0, None, False
             return
         self.failures += 1
         self.trial_running = False
-        if timed_out is None:
+        if caused_by is None:
             self.faults += 1
-        elif self.timed_out is None:
-            self.timed_out = timed_out
-        elif timed_out != self.timed_out:
-            self.several_timed_out = True
-        decisive = self.faults > 0 or self.several_timed_out
+        elif self.caused_by is None:
+            self.caused_by = caused_by
+        elif caused_by != self.caused_by:
+            self.several_caused = True
+        decisive = self.faults > 0 or self.several_caused
         if self.threshold and ((self.failures >= self.threshold and decisive) or self.opened_at is not None):
             self.opened_at = now
 

@@ -5,7 +5,8 @@ tenant's circuit breaker around the upstream call.
 The breaker learns only the upstream's own faults (`Call.upstream_fault`, set by the relay:
 unreachable, 5xx, timeout, malformed or missing answer, a crashed child). A client that goes away
 or cancels teaches it nothing, nor does an answer the upstream did give (a 4xx, a JSON-RPC error);
-timeouts open it only when more than one principal's calls timed out (limiter.CircuitBreaker).
+timeouts and HTTP 500 answers open it only when requests of more than one principal met them
+(limiter.CircuitBreaker).
 """
 
 from __future__ import annotations
@@ -114,8 +115,12 @@ class Circuit(Around[Request]):
         if not limits.settings.circuit_failures:
             return
         if fault is not None:
-            timed_out = call.ctx.principal if fault and call.error_code == UpstreamTimeout.code else None
-            limits.breaker.record(not fault, time.monotonic(), timed_out)
+            # A timeout or a 500 (the server's own error, not a 502-504 of what runs it) may follow
+            # from the caller's own arguments.
+            by_request = call.error_code == UpstreamTimeout.code or call.upstream_status == 500
+            limits.breaker.record(
+                not fault, time.monotonic(), call.ctx.principal if fault and by_request else None
+            )
         elif call.slots.pop(
             _TRIAL, False
         ):  # the trial ended without a verdict (client gone): another may try
