@@ -481,8 +481,8 @@ class LimitsConfig(StrictModel):
         "tenants are being served. Each step of an exchange on the loop (synchronous work between two "
         "waits: checking and parsing a body, the policy walk, serialisation) beyond an ordinary step's "
         "2 ms is charged to a budget refilled at this many seconds a second (holding one second's "
-        "worth); a tenant in debt gets 429 "
-        "with Retry-After before its body is read, but only while another tenant was admitted in the "
+        "worth); while a tenant is in debt, its users whose requests were charged in the last 10 s get "
+        "429 with Retry-After before their body is read, but only while another tenant was admitted in the "
         "last 10 s: a tenant alone is never refused for it, and ordinary requests or streams are never "
         "charged. "
         "0: no budget.",

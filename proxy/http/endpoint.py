@@ -263,6 +263,7 @@ def mcp_handler(tracing: Tracing | None = None) -> Handler:
             services.drain.leave(in_flight)
             tenant = exchange.tenant
             if meter.seconds and exchange.ctx is not None and tenant is not None:
-                work.charge(services.limiter.of(exchange.ctx.tenant, tenant.limits).work, meter.seconds)
+                budget = services.limiter.of(exchange.ctx.tenant, tenant.limits).work
+                work.charge(budget, meter.seconds, exchange.ctx.principal)
 
     return handle_mcp

@@ -27,21 +27,25 @@ pytestmark = pytest.mark.e2e
 BODY_BYTES = 200_000  # announced; only the first part is ever sent
 
 
-async def whoami(running: RunningProxy, tenant: str) -> int:
+async def whoami(running: RunningProxy, tenant: str, sub: str = "alice") -> int:
     status, _, _ = await running.post(
-        call_body("whoami", {}), token=running.token(tenant), headers=modern_headers("tools/call", "whoami")
+        call_body("whoami", {}),
+        token=running.token(tenant, sub),
+        headers=modern_headers("tools/call", "whoami"),
     )
     return status
 
 
-async def partial_post(running: RunningProxy, tenant: str) -> tuple[int, str, dict[str, Any]]:
+async def partial_post(
+    running: RunningProxy, tenant: str, sub: str = "alice"
+) -> tuple[int, str, dict[str, Any]]:
     """A tools/call whose body never arrives in full: the answer can only come from a refusal made
     before the body was read. Returns the status, the response head and the JSON-RPC error."""
     url = urlsplit(running.url)
     reader, writer = await asyncio.open_connection(url.hostname, url.port)
     headers = {
         **modern_headers("tools/call", "whoami"),
-        "Authorization": f"Bearer {running.token(tenant)}",
+        "Authorization": f"Bearer {running.token(tenant, sub)}",
         "Accept": MCP_ACCEPT,
         "Content-Type": "application/json",
         "Content-Length": str(BODY_BYTES),
@@ -89,6 +93,22 @@ async def test_a_tenant_over_its_work_budget_is_refused_before_its_body_is_read(
     assert calls_of(upstreams["globex"]) == 2
     assert await whoami(running, "acme") == 200  # acme's own budget is untouched
     assert calls_of(upstreams["acme"]) == 2
+
+
+async def test_a_colleague_whose_requests_are_ordinary_is_never_held_back_for_a_users_debt(
+    make_proxy: StartProxy, upstreams: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget is the tenant's, but only the users whose requests were charged lately are held
+    back while it is in debt: one user's heavy requests never refuse a colleague's ordinary ones."""
+    monkeypatch.setattr(work, "ORDINARY_SECONDS", 0.0)
+    running = await start(make_proxy, upstreams, refusal_hold_seconds=0)
+    assert await whoami(running, "globex", "mallory") == 200  # charged: globex in debt
+    assert await whoami(running, "acme") == 200  # another tenant is being served
+    status, _, error = await partial_post(running, "globex", "mallory")
+    assert status == 429 and error["data"]["limit"] == "work"
+    assert await whoami(running, "globex", "bob") == 200  # never charged before: served
+    status, _, error = await partial_post(running, "globex", "mallory")
+    assert status == 429 and error["data"]["limit"] == "work"
 
 
 async def test_without_a_budget_the_same_tenant_is_served(

@@ -40,7 +40,7 @@ class Admission(Around[Call]):
         limiter = call.services.limiter
         limits = limiter.of(tenant, settings)
         try:
-            limiter.loop_share.admit(tenant, limits.work)
+            limiter.loop_share.admit(tenant, limits.work, call.ctx.principal)
             admitted = await limiter.admit(tenant, settings, body_bytes)
         except ProxyError as refusal:
             _refused(call, refusal.data.get("limit", "other") if isinstance(refusal.data, dict) else "other")

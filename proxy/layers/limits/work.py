@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Coroutine, Generator
 from typing import Any, Generic, TypeVar
 
@@ -28,6 +29,7 @@ T = TypeVar("T")
 ORDINARY_SECONDS = 0.002
 # How recently another tenant must have been admitted for a tenant's debt to be enforced.
 CONTENTION_SECONDS = 10.0
+CHARGED_KEPT = 1024  # users remembered per tenant as charged lately (the oldest forgotten first)
 
 
 class _CollectorTime:
@@ -99,21 +101,34 @@ class WorkBudget:
     second's worth. Charged after the work is done, so it may go into debt (by at most what the
     tenant's requests in flight cost); while in debt the tenant's requests may be refused."""
 
-    __slots__ = ("capacity", "share", "tokens", "updated")
+    __slots__ = ("_charged", "capacity", "share", "tokens", "updated")
 
     def __init__(self, share: float) -> None:
         self.share = share
         self.capacity = share
         self.tokens = share
         self.updated = time.monotonic()
+        # Who was charged lately (principal -> when), newest last, bounded: a tenant in debt is held
+        # back only in the users whose requests made it, never in a colleague whose requests are
+        # ordinary.
+        self._charged: OrderedDict[str, float] = OrderedDict()
 
     def _refill(self, now: float) -> None:
         self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.share)
         self.updated = now
 
-    def charge(self, seconds: float, now: float) -> None:
+    def charge(self, seconds: float, now: float, principal: str = "") -> None:
         self._refill(now)
         self.tokens -= seconds
+        self._charged[principal] = now
+        self._charged.move_to_end(principal)
+        if len(self._charged) > CHARGED_KEPT:
+            self._charged.popitem(last=False)
+
+    def charged_lately(self, principal: str, now: float) -> bool:
+        """Whether this user's requests were charged within CONTENTION_SECONDS."""
+        charged = self._charged.get(principal)
+        return charged is not None and charged > now - CONTENTION_SECONDS
 
     def debt_seconds(self, now: float) -> float:
         """0 when the budget is not in debt, else how long until it is not."""
@@ -134,13 +149,18 @@ class LoopShare:
         self._latest_at = -math.inf
         self._other_at = -math.inf  # when a tenant other than the latest one was last admitted
 
-    def admit(self, tenant: str, budget: WorkBudget | None) -> None:
+    def admit(self, tenant: str, budget: WorkBudget | None, principal: str = "") -> None:
         """Note the tenant's request; refuse it (429, before its body is read) when its budget is
-        in debt while another tenant is being served."""
+        in debt while another tenant is being served, and the caller is one whose requests were
+        charged lately (a colleague whose requests are ordinary is never held back for them)."""
         now = time.monotonic()
         if budget is not None and budget.tokens < 0:
             wait = budget.debt_seconds(now)
-            if wait and self._other_seen_at(tenant) > now - CONTENTION_SECONDS:
+            if (
+                wait
+                and self._other_seen_at(tenant) > now - CONTENTION_SECONDS
+                and budget.charged_lately(principal, now)
+            ):
                 raise TooManyRequests(
                     "Too many requests: this tenant's requests took more than its share of the proxy's time",
                     data={"limit": "work"},
@@ -154,7 +174,8 @@ class LoopShare:
         return self._latest_at if tenant != self._latest else self._other_at
 
 
-def charge(budget: WorkBudget | None, seconds: float) -> None:
-    """Charge what an exchange's steps held the loop beyond ordinary ones to its tenant's budget."""
+def charge(budget: WorkBudget | None, seconds: float, principal: str = "") -> None:
+    """Charge what an exchange's steps held the loop beyond ordinary ones to its tenant's budget,
+    in the name of the user whose request it was."""
     if budget is not None and seconds > 0:
-        budget.charge(seconds, time.monotonic())
+        budget.charge(seconds, time.monotonic(), principal)
