@@ -259,8 +259,12 @@ async def _relay_post_stream(call: Request, response: UpstreamResponse, hooks: H
             await stream.write(encode_event(dumps(error.to_jsonrpc(call.message.id))))
             answered = True
     if not answered and removed.is_set():
-        # A reload removed the tenant: the stream ends now, with the answer a new request would get.
-        gone = Forbidden("Forbidden: this tenant is no longer served")
+        # A reload removed the tenant (the answer a new request would get), or gave it another
+        # upstream (the request is to be sent again, to that one): the stream ends now.
+        gone: ProxyError = Forbidden("Forbidden: this tenant is no longer served")
+        if call.tenant.moved:
+            gone = UpstreamError("The tenant's MCP server was replaced by a reload; send the request again")
+            call.upstream_fault = False
         call.outcome, call.error_code = "error", gone.code
         await stream.write(encode_event(dumps(gone.to_jsonrpc(call.message.id))))
     elif not answered and primed:

@@ -126,7 +126,10 @@ async def _reload(app: web.Application) -> bool:
             moved.append((tenant_id, before.upstream))
         if new.tenants.of_tenant(tenant_id) is None:  # removed, or a template tenant built anew if used
             gone.add(tenant_id)
-            before.removed.set()  # its streams end now, before anything more is relayed on them
+        elif upstream_changed:
+            before.moved = True
+        if upstream_changed:
+            before.removed.set()  # its streams end now, before anything more of the old upstream
     services.forget_tenants(gone)
     ended: list[tuple[Upstream, Session]] = []
     for tenant_id, upstream in moved:  # their sessions are gone for clients at once ...

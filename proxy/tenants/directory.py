@@ -69,8 +69,10 @@ class TenantRuntime:
     # The protocol eras the upstream speaks, learned on first use: a reload learns them again.
     eras: UpstreamEras = field(default_factory=UpstreamEras)
     cache_budget: int | None = None  # the tenant's own share of the response cache, in bytes
-    # Set when a reload removes the tenant: its open streams end at once, relaying nothing more.
+    # Set when a reload removes the tenant, or moves it to another upstream (`moved`): its open
+    # streams end at once, relaying nothing more of the upstream it no longer has.
     removed: asyncio.Event = field(default_factory=asyncio.Event)
+    moved: bool = False
 
     @property
     def key(self) -> TenantKey:

@@ -478,13 +478,25 @@ class HeldStreams:
                 await self.send(stream, text)
 
 
+ENDED_BY = {
+    "removed": {"code": -32003, "message": "Forbidden: this tenant is no longer served"},
+    "moved": {
+        "code": -32010,
+        "message": "The tenant's MCP server was replaced by a reload; send the request again",
+    },
+}
+
+
+@pytest.mark.parametrize("change", ["removed", "moved"])
 @pytest.mark.parametrize("method", ["subscriptions/listen", "tools/call"])
 async def test_a_removed_tenants_streams_end_at_once_and_relay_nothing_more(
-    tmp_path: Path, rsa_keys: Any, method: str
+    tmp_path: Path, rsa_keys: Any, method: str, change: str
 ) -> None:
     """Attack pass F8: a tenant holding a subscriptions/listen stream (or a long call's SSE stream)
-    is removed by a reload; the upstream goes on sending. The stream ends at once with the answer a
-    new request would get (-32003), and nothing the upstream sent after the removal reaches it."""
+    is removed by a reload, or moved to another upstream; the old upstream goes on sending. The
+    stream ends at once (removed: with the answer a new request would get, -32003; moved: asking
+    for the request again, which goes to the new upstream), and nothing the old upstream sent after
+    the reload reaches it."""
     upstream = HeldStreams()
     app = web.Application()
     app.router.add_post("/mcp", upstream.handle)
@@ -516,17 +528,17 @@ async def test_a_removed_tenants_streams_end_at_once_and_relay_nothing_more(
                 messages = sse_messages(held)
                 first = await asyncio.wait_for(anext(messages), 10)
                 assert first["params"]["data"] == "before the reload"
-                removed = json.loads(json.dumps(data))
-                removed["tenants"].pop("acme")
-                write_config(path, removed)
+                changed = json.loads(json.dumps(data))
+                if change == "removed":
+                    changed["tenants"].pop("acme")
+                else:
+                    changed["tenants"]["acme"]["upstream"]["url"] = f"http://127.0.0.1:{free_port()}/mcp"
+                write_config(path, changed)
                 assert await asyncio.wait_for(reload_config(running.app), 2)
                 await upstream.emit("after the reload")
                 async with asyncio.timeout(10):  # the upstream never ends it: only the proxy can
                     rest = [message async for message in messages]
-        assert rest == [
-            {"jsonrpc": "2.0", "id": 5,
-             "error": {"code": -32003, "message": "Forbidden: this tenant is no longer served"}}
-        ]  # fmt: skip
+        assert rest == [{"jsonrpc": "2.0", "id": 5, "error": ENDED_BY[change]}]
     finally:
         upstream.done.set()
         await runner.cleanup()
