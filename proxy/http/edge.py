@@ -42,6 +42,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         request[CLIENT_REQUEST_ID] = offered[0]
         structlog.contextvars.bind_contextvars(request_id=request_id, client_request_id=offered[0])
     else:
+        request[CLIENT_REQUEST_ID] = None
         structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
         return await handler(request)

@@ -179,10 +179,16 @@ def request_line(exchange: Exchange, trace_id: str | None = None) -> None:
     message, ctx, era = exchange.message, exchange.ctx, exchange.era
     method = message.method if message is not None else None
     logger = _requests_log if trace_id is None else _requests_log.bind(trace_id=trace_id)
+    request = exchange.request
+    request_id: str | None
+    try:  # (a web.Request's get() is a Python mixin that raises and catches KeyError on a miss)
+        request_id, client_request_id = request[REQUEST_ID], request[CLIENT_REQUEST_ID]
+    except KeyError:  # a request that did not pass the edge middleware
+        request_id, client_request_id = request.get(REQUEST_ID), request.get(CLIENT_REQUEST_ID)
     logger.info(
         "mcp_request",
-        request_id=exchange.request.get(REQUEST_ID),
-        client_request_id=exchange.request.get(CLIENT_REQUEST_ID),
+        request_id=request_id,
+        client_request_id=client_request_id,
         http_method=exchange.request.method,
         tenant=ctx.tenant if ctx is not None else None,
         era=era.value if era is not None else None,
