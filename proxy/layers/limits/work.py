@@ -64,34 +64,36 @@ class Metered(Generic[T]):
 
     def __await__(self) -> Generator[Any, Any, T]:
         # The thread's CPU time, not the wall clock: a step the OS preempted (other processes on
-        # the cores) did not hold the loop for longer in work, and is not charged for it.
+        # the cores) did not hold the loop for longer in work, and is not charged for it. (Each
+        # step's accounting is written out in place: this loop runs for every step of every request.)
         coroutine, clock, allowance = self._coroutine, time.thread_time, ORDINARY_SECONDS
-        collector = COLLECTOR_TIME
+        send, collector = coroutine.send, COLLECTOR_TIME
         value: Any = None
         error: BaseException | None = None
         while True:
             start, collected = clock(), collector.seconds
             try:
-                yielded = coroutine.send(value) if error is None else coroutine.throw(error)
+                yielded = send(value) if error is None else coroutine.throw(error)
             except StopIteration as done:
-                self._add(clock() - start - (collector.seconds - collected), allowance)
+                step = clock() - start - (collector.seconds - collected)
+                if step > allowance:
+                    self.seconds += step - allowance
                 return done.value  # type: ignore[no-any-return]
             except BaseException:
-                self._add(clock() - start - (collector.seconds - collected), allowance)
+                step = clock() - start - (collector.seconds - collected)
+                if step > allowance:
+                    self.seconds += step - allowance
                 raise
-            self._add(clock() - start - (collector.seconds - collected), allowance)
-            value, error = None, None
+            step = clock() - start - (collector.seconds - collected)
+            if step > allowance:
+                self.seconds += step - allowance
             try:
-                value = yield yielded
+                value, error = (yield yielded), None
             except GeneratorExit:
                 coroutine.close()
                 raise
             except BaseException as thrown:  # a cancellation, delivered where the coroutine waits
-                error = thrown
-
-    def _add(self, step: float, allowance: float) -> None:
-        if step > allowance:
-            self.seconds += step - allowance
+                value, error = None, thrown
 
 
 class WorkBudget:
@@ -138,9 +140,14 @@ class LoopShare:
         """Note the tenant's request; refuse it (429, before its body is read) when its budget is
         in debt while another tenant is being served."""
         now = time.monotonic()
-        if budget is not None and budget.tokens < 0:
+        # (Contention first: a tenant alone may be in debt on every request, and is never refused.)
+        if (
+            budget is not None
+            and budget.tokens < 0
+            and self._other_seen_at(tenant) > now - CONTENTION_SECONDS
+        ):
             wait = budget.debt_seconds(now)
-            if wait and self._other_seen_at(tenant) > now - CONTENTION_SECONDS:
+            if wait:
                 raise TooManyRequests(
                     "Too many requests: this tenant's requests took more than its share of the proxy's time",
                     data={"limit": "work"},
