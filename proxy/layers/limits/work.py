@@ -64,29 +64,28 @@ class Metered(Generic[T]):
 
     def __await__(self) -> Generator[Any, Any, T]:
         # The thread's CPU time, not the wall clock: a step the OS preempted (other processes on
-        # the cores) did not hold the loop for longer in work, and is not charged for it. (Each
-        # step's accounting is written out in place: this loop runs for every step of every request.)
-        coroutine, clock, allowance = self._coroutine, time.thread_time, ORDINARY_SECONDS
-        send, collector = coroutine.send, COLLECTOR_TIME
+        # the cores) did not hold the loop for longer in work, and is not charged for it. Reading
+        # it is a system call (about 0.5 us), the wall clock is not: a step cannot take more CPU
+        # time than wall time, so its CPU time is read at its end only when the wall clock says it
+        # may have passed the allowance (an ordinary step is never charged either way).
+        coroutine, allowance, collector = self._coroutine, ORDINARY_SECONDS, COLLECTOR_TIME
+        send, cpu, wall = coroutine.send, time.thread_time, time.perf_counter
         value: Any = None
         error: BaseException | None = None
         while True:
-            start, collected = clock(), collector.seconds
+            began, start, collected = wall(), cpu(), collector.seconds
             try:
                 yielded = send(value) if error is None else coroutine.throw(error)
             except StopIteration as done:
-                step = clock() - start - (collector.seconds - collected)
-                if step > allowance:
-                    self.seconds += step - allowance
+                if wall() - began > allowance:
+                    self._add(cpu() - start - (collector.seconds - collected), allowance)
                 return done.value  # type: ignore[no-any-return]
             except BaseException:
-                step = clock() - start - (collector.seconds - collected)
-                if step > allowance:
-                    self.seconds += step - allowance
+                if wall() - began > allowance:
+                    self._add(cpu() - start - (collector.seconds - collected), allowance)
                 raise
-            step = clock() - start - (collector.seconds - collected)
-            if step > allowance:
-                self.seconds += step - allowance
+            if wall() - began > allowance:
+                self._add(cpu() - start - (collector.seconds - collected), allowance)
             try:
                 value, error = (yield yielded), None
             except GeneratorExit:
@@ -94,6 +93,10 @@ class Metered(Generic[T]):
                 raise
             except BaseException as thrown:  # a cancellation, delivered where the coroutine waits
                 value, error = None, thrown
+
+    def _add(self, step: float, allowance: float) -> None:
+        if step > allowance:
+            self.seconds += step - allowance
 
 
 class WorkBudget:
