@@ -108,11 +108,11 @@ async def declare(call: Request) -> None:
     message = call.message
     if message.kind is not MessageKind.REQUEST:
         return
-    params = message.params
     if call.slots.get(_BRIDGED):
-        meta = meta_of(params)
+        meta = meta_of(message.params)
         call.slots[_DECLARED] = declared(meta.get(CLIENT_CAPABILITIES_META), meta.get(CLIENT_INFO_META))
     elif message.method == "initialize" and call.bridged is call.tenant.bridge.to_modern:
+        params = message.params
         declared(params.get("capabilities"), params.get("clientInfo"))
 
 

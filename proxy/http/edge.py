@@ -10,8 +10,8 @@ first check (DNS rebinding); `error_reply` is how every refusal of a flow is ans
 from __future__ import annotations
 
 import asyncio
+import os
 import re
-import secrets
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -29,12 +29,38 @@ NO_STORE = {"Cache-Control": "no-store"}
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # what of a client's id may reach a log line
 
 
+class RandomIds:
+    """Request ids of 64 random bits from the operating system's generator, as secrets.token_hex(8)
+    gives them, drawn 256 ids at a time: one system call per 256 requests instead of one each. A
+    forked child draws its own (it must never repeat its parent's ids)."""
+
+    __slots__ = ("_at", "_pool")
+    BATCH = 256
+
+    def __init__(self) -> None:
+        self._pool, self._at = "", 0
+        os.register_at_fork(after_in_child=self._drop)
+
+    def __call__(self) -> str:
+        at = self._at
+        if at >= len(self._pool):
+            self._pool, at = os.urandom(8 * self.BATCH).hex(), 0
+        self._at = at + 16
+        return self._pool[at : at + 16]
+
+    def _drop(self) -> None:
+        self._pool, self._at = "", 0
+
+
+new_request_id = RandomIds()
+
+
 @web.middleware
 async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every request: a request id on each log line, and whatever goes wrong a JSON-RPC error."""
-    # 64 random bits per request (about a microsecond): a counter, even behind a random prefix,
-    # would let a tenant that saw one id claim the next, another tenant's, in its own requests.
-    request_id = secrets.token_hex(8)
+    # 64 random bits per request: a counter, even behind a random prefix, would let a tenant that
+    # saw one id claim the next, another tenant's, in its own requests.
+    request_id = new_request_id()
     request[REQUEST_ID] = request_id
     structlog.contextvars.clear_contextvars()
     offered = request.headers.getall("X-Request-Id", [])
@@ -42,6 +68,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         request[CLIENT_REQUEST_ID] = offered[0]
         structlog.contextvars.bind_contextvars(request_id=request_id, client_request_id=offered[0])
     else:
+        request[CLIENT_REQUEST_ID] = None
         structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
         return await handler(request)

@@ -22,4 +22,5 @@ METRICS_LISTENER: web.AppKey[MetricsListener] = web.AppKey("metrics_listener")  
 RELOADS: web.AppKey[ReloadState] = web.AppKey("reloads")  # what the running config was read from
 RETIRED: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("retired_upstream_closers")  # reload clean-ups
 REQUEST_ID = web.RequestKey("request_id", str)  # the id on every log line of one HTTP request
-CLIENT_REQUEST_ID = web.RequestKey("client_request_id", str)  # the client's X-Request-Id, when well-formed
+# The client's X-Request-Id when well-formed, else None (set on every request: read without a miss).
+CLIENT_REQUEST_ID: web.RequestKey[str | None] = web.RequestKey("client_request_id")

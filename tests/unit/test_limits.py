@@ -127,3 +127,26 @@ async def test_a_garbage_collection_during_a_step_is_not_charged_to_its_tenant()
     metered = Metered(collects())
     assert await metered > 0  # (the collection ran inside the step, and freed the cycles)
     assert metered.seconds == 0.0
+
+
+async def test_a_step_is_charged_its_cpu_time_beyond_an_ordinary_step_never_its_wall_time() -> None:
+    """Steps are judged by the wall clock first (cheap) and charged their CPU time: a step that
+    works past the allowance is charged, one that holds the loop without working (the OS ran
+    something else, here a sleep) is not."""
+    import time
+
+    from proxy.layers.limits.work import ORDINARY_SECONDS, Metered
+
+    async def works() -> None:
+        began = time.thread_time()
+        while time.thread_time() - began < 4 * ORDINARY_SECONDS:
+            pass
+
+    async def waits_blocked() -> None:
+        time.sleep(4 * ORDINARY_SECONDS)
+
+    working, blocked = Metered(works()), Metered(waits_blocked())
+    await working
+    await blocked
+    assert working.seconds > 0
+    assert blocked.seconds == 0.0

@@ -7,10 +7,11 @@ import io
 import json
 from typing import Any
 
+import orjson
 import pytest
 import structlog
 
-from proxy.ops.log import MAX_VALUE_CHARS, BatchedBytesLogger, SafeValues, ascii_json
+from proxy.ops.log import MAX_VALUE_CHARS, BatchedBytesLogger, BoundedJSONLines, SafeValues, ascii_json
 
 
 class CountingFile(io.BytesIO):
@@ -101,6 +102,18 @@ def test_long_values_are_cut_in_both_formats_and_json_values_stay_as_they_were()
         assert event["path"] == "x" * MAX_VALUE_CHARS + "...(+500 chars)" and event["n"] == 3
     kept = SafeValues(escape=False)(None, "info", {"event": "e", "method": "a\x1bb\u2028"})
     assert kept["method"] == "a\x1bb\u2028"  # JSON escapes it itself (ascii_json), losslessly
+
+
+def test_json_lines_bound_long_values_and_render_the_rest_as_they_are() -> None:
+    render = BoundedJSONLines()
+    short = {"event": "mcp_request", "method": "tools/call", "n": 3}
+    assert render(None, "info", dict(short)) == ascii_json(short)
+    many = {"event": "e", **{f"k{i}": "v" * 100 for i in range(20)}}  # a long line of short values
+    assert orjson.loads(render(None, "info", dict(many))) == many
+    long = "\u2028" * (MAX_VALUE_CHARS + 1)  # (each takes six bytes of the line)
+    line = render(None, "info", {"event": "e", "path": long, "n": 3})
+    assert line.isascii() and b"\n" not in line
+    assert orjson.loads(line) == {"event": "e", "path": "\u2028" * MAX_VALUE_CHARS + "...(+1 chars)", "n": 3}
 
 
 def test_a_traceback_keeps_its_lines_on_the_console() -> None:

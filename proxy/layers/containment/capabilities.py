@@ -87,15 +87,14 @@ async def restrict(call: Request) -> None:
         if message.method == "notifications/roots/list_changed" and capabilities.roots != "allow":
             call.reply = web.Response(status=202)
         return
-    if message.kind is not MessageKind.REQUEST or not isinstance(message.body.get("params"), dict):
+    params = message.body.get("params")
+    if message.kind is not MessageKind.REQUEST or not isinstance(params, dict):
         return
-    params = message.body["params"]
     meta = params.get("_meta")
     if isinstance(meta, dict) and not CLIENT_TRACE_META.isdisjoint(meta):
-        params["_meta"] = {key: value for key, value in meta.items() if key not in CLIENT_TRACE_META}
+        meta = params["_meta"] = {key: value for key, value in meta.items() if key not in CLIENT_TRACE_META}
     if message.method == "initialize" and "capabilities" in params:
         params["capabilities"] = only_allowed(capabilities.filter(params["capabilities"]), allowed(call))
-    meta = params.get("_meta")
     if call.era is Era.MODERN and isinstance(meta, dict) and CLIENT_CAPABILITIES_META in meta:
         declared = capabilities.filter(meta[CLIENT_CAPABILITIES_META])
         params["_meta"] = {**meta, CLIENT_CAPABILITIES_META: only_allowed(declared, allowed(call))}

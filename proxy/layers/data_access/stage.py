@@ -50,6 +50,7 @@ _LIST_CHANGED: dict[str, Listing] = {
     "notifications/prompts/list_changed": "prompts",
 }
 _ENTRY = "data_access.entry"
+_PARAM_HEADER_START = "\n" + PARAM_HEADER_PREFIX.lower()  # in the line-joined header names
 # Answers whose results filter_lists narrows for the caller's tenant (engine.filter_result).
 FILTERED = ("tools/list", "prompts/list", "resources/list", "resources/templates/list", "resources/read")
 
@@ -78,9 +79,14 @@ async def catalog_entry(call: Request, fetch: bool) -> CatalogEntry | None:
 
 
 def _sent_param_headers(call: Request) -> dict[str, list[str]]:
+    headers = call.request.headers
+    # Most requests send none: all names looked at once, at C speed (a name holds no line break,
+    # so the prefix after one starts a name).
+    if _PARAM_HEADER_START not in "\n" + "\n".join(headers.keys()).lower():
+        return {}
     prefix = PARAM_HEADER_PREFIX.lower()
     sent: dict[str, list[str]] = {}
-    for header_name, value in call.request.headers.items():
+    for header_name, value in headers.items():
         lowered = header_name.lower()
         if lowered.startswith(prefix):
             sent.setdefault(lowered, []).append(value)

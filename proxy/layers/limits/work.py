@@ -66,30 +66,35 @@ class Metered(Generic[T]):
 
     def __await__(self) -> Generator[Any, Any, T]:
         # The thread's CPU time, not the wall clock: a step the OS preempted (other processes on
-        # the cores) did not hold the loop for longer in work, and is not charged for it.
-        coroutine, clock, allowance = self._coroutine, time.thread_time, ORDINARY_SECONDS
-        collector = COLLECTOR_TIME
+        # the cores) did not hold the loop for longer in work, and is not charged for it. Reading
+        # it is a system call (about 0.5 us), the wall clock is not: a step cannot take more CPU
+        # time than wall time, so its CPU time is read at its end only when the wall clock says it
+        # may have passed the allowance (an ordinary step is never charged either way).
+        coroutine, allowance, collector = self._coroutine, ORDINARY_SECONDS, COLLECTOR_TIME
+        send, cpu, wall = coroutine.send, time.thread_time, time.perf_counter
         value: Any = None
         error: BaseException | None = None
         while True:
-            start, collected = clock(), collector.seconds
+            began, start, collected = wall(), cpu(), collector.seconds
             try:
-                yielded = coroutine.send(value) if error is None else coroutine.throw(error)
+                yielded = send(value) if error is None else coroutine.throw(error)
             except StopIteration as done:
-                self._add(clock() - start - (collector.seconds - collected), allowance)
+                if wall() - began > allowance:
+                    self._add(cpu() - start - (collector.seconds - collected), allowance)
                 return done.value  # type: ignore[no-any-return]
             except BaseException:
-                self._add(clock() - start - (collector.seconds - collected), allowance)
+                if wall() - began > allowance:
+                    self._add(cpu() - start - (collector.seconds - collected), allowance)
                 raise
-            self._add(clock() - start - (collector.seconds - collected), allowance)
-            value, error = None, None
+            if wall() - began > allowance:
+                self._add(cpu() - start - (collector.seconds - collected), allowance)
             try:
-                value = yield yielded
+                value, error = (yield yielded), None
             except GeneratorExit:
                 coroutine.close()
                 raise
             except BaseException as thrown:  # a cancellation, delivered where the coroutine waits
-                error = thrown
+                value, error = None, thrown
 
     def _add(self, step: float, allowance: float) -> None:
         if step > allowance:
@@ -154,13 +159,14 @@ class LoopShare:
         in debt while another tenant is being served, and the caller is one whose requests were
         charged lately (a colleague whose requests are ordinary is never held back for them)."""
         now = time.monotonic()
-        if budget is not None and budget.tokens < 0:
+        # (Contention first: a tenant alone may be in debt on every request, and is never refused.)
+        if (
+            budget is not None
+            and budget.tokens < 0
+            and self._other_seen_at(tenant) > now - CONTENTION_SECONDS
+        ):
             wait = budget.debt_seconds(now)
-            if (
-                wait
-                and self._other_seen_at(tenant) > now - CONTENTION_SECONDS
-                and budget.charged_lately(principal, now)
-            ):
+            if wait and budget.charged_lately(principal, now):
                 raise TooManyRequests(
                     "Too many requests: this tenant's requests took more than its share of the proxy's time",
                     data={"limit": "work"},
