@@ -210,11 +210,8 @@ async def test_a_refused_call_is_traced_with_its_refusal_and_nothing_goes_upstre
 # --- whose trace ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("carrier", ["meta", "header"])
-async def test_a_client_trace_context_is_ignored_unless_trusted(
-    make_proxy: StartProxy, upstreams: dict[str, Any], collector: Collector, carrier: str
-) -> None:
-    running = await traced_proxy(make_proxy, upstreams, collector)
+async def call_with_client_context(running: RunningProxy, carrier: str) -> None:
+    """acme's whoami carrying the client's own trace context in `_meta` or in a header."""
     body = call_body("whoami", {})
     headers = modern_headers("tools/call", "whoami")
     if carrier == "meta":
@@ -223,6 +220,14 @@ async def test_a_client_trace_context_is_ignored_unless_trusted(
         headers["traceparent"] = CLIENT_TRACEPARENT
     status, _, answer = await running.post(body, token=running.token("acme"), headers=headers)
     assert status == 200, answer
+
+
+@pytest.mark.parametrize("carrier", ["meta", "header"])
+async def test_a_client_trace_context_is_ignored_unless_trusted(
+    make_proxy: StartProxy, upstreams: dict[str, Any], collector: Collector, carrier: str
+) -> None:
+    running = await traced_proxy(make_proxy, upstreams, collector)
+    await call_with_client_context(running, carrier)
     server = one(await exported(running, collector), SERVER)
     assert server.trace_id.hex() != CLIENT_TRACE and not server.parent_span_id
     [(upstream_headers, upstream_body)] = upstream_calls(upstreams["acme"])
@@ -235,14 +240,7 @@ async def test_a_trusted_client_trace_context_is_continued(
     make_proxy: StartProxy, upstreams: dict[str, Any], collector: Collector, carrier: str
 ) -> None:
     running = await traced_proxy(make_proxy, upstreams, collector, trust_client_context=True)
-    body = call_body("whoami", {})
-    headers = modern_headers("tools/call", "whoami")
-    if carrier == "meta":
-        body["params"]["_meta"] = {**META, "traceparent": CLIENT_TRACEPARENT}
-    else:
-        headers["traceparent"] = CLIENT_TRACEPARENT
-    status, _, answer = await running.post(body, token=running.token("acme"), headers=headers)
-    assert status == 200, answer
+    await call_with_client_context(running, carrier)
     spans = await exported(running, collector)
     server, client = one(spans, SERVER), one(spans, CLIENT)
     assert (server.trace_id.hex(), server.parent_span_id.hex()) == (CLIENT_TRACE, CLIENT_SPAN)

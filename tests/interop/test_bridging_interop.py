@@ -6,7 +6,6 @@ each caller, elicitation included (as an input_required round).
 from __future__ import annotations
 
 import asyncio
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,7 @@ from mcp_types import ElicitResult
 
 from proxy.demo import client_for
 from tests.conftest import RunningProxy, StartProxy
-from tests.interop.conftest import node_package
-from tests.interop.test_handshake_only import text_of
+from tests.interop.test_handshake_only import counted_everything_stdio, text_of
 
 pytestmark = pytest.mark.e2e
 
@@ -62,12 +60,10 @@ def assert_used(texts: list[str]) -> None:
 async def test_a_2026_client_uses_server_everything_over_stdio_one_process_per_caller(
     make_proxy: StartProxy, tmp_path: Path
 ) -> None:
-    server = node_package("@modelcontextprotocol/server-everything")
-    starts = tmp_path / "starts"
-    command = f"echo started >> {shlex.quote(str(starts))}; exec node {shlex.quote(str(server))} stdio"
+    starts, command = counted_everything_stdio(tmp_path)
     running = await make_proxy(
         {"acme": "http://unused.invalid/mcp"},
-        tenants={"acme": {"upstream": {"command": ["sh", "-c", command]}}},
+        tenants={"acme": {"upstream": {"command": command}}},
         readiness={"upstreams": "ignore"},
     )
     alice, bob = await asyncio.gather(use_everything(running, "alice"), use_everything(running, "bob"))

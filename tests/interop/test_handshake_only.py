@@ -27,6 +27,15 @@ def text_of(result: Any) -> str:
     return " ".join(getattr(block, "text", "") for block in getattr(result, "content", []))
 
 
+def counted_everything_stdio(tmp_path: Path) -> tuple[Path, list[str]]:
+    """server-everything over stdio as a tenant's command, each start of it counted in a file
+    (returned with the command)."""
+    server = node_package("@modelcontextprotocol/server-everything")
+    starts = tmp_path / "starts"
+    script = f"echo started >> {shlex.quote(str(starts))}; exec node {shlex.quote(str(server))} stdio"
+    return starts, ["sh", "-c", script]
+
+
 async def assert_falls_back(url: str, token: str) -> None:
     """The Python SDK client's default mode sends server/discover first and falls back on -32022."""
     async with client_for(url, token, "auto") as client:
@@ -37,12 +46,10 @@ async def assert_falls_back(url: str, token: str) -> None:
 async def test_a_modern_request_to_a_handshake_only_stdio_server_starts_nothing_and_opens_no_circuit(
     make_proxy: StartProxy, tmp_path: Path
 ) -> None:
-    server = node_package("@modelcontextprotocol/server-everything")
-    starts = tmp_path / "starts"
-    command = f"echo started >> {shlex.quote(str(starts))}; exec node {shlex.quote(str(server))} stdio"
+    starts, command = counted_everything_stdio(tmp_path)
     running = await make_proxy(
         {"acme": "http://unused.invalid/mcp"},
-        tenants={"acme": {"upstream": {"command": ["sh", "-c", command]}}},
+        tenants={"acme": {"upstream": {"command": command}}},
         readiness={"upstreams": "ignore"},  # (a readiness check would start a child of its own)
         bridging={"enabled": False},
     )
